@@ -1,0 +1,44 @@
+"""One error hierarchy for everything a user can cause.
+
+Every class derives from :class:`DeltastoreError` and also from the builtin exception a
+caller would naturally catch (``FileNotFoundError``, ``ValueError``...), the way zarr's
+errors do. Messages name the object, the expected and the found value, and what to do.
+"""
+
+from __future__ import annotations
+
+
+class DeltastoreError(Exception):
+    """Base class of every error deltastore raises on purpose."""
+
+
+class InvalidInputError(DeltastoreError, ValueError):
+    """An argument or an input file is malformed (bad name, NaN weights, pickle file...)."""
+
+
+class UnknownMethodError(DeltastoreError, ValueError):
+    """A compressor or tuner name that is not registered."""
+
+
+class NotFoundError(DeltastoreError, FileNotFoundError):
+    """A registry, task, version, base vector or object that does not exist."""
+
+
+class AlreadyExistsError(DeltastoreError, FileExistsError):
+    """Creating something whose name is already taken."""
+
+
+class IncompatibleFinetuneError(DeltastoreError, ValueError):
+    """A finetune that does not match the reference (missing tensor, other shape or dtype)."""
+
+
+class FormatVersionError(DeltastoreError, ValueError):
+    """A registry or record written by a newer, incompatible format version."""
+
+
+class CorruptObjectError(DeltastoreError, OSError):
+    """Stored bytes that fail their content hash or cannot be decoded."""
+
+
+class LockTimeoutError(DeltastoreError, TimeoutError):
+    """Another process holds the registry lock for longer than we are willing to wait."""

@@ -1,0 +1,203 @@
+"""Reading models to commit: Hugging Face directories, .safetensors files, state dicts.
+
+Tensors are read lazily, one at a time, from memory-mapped safetensors files, so committing
+a 7B finetune needs host memory of a few tensors. Pickle-based checkpoints are never
+opened: loading them would execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+
+from .errors import InvalidInputError, NotFoundError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Non-weight files larger than this are not copied into the registry (datasets, logs...).
+MAX_SIDE_FILE_BYTES = 64 << 20
+
+
+class TensorSource:
+    """A model's tensors by name, read lazily, plus its non-weight files.
+
+    ``names()``: tensor names in a stable order (grouped by file). ``shape(name)``,
+    ``dtype(name)``: metadata without reading data. ``get(name)``: the CPU tensor.
+    ``files``: relative path -> bytes-producing path of the files to keep (config.json,
+    tokenizer files...). ``skipped``: files that were deliberately not read, with why.
+    """
+
+    def __init__(self, label: str):
+        self.label = label
+        self.files: dict[str, Path] = {}
+        self.skipped: dict[str, str] = {}
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, name: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __contains__(self, name: str) -> bool:
+        return name in set(self.names())
+
+    def nbytes(self) -> int:
+        """Bytes of all tensors in their stored dtypes."""
+        total = 0
+        for name in self.names():
+            n = 1
+            for d in self.shape(name):
+                n *= d
+            total += n * torch.empty((), dtype=self.dtype(name)).element_size()
+        return total
+
+
+class StateDictSource(TensorSource):
+    """An in-memory ``{name: tensor}`` mapping."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], label: str = "state dict"):
+        super().__init__(label)
+        for name, value in state_dict.items():
+            if not isinstance(value, torch.Tensor):
+                raise InvalidInputError(f"{label}: entry {name!r} is a {type(value).__name__}, expected a tensor")
+        self._tensors = dict(state_dict)
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensors[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name].detach().cpu()
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsSource(TensorSource):
+    """One or more .safetensors files (a sharded checkpoint), memory-mapped, one open at a time."""
+
+    def __init__(self, files: list[Path], label: str):
+        super().__init__(label)
+        self._where: dict[str, Path] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._open: tuple[Path, object] | None = None
+        for path in files:
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    for name in handle.keys():
+                        if name in self._where:
+                            raise InvalidInputError(
+                                f"{label}: tensor {name!r} appears in both {self._where[name].name} and {path.name}"
+                            )
+                        sl = handle.get_slice(name)
+                        dtype = _ST_DTYPES.get(sl.get_dtype())
+                        if dtype is None:
+                            raise InvalidInputError(
+                                f"{path}: tensor {name!r} has dtype {sl.get_dtype()}, which deltastore does not "
+                                f"store; supported: {', '.join(_ST_DTYPES)}"
+                            )
+                        self._where[name] = path
+                        self._meta[name] = (tuple(sl.get_shape()), dtype)
+            except (OSError, ValueError) as exc:
+                if isinstance(exc, InvalidInputError):
+                    raise
+                raise InvalidInputError(f"{path}: not a readable safetensors file ({exc})") from None
+            except Exception as exc:  # safetensors raises its own SafetensorError for bad headers
+                raise InvalidInputError(f"{path}: not a readable safetensors file ({exc})") from None
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self._where[name]
+        if self._open is None or self._open[0] != path:
+            self._open = (path, safe_open(str(path), framework="pt"))
+        return self._open[1].get_tensor(name)  # type: ignore[attr-defined]
+
+
+def _side_files(directory: Path, source: TensorSource) -> None:
+    """Collect the non-weight files a materialized directory needs (config, tokenizer...)."""
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if not path.is_file() or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        if path.suffix == ".safetensors" or rel.endswith(".safetensors.index.json"):
+            continue
+        if path.suffix in PICKLE_SUFFIXES:
+            source.skipped[rel] = "pickle-based file: never read (loading it could execute code)"
+            continue
+        if path.stat().st_size > MAX_SIDE_FILE_BYTES:
+            source.skipped[rel] = f"larger than {MAX_SIDE_FILE_BYTES >> 20} MiB"
+            continue
+        source.files[rel] = path
+
+
+def open_source(model: str | os.PathLike | Mapping[str, torch.Tensor] | TensorSource) -> TensorSource:
+    """Open a model given as a Hugging Face directory, a .safetensors file or a state dict."""
+    if isinstance(model, TensorSource):
+        return model
+    if isinstance(model, Mapping):
+        return StateDictSource(model)
+    path = Path(model)
+    if not path.exists():
+        raise NotFoundError(f"model {str(path)!r} does not exist; give a Hugging Face directory or a .safetensors file")
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise InvalidInputError(
+                f"{path}: pickle checkpoints are refused (loading them can execute code); convert it to "
+                "safetensors first, e.g. model.save_pretrained(dir, safe_serialization=True)"
+            )
+        if path.suffix != ".safetensors":
+            raise InvalidInputError(f"{path}: expected a .safetensors file or a model directory")
+        return SafetensorsSource([path], str(path))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidInputError(f"{index}: not a valid safetensors index ({exc})") from None
+        shards = sorted({path / shard for shard in weight_map.values()})
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise NotFoundError(f"{path}: shards named in {index.name} are missing: {', '.join(missing)}")
+    else:
+        shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        hint = (f"; found only pickle checkpoints ({', '.join(pickles)}), which are refused because loading them "
+                "can execute code: convert them with save_pretrained(..., safe_serialization=True)") if pickles else ""
+        raise InvalidInputError(f"{path}: no .safetensors weights found{hint}")
+    source = SafetensorsSource(shards, str(path))
+    _side_files(path, source)
+    return source
+
+
+def iter_tensors(source: TensorSource, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` one at a time in the source's file order."""
+    for name in names if names is not None else source.names():
+        yield name, source.get(name)

@@ -1,0 +1,143 @@
+"""Content-addressed objects: arrays (zarr v3), blobs (files) and records (msgpack).
+
+An object's name is the SHA-256 of its content (specs/format.md, "Objects"); it is written
+to ``staging/<txn>/`` first and published to ``objects/<type>/<h[:2]>/<h[2:]>`` once
+complete, so a key under ``objects/`` is always whole. Nothing is ever rewritten in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from ..errors import CorruptObjectError, NotFoundError
+from .backend import LocalBackend
+from .records import Record, content_hash, pack, unpack
+
+# torch dtype <-> zarr/numpy data type of stored arrays (specs/format.md, "Arrays").
+_NUMPY = {
+    torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16, torch.uint16: np.uint16,
+    torch.int32: np.int32, torch.int64: np.int64, torch.float16: np.float16, torch.float32: np.float32,
+}
+_TORCH = {np.dtype(v): k for k, v in _NUMPY.items()}
+
+R = TypeVar("R", bound=Record)
+
+
+def array_hash(data: np.ndarray) -> str:
+    """SHA-256 of ``"deltastore-array\\n<dtype>\\n<d0,d1,...>\\n"`` followed by the
+    little-endian, row-major bytes: identical values, dtype and shape give one name."""
+    data = np.ascontiguousarray(data)
+    header = f"deltastore-array\n{data.dtype.name}\n{','.join(map(str, data.shape))}\n".encode()
+    h = hashlib.sha256(header)
+    h.update(memoryview(data.astype(data.dtype.newbyteorder("<"), copy=False)).cast("B"))
+    return h.hexdigest()
+
+
+def object_key(kind: str, digest: str) -> str:
+    return f"objects/{kind}/{digest[:2]}/{digest[2:]}"
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dtype not in _NUMPY:
+        raise TypeError(f"arrays of dtype {tensor.dtype} cannot be stored; allowed: {list(_NUMPY)}")
+    return tensor.detach().cpu().contiguous().numpy()
+
+
+class ObjectStore:
+    """Typed access to the objects of one registry through its backend."""
+
+    def __init__(self, backend: LocalBackend):
+        self.backend = backend
+
+    def new_txn(self) -> str:
+        """A fresh staging prefix for one operation's in-flight writes."""
+        return f"staging/{uuid.uuid4().hex}"
+
+    # -- arrays -----------------------------------------------------------------------------
+    def put_array(self, tensor: torch.Tensor, txn: str, *, compress: bool = True) -> str:
+        data = to_numpy(tensor)
+        digest = array_hash(data)
+        final = object_key("arrays", digest)
+        if not self.backend.exists(final + "/zarr.json"):
+            staged = f"{txn}/{digest}"
+            self.backend.write_array(staged, data, compress=compress)
+            self.backend.publish(staged, final)
+        return digest
+
+    def get_array(self, digest: str, *, verify: bool = True, what: str = "") -> torch.Tensor:
+        """The array named ``digest`` as a CPU tensor; ``verify`` rehashes it (default)."""
+        key = object_key("arrays", digest)
+        label = f"array {digest[:12]}" + (f" ({what})" if what else "")
+        try:
+            data = self.backend.read_array(key)
+        except (NotFoundError, CorruptObjectError) as exc:
+            raise type(exc)(f"{label}: {exc}") from None
+        except Exception as exc:  # zarr/numcodecs raise many types on damaged chunks
+            raise CorruptObjectError(
+                f"{self.backend.root}: {label} cannot be decoded ({type(exc).__name__}: {exc}); "
+                "run `deltastore verify` and restore it from a backup"
+            ) from None
+        if verify and array_hash(data) != digest:
+            raise CorruptObjectError(
+                f"{self.backend.root}: {label} is corrupt: its content hash is {array_hash(data)[:12]}...; "
+                "run `deltastore verify` to list every damaged object and restore them from a backup"
+            )
+        dtype = _TORCH.get(data.dtype)
+        if dtype is None:
+            raise CorruptObjectError(f"{label}: stored data type {data.dtype} is not one format 1 allows")
+        return torch.from_numpy(np.ascontiguousarray(data))
+
+    # -- blobs ------------------------------------------------------------------------------
+    def put_blob(self, data: bytes, txn: str) -> str:
+        digest = content_hash(data)
+        final = object_key("blobs", digest)
+        if not self.backend.exists(final):
+            staged = f"{txn}/{digest}"
+            self.backend.put(staged, data)
+            self.backend.publish(staged, final)
+        return digest
+
+    def get_blob(self, digest: str, *, verify: bool = True) -> bytes:
+        data = self.backend.get(object_key("blobs", digest))
+        if verify and content_hash(data) != digest:
+            raise CorruptObjectError(f"{self.backend.root}: blob {digest[:12]} is corrupt (content hash mismatch)")
+        return data
+
+    # -- records ----------------------------------------------------------------------------
+    def put_record(self, record: Record, txn: str) -> str:
+        return self._put_bytes("records", pack(record.to_dict()), txn)
+
+    def _put_bytes(self, kind: str, data: bytes, txn: str) -> str:
+        digest = content_hash(data)
+        final = object_key(kind, digest)
+        if not self.backend.exists(final):
+            staged = f"{txn}/{digest}"
+            self.backend.put(staged, data)
+            self.backend.publish(staged, final)
+        return digest
+
+    def get_record(self, digest: str, cls: type[R]) -> R:
+        what = f"{cls.__name__} record {digest[:12]}"
+        data = self.backend.get(object_key("records", digest))
+        if content_hash(data) != digest:
+            raise CorruptObjectError(f"{self.backend.root}: {what} is corrupt (content hash mismatch)")
+        return cls.from_dict(unpack(data, what), what)
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def size(self, kind: str, digest: str) -> int:
+        return self.backend.size(object_key(kind, digest))
+
+    def all_objects(self) -> dict[str, list[str]]:
+        """Every stored object name, by kind (arrays, blobs, records)."""
+        out: dict[str, list[str]] = {}
+        for kind in ("arrays", "blobs", "records"):
+            names = []
+            for prefix in self.backend.children(f"objects/{kind}"):
+                names += [prefix + rest for rest in self.backend.children(f"objects/{kind}/{prefix}")]
+            out[kind] = names
+        return out

@@ -1,0 +1,302 @@
+"""The metadata records of format 1, as frozen dataclasses with strict msgpack round trips.
+
+specs/format.md, "Records", is the normative description; this module is held to it by
+tests/test_format.py. Reading is strict: a missing required field, a field of the wrong
+type, an unknown kind or a newer major format version is an error, never a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from ..errors import CorruptObjectError, FormatVersionError
+
+FORMAT_NAME = "deltastore"
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+
+# Records are small; anything bigger is a damaged or hostile file, refused before allocation.
+MAX_RECORD_BYTES = 64 << 20
+_UNPACK_LIMITS = dict(max_str_len=1 << 20, max_bin_len=1 << 20, max_array_len=1 << 22, max_map_len=1 << 22,
+                      max_ext_len=0)
+
+
+def content_hash(data: bytes) -> str:
+    """The name of a stored object: lowercase hex SHA-256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def pack(obj: dict[str, Any]) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes, what: str) -> dict[str, Any]:
+    """Decode one msgpack map; ``what`` names the object in error messages."""
+    if len(data) > MAX_RECORD_BYTES:
+        raise CorruptObjectError(f"{what}: {len(data)} bytes, more than the {MAX_RECORD_BYTES} a record may have")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, **_UNPACK_LIMITS)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage input
+        raise CorruptObjectError(f"{what}: not a valid msgpack record ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise CorruptObjectError(f"{what}: expected a msgpack map, found {type(obj).__name__}")
+    return obj
+
+
+def check_format(obj: dict[str, Any], what: str) -> None:
+    """Refuse records of a newer major version (the only version number written to disk)."""
+    major = obj.get("format")
+    if not isinstance(major, int) or isinstance(major, bool):
+        raise CorruptObjectError(f"{what}: field 'format' must be an integer, found {major!r}")
+    if major > FORMAT_MAJOR:
+        raise FormatVersionError(
+            f"{what} was written by format version {major}, this deltastore reads version {FORMAT_MAJOR}; "
+            "upgrade deltastore to read it"
+        )
+    if major < 1:
+        raise CorruptObjectError(f"{what}: format version {major} does not exist")
+
+
+_JSON_TYPES = (type(None), bool, int, float, str, list, dict)
+
+
+def _check(value: Any, expected: Any, what: str) -> Any:
+    """Check ``value`` against a small type language: a type, a tuple of types, ``[T]``
+    (list of T) or ``{T}`` written as ``("map", T)`` (str -> T)."""
+    if isinstance(expected, list):
+        if not isinstance(value, list):
+            raise CorruptObjectError(f"{what}: expected a list, found {type(value).__name__}")
+        return [_check(v, expected[0], f"{what}[{i}]") for i, v in enumerate(value)]
+    if isinstance(expected, tuple) and expected and expected[0] == "map":
+        if not isinstance(value, dict):
+            raise CorruptObjectError(f"{what}: expected a map, found {type(value).__name__}")
+        return {k: _check(v, expected[1], f"{what}[{k!r}]") for k, v in value.items()}
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if float in types and int not in types and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        names = "/".join(t.__name__ for t in types)
+        raise CorruptObjectError(f"{what}: expected {names}, found {type(value).__name__} {value!r:.60}")
+    return value
+
+
+class Record:
+    """Mixin: strict ``from_dict`` driven by the ``SCHEMA`` class variable."""
+
+    SCHEMA: ClassVar[dict[str, Any]]
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()
+    KIND: ClassVar[str | None] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.KIND is not None:
+            out["format"] = FORMAT_MAJOR
+            out["kind"] = self.KIND
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, Record) else _plain(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], what: str):
+        if cls.KIND is not None:
+            check_format(obj, what)
+            if obj.get("kind") != cls.KIND:
+                raise CorruptObjectError(f"{what}: expected a {cls.KIND!r} record, found kind {obj.get('kind')!r}")
+        values = {}
+        for name, expected in cls.SCHEMA.items():
+            if name not in obj:
+                if name in cls.OPTIONAL:
+                    continue
+                raise CorruptObjectError(f"{what}: required field {name!r} is missing")
+            values[name] = cls._convert(name, obj[name], expected, f"{what}.{name}")
+        return cls(**values)
+
+    @classmethod
+    def _convert(cls, name: str, value: Any, expected: Any, what: str) -> Any:
+        return _check(value, expected, what)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: (v.to_dict() if isinstance(v, Record) else _plain(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+SCALAR = (type(None), bool, int, float, str, list)  # attrs and configs: msgpack scalars and lists
+
+
+@dataclass(frozen=True)
+class TensorEntry(Record):
+    """How one tensor is stored. ``codec`` names a compressor (specs/compressors/)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    codec: str
+    config: dict[str, Any]
+    arrays: dict[str, str]
+    attrs: dict[str, Any]
+    ref: str | None = None          # reference tensor this delta is added to; None: stored whole
+    rows: str | None = None         # array of packed changed-row bits; None: every row changed
+    changed_rows: int | None = None
+    lam1: float | None = None       # per-tensor lambdas; None: the record's global ones
+    lam2: float | None = None
+
+    SCHEMA: ClassVar[dict[str, Any]] = {
+        "shape": [int], "dtype": str, "codec": str, "config": ("map", SCALAR), "arrays": ("map", str),
+        "attrs": ("map", SCALAR), "ref": (type(None), str), "rows": (type(None), str),
+        "changed_rows": (type(None), int), "lam1": (type(None), float), "lam2": (type(None), float),
+    }
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"ref", "rows", "changed_rows", "lam1", "lam2"})
+
+    @classmethod
+    def _convert(cls, name, value, expected, what):
+        value = _check(value, expected, what)
+        if name == "shape":
+            if any(d < 0 for d in value):
+                raise CorruptObjectError(f"{what}: negative dimension in {value}")
+            return tuple(value)
+        return value
+
+    @property
+    def is_delta(self) -> bool:
+        return self.ref is not None
+
+    def array_hashes(self) -> list[str]:
+        return list(self.arrays.values()) + ([self.rows] if self.rows else [])
+
+
+def _tensor_table(value: Any, what: str) -> dict[str, TensorEntry]:
+    table = _check(value, ("map", dict), what)
+    return {name: TensorEntry.from_dict(entry, f"{what}[{name!r}]") for name, entry in table.items()}
+
+
+class _WithTensors(Record):
+    @classmethod
+    def _convert(cls, name, value, expected, what):
+        if name == "tensors":
+            return _tensor_table(value, what)
+        return _check(value, expected, what)
+
+    def array_hashes(self) -> set[str]:
+        return {h for entry in self.tensors.values() for h in entry.array_hashes()}  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class RegistryInfo(Record):
+    """``registry.msgpack``: marks a directory as a registry and names its format."""
+
+    name: str
+    version: tuple[int, int]
+    created: str
+
+    SCHEMA: ClassVar[dict[str, Any]] = {"name": str, "version": [int], "created": str}
+
+    @classmethod
+    def from_dict(cls, obj, what):
+        info = super().from_dict(obj, what)
+        if info.name != FORMAT_NAME:
+            raise CorruptObjectError(f"{what}: not a deltastore registry (format name {info.name!r})")
+        if len(info.version) != 2:
+            raise CorruptObjectError(f"{what}: version must be [major, minor], found {info.version}")
+        if info.version[0] > FORMAT_MAJOR:
+            raise FormatVersionError(
+                f"{what} is format version {info.version[0]}.{info.version[1]}, this deltastore reads "
+                f"{FORMAT_MAJOR}.x; upgrade deltastore to open it"
+            )
+        return dataclasses.replace(info, version=tuple(info.version))
+
+
+@dataclass(frozen=True)
+class ReferenceRecord(_WithTensors):
+    """The pretrained reference: every tensor stored losslessly, plus its non-weight files."""
+
+    created: str
+    tensors: dict[str, TensorEntry]
+    files: dict[str, str]
+
+    KIND: ClassVar[str] = "reference"
+    SCHEMA: ClassVar[dict[str, Any]] = {"created": str, "tensors": dict, "files": ("map", str)}
+
+
+@dataclass(frozen=True)
+class BaseRecord(_WithTensors):
+    """A DBMS base vector ``tau_base = BitDelta(mean_t(W_t) - W_pre)``, keyed by reference tensor name."""
+
+    name: str
+    created: str
+    reference: str
+    sources: list[str]
+    tensors: dict[str, TensorEntry]
+
+    KIND: ClassVar[str] = "base"
+    SCHEMA: ClassVar[dict[str, Any]] = {"name": str, "created": str, "reference": str, "sources": [str],
+                                        "tensors": dict}
+
+
+@dataclass(frozen=True)
+class TaskVersion(_WithTensors):
+    """One immutable version of a task: ``W' = W_pre + lam1*tau_base + lam2*C(residual)``."""
+
+    task: str
+    version: int
+    parent: str | None
+    created: str
+    message: str
+    reference: str
+    base: str | None
+    method: str
+    config: dict[str, Any]
+    lam1: float
+    lam2: float
+    tuning: dict[str, Any] | None
+    tensors: dict[str, TensorEntry]
+    files: dict[str, str]
+    source: dict[str, Any]
+
+    KIND: ClassVar[str] = "task_version"
+    SCHEMA: ClassVar[dict[str, Any]] = {
+        "task": str, "version": int, "parent": (type(None), str), "created": str, "message": str,
+        "reference": str, "base": (type(None), str), "method": str, "config": ("map", SCALAR),
+        "lam1": float, "lam2": float, "tuning": (type(None), dict), "tensors": dict, "files": ("map", str),
+        "source": dict,
+    }
+
+
+@dataclass(frozen=True)
+class TaskRef(Record):
+    """``refs/tasks/<name>``: the versions of a task, oldest first, as (number, record hash)."""
+
+    versions: list[tuple[int, str]] = field(default_factory=list)
+
+    KIND: ClassVar[str] = "task_ref"
+    SCHEMA: ClassVar[dict[str, Any]] = {"versions": [[(int, str)]]}
+
+    @classmethod
+    def from_dict(cls, obj, what):
+        ref = super().from_dict(obj, what)
+        pairs = []
+        for i, pair in enumerate(ref.versions):
+            if len(pair) != 2 or not isinstance(pair[0], int) or not isinstance(pair[1], str):
+                raise CorruptObjectError(f"{what}.versions[{i}]: expected [number, hash], found {pair!r}")
+            pairs.append((pair[0], pair[1]))
+        return cls(pairs)
+
+
+@dataclass(frozen=True)
+class PointerRef(Record):
+    """``refs/reference`` and ``refs/bases/<name>``: the hash of one record."""
+
+    record: str
+
+    KIND: ClassVar[str] = "pointer"
+    SCHEMA: ClassVar[dict[str, Any]] = {"record": str}

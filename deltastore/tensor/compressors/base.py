@@ -1,0 +1,90 @@
+"""The compressor protocol: what every delta compressor provides.
+
+A compressor maps a 2-D float32 matrix ``x`` of shape ``(rows, cols)`` (a delta or a DBMS
+residual; tensors of more dimensions are flattened to ``(shape[0], prod(shape[1:]))`` by the
+caller, and rows that the finetune left unchanged are removed by the caller before) to an
+:class:`Encoded`: a few named integer/float arrays plus a few scalars. ``decode`` gives the
+lossy reconstruction back as float32 ``(rows, cols)`` on the requested device.
+
+The ``lossless`` codec is the one exception to the float32 2-D contract: it reproduces any
+tensor bit for bit, in its own dtype and shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from ...errors import InvalidInputError
+
+# Array dtypes a compressor may emit. The storage layer maps them 1:1 to zarr data types;
+# bfloat16 is deliberately absent (zarr has no such type: lossless stores bf16 as uint16).
+ARRAY_DTYPES = (torch.uint8, torch.int8, torch.uint16, torch.int16, torch.int32, torch.int64,
+                torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A compressed matrix.
+
+    ``arrays``: role name -> 1-D or n-D tensor with a dtype from ``ARRAY_DTYPES``, stored as
+    one zarr array each. ``attrs``: role name -> int, float, str, bool or list of them,
+    stored in the version record (msgpack). Roles are fixed per compressor (its spec page).
+    """
+
+    arrays: dict[str, torch.Tensor]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> "Encoded":
+        return Encoded({k: v.to(device) for k, v in self.arrays.items()}, dict(self.attrs))
+
+    def nbytes(self) -> int:
+        """Bytes of the arrays before any storage codec."""
+        return sum(a.numel() * a.element_size() for a in self.arrays.values())
+
+
+class CompressorConfig:
+    """Mixin for the frozen dataclass configs: strict round trip to the metadata dict."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidInputError(
+                f"{cls.__name__}: unknown configuration field(s) {unknown}; known fields are {sorted(known)}"
+            )
+        return cls(**data)
+
+
+@runtime_checkable
+class Compressor(Protocol):
+    """One delta compressor, configured at construction and stateless afterwards."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    config: Any
+
+    def encode(self, x: torch.Tensor, *, seed: int) -> Encoded:
+        """Compress ``x`` (float32, ``(rows, cols)``, any device). ``seed`` is a uint32 that
+        fixes every random choice; it is stored in ``attrs`` when the decoder needs it."""
+        ...
+
+    def decode(self, encoded: Encoded, shape: tuple[int, int], device: torch.device | str) -> torch.Tensor:
+        """Reconstruct float32 ``shape`` on ``device`` from ``encoded`` (arrays on any device)."""
+        ...
+
+    def simulate(self, x: torch.Tensor, *, seed: int) -> torch.Tensor:
+        """``decode(encode(x))`` written with autograd-friendly ops, for lambda tuning.
+
+        Gradients flow where the compressor is differentiable in ``x``: linear for a fixed
+        DARE/DeltaDQ mask, through the BitDelta scale; quantization rounding is passed
+        straight through. Values equal ``decode(encode(x))`` up to float rounding.
+        """
+        ...

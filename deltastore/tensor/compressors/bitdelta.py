@@ -1,0 +1,51 @@
+"""BitDelta (init only): ``C(x) = alpha * sign(x)``, ``alpha = mean(|x|)`` over the matrix.
+
+Arrays: ``signs`` uint8, ``ceil(rows*cols/8)`` bytes, bit = 1 where ``x > 0`` (LSB first,
+row-major). Attrs: ``scale`` (float, alpha as float32). See specs/compressors/bitdelta.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..bitpack import pack_bits, unpack_bits
+from .base import CompressorConfig, Encoded
+
+
+@dataclass(frozen=True)
+class BitDeltaConfig(CompressorConfig):
+    """BitDelta has no knobs: one sign bit per element plus one float32 scale per matrix."""
+
+
+class BitDelta:
+    name: ClassVar[str] = "bitdelta"
+    config_class: ClassVar[type] = BitDeltaConfig
+
+    def __init__(self, config: BitDeltaConfig | None = None):
+        self.config = config or BitDeltaConfig()
+
+    @staticmethod
+    def scale(x: torch.Tensor) -> torch.Tensor:
+        """alpha = mean |x|, a 0-d float32 tensor (differentiable)."""
+        return x.abs().mean() if x.numel() else x.new_zeros(())
+
+    def encode(self, x: torch.Tensor, *, seed: int) -> Encoded:
+        signs = pack_bits(x > 0)
+        return Encoded({"signs": signs}, {"scale": float(self.scale(x.float()))})
+
+    def decode(self, encoded: Encoded, shape: tuple[int, int], device: torch.device | str) -> torch.Tensor:
+        n = shape[0] * shape[1]
+        positive = unpack_bits(encoded.arrays["signs"].to(device), n).view(shape)
+        scale = torch.tensor(encoded.attrs["scale"], dtype=torch.float32, device=device)
+        # +alpha where the bit is set, -alpha elsewhere: sign(0) counts as -1 (METHOD.md).
+        return torch.where(positive, scale, -scale)
+
+    def simulate(self, x: torch.Tensor, *, seed: int) -> torch.Tensor:
+        sign = torch.where(x > 0, 1.0, -1.0).to(x.dtype).detach()
+        return self.scale(x) * sign
+
+
+COMPRESSOR = BitDelta
