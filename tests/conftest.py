@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny real models made here, never downloaded; CUDA and slow markers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run tests marked slow (full sweeps)")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs CUDA")
+    skip_slow = pytest.mark.skip(reason="slow: pass --run-slow")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def example(tmp_path_factory):
+    """A tiny BERT reference and three finetunes made by real training steps (HF directories)."""
+    from deltastore.demo import make_example
+
+    return make_example(tmp_path_factory.mktemp("example"), steps=10)
+
+
+@pytest.fixture(scope="session")
+def base_registry(example, tmp_path_factory):
+    """A registry holding the example's reference and a base vector 'all' of its finetunes.
+
+    Session-scoped and shared: tests must not change it (copy it with `registry_copy`)."""
+    from deltastore import Registry
+
+    reg = Registry.init(tmp_path_factory.mktemp("reg") / "registry", example.reference, progress=False)
+    reg.build_base("all", list(example.finetunes.values()), progress=False)
+    return reg
+
+
+@pytest.fixture
+def registry_copy(base_registry, tmp_path):
+    """A private copy of `base_registry` that a test may change."""
+    import shutil
+
+    from deltastore import Registry
+
+    shutil.copytree(base_registry.path, tmp_path / "registry")
+    return Registry(tmp_path / "registry")
