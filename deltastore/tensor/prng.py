@@ -44,7 +44,7 @@ def mix32_int(x: int) -> int:
 
 def random_u32(seed: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``r(seed, i)`` for counters ``i = start .. start+count-1``, as int64 in [0, 2**32)."""
-    if not 0 <= start and start + count <= MAX_COUNTER:
+    if not (0 <= start and start + count <= MAX_COUNTER):
         raise ValueError(f"counters [{start}, {start + count}) leave the 32-bit range; split the tensor")
     counters = torch.arange(start, start + count, dtype=torch.int64, device=device)
     return mix32(mix32(counters) ^ mix32_int(seed))

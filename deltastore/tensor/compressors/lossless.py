@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from ...errors import InvalidInputError
+from ...errors import CorruptObjectError, InvalidInputError
 from .base import CompressorConfig, Encoded
 
 DTYPES: dict[str, torch.dtype] = {
@@ -64,7 +64,12 @@ class Lossless:
 
     def decode(self, encoded: Encoded, shape, device: torch.device | str) -> torch.Tensor:
         dtype = dtype_from_name(encoded.attrs["dtype"])
-        data = encoded.arrays["data"].to(device)
+        data = encoded.arrays["data"]
+        carrier = torch.uint8 if dtype == torch.bool else _CARRIER[torch.empty((), dtype=dtype).element_size()]
+        if data.dtype != carrier or tuple(data.shape) != tuple(shape):
+            raise CorruptObjectError(f"lossless: 'data' must be {carrier} {tuple(shape)} for a {encoded.attrs['dtype']} "
+                                     f"tensor, found {data.dtype} {tuple(data.shape)}")
+        data = data.to(device)
         if dtype == torch.bool:
             return data.to(torch.bool).reshape(shape)
         out = data if data.dtype == dtype else data.view(dtype)
