@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+from numcodecs import Zstd
 
 from ..errors import CorruptObjectError, NotFoundError
 from .backend import LocalBackend
@@ -26,6 +27,7 @@ _NUMPY = {
 _TORCH = {np.dtype(v): k for k, v in _NUMPY.items()}
 
 R = TypeVar("R", bound=Record)
+_BLOB_CODEC = Zstd(level=9)
 
 
 def array_hash(data: np.ndarray) -> str:
@@ -93,17 +95,25 @@ class ObjectStore:
         return torch.from_numpy(np.ascontiguousarray(data))
 
     # -- blobs ------------------------------------------------------------------------------
+    # A blob is stored as one zstd frame of the file's bytes (tokenizer.json shrinks ~3x) and
+    # named by the hash of the uncompressed bytes, so the name does not depend on the codec.
     def put_blob(self, data: bytes, txn: str) -> str:
         digest = content_hash(data)
         final = object_key("blobs", digest)
         if not self.backend.exists(final):
             staged = f"{txn}/{digest}"
-            self.backend.put(staged, data)
+            self.backend.put(staged, bytes(_BLOB_CODEC.encode(data)))
             self.backend.publish(staged, final)
         return digest
 
     def get_blob(self, digest: str, *, verify: bool = True) -> bytes:
-        data = self.backend.get(object_key("blobs", digest))
+        stored = self.backend.get(object_key("blobs", digest))
+        try:
+            data = bytes(_BLOB_CODEC.decode(stored))
+        except Exception as exc:  # numcodecs raises RuntimeError/ValueError on damaged frames
+            raise CorruptObjectError(
+                f"{self.backend.root}: blob {digest[:12]} is not a valid zstd frame ({exc}); restore it from a backup"
+            ) from None
         if verify and content_hash(data) != digest:
             raise CorruptObjectError(f"{self.backend.root}: blob {digest[:12]} is corrupt (content hash mismatch)")
         return data
