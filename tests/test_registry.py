@@ -1,0 +1,268 @@
+"""The registry end to end on the tiny trained example: init, base, commit, materialize,
+history, accounting, refusal of mismatched finetunes."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from deltastore import (AlreadyExistsError, IncompatibleFinetuneError, InvalidInputError, NotFoundError, Registry,
+                        UnknownMethodError)
+from deltastore.demo import SEEN_TOKENS
+
+
+def _finetune(example, task="parity"):
+    return load_file(str(example.finetunes[task] / "model.safetensors"))
+
+
+def _reference(example):
+    return load_file(str(example.reference / "model.safetensors"))
+
+
+def _du(path) -> int:
+    return int(subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
+
+
+def test_init_sources_agree(example, tmp_path):
+    """A directory, a .safetensors file and a state dict give the same reference record."""
+    state = _reference(example)
+    by_dir = Registry.init(tmp_path / "a", example.reference, progress=False)
+    by_file = Registry.init(tmp_path / "b", example.reference / "model.safetensors", progress=False)
+    by_dict = Registry.init(tmp_path / "c", state, progress=False)
+    tensors = [r.reference().tensors for r in (by_dir, by_file, by_dict)]
+    assert tensors[0] == tensors[1] == tensors[2]
+    assert "config.json" in by_dir.reference().files and not by_file.reference().files
+
+
+def test_init_refuses_existing_and_open_refuses_non_registry(example, tmp_path, base_registry):
+    with pytest.raises(AlreadyExistsError, match="already exists"):
+        Registry.init(base_registry.path, example.reference)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file").write_text("x")
+    with pytest.raises(AlreadyExistsError, match="not empty"):
+        Registry.init(tmp_path / "junk", example.reference)
+    with pytest.raises(NotFoundError, match="not a deltastore registry"):
+        Registry(tmp_path / "junk")
+
+
+def _independent_bitdelta(example, task: str, lam1_expected: float | None = None):
+    """W' for every delta tensor, computed from the formulas with plain torch, nothing from deltastore."""
+    ref = _reference(example)
+    fts = [load_file(str(p / "model.safetensors")) for p in example.finetunes.values()]
+    ft = _finetune(example, task)
+    out, num, den = {}, 0.0, 0.0
+    taus = {}
+    for name, w in ft.items():
+        r = name.removeprefix("bert.")
+        if r not in ref or w.dim() < 2 or w.numel() < 4096:
+            continue
+        w_pre = ref[r].float().reshape(w.shape[0], -1)
+        mean = sum(f[name].float().reshape(w.shape[0], -1) - w_pre for f in fts) / len(fts)
+        keep = (mean != 0).any(1)
+        alpha = mean[keep].abs().mean()
+        tau = torch.zeros_like(mean)
+        tau[keep] = torch.where(mean[keep] > 0, alpha, -alpha)
+        d = w.float().reshape(w.shape[0], -1) - w_pre
+        m = (d != 0).any(1)
+        num += float((d[m].double() * tau[m].double()).sum())
+        den += float((tau[m].double() ** 2).sum())
+        taus[name] = (w_pre, tau, d, m)
+    lam1 = num / den
+    for name, (w_pre, tau, d, m) in taus.items():
+        resid = d[m] - lam1 * tau[m]
+        c = torch.where(resid > 0, 1.0, -1.0) * resid.abs().mean()
+        expected = w_pre.clone()
+        expected[m] = w_pre[m] + (1.0 * c + lam1 * tau[m])
+        out[name] = expected.reshape(ft[name].shape).to(ft[name].dtype)
+    return lam1, out
+
+
+def test_bitdelta_dbms_reconstruction_matches_formula(example, registry_copy):
+    record = registry_copy.commit("parity", example.finetunes["parity"], method="bitdelta", base="all")
+    lam1, expected = _independent_bitdelta(example, "parity")
+    assert record.lam1 == pytest.approx(lam1, rel=1e-9)
+    assert record.lam2 == 1.0
+    state = registry_copy.materialize("parity")
+    assert expected, "the example must have delta tensors"
+    for name, want in expected.items():
+        torch.testing.assert_close(state[name], want, rtol=0, atol=2e-6)
+
+
+def test_unchanged_rows_stay_exact_and_task_own_tensors_are_lossless(example, registry_copy):
+    ft = _finetune(example)
+    ref = _reference(example)
+    for method, config in [("bitdelta", {}), ("dare", {"drop_rate": 0.99}), ("deltadq", {})]:
+        registry_copy.commit("parity", example.finetunes["parity"], method=method, config=config, base="all")
+        state = registry_copy.materialize("parity")
+        emb = "bert.embeddings.word_embeddings.weight"
+        # Tokens >= SEEN_TOKENS never occur in training: their rows must be the reference's, bit for bit.
+        assert torch.equal(state[emb][SEEN_TOKENS:], ref["embeddings.word_embeddings.weight"][SEEN_TOKENS:])
+        assert torch.equal(ft[emb][SEEN_TOKENS:], ref["embeddings.word_embeddings.weight"][SEEN_TOKENS:])
+        for name in ("classifier.weight", "classifier.bias", "bert.encoder.layer.0.attention.self.query.bias"):
+            assert torch.equal(state[name], ft[name]), name
+        entry = registry_copy.version("parity")[1].tensors[emb]
+        assert entry.rows is not None and entry.changed_rows < SEEN_TOKENS
+    assert set(state) == set(ft)
+
+
+def test_plain_compression_without_base(example, registry_copy):
+    record = registry_copy.commit("parity", example.finetunes["parity"], method="bitdelta")
+    assert record.base is None and record.lam1 == 0.0
+    state = registry_copy.materialize("parity")
+    ft, ref = _finetune(example), _reference(example)
+    name = "bert.encoder.layer.1.output.dense.weight"
+    d = ft[name] - ref[name.removeprefix("bert.")]
+    want = ref[name.removeprefix("bert.")] + torch.where(d > 0, 1.0, -1.0) * d.abs().mean()
+    torch.testing.assert_close(state[name], want, rtol=0, atol=1e-6)
+
+
+def test_versions_history_and_remove(example, registry_copy):
+    reg = registry_copy
+    v1 = reg.commit("t", example.finetunes["parity"], method="bitdelta", base="all", message="first")
+    v2 = reg.commit("t", example.finetunes["has_small"], method="dare", base="all", message="second")
+    assert (v1.version, v2.version) == (1, 2)
+    assert v2.parent == reg.versions("t")[0][1] and v1.parent is None
+    assert [r.message for r in reg.log("t")] == ["second", "first"]
+    old = reg.materialize("t", 1)
+    assert "classifier.weight" in old and old["classifier.weight"].shape[0] == 2
+    assert reg.materialize("t")["classifier.weight"].shape[0] == 2
+    with pytest.raises(NotFoundError, match="no version 7"):
+        reg.materialize("t", 7)
+    with pytest.raises(NotFoundError, match="known tasks: t"):
+        reg.materialize("nope")
+    before = _du(reg.path)
+    assert reg.remove("t", 1) == [1]
+    assert [n for n, _ in reg.versions("t")] == [2]
+    removed = reg.gc()
+    assert removed["records"] >= 1 and removed["bytes"] > 0
+    assert _du(reg.path) < before
+    assert reg.verify() == []
+    torch.testing.assert_close(reg.materialize("t")["classifier.weight"], v2 and _finetune(example, "has_small")["classifier.weight"])
+
+
+def test_identical_content_costs_nothing_twice(example, registry_copy):
+    reg = registry_copy
+    reg.commit("a", example.finetunes["parity"], method="bitdelta", base="all")
+    before = _du(reg.path)
+    reg.commit("b", example.finetunes["parity"], method="bitdelta", base="all")
+    # Same arrays, same files: only the new record and ref (and their folders) are written.
+    assert _du(reg.path) - before < 40_000
+
+
+def test_stats_count_real_bytes(example, registry_copy):
+    reg = registry_copy
+    reg.commit("parity", example.finetunes["parity"], method="dare", config={"drop_rate": 0.99}, base="all")
+    stats = reg.stats("parity").to_dict()
+    _, record = reg.version("parity")
+    n_params = sum(t.numel() for t in _finetune(example).values())
+    assert stats["source_fp16_bytes"] == 2 * n_params
+    assert stats["ratio_fp16"] == pytest.approx(2 * n_params / stats["own_bytes"])
+    assert stats["base_users"] == 1 and stats["base_bytes"] > 0
+    arrays = sum(reg.objects.size("arrays", h) for h in record.array_hashes())
+    assert stats["own_bytes"] <= arrays + reg.objects.size("records", reg.version("parity")[0]) + 10_000
+
+
+def test_materialize_dtype_and_save_pretrained(example, registry_copy, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    reg = registry_copy
+    reg.commit("parity", example.finetunes["parity"], method="bitdelta", base="all")
+    half = reg.materialize("parity", dtype=torch.bfloat16)
+    assert half["bert.encoder.layer.0.output.dense.weight"].dtype == torch.bfloat16
+    out = reg.save_pretrained("parity", tmp_path / "out")
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    loaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    model = reg.load_model("parity")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=example.inputs).logits, model(input_ids=example.inputs).logits)
+    with pytest.raises(AlreadyExistsError, match="not empty"):
+        reg.save_pretrained("parity", out)
+
+
+def test_refuses_mismatched_finetunes(example, registry_copy, tmp_path):
+    reg = registry_copy
+    ft = _finetune(example)
+    snapshot = sorted(p.relative_to(reg.path) for p in reg.path.rglob("*") if "locks" not in p.parts)
+
+    missing = {k: v for k, v in ft.items() if k != "bert.encoder.layer.0.attention.self.key.weight"}
+    with pytest.raises(IncompatibleFinetuneError, match="'bert.encoder.layer.0.attention.self.key.weight'.*missing"):
+        reg.commit("x", missing)
+    reshaped = dict(ft, **{"bert.pooler.dense.weight": torch.zeros(128, 64)})
+    with pytest.raises(IncompatibleFinetuneError, match="pooler.dense.weight.*shape \\[128, 64\\]"):
+        reg.commit("x", reshaped)
+    nan = dict(ft)
+    nan["bert.pooler.dense.bias"] = ft["bert.pooler.dense.bias"].clone()
+    nan["bert.pooler.dense.bias"][3] = float("nan")
+    with pytest.raises(InvalidInputError, match="pooler.dense.bias.*NaN"):
+        reg.commit("x", nan)
+    unrelated = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in ft.items()}
+    with pytest.raises(IncompatibleFinetuneError, match="probably another model"):
+        reg.commit("x", unrelated)
+    with pytest.raises(UnknownMethodError, match="known compressors are bitdelta, dare, deltadq"):
+        reg.commit("x", ft, method="zip")
+    with pytest.raises(InvalidInputError, match="invalid task name"):
+        reg.commit("../x", ft)
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not really")
+    with pytest.raises(InvalidInputError, match="pickle checkpoints.*refused"):
+        reg.commit("x", tmp_path / "pickled")
+    assert reg.tasks() == []
+    assert sorted(p.relative_to(reg.path) for p in reg.path.rglob("*") if "locks" not in p.parts) == snapshot
+
+
+def test_base_build_refuses_duplicate_name(example, registry_copy):
+    with pytest.raises(AlreadyExistsError, match="base vector 'all' exists"):
+        registry_copy.build_base("all", [example.finetunes["parity"]])
+    with pytest.raises(NotFoundError, match="no base vector named 'nope'"):
+        registry_copy.commit("x", example.finetunes["parity"], base="nope")
+
+
+def test_sharded_finetune_reads_like_single_file(example, registry_copy, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(example.finetunes["parity"])
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    registry_copy.commit("single", example.finetunes["parity"])
+    registry_copy.commit("sharded", tmp_path / "sharded")
+    a, b = registry_copy.materialize("single"), registry_copy.materialize("sharded")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_verify_finds_flipped_byte_in_any_array(example, registry_copy):
+    reg = registry_copy
+    reg.commit("parity", example.finetunes["parity"], method="dare", base="all")
+    _, record = reg.version("parity")
+    entry = record.tensors["bert.encoder.layer.0.output.dense.weight"]
+    for digest in entry.array_hashes():
+        folder = reg.path / "objects" / "arrays" / digest[:2] / digest[2:]
+        chunk = sorted(p for p in folder.iterdir() if p.name != "zarr.json")[0]
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        chunk.write_bytes(bytes(data))
+        problems = reg.verify()
+        assert any(digest[2:] in p["object"] and "parity@1" in p["used_by"] for p in problems), problems
+        data[len(data) // 2] ^= 0x10
+        chunk.write_bytes(bytes(data))
+    assert reg.verify() == []
+
+
+def test_bf16_finetune_round_trips_in_its_dtype(example, registry_copy):
+    ft = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in _finetune(example).items()}
+    registry_copy.commit("bf16", ft, method="bitdelta", base="all")
+    state = registry_copy.materialize("bf16")
+    assert all(state[k].dtype == v.dtype for k, v in ft.items())
+    assert torch.equal(state["classifier.weight"], ft["classifier.weight"])
+
+
+def test_safetensors_file_finetune(example, registry_copy, tmp_path):
+    path = tmp_path / "ft.safetensors"
+    save_file(_finetune(example), str(path))
+    record = registry_copy.commit("file", path, method="deltadq", config={"group_size": 8, "keep": 2, "bits": 4})
+    assert record.files == {} and record.method == "deltadq"
+    assert registry_copy.materialize("file").keys() == _finetune(example).keys()
