@@ -33,6 +33,7 @@ from .tensor.prng import derive_seed
 from .tuning import Lambdas, TuneContext, Tuner, get_tuner
 
 INFO_KEY = "registry.msgpack"
+INIT_LEFTOVERS = frozenset({"objects", "staging", "refs", "locks"})  # all a registry holds but INFO_KEY
 REFERENCE_REF = "refs/reference"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -51,7 +52,7 @@ def utc_now() -> str:
 
 def check_name(kind: str, name: str) -> str:
     """Task and base names become file names: refuse anything that could escape the registry."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:  # fullmatch: '$' allows "x\n"
         raise InvalidInputError(
             f"invalid {kind} name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
             "or digit, without '..'"
@@ -64,7 +65,7 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
     task, sep, version = spec.partition("@")
     if not sep:
         return task, None
-    if not version.isdigit():
+    if not (version.isascii() and version.isdigit()):  # '²'.isdigit() is True, int('²') fails
         raise InvalidInputError(f"invalid task version {spec!r}: expected TASK@N with N a positive integer")
     return task, int(version)
 
@@ -130,7 +131,8 @@ class Registry:
         root = Path(path)
         if (root / INFO_KEY).exists():
             raise AlreadyExistsError(f"{root}: a registry already exists here; open it instead of running init")
-        if root.exists() and any(root.iterdir()):
+        # What a killed init leaves (it writes registry.msgpack last) may be initialized over.
+        if root.exists() and any(p.name not in INIT_LEFTOVERS for p in root.iterdir()):
             raise AlreadyExistsError(f"{root}: directory is not empty; give a new or empty directory")
         source = open_source(reference)
         if not source.names():
@@ -167,7 +169,8 @@ class Registry:
         return self.objects.get_record(self.reference_hash(), ReferenceRecord)
 
     def bases(self) -> list[str]:
-        return self.backend.children("refs/bases")
+        # Only valid names: a killed ref update leaves a '.<name>.<uuid>.tmp' file here for gc.
+        return [n for n in self.backend.children("refs/bases") if NAME_RE.fullmatch(n) and ".." not in n]
 
     def base(self, name: str) -> tuple[str, BaseRecord]:
         key = f"refs/bases/{check_name('base', name)}"
@@ -179,7 +182,7 @@ class Registry:
         return digest, self.objects.get_record(digest, BaseRecord)
 
     def tasks(self) -> list[str]:
-        return self.backend.children("refs/tasks")
+        return [n for n in self.backend.children("refs/tasks") if NAME_RE.fullmatch(n) and ".." not in n]
 
     def _task_ref(self, task: str) -> TaskRef:
         key = f"refs/tasks/{check_name('task', task)}"
@@ -206,7 +209,15 @@ class Registry:
                 have = ", ".join(str(n) for n, _ in versions)
                 raise NotFoundError(f"{self.path}: task {task!r} has no version {version} (versions: {have})")
             digest = found[0]
-        return digest, self.objects.get_record(digest, TaskVersion)
+            number = version
+        try:
+            record = self.objects.get_record(digest, TaskVersion)
+        except DeltastoreError as exc:
+            raise type(exc)(f"{task}@{number}: {exc}") from None
+        if (record.task, record.version) != (task, number):  # refs carry no hash: cross-check them
+            raise CorruptObjectError(f"{self.path}/refs/tasks/{task}: lists version {number} as record {digest[:12]}, "
+                                     f"which is {record.task}@{record.version}; the ref is damaged")
+        return digest, record
 
     def log(self, task: str) -> list[TaskVersion]:
         """Every version of ``task``, newest first."""
@@ -228,6 +239,10 @@ class Registry:
         reference = self.objects.get_record(ref_digest, ReferenceRecord)
         plans = [_plan(reference, s) for s in sources]
         lossy = [r for r in reference.tensors if all(r in p.lossy_ref for p in plans)]
+        # Refuse NaN/Inf before the first write, so a refused build changes nothing on disk.
+        for source, plan in zip(sources, plans):
+            for ref_name in lossy:
+                _check_finite(source, plan.lossy_ref[ref_name], source.get(plan.lossy_ref[ref_name]))
         with self.backend.lock("registry", shared=True):
             txn = self.objects.new_txn()
             tensors = {}
@@ -295,6 +310,12 @@ class Registry:
                 tau_cache[ref_name] = self._decode_full(base_record.tensors[ref_name], "cpu", True)
             return tau_cache[ref_name]
 
+        # Every check that can refuse the input runs before the first write: a refused commit
+        # changes nothing on disk. Lossy tensors are checked for NaN/Inf in pass 1, the rest here.
+        for name in source.names():
+            if name not in plan.lossy:
+                _check_finite(source, name, source.get(name))
+
         # Pass 1: closed-form lam1 and the sanity check that this is a finetune of the reference.
         acc = dbms.Lam1Accumulator()
         delta_sq = ref_sq = 0.0
@@ -322,7 +343,7 @@ class Registry:
             reference=lambda n: self._reference_tensor(reference, n).float(),
             finetune=lambda n: source.get(n).float(), tau=tau, seeds=seeds, lam1_l2=acc.lam1,
             lam1_l2_per_tensor=acc.per_tensor, has_base=base_record is not None, calibration=calibration,
-            per_layer=per_layer, options=dict(tune_options or {}),
+            per_layer=per_layer, options=dict(tune_options or {}), source=source, seed=seed, progress=progress,
         )
         lambdas: Lambdas = get_tuner(tune or "l2")(context)
         if base_record is None and (lambdas.lam1 != 0.0 or lambdas.per_tensor):
@@ -415,28 +436,53 @@ class Registry:
     def iter_materialize(self, task: str, version: int | None = None, *, device: str | torch.device = "cpu",
                          dtype: torch.dtype | None = None, verify: bool = True,
                          progress: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Like :meth:`materialize`, one ``(name, tensor)`` at a time (bounded memory)."""
+        """Like :meth:`materialize`, one ``(name, tensor)`` at a time (bounded memory).
+
+        On a CUDA device this is :func:`deltastore.fast.iter_materialize_streaming` (reads ahead
+        in threads, pinned staging, fused decode kernels): the same bits, much faster.
+        """
         device = torch.device(device)
+        if device.type == "cuda":
+            from . import fast
+
+            yield from fast.iter_materialize_streaming(self, task, version, device=device, dtype=dtype, verify=verify)
+            return
         _, record = self.version(task, version)
         reference = self.objects.get_record(record.reference, ReferenceRecord)
         base = self.objects.get_record(record.base, BaseRecord) if record.base else None
         for name, entry in _progress(record.tensors.items(), total=len(record.tensors),
                                      desc=f"{task}: materialize", enabled=progress):
-            if entry.is_delta:
-                lam1 = record.lam1 if entry.lam1 is None else entry.lam1
-                lam2 = record.lam2 if entry.lam2 is None else entry.lam2
-                w_pre = self._decode_full(reference.tensors[entry.ref], device, verify)
-                rows, decoded = self._decode_rows(entry, device, verify)
-                tau_rows = None
-                if base is not None and entry.ref in base.tensors:
-                    tau_rows = dbms.as_matrix(self._decode_full(base.tensors[entry.ref], device, verify))[rows]
-                value = dbms.reconstruct(dbms.as_matrix(w_pre), rows, decoded, tau_rows, lam1, lam2)
-                value = value.reshape(entry.shape).to(dtype_from_name(entry.dtype))
-            else:
-                value = self._decode_full(entry, device, verify)
+            try:
+                value = self._materialize_one(entry, record, reference, base, device, verify)
+            except DeltastoreError as exc:  # name the task and tensor, not only the object
+                raise type(exc)(f"{task}@{record.version}, tensor {name!r}: {exc}") from None
+            except (KeyError, IndexError, RuntimeError, ValueError) as exc:
+                # Hashes matched but the pieces do not fit (a record naming a missing reference
+                # tensor, arrays of the wrong size): a crafted or buggy record, never wrong weights.
+                raise CorruptObjectError(f"{self.path}: {task}@{record.version}, tensor {name!r}: the stored "
+                                         f"pieces are inconsistent ({type(exc).__name__}: {exc}); run "
+                                         "`deltastore verify`") from None
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
             yield name, value
+
+    def _materialize_one(self, entry: TensorEntry, record: TaskVersion, reference: ReferenceRecord,
+                         base: BaseRecord | None, device, verify: bool) -> torch.Tensor:
+        """One tensor of a task version (see :meth:`materialize`)."""
+        _check_entry(entry)
+        if entry.is_delta:
+            lam1 = record.lam1 if entry.lam1 is None else entry.lam1
+            lam2 = record.lam2 if entry.lam2 is None else entry.lam2
+            w_pre = self._decode_full(reference.tensors[entry.ref], device, verify)
+            rows, decoded = self._decode_rows(entry, device, verify)
+            tau_rows = None
+            if base is not None and entry.ref in base.tensors:
+                tau_rows = dbms.as_matrix(self._decode_full(base.tensors[entry.ref], device, verify))[rows]
+            value = dbms.reconstruct(dbms.as_matrix(w_pre), rows, decoded, tau_rows, lam1, lam2)
+            value = value.reshape(entry.shape).to(dtype_from_name(entry.dtype))
+        else:
+            value = self._decode_full(entry, device, verify)
+        return value
 
     def save_pretrained(self, task: str, out_dir: str | os.PathLike, version: int | None = None, *,
                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -455,7 +501,10 @@ class Registry:
         for rel, digest in record.files.items():
             target = out.joinpath(*rel.split("/"))
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.objects.get_blob(digest))
+            try:
+                target.write_bytes(self.objects.get_blob(digest))
+            except DeltastoreError as exc:
+                raise type(exc)(f"{task}@{record.version}, file {rel!r}: {exc}") from None
         return out
 
     def load_model(self, task: str, version: int | None = None, *, device: str | torch.device = "cpu",
@@ -535,8 +584,10 @@ class Registry:
 
     def _decode_full(self, entry: TensorEntry, device, verify: bool) -> torch.Tensor:
         """A lossless entry as stored, or a delta entry of a base vector expanded to full rows."""
+        _check_entry(entry)
         if entry.codec == Lossless.name:
-            return Lossless().decode(self._load_encoded(entry, device, verify), entry.shape, device)
+            lossless = get_compressor(Lossless.name, entry.config)  # refuses stray config fields
+            return lossless.decode(self._load_encoded(entry, device, verify), entry.shape, device)
         rows, decoded = self._decode_rows(entry, device, verify)
         return dbms.expand_rows(decoded, rows).reshape(entry.shape)
 
@@ -595,6 +646,19 @@ def _plan(reference: ReferenceRecord, source: TensorSource) -> _Plan:
         if dtype.is_floating_point and len(shape) >= 2 and _numel(shape) >= MIN_LOSSY_NUMEL:
             lossy[name] = ref_name
     return _Plan(lossy, {r: n for n, r in lossy.items()}, missing)
+
+
+def _check_entry(entry: TensorEntry) -> None:
+    """specs/format.md §5.2/§6: lossless entries are whole tensors, every other codec is a
+    delta on a float tensor; a record mixing the two was not written by deltastore."""
+    if (entry.codec == Lossless.name) != (entry.ref is None):
+        raise CorruptObjectError(f"tensor entry with codec {entry.codec!r} has ref {entry.ref!r}: lossless entries "
+                                 "have no ref and delta entries need one")
+    if entry.codec == Lossless.name and entry.attrs.get("dtype") != entry.dtype:
+        raise CorruptObjectError(f"lossless entry of dtype {entry.dtype!r} stores data of dtype "
+                                 f"{entry.attrs.get('dtype')!r}")
+    if entry.ref is not None and not dtype_from_name(entry.dtype).is_floating_point:
+        raise CorruptObjectError(f"delta entry of non-float dtype {entry.dtype!r}")
 
 
 def _numel(shape) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
+import math
 import os
 import shutil
 import time
@@ -31,6 +33,19 @@ from ..errors import CorruptObjectError, LockTimeoutError, NotFoundError
 # is negligible, small enough to stream a 500 MB embedding without holding it twice.
 CHUNK_BYTES = 8 << 20
 ZSTD_LEVEL = 3
+# Whole-key objects (records, refs, blobs) are small: side files are capped at 64 MiB when
+# committed and records at 64 MiB when read. Reading more than this is a damaged or hostile
+# file, refused before the bytes are read.
+MAX_KEY_BYTES = 64 << 20
+# The largest array one object may declare (16 GiB, 8x a 70B model's embedding in fp16). A
+# zarr.json asking for more is refused before zarr allocates anything.
+MAX_ARRAY_BYTES = 16 << 30
+MAX_ARRAY_DIMS = 8
+MAX_ZARR_JSON_BYTES = 1 << 16
+MAX_CHUNK_BYTES = 64 << 20
+# Data types and codecs write_array produces; anything else in a zarr.json was not written by us.
+ARRAY_DATA_TYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32")
+ARRAY_CODECS = ("bytes", "zstd")
 
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -62,29 +77,57 @@ class LocalBackend:
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, limit: int = MAX_KEY_BYTES) -> bytes:
+        """The bytes of ``key``; more than ``limit`` bytes is an error, raised before reading."""
+        path = self._path(key)
         try:
-            return self._path(key).read_bytes()
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size > limit:
+                    raise CorruptObjectError(f"{self.root}: {key!r} holds {size} bytes, more than the {limit} "
+                                             "such an object may have; it is damaged or was not written by deltastore")
+                data = fh.read(limit + 1)  # a special file (fifo, /dev/zero) never ends: stop at the limit
         except FileNotFoundError:
             raise NotFoundError(f"{self.root}: object {key!r} is missing") from None
         except IsADirectoryError:
             raise CorruptObjectError(f"{self.root}: {key!r} is a directory, expected a file") from None
+        if len(data) > limit:
+            raise CorruptObjectError(f"{self.root}: {key!r} holds more than {limit} bytes; it is not a regular file")
+        return data
 
     def put(self, key: str, data: bytes) -> None:
-        """Write ``data`` under ``key`` atomically (temp file, fsync, rename)."""
+        """Write ``data`` under ``key`` atomically (temp file, fsync, rename, fsync of the folder)."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind (a killed one: gc's job)
+            raise
+        _fsync_dir(path.parent)
 
     def delete(self, key: str) -> None:
-        """Remove a key or a whole prefix (an array); missing keys are fine."""
+        """Remove a key or a whole prefix (an array); missing keys are fine.
+
+        A folder is first renamed into ``staging/`` (atomic), then removed: a process killed
+        half-way through leaves debris in staging for gc, never a half-deleted array under
+        ``objects/`` whose surviving zarr.json would make a later commit believe it exists.
+        """
         path = self._path(key)
         if path.is_dir():
+            trash = self._path(f"staging/deleted-{uuid.uuid4().hex}")
+            if self._path("staging") not in path.parents:
+                trash.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.rename(path, trash)
+                except FileNotFoundError:
+                    return
+                path = trash
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
@@ -122,7 +165,7 @@ class LocalBackend:
             store,
             shape=data.shape,
             dtype=data.dtype,
-            chunks=chunk_shape(data.shape, data.dtype.itemsize) or None,
+            chunks=chunk_shape(data.shape, data.dtype.itemsize),
             # "v2" keys put chunks beside zarr.json ("0", "1.0") instead of in a "c/" folder:
             # one directory less per array, which is most of an array's overhead on disk.
             chunk_key_encoding={"name": "v2", "separator": "."},
@@ -134,11 +177,18 @@ class LocalBackend:
         )
         if data.size:
             array[...] = data
+        # Chunks reach the disk before the array is published under objects/ (a rename), so
+        # a power cut cannot leave a published name pointing at empty chunk files.
+        for file in sorted(self._path(key).rglob("*")):
+            if file.is_file():
+                with open(file, "rb") as fh:
+                    os.fsync(fh.fileno())
 
     def read_array(self, key: str) -> np.ndarray:
         path = self._path(key)
         if not (path / "zarr.json").is_file():
             raise NotFoundError(f"{self.root}: array {key!r} is missing (no zarr.json)")
+        check_array_metadata(self.get(f"{key}/zarr.json", limit=MAX_ZARR_JSON_BYTES), f"{self.root}: array {key!r}")
         array = zarr.open_array(LocalStore(path, read_only=True), mode="r", zarr_format=3)
         expected = array.nchunks
         if array.size and array.nchunks_initialized != expected:
@@ -167,6 +217,7 @@ class LocalBackend:
                 self.delete(staged)
                 return False
             raise
+        _fsync_dir(dst.parent)
         return True
 
     # -- locking ----------------------------------------------------------------------------
@@ -193,3 +244,69 @@ class LocalBackend:
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX needs the folder fsynced, not only the file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def check_array_metadata(raw: bytes, what: str) -> dict:
+    """Refuse a zarr.json that ``write_array`` could not have written, before zarr reads it.
+
+    The checks are what keeps a crafted array from doing harm: a declared shape of 10**15
+    elements, chunks of a petabyte, a codec that is not ours (zarr would happily allocate or
+    load them). Allowed: zarr v3 array, at most MAX_ARRAY_DIMS dimensions, at most
+    MAX_ARRAY_BYTES in all, one of ARRAY_DATA_TYPES, the regular chunk grid that
+    :func:`chunk_shape` gives, codecs among ARRAY_CODECS, fill value 0.
+    """
+    def bad(problem: str) -> CorruptObjectError:
+        return CorruptObjectError(f"{what}: zarr.json {problem}; the array is damaged or was not written by "
+                                  "deltastore: run `deltastore verify` and restore it from a backup")
+
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+        raise bad("does not describe a zarr v3 array")
+    shape = meta.get("shape")
+    if (not isinstance(shape, list) or len(shape) > MAX_ARRAY_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape)):
+        raise bad(f"has an invalid shape {shape!r:.80}")
+    dtype = meta.get("data_type")
+    if dtype not in ARRAY_DATA_TYPES:
+        raise bad(f"has data type {dtype!r:.40}, expected one of {', '.join(ARRAY_DATA_TYPES)}")
+    itemsize = np.dtype(dtype).itemsize
+    nbytes = math.prod(shape) * itemsize
+    if nbytes > MAX_ARRAY_BYTES:
+        raise bad(f"declares {nbytes} bytes (shape {shape}), more than the {MAX_ARRAY_BYTES} an array may hold")
+    grid = meta.get("chunk_grid")
+    chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
+    # specs/format.md §4: regular chunks along the first axis only, of a bounded size.
+    if (not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(chunks, list)
+            or len(chunks) != len(shape) or not all(isinstance(c, int) and not isinstance(c, bool) for c in chunks)
+            or (shape and not (1 <= chunks[0] and chunks[1:] == shape[1:]))
+            or math.prod(chunks) * itemsize > MAX_CHUNK_BYTES):
+        raise bad(f"has chunk grid {grid!r:.80}, expected regular chunks along the first axis of at most "
+                  f"{MAX_CHUNK_BYTES} bytes")
+    codecs = meta.get("codecs")
+    if (not isinstance(codecs, list) or not codecs
+            or not all(isinstance(c, dict) and c.get("name") in ARRAY_CODECS for c in codecs)):
+        raise bad(f"has codecs {codecs!r:.80}, expected {' and '.join(ARRAY_CODECS)} only")
+    encoding = meta.get("chunk_key_encoding")
+    if (not isinstance(encoding, dict) or encoding.get("name") != "v2"
+            or encoding.get("configuration", {}).get("separator", ".") != "."):
+        raise bad(f"has chunk key encoding {encoding!r:.80}, expected v2 with separator '.'")
+    if meta.get("fill_value") != 0:
+        raise bad(f"has fill value {meta.get('fill_value')!r:.40}, expected 0")
+    return meta

@@ -8,6 +8,7 @@ complete, so a key under ``objects/`` is always whole. Nothing is ever rewritten
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from typing import TypeVar
 
@@ -33,14 +34,22 @@ _BLOB_CODEC = Zstd(level=9)
 def array_hash(data: np.ndarray) -> str:
     """SHA-256 of ``"deltastore-array\\n<dtype>\\n<d0,d1,...>\\n"`` followed by the
     little-endian, row-major bytes: identical values, dtype and shape give one name."""
-    data = np.ascontiguousarray(data)
+    data = np.require(data, requirements="C")
     header = f"deltastore-array\n{data.dtype.name}\n{','.join(map(str, data.shape))}\n".encode()
     h = hashlib.sha256(header)
     h.update(memoryview(data.astype(data.dtype.newbyteorder("<"), copy=False)).cast("B"))
     return h.hexdigest()
 
 
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
 def object_key(kind: str, digest: str) -> str:
+    """``objects/<kind>/<h[:2]>/<h[2:]>``; anything but 64 lowercase hex digits is refused,
+    so a damaged or crafted record cannot name a path outside the object store."""
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise CorruptObjectError(f"{digest!r:.80} is not an object name (64 lowercase hex digits); the record or "
+                                 "ref naming it is damaged or was not written by deltastore")
     return f"objects/{kind}/{digest[:2]}/{digest[2:]}"
 
 
@@ -92,7 +101,7 @@ class ObjectStore:
         dtype = _TORCH.get(data.dtype)
         if dtype is None:
             raise CorruptObjectError(f"{label}: stored data type {data.dtype} is not one format 1 allows")
-        return torch.from_numpy(np.ascontiguousarray(data))
+        return torch.from_numpy(np.require(data, requirements="C"))
 
     # -- blobs ------------------------------------------------------------------------------
     # A blob is stored as one zstd frame of the file's bytes (tokenizer.json shrinks ~3x) and
@@ -149,5 +158,6 @@ class ObjectStore:
             names = []
             for prefix in self.backend.children(f"objects/{kind}"):
                 names += [prefix + rest for rest in self.backend.children(f"objects/{kind}/{prefix}")]
-            out[kind] = names
+            # Anything else under objects/ (a killed put's temp file) is not an object: gc's job.
+            out[kind] = [n for n in names if _DIGEST.fullmatch(n)]
         return out

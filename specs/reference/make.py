@@ -1,0 +1,149 @@
+"""Rebuild the reference registry of specs/format.md: ``python specs/reference/make.py``.
+
+Writes ``specs/reference/registry/`` (a small registry made with the public API) and
+``specs/reference/expected/<task>@<version>.safetensors`` (what ``Registry.materialize``
+gives for each task version). Both are checked in; ``tests/test_format.py`` reads them back
+with deltastore and with an independent reader written from the spec alone. Rerun this
+script after a format change, then review the diff and bump the spec's change log.
+
+Everything is deterministic: tensors come from ``torch.manual_seed``, seeds are fixed, the
+models are read from relative paths (their labels are stored in records) and the records'
+timestamps are pinned, so a rebuild with an unchanged format gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import deltastore.registry
+from deltastore import Registry
+
+HERE = Path(__file__).resolve().parent
+REGISTRY = HERE / "registry"
+EXPECTED = HERE / "expected"
+# Records hold ISO 8601 creation times; a fixed one keeps rebuilds byte-identical.
+CREATED = "2025-01-01T00:00:00+00:00"
+# Relative size of a finetune's change: shared part (what the base vector captures) and own part.
+SHARED_NOISE = 1e-2
+OWN_NOISE = 0.5e-2
+
+
+def reference() -> dict[str, torch.Tensor]:
+    """The pretrained model: every dtype and layout the format distinguishes, kept tiny.
+
+    Matrices of >= 4096 elements (``deltastore.registry.MIN_LOSSY_NUMEL``) are stored as
+    deltas in task versions: fp16, fp32, and a 3-D bf16 tensor whose 91 columns leave a
+    short last DeltaDQ group (91 = 11 * 8 + 3). The rest is stored losslessly.
+    """
+    torch.manual_seed(0)
+    return {
+        "emb.weight": torch.randn(96, 64) * 0.02,                                   # fp32
+        "layer.weight": (torch.randn(64, 64) * 0.05).half(),                        # fp16
+        "layer.bias": (torch.randn(64) * 0.01).half(),                              # fp16, 1-D
+        "conv.weight": (torch.randn(48, 7, 13) * 0.05).to(torch.bfloat16),          # bf16, 3-D
+        "attn.mask": torch.tril(torch.ones(4, 4, dtype=torch.bool)),                # bool buffer
+        "layer.steps": torch.tensor([1000, -3, 7], dtype=torch.int64),             # int64 buffer
+        "layer.scale": torch.tensor(0.125),                                         # fp32, 0-d
+    }
+
+
+def shared_direction(ref: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A direction every finetune moves along: what makes a base vector worth having."""
+    torch.manual_seed(1)
+    return {name: torch.randn(w.shape) for name, w in ref.items() if w.is_floating_point()}
+
+
+def finetune(ref: dict[str, torch.Tensor], shared: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Reference + about 1e-2 relative noise; about half the embedding rows exactly unchanged;
+    plus a task-own classifier head that the reference does not have."""
+    torch.manual_seed(seed)
+    out = {}
+    for name, w in ref.items():
+        if not w.is_floating_point():
+            out[name] = w.clone()
+            continue
+        scale = float(w.float().pow(2).mean().sqrt())
+        delta = scale * (SHARED_NOISE * shared[name] + OWN_NOISE * torch.randn(w.shape))
+        if name == "emb.weight":
+            delta[torch.rand(w.shape[0]) < 0.5] = 0.0  # rows a finetune never touched (rare tokens)
+        out[name] = (w.float() + delta).to(w.dtype)
+    out["head.weight"] = torch.randn(3, 64) * 0.1
+    return out
+
+
+def write_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """A Hugging Face style directory: the weights plus a config.json (stored as a blob)."""
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, sort_keys=True, indent=1) + "\n")
+
+
+COMMITS = [
+    # task, version's model folder, commit arguments
+    ("alpha", "alpha-1", dict(method="bitdelta", base="b", seed=1, message="alpha v1: bitdelta over base b")),
+    ("alpha", "alpha-2", dict(method="dare", config={"drop_rate": 0.9, "value_bits": 8}, base="b", seed=2,
+                              message="alpha v2: dare p=0.9, int8 values, over base b")),
+    ("beta", "beta-1", dict(method="deltadq", config={"group_size": 8, "keep": 2, "bits": 3}, seed=3,
+                            message="beta v1: deltadq g=8 k=2 b=3, no base")),
+    ("beta", "beta-2", dict(method="dare", config={"value_bits": 16}, base="b", per_layer=True, seed=4,
+                            message="beta v2: dare fp16 values over base b, per-tensor lambdas")),
+]
+
+
+def build(out: Path, expected: Path) -> None:
+    ref = reference()
+    shared = shared_direction(ref)
+    seeds = {"alpha-1": 11, "alpha-2": 12, "beta-1": 21, "beta-2": 22}
+    work = Path(tempfile.mkdtemp(prefix="deltastore-reference-"))
+    cwd = os.getcwd()
+    try:
+        os.chdir(work)  # models are opened by relative path: their labels go into the records
+        write_model(Path("reference"), ref, {"model_type": "toy"})
+        for label, seed in seeds.items():
+            task = label.split("-")[0]
+            write_model(Path(label), finetune(ref, shared, seed), {"model_type": "toy", "task": task, "num_labels": 3})
+        reg = Registry.init(out, "reference", progress=False)
+        reg.build_base("b", ["alpha-1", "beta-1"], progress=False)
+        for task, label, kwargs in COMMITS:
+            reg.commit(task, label, progress=False, **kwargs)
+        expected.mkdir(parents=True)
+        for task in reg.tasks():
+            for number, _ in reg.versions(task):
+                state = reg.materialize(task, number, progress=False)
+                save_file({k: v.contiguous() for k, v in state.items()}, str(expected / f"{task}@{number}.safetensors"))
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(work, ignore_errors=True)
+    # Lock files and an empty staging folder are not data (specs/format.md section 2).
+    for transient in ("locks", "staging"):
+        shutil.rmtree(out / transient, ignore_errors=True)
+    problems = Registry(out).verify(progress=False)
+    if problems:
+        raise SystemExit(f"the new reference registry does not verify: {problems}")
+
+
+def main() -> None:
+    deltastore.registry.utc_now = lambda: CREATED  # pinned timestamps (see the module docstring)
+    tmp = Path(tempfile.mkdtemp(prefix="reference-", dir=HERE))
+    try:
+        build(tmp / "registry", tmp / "expected")
+        for target in (REGISTRY, EXPECTED):
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp / target.name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    total = sum(p.stat().st_size for p in HERE.rglob("*") if p.is_file())
+    print(f"wrote {REGISTRY.relative_to(HERE.parent.parent)} and {EXPECTED.relative_to(HERE.parent.parent)}; "
+          f"specs/reference/ holds {total} bytes", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
