@@ -4,12 +4,28 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import DeltastoreError
+from .errors import CorruptObjectError, DeltastoreError
 from .storage.objects import object_key
 from .storage.records import BaseRecord, ReferenceRecord, TaskVersion
 
 if TYPE_CHECKING:
     from .registry import Registry
+
+
+def _raise(message: str):
+    raise CorruptObjectError(message)
+
+
+def _key(kind: str, digest: str) -> str:
+    try:
+        return object_key(kind, digest)
+    except CorruptObjectError:
+        return f"objects/{kind}/{digest!r:.80}"
+
+
+def _checked(digest: str) -> str:
+    object_key("records", digest)  # raises on anything but a well-formed object name
+    return digest
 
 
 def _reachable(registry: "Registry", problems: list[dict[str, str]] | None = None):
@@ -19,8 +35,11 @@ def _reachable(registry: "Registry", problems: list[dict[str, str]] | None = Non
     """
     used_by: dict[tuple[str, str], set[str]] = {}
 
-    def use(kind: str, digest: str, who: str) -> None:
+    def use(kind: str, digest: str, who: str) -> bool:
+        if guard(_key(kind, digest), who, lambda: object_key(kind, digest)) is None:
+            return False  # a malformed name: reported (verify) or raised (gc), never looked up
         used_by.setdefault((kind, digest), set()).add(who)
+        return True
 
     def guard(key: str, who: str, fn):
         try:
@@ -32,7 +51,7 @@ def _reachable(registry: "Registry", problems: list[dict[str, str]] | None = Non
             return None
 
     objects = registry.objects
-    ref_digest = guard("refs/reference", "registry", registry.reference_hash)
+    ref_digest = guard("refs/reference", "registry", lambda: _checked(registry.reference_hash()))
     if ref_digest:
         use("records", ref_digest, "reference")
         reference = guard(object_key("records", ref_digest), "reference",
@@ -51,10 +70,15 @@ def _reachable(registry: "Registry", problems: list[dict[str, str]] | None = Non
         versions = guard(f"refs/tasks/{task}", f"task {task}", lambda: registry.versions(task)) or []
         records += [(digest, f"{task}@{n}", TaskVersion) for n, digest in versions]
     for digest, who, cls in records:
-        use("records", digest, who)
+        if not use("records", digest, who):
+            continue
         record = guard(object_key("records", digest), who, lambda: objects.get_record(digest, cls))
         if record is None:
             continue
+        if isinstance(record, TaskVersion) and f"{record.task}@{record.version}" != who:
+            # Refs carry no hash of their own: a damaged one may point at another version.
+            guard(f"refs/tasks/{who.split('@')[0]}", who, lambda: _raise(
+                f"lists {who} as record {digest[:12]}, which holds {record.task}@{record.version}"))
         for h in record.array_hashes():
             use("arrays", h, who)
         if isinstance(record, TaskVersion):
@@ -112,7 +136,7 @@ def gc(registry: "Registry") -> dict[str, int]:
             removed["bytes"] += backend.size(f"staging/{txn}")
             backend.delete(f"staging/{txn}")
             removed["staging"] += 1
-        for key in backend.list("refs") + backend.list("objects"):
+        for key in backend.list("refs") + backend.list("objects") + backend.children(""):
             if key.rsplit("/", 1)[-1].startswith(".") and key.endswith(".tmp"):  # a killed atomic put
                 removed["bytes"] += backend.size(key)
                 backend.delete(key)

@@ -63,6 +63,22 @@ def check_format(obj: dict[str, Any], what: str) -> None:
 
 
 _JSON_TYPES = (type(None), bool, int, float, str, list, dict)
+# A tensor no model has: more dimensions or elements than this is a damaged or crafted record,
+# refused before anything is allocated for it.
+MAX_TENSOR_DIMS = 16
+MAX_TENSOR_NUMEL = 1 << 36
+
+
+def _check_files(value: Any, what: str) -> dict[str, str]:
+    """``files`` maps relative paths to blob hashes; the paths are written on materialize, so
+    they must stay inside the output folder: no absolute path, no '..', no empty part."""
+    files = _check(value, ("map", str), what)
+    for rel in files:
+        parts = rel.split("/") if isinstance(rel, str) else [""]
+        if (not isinstance(rel, str) or "\\" in rel or "\x00" in rel
+                or any(p in ("", ".", "..") for p in parts)):
+            raise CorruptObjectError(f"{what}: file path {rel!r:.80} is not a plain relative path")
+    return files
 
 
 def _check(value: Any, expected: Any, what: str) -> Any:
@@ -75,6 +91,9 @@ def _check(value: Any, expected: Any, what: str) -> Any:
     if isinstance(expected, tuple) and expected and expected[0] == "map":
         if not isinstance(value, dict):
             raise CorruptObjectError(f"{what}: expected a map, found {type(value).__name__}")
+        for k in value:
+            if not isinstance(k, str):  # msgpack also allows bytes keys; the format does not
+                raise CorruptObjectError(f"{what}: map key {k!r:.60} is not a string")
         return {k: _check(v, expected[1], f"{what}[{k!r}]") for k, v in value.items()}
     types = expected if isinstance(expected, tuple) else (expected,)
     if float in types and int not in types and isinstance(value, int) and not isinstance(value, bool):
@@ -164,6 +183,12 @@ class TensorEntry(Record):
         if name == "shape":
             if any(d < 0 for d in value):
                 raise CorruptObjectError(f"{what}: negative dimension in {value}")
+            numel = 1
+            for d in value:
+                numel *= d
+            if len(value) > MAX_TENSOR_DIMS or numel > MAX_TENSOR_NUMEL:
+                raise CorruptObjectError(f"{what}: shape {value!r:.80} is beyond any model's tensor "
+                                         f"(at most {MAX_TENSOR_DIMS} dims, {MAX_TENSOR_NUMEL} elements)")
             return tuple(value)
         return value
 
@@ -185,6 +210,8 @@ class _WithTensors(Record):
     def _convert(cls, name, value, expected, what):
         if name == "tensors":
             return _tensor_table(value, what)
+        if name == "files":
+            return _check_files(value, what)
         return _check(value, expected, what)
 
     def array_hashes(self) -> set[str]:
@@ -286,8 +313,12 @@ class TaskRef(Record):
         ref = super().from_dict(obj, what)
         pairs = []
         for i, pair in enumerate(ref.versions):
-            if len(pair) != 2 or not isinstance(pair[0], int) or not isinstance(pair[1], str):
-                raise CorruptObjectError(f"{what}.versions[{i}]: expected [number, hash], found {pair!r}")
+            if (len(pair) != 2 or not isinstance(pair[0], int) or isinstance(pair[0], bool)
+                    or not isinstance(pair[1], str)):
+                raise CorruptObjectError(f"{what}.versions[{i}]: expected [number, hash], found {pair!r:.80}")
+            if pair[0] < 1 or (pairs and pair[0] <= pairs[-1][0]):
+                raise CorruptObjectError(f"{what}.versions[{i}]: version {pair[0]} is not a positive number "
+                                         "above the one before it")
             pairs.append((pair[0], pair[1]))
         return cls(pairs)
 

@@ -1,0 +1,26 @@
+"""Fixtures of the reliability tests: the tiny model and prepared registries."""
+
+from __future__ import annotations
+
+import pytest
+
+from .helpers import make_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tiny, tmp_path_factory):
+    """Read-only: reference, base 'b1' (finetunes a, b), task t1@1 (a, with b1) and t2@1
+    (b, plain), t2@2 (c, deltadq). Copy it with helpers.copy_registry before changing it."""
+    from deltastore import Registry
+
+    reg = Registry.init(tmp_path_factory.mktemp("tinyreg") / "registry", tiny.reference, progress=False)
+    reg.build_base("b1", [tiny.finetunes["a"], tiny.finetunes["b"]], progress=False)
+    reg.commit("t1", tiny.finetunes["a"], base="b1", message="a", progress=False)
+    reg.commit("t2", tiny.finetunes["b"], message="b", progress=False)
+    reg.commit("t2", tiny.finetunes["c"], method="deltadq", message="c", progress=False)
+    return reg

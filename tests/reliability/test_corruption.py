@@ -1,0 +1,197 @@
+"""Corruption: damaged bytes give a precise error naming the object and the task, never
+wrong weights; ``verify`` reports every problem in one pass (``--json``, exit 4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from deltastore import CorruptObjectError, DeltastoreError, NotFoundError, Registry
+from deltastore.storage.objects import object_key
+from deltastore_cli.main import cli
+
+from .helpers import copy_registry, state_hash
+
+
+
+@pytest.fixture
+def reg(tiny_registry, tmp_path):
+    return Registry(copy_registry(tiny_registry.path, tmp_path / "registry"))
+
+
+def _flip(path: Path, offset: int, bit: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def _array_dir(reg: Registry, digest: str) -> Path:
+    return reg.path / object_key("arrays", digest)
+
+
+def _chunks(reg: Registry, digest: str) -> list[Path]:
+    return sorted(p for p in _array_dir(reg, digest).rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+def _t1_array(reg: Registry, role: str = "signs") -> str:
+    """An array only task t1 uses: the BitDelta signs of its embedding delta, or ('rows')
+    the mask of the embedding rows it changed."""
+    _, record = reg.version("t1")
+    entry = record.tensors["emb.weight"]
+    return entry.rows if role == "rows" else entry.arrays[role]
+
+
+def _materialize_error(reg: Registry, task: str = "t1") -> DeltastoreError:
+    with pytest.raises(DeltastoreError) as info:
+        reg.materialize(task)
+    return info.value
+
+
+DAMAGE = {
+    "chunk bit flip": lambda reg, d: _flip(_chunks(reg, d)[0], 3),
+    "chunk truncated": lambda reg, d: _chunks(reg, d)[0].write_bytes(_chunks(reg, d)[0].read_bytes()[:5]),
+    "chunk missing": lambda reg, d: _chunks(reg, d)[0].unlink(),
+    "chunk emptied": lambda reg, d: _chunks(reg, d)[0].write_bytes(b""),
+    "zarr.json shape changed": lambda reg, d: (_array_dir(reg, d) / "zarr.json").write_text(
+        (_array_dir(reg, d) / "zarr.json").read_text().replace('"shape": [', '"shape": [1, ', 1)),
+    "zarr.json garbled": lambda reg, d: (_array_dir(reg, d) / "zarr.json").write_bytes(b"{\"zarr_format\": 3, \x00"),
+    "zarr.json missing": lambda reg, d: (_array_dir(reg, d) / "zarr.json").unlink(),
+    "array folder missing": lambda reg, d: __import__("shutil").rmtree(_array_dir(reg, d)),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_array_names_object_and_task(reg, damage):
+    digest = _t1_array(reg)
+    DAMAGE[damage](reg, digest)
+    err = _materialize_error(reg)
+    assert isinstance(err, (CorruptObjectError, NotFoundError)), err
+    assert digest[:12] in str(err) and "t1@1" in str(err) and "emb.weight" in str(err), str(err)
+    reg.materialize("t2")  # other tasks still read
+    problems = reg.verify()
+    assert [p["object"] for p in problems] == [object_key("arrays", digest)], problems
+    assert "t1@1" in problems[0]["used_by"]
+
+
+def test_damaged_blob_record_and_refs(reg, tmp_path):
+    digest, record = reg.version("t1")
+    # a flipped bit in a blob (the stored config.json): save_pretrained refuses it
+    blob = record.files["config.json"]
+    _flip(reg.path / object_key("blobs", blob), 2)
+    with pytest.raises(CorruptObjectError, match=f"t1@1, file 'config.json'.*{blob[:12]}"):
+        reg.save_pretrained("t1", tmp_path / "out")
+    # a flipped bit in the version record
+    _flip(reg.path / object_key("records", digest), 40)
+    with pytest.raises(CorruptObjectError, match=f"t1@1: .*{digest[:12]}.*corrupt"):
+        reg.materialize("t1")
+    # a flipped bit in the base record: every task built on it says so
+    base_digest, _ = reg.base("b1")
+    _flip(reg.path / object_key("records", base_digest), 40)
+    with pytest.raises(CorruptObjectError, match=base_digest[:12]):
+        reg.base("b1")
+    problems = {p["object"] for p in reg.verify()}
+    assert problems == {object_key("blobs", blob), object_key("records", digest),
+                        object_key("records", base_digest)}
+
+
+@pytest.mark.parametrize("ref", ["refs/tasks/t2", "refs/bases/b1", "refs/reference"])
+def test_every_bit_flip_of_a_ref_is_caught_or_harmless(reg, ref):
+    """Refs are not content addressed: flip each of their bits in turn; reading either
+    fails with a deltastore error or gives exactly what it gave before."""
+    path = reg.path / ref
+    original = path.read_bytes()
+    before = {"t2": reg.versions("t2"), "b1": reg.base("b1")[0], "ref": reg.reference_hash()}
+
+    def read():
+        out = {"t2": reg.versions("t2"), "b1": reg.base("b1")[0], "ref": reg.reference_hash()}
+        reg.version("t2", 1), reg.version("t2", 2), reg.reference()
+        return out
+
+    caught = 0
+    for offset in range(len(original)):
+        for bit in range(8):
+            data = bytearray(original)
+            data[offset] ^= 1 << bit
+            path.write_bytes(bytes(data))
+            try:
+                assert read() == before, f"{ref}: flipping bit {bit} of byte {offset} went unnoticed"
+            except DeltastoreError:
+                caught += 1
+    path.write_bytes(original)
+    assert caught == 8 * len(original)  # every single flip is caught
+
+
+@pytest.mark.parametrize("part", ["zarr.json", "chunk"])
+def test_every_byte_flip_of_an_array_is_caught(reg, part):
+    """Flip one bit of each byte of a small array's zarr.json or chunk: get_array raises a
+    deltastore error or returns the exact array (its hash is checked), never anything else."""
+    _, record = reg.version("t2", 1)
+    digest = record.tensors["lin.bias"].arrays["data"]
+    path = _array_dir(reg, digest) / "zarr.json" if part == "zarr.json" else _chunks(reg, digest)[0]
+    original = path.read_bytes()
+    good = reg.objects.get_array(digest)
+    caught = 0
+    for offset in range(len(original)):
+        data = bytearray(original)
+        data[offset] ^= 0x04
+        path.write_bytes(bytes(data))
+        try:
+            assert bool((reg.objects.get_array(digest) == good).all())
+        except DeltastoreError:
+            caught += 1
+    path.write_bytes(original)
+    assert caught > 0
+
+
+def test_verify_reports_every_problem_in_one_pass(reg, tiny):
+    """Six kinds of damage at once: verify lists all of them; the CLI exits 4 with JSON."""
+    reference = reg.reference()
+    t1 = _t1_array(reg)
+    t1_scale = _t1_array(reg, "rows")
+    ref_array = reference.tensors["lin.weight"].arrays["data"]
+    t2_digest, t2 = reg.version("t2", 2)
+    base_digest, _ = reg.base("b1")
+    DAMAGE["chunk bit flip"](reg, t1)
+    DAMAGE["chunk missing"](reg, t1_scale)
+    DAMAGE["zarr.json shape changed"](reg, ref_array)
+    _flip(reg.path / object_key("blobs", t2.files["config.json"]), 1)
+    _flip(reg.path / object_key("records", base_digest), 30)
+    (reg.path / "refs" / "tasks" / "t1").write_bytes(b"\xc1 garbage")
+    expected = {object_key("arrays", t1), object_key("arrays", t1_scale), object_key("arrays", ref_array),
+                object_key("blobs", t2.files["config.json"]), object_key("records", base_digest), "refs/tasks/t1"}
+    found = {p["object"] for p in reg.verify()}
+    # t1's arrays are unreferenced once refs/tasks/t1 is unreadable: still checked, still reported
+    assert found == expected
+    result = CliRunner().invoke(cli, ["verify", "--json", str(reg.path)], obj={})
+    assert result.exit_code == 4, result.output
+    report = json.loads(result.output)
+    assert report["ok"] is False and {p["object"] for p in report["problems"]} == expected
+    assert all(set(p) == {"object", "problem", "used_by"} for p in report["problems"])
+    # materialize of an undamaged... every task here touches damage: each names what is wrong
+    with pytest.raises(CorruptObjectError, match="refs/tasks/t1"):
+        reg.materialize("t1")
+    with pytest.raises(CorruptObjectError, match=ref_array[:12]):
+        reg.materialize("t2")
+
+
+def test_registry_info_damage(reg):
+    (reg.path / "registry.msgpack").write_bytes(b"\x92\x01")
+    with pytest.raises(CorruptObjectError, match="registry.msgpack"):
+        Registry(reg.path)
+    result = CliRunner().invoke(cli, ["ls", str(reg.path)], obj={})
+    assert result.exit_code == 4 and "registry.msgpack" in result.output
+
+
+def test_fast_mode_skips_hashes_but_decodes(reg):
+    """verify=False (--no-verify) is the documented fast mode: it trusts chunk bytes, so a
+    flipped bit in an uncompressed chunk can go unnoticed; the default never lets it."""
+    good = state_hash(reg.materialize("t1"))
+    assert state_hash(reg.materialize("t1", verify=False)) == good
+    digest = _t1_array(reg)  # uint8 signs: stored uncompressed, a flip still decodes
+    _flip(_chunks(reg, digest)[0], 0)
+    with pytest.raises(CorruptObjectError):
+        reg.materialize("t1")
+    assert state_hash(reg.materialize("t1", verify=False)) != good
