@@ -188,7 +188,20 @@ class LocalBackend:
         path = self._path(key)
         if not (path / "zarr.json").is_file():
             raise NotFoundError(f"{self.root}: array {key!r} is missing (no zarr.json)")
-        check_array_metadata(self.get(f"{key}/zarr.json", limit=MAX_ZARR_JSON_BYTES), f"{self.root}: array {key!r}")
+        meta = check_array_metadata(self.get(f"{key}/zarr.json", limit=MAX_ZARR_JSON_BYTES),
+                                    f"{self.root}: array {key!r}")
+        if any(c.get("name") == "zstd" for c in meta["codecs"]):
+            chunk_bytes = math.prod(meta["chunk_grid"]["configuration"]["chunk_shape"]) * np.dtype(
+                meta["data_type"]).itemsize
+            for chunk in path.iterdir():
+                if chunk.name != "zarr.json":
+                    with open(chunk, "rb") as fh:
+                        declared = zstd_content_size(fh.read(18))
+                    if declared is None or declared > chunk_bytes:
+                        raise CorruptObjectError(
+                            f"{self.root}: array {key!r}, chunk {chunk.name}: zstd frame declares "
+                            f"{declared if declared is not None else 'no'} decompressed size, expected at most "
+                            f"{chunk_bytes} bytes; run `deltastore verify` and restore it from a backup")
         array = zarr.open_array(LocalStore(path, read_only=True), mode="r", zarr_format=3)
         expected = array.nchunks
         if array.size and array.nchunks_initialized != expected:
@@ -258,6 +271,25 @@ def _fsync_dir(path: Path) -> None:
         pass  # some filesystems refuse fsync on a folder; the rename itself is still atomic
     finally:
         os.close(fd)
+
+
+def zstd_content_size(frame: bytes) -> int | None:
+    """The decompressed size a zstd frame header declares (RFC 8878 §3.1.1.1), or None when
+    the frame does not start with a zstd header or leaves the size out.
+
+    Checked before decompressing, so a 1 KB frame declaring 100 GB (a zstd bomb) is refused
+    instead of allocated.
+    """
+    if len(frame) < 6 or frame[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = frame[4]
+    fcs_flag, single_segment, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    pos = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    size = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
+    if size == 0 or len(frame) < pos + size:
+        return None
+    value = int.from_bytes(frame[pos:pos + size], "little")
+    return value + 256 if size == 2 else value
 
 
 def check_array_metadata(raw: bytes, what: str) -> dict:

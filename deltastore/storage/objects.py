@@ -17,7 +17,7 @@ import torch
 from numcodecs import Zstd
 
 from ..errors import CorruptObjectError, NotFoundError
-from .backend import LocalBackend
+from .backend import LocalBackend, zstd_content_size
 from .records import Record, content_hash, pack, unpack
 
 # torch dtype <-> zarr/numpy data type of stored arrays (specs/format.md, "Arrays").
@@ -29,6 +29,8 @@ _TORCH = {np.dtype(v): k for k, v in _NUMPY.items()}
 
 R = TypeVar("R", bound=Record)
 _BLOB_CODEC = Zstd(level=9)
+# Blobs are side files, which sources.py caps at 64 MiB when committing.
+MAX_BLOB_BYTES = 64 << 20
 
 
 def array_hash(data: np.ndarray) -> str:
@@ -117,6 +119,12 @@ class ObjectStore:
 
     def get_blob(self, digest: str, *, verify: bool = True) -> bytes:
         stored = self.backend.get(object_key("blobs", digest))
+        declared = zstd_content_size(stored)
+        if declared is None or declared > MAX_BLOB_BYTES:
+            raise CorruptObjectError(
+                f"{self.backend.root}: blob {digest[:12]}: its zstd frame declares "
+                f"{declared if declared is not None else 'no'} decompressed size, at most {MAX_BLOB_BYTES} bytes "
+                "allowed; restore it from a backup")
         try:
             data = bytes(_BLOB_CODEC.decode(stored))
         except Exception as exc:  # numcodecs raises RuntimeError/ValueError on damaged frames

@@ -328,3 +328,30 @@ def test_unknown_method_and_config_change_nothing(reg, tiny):
             reg.commit("t1", tiny.finetunes["a"], method="dare", config={"nonsense": 1}, progress=False)
         with pytest.raises(NotFoundError, match="no base vector named 'zz'"):
             reg.commit("t1", tiny.finetunes["a"], base="zz", progress=False)
+
+
+def _zstd_bomb(declared: int) -> bytes:
+    """A zstd frame header declaring ``declared`` decompressed bytes (8-byte size field,
+    single segment), followed by a tiny RLE block: decoding it would allocate ``declared``."""
+    header = b"\x28\xb5\x2f\xfd" + bytes([0b11100000]) + declared.to_bytes(8, "little")
+    return header + bytes([0b00000011, 0, 0]) + b"\x00"
+
+
+def test_zstd_bombs_are_refused_before_decompressing(reg):
+    """A blob or an array chunk whose zstd frame declares a huge size is refused, not inflated."""
+    from deltastore.storage.backend import zstd_content_size
+
+    assert zstd_content_size(_zstd_bomb(100 << 30)) == 100 << 30
+    _, record = reg.version("t1")
+    blob = reg.path / object_key("blobs", record.files["config.json"])
+    blob.write_bytes(_zstd_bomb(100 << 30))
+    with pytest.raises(CorruptObjectError, match="declares 107374182400 decompressed size"):
+        reg.objects.get_blob(record.files["config.json"])
+    lossless = next(e for e in record.tensors.values() if e.codec == "lossless" and e.dtype == "float32")
+    folder = reg.path / object_key("arrays", lossless.arrays["data"])
+    chunk = next(p for p in folder.iterdir() if p.name != "zarr.json")
+    chunk.write_bytes(_zstd_bomb(100 << 30))
+    mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CorruptObjectError, match="zstd frame declares 107374182400"):
+        reg.materialize("t1")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - mem < 200_000
