@@ -50,6 +50,11 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _killed_put(name: str, key: str) -> bool:
+    """Is ``name`` the temp file of an atomic put of ``key`` that was killed (LocalBackend.put)?"""
+    return name.startswith(f".{key}.") and name.endswith(".tmp")
+
+
 def check_name(kind: str, name: str) -> str:
     """Task and base names become file names: refuse anything that could escape the registry."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:  # fullmatch: '$' allows "x\n"
@@ -78,9 +83,10 @@ def _progress(iterable, *, total: int | None, desc: str, enabled: bool | None):
 
 @dataclass
 class VersionStats:
-    """Bytes a task version owns on disk and the ratios they give."""
+    """Bytes a task version owns on disk and the ratios they give (specs/format.md §10)."""
 
     own_bytes: int            # record + every array and blob not shared with the reference
+    amortized_bytes: float    # the same, with objects other tasks also use split between them
     base_bytes: int           # the base vector's bytes (0 without one)
     base_users: int           # tasks whose latest version uses that base vector
     source_bytes: int         # the finetune's tensors in their original dtype
@@ -92,8 +98,10 @@ class VersionStats:
 
     def to_dict(self) -> dict[str, Any]:
         total = self.own_bytes + self.base_share
+        amortized = self.amortized_bytes + self.base_share
         return {
             "own_bytes": self.own_bytes,
+            "amortized_bytes": round(self.amortized_bytes),
             "base_bytes": self.base_bytes,
             "base_users": self.base_users,
             "base_share_bytes": round(self.base_share),
@@ -102,6 +110,7 @@ class VersionStats:
             "ratio_fp16": self.source_fp16_bytes / self.own_bytes if self.own_bytes else None,
             "ratio_source_dtype": self.source_bytes / self.own_bytes if self.own_bytes else None,
             "ratio_fp16_with_base_share": self.source_fp16_bytes / total if total else None,
+            "ratio_fp16_amortized": self.source_fp16_bytes / amortized if amortized else None,
         }
 
 
@@ -132,7 +141,8 @@ class Registry:
         if (root / INFO_KEY).exists():
             raise AlreadyExistsError(f"{root}: a registry already exists here; open it instead of running init")
         # What a killed init leaves (it writes registry.msgpack last) may be initialized over.
-        if root.exists() and any(p.name not in INIT_LEFTOVERS for p in root.iterdir()):
+        if root.exists() and any(p.name not in INIT_LEFTOVERS and not _killed_put(p.name, INFO_KEY)
+                                 for p in root.iterdir()):
             raise AlreadyExistsError(f"{root}: directory is not empty; give a new or empty directory")
         source = open_source(reference)
         if not source.names():
@@ -283,9 +293,14 @@ class Registry:
         seed: int = 0,
         allow_unrelated: bool = False,
         progress: bool | None = None,
+        device: str | torch.device = "cpu",
     ) -> TaskVersion:
         """Compress ``finetune`` against the reference (and base vector ``base``) and record it
-        as the next version of ``task``. Nothing is visible until the final ref update."""
+        as the next version of ``task``. Nothing is visible until the final ref update.
+
+        ``device``: where the deltas are computed and encoded (``"cuda"`` for speed); tensors
+        are still read one at a time. Reductions (lam1, BitDelta scales) may differ from a CPU
+        commit in the last bits; materializing a version is exact whichever device wrote it."""
         check_name("task", task)
         compressor = get_compressor(method, dict(config or {}))
         if method == "lossless":
@@ -307,7 +322,7 @@ class Registry:
                 return None
             if ref_name not in tau_cache:  # one tensor at a time: the pass order is sequential
                 tau_cache.clear()
-                tau_cache[ref_name] = self._decode_full(base_record.tensors[ref_name], "cpu", True)
+                tau_cache[ref_name] = self._decode_full(base_record.tensors[ref_name], device, True)
             return tau_cache[ref_name]
 
         # Every check that can refuse the input runs before the first write: a refused commit
@@ -321,8 +336,8 @@ class Registry:
         delta_sq = ref_sq = 0.0
         for name in _progress(lossy, total=len(lossy), desc=f"{task}: analyse", enabled=progress):
             ref_name = plan.lossy[name]
-            w_pre = dbms.as_matrix(self._reference_tensor(reference, ref_name).float())
-            tensor = source.get(name)
+            w_pre = dbms.as_matrix(self._reference_tensor(reference, ref_name).to(device).float())
+            tensor = source.get(name).to(device)
             _check_finite(source, name, tensor)
             delta = dbms.as_matrix(tensor.float()) - w_pre
             delta_sq += float(delta.double().pow(2).sum())
@@ -341,7 +356,7 @@ class Registry:
         context = TuneContext(
             compressor=compressor, lossy=lossy, ref_name=dict(plan.lossy),
             reference=lambda n: self._reference_tensor(reference, n).float(),
-            finetune=lambda n: source.get(n).float(), tau=tau, seeds=seeds, lam1_l2=acc.lam1,
+            finetune=lambda n: source.get(n).float(), tau=lambda n: _on_cpu(tau(n)), seeds=seeds, lam1_l2=acc.lam1,
             lam1_l2_per_tensor=acc.per_tensor, has_base=base_record is not None, calibration=calibration,
             per_layer=per_layer, options=dict(tune_options or {}), source=source, seed=seed, progress=progress,
         )
@@ -363,8 +378,8 @@ class Registry:
                     continue
                 ref_name = plan.lossy[name]
                 lam1, lam2 = (lambdas.per_tensor or {}).get(name, (lambdas.lam1, lambdas.lam2))
-                w_pre = dbms.as_matrix(self._reference_tensor(reference, ref_name).float())
-                delta = dbms.as_matrix(tensor.float()) - w_pre
+                w_pre = dbms.as_matrix(self._reference_tensor(reference, ref_name).to(device).float())
+                delta = dbms.as_matrix(tensor.to(device).float()) - w_pre
                 rows = dbms.changed_rows(delta)
                 t = tau(ref_name)
                 tau_rows = None if t is None else dbms.as_matrix(t)[rows]
@@ -516,20 +531,32 @@ class Registry:
 
     # -- accounting -------------------------------------------------------------------------
     def stats(self, task: str, version: int | None = None) -> VersionStats:
-        """Real bytes on disk that this version owns (see specs/format.md, "Counting bytes")."""
+        """Real bytes on disk that this version owns (specs/format.md §10, "Counting bytes").
+
+        ``own_bytes`` counts every object the version references beyond the reference and
+        the base vector in full: what the task costs on its own. ``amortized_bytes`` splits
+        each of those objects between the tasks whose latest versions use it (tokenizer
+        files every finetune re-saves identically are stored once, so each pays a share).
+        """
         digest, record = self.version(task, version)
         reference = self.objects.get_record(record.reference, ReferenceRecord)
         shared = reference.array_hashes() | set(reference.files.values())
-        own = self.objects.size("records", digest)
-        own += sum(self.objects.size("arrays", h) for h in record.array_hashes() - shared)
-        own += sum(self.objects.size("blobs", h) for h in set(record.files.values()) - shared)
-        base_bytes = users = 0
+        mine = [("records", digest)] + [("arrays", h) for h in record.array_hashes() - shared] + [
+            ("blobs", h) for h in set(record.files.values()) - shared]
+        sizes = {obj: self.objects.size(*obj) for obj in mine}
+        latest = {t: self.version(t)[1] for t in self.tasks() if t != task}
+        users = dict.fromkeys(mine, 1)
+        for other in latest.values():
+            for obj in {("arrays", h) for h in other.array_hashes()} | {("blobs", h) for h in other.files.values()}:
+                if obj in users:
+                    users[obj] += 1
+        base_bytes = base_users = 0
         if record.base:
             base = self.objects.get_record(record.base, BaseRecord)
             base_bytes = self.objects.size("records", record.base) + sum(
                 self.objects.size("arrays", h) for h in base.array_hashes())
-            users = sum(1 for t in self.tasks() if self.version(t)[1].base == record.base)
-        return VersionStats(own, base_bytes, max(users, 1) if record.base else 0,
+            base_users = 1 + sum(1 for r in latest.values() if r.base == record.base)
+        return VersionStats(sum(sizes.values()), sum(sizes[o] / users[o] for o in mine), base_bytes, base_users,
                             int(record.source["bytes"]), int(record.source["fp16_bytes"]))
 
     # -- integrity --------------------------------------------------------------------------
@@ -646,6 +673,10 @@ def _plan(reference: ReferenceRecord, source: TensorSource) -> _Plan:
         if dtype.is_floating_point and len(shape) >= 2 and _numel(shape) >= MIN_LOSSY_NUMEL:
             lossy[name] = ref_name
     return _Plan(lossy, {r: n for n, r in lossy.items()}, missing)
+
+
+def _on_cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.cpu()
 
 
 def _check_entry(entry: TensorEntry) -> None:

@@ -279,3 +279,17 @@ def test_cuda_materialize_matches_cpu(example, registry_copy):
             # Same float32 operations in the same order: CPU and CUDA agree to the last bit
             # except where a fused multiply-add rounds once instead of twice.
             torch.testing.assert_close(gpu[name].cpu(), value, rtol=0, atol=1e-6)
+
+
+def test_amortized_bytes_split_shared_objects(example, registry_copy):
+    """Objects two tasks share (here: identical finetunes) cost each task half."""
+    reg = registry_copy
+    reg.commit("a", example.finetunes["parity"], method="bitdelta", base="all")
+    alone = reg.stats("a")
+    assert alone.amortized_bytes == alone.own_bytes and alone.base_users == 1
+    reg.commit("b", example.finetunes["parity"], method="bitdelta", base="all")
+    a, b = reg.stats("a"), reg.stats("b")
+    assert a.own_bytes == alone.own_bytes and a.base_users == b.base_users == 2
+    record_a = reg.objects.size("records", reg.version("a")[0])
+    assert a.amortized_bytes == pytest.approx(record_a + (a.own_bytes - record_a) / 2)
+    assert a.to_dict()["ratio_fp16_amortized"] > a.to_dict()["ratio_fp16_with_base_share"]

@@ -124,15 +124,26 @@ def base_build(ctx: click.Context, registry: Path, name: str, finetunes: tuple[P
 @click.option("--bits", type=int, help="DeltaDQ: quantization bits b (default 4).")
 @click.option("--base", "base_name", help="Base vector to shift by (DBMS); without it: plain compression.")
 @click.option("-m", "--message", default="", help="What this version is.")
-@click.option("--tune", default=None, help="Tuner for lam1/lam2: l2 (closed form, the default) or a registered name.")
+@click.option("--tune", default=None,
+              help="Tuner for lam1/lam2: l2 (closed form, the default), dbms (fit on --calib inputs) or a "
+                   "registered name.")
+@click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Calibration inputs for --tune dbms: a text file (one example per line) or JSONL "
+                   "({\"text\": ...} or {\"input_ids\": [...]}), tokenized with FINETUNE's tokenizer.")
+@click.option("--calib-max-length", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Truncate calibration examples to this many tokens.")
+@click.option("--calib-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Calibration examples per batch.")
+@click.option("--tune-steps", type=click.IntRange(min=0), help="dbms: most optimizer steps (default 100).")
+@click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True), help="dbms: Adam learning rate (default 1e-2).")
 @click.option("--per-layer", is_flag=True, help="One (lam1, lam2) per tensor instead of one pair per model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE/DeltaDQ masks.")
 @click.option("--allow-unrelated", is_flag=True, help="Store a model even if it looks unrelated to the reference.")
 @json_option
 @click.pass_context
 def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method: str, drop_rate, value_bits,
-           group_size, keep, bits, base_name, message, tune, per_layer, seed, allow_unrelated,
-           as_json) -> None:
+           group_size, keep, bits, base_name, message, tune, calib, calib_max_length, calib_batch_size, tune_steps,
+           tune_lr, per_layer, seed, allow_unrelated, as_json) -> None:
     """Compress FINETUNE as the next version of TASK."""
     options = {"drop_rate": drop_rate, "value_bits": None if value_bits is None else int(value_bits),
                "group_size": group_size, "keep": keep, "bits": bits}
@@ -141,13 +152,35 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
     if stray:
         raise click.UsageError(f"--{stray[0].replace('_', '-')} does not apply to --method {method}")
     config = {k: v for k, v in options.items() if v is not None}
+    tune_options = {k: v for k, v in (("max_steps", tune_steps), ("lr", tune_lr)) if v is not None}
+    if tune == "dbms" and calib is None:
+        raise click.UsageError("--tune dbms fits lam1/lam2 on data: give --calib FILE (text, one example per line, "
+                               "or JSONL)")
+    if calib is not None and tune in (None, "l2"):
+        raise click.UsageError("--calib is only read by a data-driven tuner; add --tune dbms")
+    if tune_options and tune != "dbms":
+        raise click.UsageError("--tune-steps and --tune-lr apply to --tune dbms only")
     reg = Registry(registry)
+    calibration = None
+    if calib is not None:
+        from deltastore.calibration import load_calibration
+
+        # The finetune's own tokenizer: a task's vocabulary may differ from the reference's.
+        calibration = load_calibration(calib, finetune if finetune.is_dir() else None, max_length=calib_max_length,
+                                       batch_size=calib_batch_size)
     record = reg.commit(task, finetune, method=method, config=config, base=base_name, message=message, tune=tune,
-                        per_layer=per_layer, seed=seed, allow_unrelated=allow_unrelated,
-                        progress=_progress(ctx))
+                        calibration=calibration, per_layer=per_layer, tune_options=tune_options or None, seed=seed,
+                        allow_unrelated=allow_unrelated, progress=_progress(ctx))
     data = _version_summary(reg, record)
+    fit = record.tuning or {}
+    fitted = ""
+    if "loss_initial" in fit:
+        fitted = (f"; {fit.get('tuner')} fit: output MSE {fit['loss_initial']:.4g} -> {fit['loss_final']:.4g} in "
+                  f"{fit.get('steps')} steps")
+        if fit.get("fell_back"):
+            fitted += " (no improvement: kept the closed form)"
     _emit(data, as_json, f"{task}@{record.version}: {method}, lam1={record.lam1:.4g} lam2={record.lam2:.4g}, "
-                         f"{_human(data['own_bytes'])} on disk, {data['ratio_fp16']:.1f}x smaller than fp16")
+                         f"{_human(data['own_bytes'])} on disk, {data['ratio_fp16']:.1f}x smaller than fp16{fitted}")
 
 
 def _version_summary(reg: Registry, record) -> dict[str, Any]:
@@ -219,9 +252,11 @@ def show(registry: Path, spec: str, as_json: bool) -> None:
         f"  lambdas    lam1={record.lam1:.6g}  lam2={record.lam2:.6g}",
         f"  base       {data['base_name'] or '-'} {(record.base or '')[:12]}",
         f"  tensors    {data['tensors']} ({data['delta_tensors']} as deltas)",
-        f"  on disk    {_human(data['own_bytes'])} own + {_human(data['base_share_bytes'])} base share",
+        f"  on disk    {_human(data['own_bytes'])} own ({_human(data['amortized_bytes'])} amortized over tasks "
+        f"sharing objects) + {_human(data['base_share_bytes'])} base share",
         f"  ratio      {data['ratio_fp16']:.1f}x vs fp16, {data['ratio_source_dtype']:.1f}x vs the finetune's "
-        f"dtype, {data['ratio_fp16_with_base_share']:.1f}x vs fp16 with the base share",
+        f"dtype, {data['ratio_fp16_with_base_share']:.1f}x vs fp16 with the base share, "
+        f"{data['ratio_fp16_amortized']:.1f}x amortized",
         f"  tuning     {json.dumps(record.tuning)}",
     ])
     _emit(data, as_json, text)

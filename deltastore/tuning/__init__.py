@@ -1,20 +1,25 @@
 """Tuners: the hook that picks (lam1, lam2) between encoding and writing a task version.
 
 A tuner is any callable ``tuner(context: TuneContext) -> Lambdas``. Built in: ``l2``
-(METHOD.md step 5, closed form, no data). Register more with :func:`register` or the
-``deltastore.tuners`` entry point group; pass a callable straight to ``Registry.commit``.
+(METHOD.md step 5, closed form, no data) and ``dbms`` (METHOD.md step 6: Adam on the output
+error over calibration inputs, :mod:`deltastore.tuning.dbms`). Register more with
+:func:`register` or the ``deltastore.tuners`` entry point group; pass a callable straight to
+``Registry.commit``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
 from ..errors import UnknownMethodError
 from ..tensor.compressors import Compressor
+
+if TYPE_CHECKING:
+    from ..sources import TensorSource
 
 
 @dataclass
@@ -26,6 +31,9 @@ class TuneContext:
     CPU tensors; ``tau(name)``: the base vector's float32 tensor for reference name, or None.
     ``lam1_l2``: the global closed-form lam1; ``lam1_l2_per_tensor``: the same per tensor.
     ``calibration``: model input dicts (or None); ``per_layer``: fit one pair per tensor.
+    ``source``: the finetune itself (every tensor in its own dtype, and its side files such as
+    config.json, from which a data-driven tuner builds the model); ``seed``: the commit's seed
+    (the per-tensor ``seeds`` derive from it); ``progress``: show progress (None: on a terminal).
     """
 
     compressor: Compressor
@@ -41,6 +49,9 @@ class TuneContext:
     calibration: Iterable[Mapping[str, Any]] | None = None
     per_layer: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    source: "TensorSource | None" = None
+    seed: int = 0
+    progress: bool | None = None
 
 
 @dataclass
@@ -86,3 +97,8 @@ def get_tuner(name_or_callable: str | Tuner) -> Tuner:
         raise UnknownMethodError(
             f"unknown tuner {name_or_callable!r}; known tuners are {', '.join(sorted(_REGISTRY))}"
         ) from None
+
+
+from . import dbms as _dbms  # noqa: E402  (it imports TuneContext, Lambdas and l2 from here)
+
+register("dbms", _dbms.tune)
