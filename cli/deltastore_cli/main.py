@@ -183,6 +183,20 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
                          f"{_human(data['own_bytes'])} on disk, {data['ratio_fp16']:.1f}x smaller than fp16{fitted}")
 
 
+def _tuning_summary(tuning: dict[str, Any] | None) -> str:
+    """The fit record in one line; `show --json` has all of it (loss curve, per-tensor pairs)."""
+    if not tuning:
+        return "-"
+    keys = ("tuner", "per_layer", "loss_initial", "loss_final", "steps", "lr", "seed", "fell_back", "reason",
+            "seconds")
+    parts = [f"{k}={tuning[k]:.4g}" if isinstance(tuning[k], float) else f"{k}={tuning[k]}"
+             for k in keys if tuning.get(k) is not None]
+    calibration = tuning.get("calibration")
+    if isinstance(calibration, dict) and calibration.get("sha256"):
+        parts.append(f"calibration={calibration['sha256'][:12]} ({calibration.get('examples')} examples)")
+    return ", ".join(parts)
+
+
 def _version_summary(reg: Registry, record) -> dict[str, Any]:
     stats = reg.stats(record.task, record.version).to_dict()
     base_name = None
@@ -257,7 +271,7 @@ def show(registry: Path, spec: str, as_json: bool) -> None:
         f"  ratio      {data['ratio_fp16']:.1f}x vs fp16, {data['ratio_source_dtype']:.1f}x vs the finetune's "
         f"dtype, {data['ratio_fp16_with_base_share']:.1f}x vs fp16 with the base share, "
         f"{data['ratio_fp16_amortized']:.1f}x amortized",
-        f"  tuning     {json.dumps(record.tuning)}",
+        f"  tuning     {_tuning_summary(record.tuning)}",
     ])
     _emit(data, as_json, text)
 
