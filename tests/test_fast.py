@@ -1,0 +1,198 @@
+"""The fast path (deltastore/fast.py) against the reference path, bit for bit.
+
+CPU tests run the streaming pipeline and the resident switch with the torch decoders (and with
+the Triton kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` and Triton is
+installed); the ``cuda`` tests run the real kernels, pinned staging and side streams.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from deltastore import Registry
+from deltastore import fast
+from deltastore.errors import NotFoundError
+
+# task name -> (finetune of the example, method, config, base)
+TASKS = {
+    "bd_base": ("parity", "bitdelta", {}, "all"),
+    "bd_plain": ("first_bucket", "bitdelta", {}, None),
+    "dare16": ("has_small", "dare", {"drop_rate": 0.9, "value_bits": 16}, "all"),
+    "dare8": ("parity", "dare", {"drop_rate": 0.99, "value_bits": 8}, "all"),
+    "dare_plain": ("first_bucket", "dare", {"drop_rate": 0.9}, None),
+    "deltadq": ("has_small", "deltadq", {"group_size": 16, "keep": 2, "bits": 4}, "all"),
+    "bd_base2": ("has_small", "bitdelta", {}, "all"),
+}
+
+
+@pytest.fixture(scope="module")
+def registry(base_registry, example, tmp_path_factory):
+    path = tmp_path_factory.mktemp("fast") / "registry"
+    shutil.copytree(base_registry.path, path)
+    reg = Registry(path)
+    for task, (ft, method, config, base) in TASKS.items():
+        reg.commit(task, example.finetunes[ft], method=method, config=config, base=base, progress=False)
+    return reg
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's raw bits (so -0.0 vs 0.0 and NaN payloads count)."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bool:
+        return t
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.view(width)
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert got[name].shape == want[name].shape, name
+        assert torch.equal(bits(got[name]), bits(want[name])), name
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_streaming_equals_materialize_cpu(registry, task):
+    want = registry.materialize(task, device="cpu")
+    got = fast.materialize_streaming(registry, task, device="cpu", workers=3)
+    assert_same(got, want)
+
+
+def test_streaming_dtype_cast(registry):
+    want = registry.materialize("bd_base", device="cpu", dtype=torch.float16)
+    got = fast.materialize_streaming(registry, "bd_base", device="cpu", dtype=torch.float16)
+    assert_same(got, want)
+
+
+def test_streaming_reads_ahead_within_budget(registry, monkeypatch):
+    """With a 1-byte budget the reader holds one tensor beyond the one being decoded, never more."""
+    started = []
+    original = fast._Reader._read
+
+    def spy(self, item):
+        started.append(item.name)
+        return original(self, item)
+
+    monkeypatch.setattr(fast._Reader, "_read", spy)
+    seen = 0
+    for _name, _value in fast.iter_materialize_streaming(registry, "bd_base", device="cpu", host_budget=1,
+                                                          workers=4):
+        seen += 1
+        assert len(started) <= seen + 1
+    assert seen == len(started)
+
+
+def test_resident_switch_back_and_forth_cpu(registry):
+    resident = fast.ResidentModel(registry, device="cpu")
+    order = ["bd_base", "dare16", "bd_base", "deltadq", "dare8", "bd_base"]
+    pointers = None
+    for task in order:
+        resident.switch(task)
+        want = registry.materialize(task, device="cpu")
+        assert_same({n: resident.tensors[n] for n in want}, want)
+        if task == "bd_base":
+            now = {n: resident.tensors[n].data_ptr() for n in want}
+            assert pointers is None or now == pointers  # rewritten in place, never reallocated
+            pointers = now
+
+
+def test_resident_switch_transformers_model_in_place(registry):
+    model = registry.load_model("bd_base")  # parity: 2 labels, like has_small
+    params = dict(model.named_parameters())
+    pointers = {n: p.data_ptr() for n, p in params.items()}
+    resident = fast.ResidentModel(registry, model, device="cpu")
+    for task in ("bd_base2", "bd_base", "bd_base2"):
+        resident.switch(task)
+        want = registry.materialize(task, device="cpu")
+        state = model.state_dict()
+        assert_same({n: state[n] for n in want}, want)
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == pointers
+    assert all(p is params[n] for n, p in model.named_parameters())
+
+
+def test_resident_unknown_tensor_is_an_error(registry):
+    resident = fast.ResidentModel(registry, {"nothing": torch.zeros(1)}, device="cpu")
+    with pytest.raises(NotFoundError, match="no counterpart"):
+        resident.switch("bd_base")
+
+
+@pytest.mark.skipif(not fast.triton_enabled(torch.device("cpu")), reason="Triton interpreter not enabled")
+@pytest.mark.parametrize("task", ["bd_base", "bd_plain", "dare16", "dare8", "dare_plain"])
+def test_kernels_interpreted_equal_materialize(registry, task):
+    """The Triton kernels themselves, run on the CPU by Triton's interpreter."""
+    want = registry.materialize(task, device="cpu")
+    assert_same(fast.materialize_streaming(registry, task, device="cpu"), want)
+    resident = fast.ResidentModel(registry, device="cpu")
+    resident.switch(task)
+    assert_same({n: resident.tensors[n] for n in want}, want)
+
+
+# -- CUDA ------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("task", list(TASKS))
+def test_cuda_streaming_equals_cpu_materialize(registry, task):
+    want = registry.materialize(task, device="cpu")
+    got = fast.materialize_streaming(registry, task, device="cuda", workers=4)
+    assert all(t.is_cuda for t in got.values())
+    assert_same(got, want)
+
+
+@pytest.mark.cuda
+def test_cuda_registry_materialize_uses_fast_path(registry, monkeypatch):
+    calls = []
+    original = fast.iter_materialize_streaming
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fast, "iter_materialize_streaming", spy)
+    want = registry.materialize("dare16", device="cpu")
+    assert_same(registry.materialize("dare16", device="cuda"), want)
+    assert calls
+
+
+@pytest.mark.cuda
+def test_cuda_staging_pool_tiny_slots(registry):
+    """Arrays far larger than a staging slot, through a pool of two 4 KiB slots."""
+    want = registry.materialize("bd_base", device="cpu")
+    got = fast.materialize_streaming(registry, "bd_base", device="cuda", staging_bytes=8192, host_budget=1)
+    assert_same(got, want)
+    pool = fast._StagingPool(8192, 4096)
+    src = torch.randn(100_003)
+    dst = torch.empty_like(src, device="cuda")
+    pool.upload(src, dst, torch.cuda.current_stream())
+    assert torch.equal(dst.cpu(), src)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cache", ["pinned", "gpu", "none"])
+def test_cuda_resident_switch_back_and_forth(registry, cache, monkeypatch):
+    monkeypatch.setattr(fast, "UPLOAD_PIECE_BYTES", 4096)  # many pieces: every per-piece wait is exercised
+    resident = fast.ResidentModel(registry, device="cuda", cache=cache)
+    pointers = None
+    for task in ["bd_base", "dare16", "dare8", "bd_base", "deltadq", "bd_plain", "bd_base"]:
+        resident.switch(task)
+        want = registry.materialize(task, device="cpu")
+        assert_same({n: resident.tensors[n] for n in want}, want)
+        if task == "bd_base":  # the classifier head's shape differs between tasks: it is reallocated
+            now = {n: resident.tensors[n].data_ptr() for n in want if not n.startswith("classifier.")}
+            assert pointers is None or now == pointers
+            pointers = now
+
+
+@pytest.mark.cuda
+def test_cuda_resident_model_in_place(registry):
+    model = registry.load_model("bd_base", device="cuda")
+    pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
+    resident = fast.ResidentModel(registry, model, device="cuda")
+    for task in ("bd_base2", "bd_base", "bd_base2"):
+        resident.switch(task)
+        want = registry.materialize(task, device="cpu")
+        state = model.state_dict()
+        assert_same({n: state[n] for n in want}, want)
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == pointers
