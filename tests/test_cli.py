@@ -28,34 +28,34 @@ def reg(example, tmp_path):
 def test_full_workflow(example, reg, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    out = json.loads(run("commit", reg, "parity", example.finetunes["parity"], "--method", "bitdelta", "--base", "all",
+    out = json.loads(run("commit", reg, "has_top", example.finetunes["has_top"], "--method", "bitdelta", "--base", "all",
                          "-m", "first", "--json").stdout)
     assert out["version"] == 1 and out["method"] == "bitdelta" and out["base_name"] == "all"
-    run("commit", reg, "parity", example.finetunes["parity"], "--method", "dare", "--drop-rate", "0.99",
+    run("commit", reg, "has_top", example.finetunes["has_top"], "--method", "dare", "--drop-rate", "0.99",
         "--base", "all", "-m", "second")
     run("commit", reg, "has_small", example.finetunes["has_small"], "--method", "deltadq", "--group-size", "8",
         "--keep", "1", "--bits", "2")
 
     listing = json.loads(run("ls", reg, "--json").stdout)
-    assert {t["task"]: t["latest"] for t in listing["tasks"]} == {"has_small": 1, "parity": 2}
+    assert {t["task"]: t["latest"] for t in listing["tasks"]} == {"has_small": 1, "has_top": 2}
     assert listing["bases"] == ["all"]
 
-    show = json.loads(run("show", reg, "parity", "--json").stdout)
+    show = json.loads(run("show", reg, "has_top", "--json").stdout)
     for field in ("method", "lam1", "lam2", "base", "own_bytes", "ratio_fp16"):
         assert field in show, field
     assert show["method"] == "dare" and show["config"]["drop_rate"] == 0.99 and show["lam2"] == 1.0
     assert show["ratio_fp16"] > 1
-    assert "lam1=" in run("show", reg, "parity@1").output
+    assert "lam1=" in run("show", reg, "has_top@1").output
 
-    log = json.loads(run("log", reg, "parity", "--json").stdout)
+    log = json.loads(run("log", reg, "has_top", "--json").stdout)
     assert [v["message"] for v in log] == ["second", "first"]
 
-    run("materialize", reg, "parity@1", "--out", tmp_path / "out", "--dtype", "float32")
+    run("materialize", reg, "has_top@1", "--out", tmp_path / "out", "--dtype", "float32")
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert model.config.num_labels == 2
 
     assert json.loads(run("verify", reg, "--json").stdout) == {"ok": True, "problems": []}
-    assert "removed 1 version" not in run("rm", reg, "parity@1").output
+    assert "removed 1 version" not in run("rm", reg, "has_top@1").output
     removed = json.loads(run("gc", reg, "--json").stdout)
     assert removed["records"] >= 1
 
@@ -69,13 +69,13 @@ def test_errors_are_one_line_with_exit_codes(example, reg, tmp_path):
     not_registry = run("ls", tmp_path, ok=False)
     assert not_registry.exit_code == 3 and "not a deltastore registry" in not_registry.stderr
 
-    stray = run("commit", reg, "t", example.finetunes["parity"], "--drop-rate", "0.9", ok=False)
+    stray = run("commit", reg, "t", example.finetunes["has_top"], "--drop-rate", "0.9", ok=False)
     assert stray.exit_code == 2 and "--drop-rate does not apply to --method bitdelta" in stray.stderr
 
-    bad_name = run("commit", reg, "../evil", example.finetunes["parity"], ok=False)
+    bad_name = run("commit", reg, "../evil", example.finetunes["has_top"], ok=False)
     assert bad_name.exit_code == 1 and "invalid task name" in bad_name.stderr
 
-    bad_version = run("show", reg, "parity@x", ok=False)
+    bad_version = run("show", reg, "has_top@x", ok=False)
     assert bad_version.exit_code == 1 and "TASK@N" in bad_version.stderr
 
     with pytest.raises(Exception):
@@ -83,7 +83,7 @@ def test_errors_are_one_line_with_exit_codes(example, reg, tmp_path):
 
 
 def test_verify_reports_corruption_with_exit_4(example, reg):
-    run("commit", reg, "parity", example.finetunes["parity"], "--base", "all")
+    run("commit", reg, "has_top", example.finetunes["has_top"], "--base", "all")
     record_dir = reg / "objects" / "records"
     victim = sorted(p for p in record_dir.rglob("*") if p.is_file())[0]
     victim.write_bytes(victim.read_bytes() + b"x")

@@ -18,11 +18,11 @@ from deltastore.errors import NotFoundError
 
 # task name -> (finetune of the example, method, config, base)
 TASKS = {
-    "bd_base": ("parity", "bitdelta", {}, "all"),
-    "bd_plain": ("first_bucket", "bitdelta", {}, None),
+    "bd_base": ("has_top", "bitdelta", {}, "all"),
+    "bd_plain": ("small_count", "bitdelta", {}, None),
     "dare16": ("has_small", "dare", {"drop_rate": 0.9, "value_bits": 16}, "all"),
-    "dare8": ("parity", "dare", {"drop_rate": 0.99, "value_bits": 8}, "all"),
-    "dare_plain": ("first_bucket", "dare", {"drop_rate": 0.9}, None),
+    "dare8": ("has_top", "dare", {"drop_rate": 0.99, "value_bits": 8}, "all"),
+    "dare_plain": ("small_count", "dare", {"drop_rate": 0.9}, None),
     "deltadq": ("has_small", "deltadq", {"group_size": 16, "keep": 2, "bits": 4}, "all"),
     "bd_base2": ("has_small", "bitdelta", {}, "all"),
 }
@@ -101,7 +101,7 @@ def test_resident_switch_back_and_forth_cpu(registry):
 
 
 def test_resident_switch_transformers_model_in_place(registry):
-    model = registry.load_model("bd_base")  # parity: 2 labels, like has_small
+    model = registry.load_model("bd_base")  # has_top: 2 labels, like has_small
     params = dict(model.named_parameters())
     pointers = {n: p.data_ptr() for n, p in params.items()}
     resident = fast.ResidentModel(registry, model, device="cpu")

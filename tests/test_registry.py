@@ -14,7 +14,7 @@ from deltastore import (AlreadyExistsError, IncompatibleFinetuneError, InvalidIn
 from deltastore.demo import SEEN_TOKENS
 
 
-def _finetune(example, task="parity"):
+def _finetune(example, task="has_top"):
     return load_file(str(example.finetunes[task] / "model.safetensors"))
 
 
@@ -81,11 +81,11 @@ def _independent_bitdelta(example, task: str, lam1_expected: float | None = None
 
 
 def test_bitdelta_dbms_reconstruction_matches_formula(example, registry_copy):
-    record = registry_copy.commit("parity", example.finetunes["parity"], method="bitdelta", base="all")
-    lam1, expected = _independent_bitdelta(example, "parity")
+    record = registry_copy.commit("has_top", example.finetunes["has_top"], method="bitdelta", base="all")
+    lam1, expected = _independent_bitdelta(example, "has_top")
     assert record.lam1 == pytest.approx(lam1, rel=1e-9)
     assert record.lam2 == 1.0
-    state = registry_copy.materialize("parity")
+    state = registry_copy.materialize("has_top")
     assert expected, "the example must have delta tensors"
     for name, want in expected.items():
         torch.testing.assert_close(state[name], want, rtol=0, atol=2e-6)
@@ -95,23 +95,23 @@ def test_unchanged_rows_stay_exact_and_task_own_tensors_are_lossless(example, re
     ft = _finetune(example)
     ref = _reference(example)
     for method, config in [("bitdelta", {}), ("dare", {"drop_rate": 0.99}), ("deltadq", {})]:
-        registry_copy.commit("parity", example.finetunes["parity"], method=method, config=config, base="all")
-        state = registry_copy.materialize("parity")
+        registry_copy.commit("has_top", example.finetunes["has_top"], method=method, config=config, base="all")
+        state = registry_copy.materialize("has_top")
         emb = "bert.embeddings.word_embeddings.weight"
         # Tokens >= SEEN_TOKENS never occur in training: their rows must be the reference's, bit for bit.
         assert torch.equal(state[emb][SEEN_TOKENS:], ref["embeddings.word_embeddings.weight"][SEEN_TOKENS:])
         assert torch.equal(ft[emb][SEEN_TOKENS:], ref["embeddings.word_embeddings.weight"][SEEN_TOKENS:])
         for name in ("classifier.weight", "classifier.bias", "bert.encoder.layer.0.attention.self.query.bias"):
             assert torch.equal(state[name], ft[name]), name
-        entry = registry_copy.version("parity")[1].tensors[emb]
+        entry = registry_copy.version("has_top")[1].tensors[emb]
         assert entry.rows is not None and entry.changed_rows < SEEN_TOKENS
     assert set(state) == set(ft)
 
 
 def test_plain_compression_without_base(example, registry_copy):
-    record = registry_copy.commit("parity", example.finetunes["parity"], method="bitdelta")
+    record = registry_copy.commit("has_top", example.finetunes["has_top"], method="bitdelta")
     assert record.base is None and record.lam1 == 0.0
-    state = registry_copy.materialize("parity")
+    state = registry_copy.materialize("has_top")
     ft, ref = _finetune(example), _reference(example)
     name = "bert.encoder.layer.1.output.dense.weight"
     d = ft[name] - ref[name.removeprefix("bert.")]
@@ -121,7 +121,7 @@ def test_plain_compression_without_base(example, registry_copy):
 
 def test_versions_history_and_remove(example, registry_copy):
     reg = registry_copy
-    v1 = reg.commit("t", example.finetunes["parity"], method="bitdelta", base="all", message="first")
+    v1 = reg.commit("t", example.finetunes["has_top"], method="bitdelta", base="all", message="first")
     v2 = reg.commit("t", example.finetunes["has_small"], method="dare", base="all", message="second")
     assert (v1.version, v2.version) == (1, 2)
     assert v2.parent == reg.versions("t")[0][1] and v1.parent is None
@@ -145,41 +145,41 @@ def test_versions_history_and_remove(example, registry_copy):
 
 def test_identical_content_costs_nothing_twice(example, registry_copy):
     reg = registry_copy
-    reg.commit("a", example.finetunes["parity"], method="bitdelta", base="all")
+    reg.commit("a", example.finetunes["has_top"], method="bitdelta", base="all")
     before = _du(reg.path)
-    reg.commit("b", example.finetunes["parity"], method="bitdelta", base="all")
+    reg.commit("b", example.finetunes["has_top"], method="bitdelta", base="all")
     # Same arrays, same files: only the new record and ref (and their folders) are written.
     assert _du(reg.path) - before < 40_000
 
 
 def test_stats_count_real_bytes(example, registry_copy):
     reg = registry_copy
-    reg.commit("parity", example.finetunes["parity"], method="dare", config={"drop_rate": 0.99}, base="all")
-    stats = reg.stats("parity").to_dict()
-    _, record = reg.version("parity")
+    reg.commit("has_top", example.finetunes["has_top"], method="dare", config={"drop_rate": 0.99}, base="all")
+    stats = reg.stats("has_top").to_dict()
+    _, record = reg.version("has_top")
     n_params = sum(t.numel() for t in _finetune(example).values())
     assert stats["source_fp16_bytes"] == 2 * n_params
     assert stats["ratio_fp16"] == pytest.approx(2 * n_params / stats["own_bytes"])
     assert stats["base_users"] == 1 and stats["base_bytes"] > 0
     arrays = sum(reg.objects.size("arrays", h) for h in record.array_hashes())
-    assert stats["own_bytes"] <= arrays + reg.objects.size("records", reg.version("parity")[0]) + 10_000
+    assert stats["own_bytes"] <= arrays + reg.objects.size("records", reg.version("has_top")[0]) + 10_000
 
 
 def test_materialize_dtype_and_save_pretrained(example, registry_copy, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     reg = registry_copy
-    reg.commit("parity", example.finetunes["parity"], method="bitdelta", base="all")
-    half = reg.materialize("parity", dtype=torch.bfloat16)
+    reg.commit("has_top", example.finetunes["has_top"], method="bitdelta", base="all")
+    half = reg.materialize("has_top", dtype=torch.bfloat16)
     assert half["bert.encoder.layer.0.output.dense.weight"].dtype == torch.bfloat16
-    out = reg.save_pretrained("parity", tmp_path / "out")
+    out = reg.save_pretrained("has_top", tmp_path / "out")
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     loaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
-    model = reg.load_model("parity")
+    model = reg.load_model("has_top")
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=example.inputs).logits, model(input_ids=example.inputs).logits)
     with pytest.raises(AlreadyExistsError, match="not empty"):
-        reg.save_pretrained("parity", out)
+        reg.save_pretrained("has_top", out)
 
 
 def test_refuses_mismatched_finetunes(example, registry_copy, tmp_path):
@@ -215,18 +215,18 @@ def test_refuses_mismatched_finetunes(example, registry_copy, tmp_path):
 
 def test_base_build_refuses_duplicate_name(example, registry_copy):
     with pytest.raises(AlreadyExistsError, match="base vector 'all' exists"):
-        registry_copy.build_base("all", [example.finetunes["parity"]])
+        registry_copy.build_base("all", [example.finetunes["has_top"]])
     with pytest.raises(NotFoundError, match="no base vector named 'nope'"):
-        registry_copy.commit("x", example.finetunes["parity"], base="nope")
+        registry_copy.commit("x", example.finetunes["has_top"], base="nope")
 
 
 def test_sharded_finetune_reads_like_single_file(example, registry_copy, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(example.finetunes["parity"])
+    model = AutoModelForSequenceClassification.from_pretrained(example.finetunes["has_top"])
     model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
-    registry_copy.commit("single", example.finetunes["parity"])
+    registry_copy.commit("single", example.finetunes["has_top"])
     registry_copy.commit("sharded", tmp_path / "sharded")
     a, b = registry_copy.materialize("single"), registry_copy.materialize("sharded")
     assert a.keys() == b.keys()
@@ -236,8 +236,8 @@ def test_sharded_finetune_reads_like_single_file(example, registry_copy, tmp_pat
 
 def test_verify_finds_flipped_byte_in_any_array(example, registry_copy):
     reg = registry_copy
-    reg.commit("parity", example.finetunes["parity"], method="dare", base="all")
-    _, record = reg.version("parity")
+    reg.commit("has_top", example.finetunes["has_top"], method="dare", base="all")
+    _, record = reg.version("has_top")
     entry = record.tensors["bert.encoder.layer.0.output.dense.weight"]
     for digest in entry.array_hashes():
         folder = reg.path / "objects" / "arrays" / digest[:2] / digest[2:]
@@ -246,7 +246,7 @@ def test_verify_finds_flipped_byte_in_any_array(example, registry_copy):
         data[len(data) // 2] ^= 0x10
         chunk.write_bytes(bytes(data))
         problems = reg.verify()
-        assert any(digest[2:] in p["object"] and "parity@1" in p["used_by"] for p in problems), problems
+        assert any(digest[2:] in p["object"] and "has_top@1" in p["used_by"] for p in problems), problems
         data[len(data) // 2] ^= 0x10
         chunk.write_bytes(bytes(data))
     assert reg.verify() == []
@@ -271,9 +271,9 @@ def test_safetensors_file_finetune(example, registry_copy, tmp_path):
 @pytest.mark.cuda
 def test_cuda_materialize_matches_cpu(example, registry_copy):
     for method, config in [("bitdelta", {}), ("dare", {"drop_rate": 0.9, "value_bits": 8}), ("deltadq", {})]:
-        registry_copy.commit("parity", example.finetunes["parity"], method=method, config=config, base="all")
-        cpu = registry_copy.materialize("parity")
-        gpu = registry_copy.materialize("parity", device="cuda")
+        registry_copy.commit("has_top", example.finetunes["has_top"], method=method, config=config, base="all")
+        cpu = registry_copy.materialize("has_top")
+        gpu = registry_copy.materialize("has_top", device="cuda")
         for name, value in cpu.items():
             assert gpu[name].device.type == "cuda"
             # Same float32 operations in the same order: CPU and CUDA agree to the last bit
@@ -284,10 +284,10 @@ def test_cuda_materialize_matches_cpu(example, registry_copy):
 def test_amortized_bytes_split_shared_objects(example, registry_copy):
     """Objects two tasks share (here: identical finetunes) cost each task half."""
     reg = registry_copy
-    reg.commit("a", example.finetunes["parity"], method="bitdelta", base="all")
+    reg.commit("a", example.finetunes["has_top"], method="bitdelta", base="all")
     alone = reg.stats("a")
     assert alone.amortized_bytes == alone.own_bytes and alone.base_users == 1
-    reg.commit("b", example.finetunes["parity"], method="bitdelta", base="all")
+    reg.commit("b", example.finetunes["has_top"], method="bitdelta", base="all")
     a, b = reg.stats("a"), reg.stats("b")
     assert a.own_bytes == alone.own_bytes and a.base_users == b.base_users == 2
     record_a = reg.objects.size("records", reg.version("a")[0])

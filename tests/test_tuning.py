@@ -62,7 +62,7 @@ def output_mse(registry, task, example, finetuned_outputs, version=None):
 
 @pytest.mark.parametrize("method, config, task", [
     ("bitdelta", {}, "has_small"),
-    ("dare", {"drop_rate": 0.99}, "parity"),
+    ("dare", {"drop_rate": 0.99}, "has_top"),
 ])
 def test_dbms_lowers_held_back_mse(registry_copy, example, finetuned_outputs, method, config, task):
     path = example.finetunes[task]
@@ -86,7 +86,7 @@ def test_dbms_lowers_held_back_mse(registry_copy, example, finetuned_outputs, me
 
 def test_record_fields(registry_copy, example):
     calib = calibration(example)
-    record = registry_copy.commit("first_bucket", example.finetunes["first_bucket"], base="all", tune="dbms",
+    record = registry_copy.commit("small_count", example.finetunes["small_count"], base="all", tune="dbms",
                                   calibration=calib, tune_options={"max_steps": 4, "lr": 0.02, "patience": 3},
                                   seed=11, progress=False).tuning
     assert RECORD_FIELDS <= set(record)
@@ -98,7 +98,7 @@ def test_record_fields(registry_copy, example):
     assert record["loss_curve"][0] == pytest.approx(record["loss_initial"], rel=1e-5)
     assert record["loss_final"] == pytest.approx(min(record["loss_curve"]), rel=1e-5)
     json.dumps(record)  # plain data only
-    shown = registry_copy.version("first_bucket")[1].tuning
+    shown = registry_copy.version("small_count")[1].tuning
     assert shown["calibration"]["sha256"] == record["calibration"]["sha256"]
 
 
@@ -119,9 +119,9 @@ def test_per_layer_lambdas_are_stored_and_used(registry_copy, example, finetuned
 
 
 def test_falls_back_to_the_closed_form(registry_copy, example):
-    path = example.finetunes["parity"]
-    closed = registry_copy.commit("parity", path, base="all", progress=False)
-    fitted = registry_copy.commit("parity", path, base="all", tune="dbms", calibration=calibration(example),
+    path = example.finetunes["has_top"]
+    closed = registry_copy.commit("has_top", path, base="all", progress=False)
+    fitted = registry_copy.commit("has_top", path, base="all", tune="dbms", calibration=calibration(example),
                                   tune_options={"max_steps": 0}, progress=False)
     assert fitted.tuning["fell_back"] is True
     assert "no step improved" in fitted.tuning["reason"]
@@ -142,14 +142,14 @@ def test_holdout_judges_the_fit(registry_copy, example):
 
 
 def test_dbms_needs_calibration_and_valid_options(registry_copy, example):
-    path = example.finetunes["parity"]
+    path = example.finetunes["has_top"]
     with pytest.raises(InvalidInputError, match="calibration"):
-        registry_copy.commit("parity", path, base="all", tune="dbms", progress=False)
+        registry_copy.commit("has_top", path, base="all", tune="dbms", progress=False)
     with pytest.raises(InvalidInputError, match="unknown option.*'steps'"):
-        registry_copy.commit("parity", path, base="all", tune="dbms", calibration=calibration(example),
+        registry_copy.commit("has_top", path, base="all", tune="dbms", calibration=calibration(example),
                              tune_options={"steps": 3}, progress=False)
     with pytest.raises(InvalidInputError, match="lr"):
-        registry_copy.commit("parity", path, base="all", tune="dbms", calibration=calibration(example),
+        registry_copy.commit("has_top", path, base="all", tune="dbms", calibration=calibration(example),
                              tune_options={"lr": -1.0}, progress=False)
     assert registry_copy.tasks() == []  # a refused commit writes nothing
 
@@ -158,14 +158,14 @@ def test_state_dict_finetune_needs_a_model(registry_copy, example):
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
-    path = example.finetunes["parity"]
+    path = example.finetunes["has_top"]
     state = load_file(str(path / "model.safetensors"))
     with pytest.raises(InvalidInputError, match="no config.json"):
-        registry_copy.commit("parity", state, base="all", tune="dbms", calibration=calibration(example),
+        registry_copy.commit("has_top", state, base="all", tune="dbms", calibration=calibration(example),
                              progress=False)
     model = AutoModelForSequenceClassification.from_pretrained(path)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    record = registry_copy.commit("parity", state, base="all", tune="dbms", calibration=calibration(example),
+    record = registry_copy.commit("has_top", state, base="all", tune="dbms", calibration=calibration(example),
                                   tune_options={"model": model, "max_steps": 2}, progress=False)
     assert record.tuning["tuner"] == "dbms" and record.tuning["tensors_fitted"] > 0
     assert all(torch.equal(p, before[n]) and p.requires_grad for n, p in model.named_parameters())
@@ -190,15 +190,15 @@ def test_user_tuner_by_name_and_as_callable(registry_copy, example, monkeypatch)
         return Lambdas(context.lam1_l2 / 2, 0.75, None, {"tuner": "half", "note": (1, 2)})
 
     monkeypatch.setitem(tuning._REGISTRY, "half", half)
-    path = example.finetunes["parity"]
-    closed = registry_copy.commit("parity", path, base="all", progress=False)
-    by_name = registry_copy.commit("parity", path, base="all", tune="half", progress=False)
+    path = example.finetunes["has_top"]
+    closed = registry_copy.commit("has_top", path, base="all", progress=False)
+    by_name = registry_copy.commit("has_top", path, base="all", tune="half", progress=False)
     assert by_name.lam1 == pytest.approx(closed.lam1 / 2) and by_name.lam2 == 0.75
     assert by_name.tuning == {"tuner": "half", "note": [1, 2]}
     context = seen[0]
     assert context.source is not None and "config.json" in context.source.files and context.seed == 0
     assert set(context.lossy) <= set(context.seeds) and context.has_base
-    by_callable = registry_copy.commit("parity", path, base="all", tune=lambda c: Lambdas(0.5, 1.25), progress=False)
+    by_callable = registry_copy.commit("has_top", path, base="all", tune=lambda c: Lambdas(0.5, 1.25), progress=False)
     assert (by_callable.lam1, by_callable.lam2) == (0.5, 1.25)
     register("half-again", half)
     try:

@@ -72,7 +72,7 @@ class DbmsTuneConfig:
     ``patience``: stop after this many steps without the loss falling by ``min_delta``
     (relative). Not too small: the BitDelta gradient ignores the signs that flip as lam1
     moves (sign() has zero gradient), so on some finetunes the loss first rises for a while
-    before it falls far below the start (the demo's "parity" task: up for 30 steps, then 500x
+    before it falls far below the start (seen on a tiny demo finetune: up for 30 steps, then 500x
     down by step 76); 20 bounds the waste when it never does, and the fall-back makes that
     harmless. ``output``: what is compared: ``logits``, ``hidden`` (last hidden state; the
     decoder's for encoder-decoders) or ``auto`` (logits when the model has them).
