@@ -20,6 +20,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread: tiny matmuls gain nothing from threads, and
+    on a shared 2-core machine several threads per process make model fits ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def example(tmp_path_factory):
     """A tiny BERT reference and three finetunes made by real training steps (HF directories)."""

@@ -25,14 +25,7 @@ VOCAB = 128
 SEQ = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny matmuls gain nothing from threads, and on a shared machine several threads
-    # per process make these tests ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass
