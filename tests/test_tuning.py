@@ -104,7 +104,9 @@ def test_per_layer_lambdas_are_stored_and_used(registry_copy, example, finetuned
     assert fit["per_layer"] and not fit["fell_back"]
     deltas = {n: e for n, e in record.tensors.items() if e.is_delta}
     assert deltas and all(e.lam1 is not None and e.lam2 is not None for e in deltas.values())
-    assert {n: [e.lam1, e.lam2] for n, e in deltas.items()} == pytest.approx(fit["per_tensor_final"])
+    assert deltas.keys() == fit["per_tensor_final"].keys()
+    for name, entry in deltas.items():  # pytest.approx compares flat sequences, not dicts of lists
+        assert [entry.lam1, entry.lam2] == pytest.approx(fit["per_tensor_final"][name]), name
     assert len({e.lam2 for e in deltas.values()}) > 1  # really one pair per tensor
     # materialize uses them: the loaded model's error is the one the fit reached.
     calib_mse, _ = output_mse(registry_copy, task, example, finetuned_outputs)
