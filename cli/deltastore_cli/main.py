@@ -8,6 +8,7 @@ stderr when it is a terminal, never with ``--quiet``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,22 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """Store many finetunes of one pretrained model as tiny compressed deltas."""
     ctx.ensure_object(dict)
     ctx.obj.update(debug=debug, quiet=quiet)
+    if not debug:
+        _quiet_transformers()
+
+
+def _quiet_transformers() -> None:
+    """transformers' own bars ("Loading weights", "Writing model shards") and notices would
+    interleave with ours on every load; the CLI shows its own progress and one-line errors."""
+
+    # Read when transformers / huggingface_hub are imported (the shard-writing bar is the hub's).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported: tell it directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 @cli.command()
