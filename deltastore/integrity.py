@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from .errors import CorruptObjectError, DeltastoreError
 from .storage.objects import object_key
-from .storage.records import BaseRecord, ReferenceRecord, TaskVersion
+from .storage.records import BaseRecord, ReferenceRecord, TaskVersion, content_hash
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -108,11 +108,8 @@ def verify(registry: "Registry", *, progress: bool | None = None) -> list[dict[s
                 registry.objects.get_array(digest, verify=True)
             elif kind == "blobs":
                 registry.objects.get_blob(digest, verify=True)
-            else:
-                from .storage.records import content_hash
-
-                if content_hash(registry.backend.get(object_key(kind, digest))) != digest:
-                    raise DeltastoreError("content hash mismatch")
+            elif content_hash(registry.backend.get(object_key(kind, digest))) != digest:
+                raise DeltastoreError("content hash mismatch")
         except (DeltastoreError, OSError) as exc:
             problems.append({"object": object_key(kind, digest), "problem": str(exc), "used_by": users})
     return problems

@@ -372,8 +372,7 @@ class Registry:
             for name in _progress(source.names(), total=len(source.names()), desc=f"{task}: encode",
                                   enabled=progress):
                 tensor = source.get(name)
-                if name not in plan.lossy:
-                    _check_finite(source, name, tensor)
+                if name not in plan.lossy:  # checked for NaN/Inf before pass 1
                     tensors[name] = _store_lossless(self.objects, tensor, txn)
                     continue
                 ref_name = plan.lossy[name]
@@ -427,7 +426,7 @@ class Registry:
                 self.backend.put(f"refs/tasks/{task}", pack(TaskRef(keep).to_dict()))
             else:
                 self.backend.delete(f"refs/tasks/{task}")
-        return [n for n, _ in versions if (n, _) not in keep]
+        return [n for n, digest in versions if (n, digest) not in keep]
 
     # -- materialize ------------------------------------------------------------------------
     def materialize(
