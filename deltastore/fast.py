@@ -4,12 +4,12 @@ Both give exactly the weights :meth:`Registry.materialize` gives (bit for bit; t
 holds them to it), on any device; on CUDA they run near the hardware's limits.
 
 * :func:`iter_materialize_streaming` / :func:`materialize_streaming`: reader threads read the
-  next tensors' arrays (zarr -> numpy, sha256 check) while the device decodes the current one.
-  On CUDA each array goes through a fixed pool of pinned staging buffers and is copied to the
-  GPU on the reader's own stream; the decode (sign unpack or DARE mask regeneration, base
-  vector, lambda scaling, reference add, cast) is one Triton kernel that writes each output
-  weight once. Host memory stays bounded: arrays of at most ``host_budget`` bytes of tensors in
-  flight plus the staging pool, never a copy of the model.
+  next tensors' arrays (chunk files decoded with zstd in parallel, sha256 check) while the
+  device decodes the current one. On CUDA the chunks are decoded straight into a fixed pool of
+  pinned staging buffers and copied to the GPU on the reader's own stream, so the host holds
+  no array at all: its memory is the pool, whatever the model. The decode (sign unpack or DARE
+  mask regeneration, base vector, lambda scaling, reference add, cast) is one Triton kernel
+  that writes each output weight once.
   ``Registry.materialize(..., device="cuda")`` uses it.
 * :class:`ResidentModel`: the reference (and each base vector) stays on the GPU; a task's
   compressed bytes are cached once, in one flat pinned host buffer by default (``cache="gpu"``
@@ -51,6 +51,7 @@ from .tensor.prng import MAX_COUNTER, mix32_int
 
 if TYPE_CHECKING:
     from .registry import Registry
+    from .storage.objects import ArrayReader
 
 try:  # Triton is optional: without it (or on CPU) the torch path below gives the same bits.
     import triton
@@ -60,9 +61,9 @@ try:  # Triton is optional: without it (or on CPU) the torch path below gives th
 except Exception:  # pragma: no cover - depends on the installation
     HAS_TRITON = False
 
-# Bytes of fetched-but-not-yet-decoded tensors the streaming reader may hold at once (host
-# numpy arrays while reading; GPU scratch once uploaded). Bounds host memory whatever the model.
-DEFAULT_HOST_BUDGET = 1 << 30
+# Bytes of read-but-not-yet-decoded tensors the streaming reader may hold at once: host arrays
+# on CPU, GPU scratch on CUDA (where the host holds only the staging pool).
+DEFAULT_READ_AHEAD_BYTES = 1 << 30
 # Pinned staging: SLOT bytes per buffer, POOL bytes in all, allocated once per pipeline.
 STAGING_SLOT_BYTES = 32 << 20
 STAGING_POOL_BYTES = 256 << 20
@@ -427,9 +428,9 @@ def _items(registry: "Registry", record) -> tuple[list[_Item], ReferenceRecord, 
 class _StagingPool:
     """Pinned host buffers reused for every host-to-device copy (CUDA only).
 
-    A reader thread takes a free slot, waits for the copy that last used it, fills it from its
-    numpy array and queues the copy on its own stream; so at most ``pool_bytes`` of pinned
-    memory exist, however large the model.
+    A reader thread takes a free slot, waits for the copy that last used it, decodes chunks
+    straight into it (no other host copy of the array exists) and queues the copy on its own
+    stream; so at most ``pool_bytes`` of pinned memory exist, however large the model.
     """
 
     def __init__(self, pool_bytes: int, slot_bytes: int):
@@ -441,25 +442,65 @@ class _StagingPool:
         for i in range(count):
             self.free.put(i)
 
+    def _take(self) -> int:
+        i = self.free.get()
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # the last copy out of this slot has finished
+        return i
+
+    def _send(self, i: int, nbytes: int, dst: torch.Tensor, stream) -> None:
+        """Queue the copy of slot ``i``'s first ``nbytes`` into ``dst`` and hand the slot back."""
+        try:
+            dst.copy_(self.slots[i][:nbytes], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+            self.events[i] = event
+        finally:
+            self.free.put(i)
+
     def upload(self, src: torch.Tensor, dst: torch.Tensor, stream) -> None:
         """Copy CPU ``src`` into device ``dst`` (same bytes) through the pool, on ``stream``."""
-        s = src.reshape(-1).view(torch.uint8) if src.numel() else src
-        d = dst.reshape(-1).view(torch.uint8) if dst.numel() else dst
-        n = s.numel() if src.numel() else 0
-        for start in range(0, n, self.slot_bytes):
-            k = min(self.slot_bytes, n - start)
-            i = self.free.get()
+        s, d = _bytes(src), _bytes(dst)
+        for start in range(0, s.numel(), self.slot_bytes):
+            k = min(self.slot_bytes, s.numel() - start)
+            i = self._take()
             try:
-                if self.events[i] is not None:
-                    self.events[i].synchronize()  # the last copy out of this slot has finished
-                slot = self.slots[i]
-                slot[:k].copy_(s[start:start + k])
-                d[start:start + k].copy_(slot[:k], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
-                self.events[i] = event
-            finally:
+                self.slots[i][:k].copy_(s[start:start + k])
+            except BaseException:
                 self.free.put(i)
+                raise
+            self._send(i, k, d[start:start + k], stream)
+
+    def upload_array(self, reader: "ArrayReader", dst: torch.Tensor, stream) -> None:
+        """Decode a stored array chunk by chunk into the slots and copy them into device ``dst``
+        (its shape and dtype); raises, after queueing the copies, if the content hash is wrong."""
+        d = _bytes(dst)
+        slot, used, start = None, 0, 0
+        try:
+            for index, (_, offset, nbytes) in enumerate(reader.chunks):
+                if slot is not None and used + nbytes > self.slot_bytes:
+                    self._send(slot, used, d[start:start + used], stream)
+                    slot = None
+                if nbytes > self.slot_bytes:  # a chunk larger than a slot (another writer's layout)
+                    host = torch.empty(nbytes, dtype=torch.uint8)
+                    reader.read_chunk(index, memoryview(host.numpy()))
+                    self.upload(host, d[offset:offset + nbytes], stream)
+                    continue
+                if slot is None:
+                    slot, used, start = self._take(), 0, offset
+                reader.read_chunk(index, memoryview(self.slots[slot].numpy()[used:used + nbytes]))
+                used += nbytes
+        except BaseException:
+            if slot is not None:
+                self.free.put(slot)
+            raise
+        if slot is not None:
+            self._send(slot, used, d[start:start + used], stream)
+        reader.finish()
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
 
 
 class _Reader:
@@ -495,26 +536,31 @@ class _Reader:
         return self._read(item)
 
     def _get(self, digest: str, what: str) -> torch.Tensor:
-        return self.objects.get_array(digest, verify=self.verify, what=what)
+        """A stored array on the decode device; on CUDA decoded straight into pinned staging."""
+        if self.device.type != "cuda":
+            return self._put(self.objects.get_array(digest, verify=self.verify, what=what))
+        reader = self.objects.open_array(digest, verify=self.verify, what=what)
+        dst = torch.empty(reader.shape, dtype=reader.dtype, device=self.device)
+        self.pool.upload_array(reader, dst, torch.cuda.current_stream(self.device))
+        return dst
 
     def _read(self, item: _Item) -> _Parts:
         entry = item.entry
         if not entry.is_delta:
-            return _Parts(data=self._put(self._get(entry.arrays["data"], f"{item.name}: data")))
+            return _Parts(data=self._get(entry.arrays["data"], f"{item.name}: data"))
         rows, _ = item.matrix
         ref = item.ref_entry
         if ref.codec != Lossless.name:
             raise CorruptObjectError(f"reference tensor {entry.ref!r} is stored as {ref.codec!r}, expected lossless")
-        w_pre = _lossless(ref, self._get(ref.arrays["data"], f"reference {entry.ref}"), "cpu")
-        parts = _Parts(w_pre=self._put(w_pre))
+        parts = _Parts(w_pre=_lossless(ref, self._get(ref.arrays["data"], f"reference {entry.ref}"), self.device))
         parts.trow = self._put(torch.from_numpy(
             _row_index(self.objects, entry.rows, rows, entry.changed_rows, self.verify, f"{item.name}: rows")))
-        parts.arrays = {role: self._put(self._get(h, f"{item.name}: {role}")) for role, h in entry.arrays.items()}
+        parts.arrays = {role: self._get(h, f"{item.name}: {role}") for role, h in entry.arrays.items()}
         if item.base_entry is not None:
             b = item.base_entry
             parts.brow = self._put(torch.from_numpy(
                 _row_index(self.objects, b.rows, rows, b.changed_rows, self.verify, f"base {entry.ref}: rows")))
-            parts.barrays = {role: self._put(self._get(h, f"base {entry.ref}: {role}")) for role, h in b.arrays.items()}
+            parts.barrays = {role: self._get(h, f"base {entry.ref}: {role}") for role, h in b.arrays.items()}
         return parts
 
 
@@ -531,14 +577,14 @@ def iter_materialize_streaming(
     dtype: torch.dtype | None = None,
     verify: bool = True,
     workers: int | None = None,
-    host_budget: int = DEFAULT_HOST_BUDGET,
+    read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES,
     staging_bytes: int = STAGING_POOL_BYTES,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of a task, in record order, exactly as :meth:`Registry.iter_materialize`.
 
-    ``workers`` reader threads read ahead while the device decodes; at most ``host_budget``
-    bytes of tensors are read but not yet decoded (always at least one tensor). On CUDA,
-    ``staging_bytes`` of pinned buffers carry every copy; the yielded tensors are produced on
+    ``workers`` reader threads read ahead while the device decodes; at most ``read_ahead_bytes``
+    bytes of tensors are read but not yet decoded (always at least one tensor; on CUDA they are
+    on the GPU). On CUDA, ``staging_bytes`` of pinned buffers carry every copy; the yielded tensors are produced on
     the current stream (use them on it, or synchronize).
     """
     device = torch.device(device)
@@ -555,7 +601,7 @@ def iter_materialize_streaming(
         nxt = next(upcoming, None)
         try:
             while True:
-                while nxt is not None and (not pending or in_flight + nxt.est_bytes() <= host_budget):
+                while nxt is not None and (not pending or in_flight + nxt.est_bytes() <= read_ahead_bytes):
                     pending.append((nxt, ex.submit(reader, nxt)))
                     in_flight += nxt.est_bytes()
                     nxt = next(upcoming, None)

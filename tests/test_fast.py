@@ -79,7 +79,7 @@ def test_streaming_reads_ahead_within_budget(registry, monkeypatch):
 
     monkeypatch.setattr(fast._Reader, "_read", spy)
     seen = 0
-    for _name, _value in fast.iter_materialize_streaming(registry, "bd_base", device="cpu", host_budget=1,
+    for _name, _value in fast.iter_materialize_streaming(registry, "bd_base", device="cpu", read_ahead_bytes=1,
                                                           workers=4):
         seen += 1
         assert len(started) <= seen + 1
@@ -161,7 +161,7 @@ def test_cuda_registry_materialize_uses_fast_path(registry, monkeypatch):
 def test_cuda_staging_pool_tiny_slots(registry):
     """Arrays far larger than a staging slot, through a pool of two 4 KiB slots."""
     want = registry.materialize("bd_base", device="cpu")
-    got = fast.materialize_streaming(registry, "bd_base", device="cuda", staging_bytes=8192, host_budget=1)
+    got = fast.materialize_streaming(registry, "bd_base", device="cuda", staging_bytes=8192, read_ahead_bytes=1)
     assert_same(got, want)
     pool = fast._StagingPool(8192, 4096)
     src = torch.randn(100_003)

@@ -16,14 +16,17 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import zarr
+import zstandard
 import zarr.codecs
 from zarr.storage import LocalStore
 
@@ -45,7 +48,6 @@ MAX_ZARR_JSON_BYTES = 1 << 16
 MAX_CHUNK_BYTES = 64 << 20
 # Data types and codecs write_array produces; anything else in a zarr.json was not written by us.
 ARRAY_DATA_TYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32")
-ARRAY_CODECS = ("bytes", "zstd")
 
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -184,32 +186,59 @@ class LocalBackend:
                 with open(file, "rb") as fh:
                     os.fsync(fh.fileno())
 
-    def read_array(self, key: str) -> np.ndarray:
-        path = self._path(key)
-        if not (path / "zarr.json").is_file():
+    def open_array(self, key: str) -> "ArrayLayout":
+        """The checked layout of the array at ``key`` (its zarr.json), for :meth:`read_chunk`."""
+        if not self._path(f"{key}/zarr.json").is_file():
             raise NotFoundError(f"{self.root}: array {key!r} is missing (no zarr.json)")
         meta = check_array_metadata(self.get(f"{key}/zarr.json", limit=MAX_ZARR_JSON_BYTES),
                                     f"{self.root}: array {key!r}")
-        if any(c.get("name") == "zstd" for c in meta["codecs"]):
-            chunk_bytes = math.prod(meta["chunk_grid"]["configuration"]["chunk_shape"]) * np.dtype(
-                meta["data_type"]).itemsize
-            for chunk in path.iterdir():
-                if chunk.name != "zarr.json":
-                    with open(chunk, "rb") as fh:
-                        declared = zstd_content_size(fh.read(18))
-                    if declared is None or declared > chunk_bytes:
-                        raise CorruptObjectError(
-                            f"{self.root}: array {key!r}, chunk {chunk.name}: zstd frame declares "
-                            f"{declared if declared is not None else 'no'} decompressed size, expected at most "
-                            f"{chunk_bytes} bytes; run `deltastore verify` and restore it from a backup")
-        array = zarr.open_array(LocalStore(path, read_only=True), mode="r", zarr_format=3)
-        expected = array.nchunks
-        if array.size and array.nchunks_initialized != expected:
+        shape = tuple(meta["shape"])
+        chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        return ArrayLayout(key, np.dtype(meta["data_type"]).newbyteorder("<"), shape, chunk[0] if shape else 1,
+                           meta["codecs"][-1]["name"] == "zstd")
+
+    def read_chunk(self, layout: "ArrayLayout", index: int, out: memoryview) -> None:
+        """Decode chunk ``index`` of an array into ``out``: exactly the chunk's bytes that lie
+        inside the array (specs/format.md §4: the last chunk's padding is dropped).
+
+        Zarr's own read path decodes on one event-loop thread; this one decodes with
+        ``zstandard``, which releases the GIL, so reader threads decode chunks in parallel."""
+        name, _, valid = layout.chunks()[index]
+        where = f"{self.root}: array {layout.key!r}, chunk {name}"
+        out = out.cast("B")
+        if len(out) != valid:
+            raise ValueError(f"{where}: buffer of {len(out)} bytes for {valid} bytes of chunk")
+        try:
+            with open(self._path(f"{layout.key}/{name}"), "rb") as fh:
+                if not layout.zstd:
+                    size = os.fstat(fh.fileno()).st_size
+                    if size != layout.chunk_nbytes:
+                        raise CorruptObjectError(f"{where}: holds {size} bytes, expected {layout.chunk_nbytes}; "
+                                                 "run `deltastore verify` and restore it from a backup")
+                    _read_exactly(fh, out, where)
+                    return
+                bound = layout.chunk_nbytes + (layout.chunk_nbytes >> 7) + 1024  # above zstd's worst case
+                frame = fh.read(bound + 1)
+                if len(frame) > bound:
+                    raise CorruptObjectError(f"{where}: holds over {bound} bytes, more than a zstd frame of "
+                                             f"{layout.chunk_nbytes} bytes can; restore it from a backup")
+        except FileNotFoundError:
+            raise CorruptObjectError(f"{where} is missing; the registry is damaged: run `deltastore verify` and "
+                                     "restore this object from a backup") from None
+        declared = zstd_content_size(frame)
+        if declared != layout.chunk_nbytes:
             raise CorruptObjectError(
-                f"{self.root}: array {key!r} has {array.nchunks_initialized} of its {expected} chunks; "
-                "the registry is damaged: run `deltastore verify` and restore this object from a backup"
-            )
-        return array[...]
+                f"{where}: zstd frame declares {declared if declared is not None else 'no'} decompressed size, "
+                f"expected {layout.chunk_nbytes} bytes; run `deltastore verify` and restore it from a backup")
+        try:
+            with _decompressor().stream_reader(frame, read_across_frames=False) as reader:
+                _read_exactly(reader, out, where)
+                padding = layout.chunk_nbytes - valid
+                if padding and len(reader.read(padding)) != padding or reader.read(1):
+                    raise CorruptObjectError(f"{where}: zstd frame does not hold {layout.chunk_nbytes} bytes")
+        except zstandard.ZstdError as exc:
+            raise CorruptObjectError(f"{where}: not a valid zstd frame ({exc}); run `deltastore verify` and "
+                                     "restore it from a backup") from None
 
     def publish(self, staged: str, final: str) -> bool:
         """Move a fully written staged object (file or array folder) to its final key.
@@ -259,6 +288,61 @@ class LocalBackend:
             os.close(fd)  # closing the descriptor releases the lock
 
 
+@dataclass(frozen=True)
+class ArrayLayout:
+    """Where an array's bytes are (specs/format.md §4): chunks along the first axis."""
+
+    key: str
+    dtype: np.dtype          # little-endian
+    shape: tuple[int, ...]
+    chunk_rows: int          # rows of the first axis per chunk (1 for a 0-d array)
+    zstd: bool               # each chunk file is one zstd frame (else the raw bytes)
+
+    @property
+    def row_nbytes(self) -> int:
+        return self.dtype.itemsize * math.prod(self.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * math.prod(self.shape)
+
+    @property
+    def chunk_nbytes(self) -> int:
+        """Bytes of one stored chunk (the full chunk shape, padding included)."""
+        return self.chunk_rows * self.row_nbytes
+
+    def chunks(self) -> list[tuple[str, int, int]]:
+        """``(file name, offset in the array's bytes, bytes inside the array)`` of each chunk."""
+        if not self.shape:
+            return [("0", 0, self.dtype.itemsize)]
+        if self.nbytes == 0:
+            return []
+        suffix = ".0" * (len(self.shape) - 1)
+        return [(f"{c}{suffix}", row * self.row_nbytes, (min(self.shape[0], row + self.chunk_rows) - row) * self.row_nbytes)
+                for c, row in enumerate(range(0, self.shape[0], self.chunk_rows))]
+
+
+_local = threading.local()
+
+
+def _decompressor() -> "zstandard.ZstdDecompressor":
+    """One zstd decompression context per thread (a context is not thread-safe)."""
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def _read_exactly(stream, out: memoryview, where: str) -> None:
+    pos = 0
+    while pos < len(out):
+        n = stream.readinto(out[pos:])
+        if not n:
+            raise CorruptObjectError(f"{where}: ends after {pos} of {len(out)} bytes; run `deltastore verify` and "
+                                     "restore it from a backup")
+        pos += n
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a rename in ``path`` durable (POSIX needs the folder fsynced, not only the file)."""
     try:
@@ -299,7 +383,7 @@ def check_array_metadata(raw: bytes, what: str) -> dict:
     elements, chunks of a petabyte, a codec that is not ours (zarr would happily allocate or
     load them). Allowed: zarr v3 array, at most MAX_ARRAY_DIMS dimensions, at most
     MAX_ARRAY_BYTES in all, one of ARRAY_DATA_TYPES, the regular chunk grid that
-    :func:`chunk_shape` gives, codecs among ARRAY_CODECS, fill value 0.
+    :func:`chunk_shape` gives, codecs ``bytes`` (little-endian) then optionally ``zstd``, fill value 0.
     """
     def bad(problem: str) -> CorruptObjectError:
         return CorruptObjectError(f"{what}: zarr.json {problem}; the array is damaged or was not written by "
@@ -332,9 +416,13 @@ def check_array_metadata(raw: bytes, what: str) -> dict:
         raise bad(f"has chunk grid {grid!r:.80}, expected regular chunks along the first axis of at most "
                   f"{MAX_CHUNK_BYTES} bytes")
     codecs = meta.get("codecs")
-    if (not isinstance(codecs, list) or not codecs
-            or not all(isinstance(c, dict) and c.get("name") in ARRAY_CODECS for c in codecs)):
-        raise bad(f"has codecs {codecs!r:.80}, expected {' and '.join(ARRAY_CODECS)} only")
+    if (not isinstance(codecs, list) or not all(isinstance(c, dict) for c in codecs)
+            or [c.get("name") for c in codecs] not in (["bytes"], ["bytes", "zstd"])):
+        raise bad(f"has codecs {codecs!r:.80}, expected 'bytes', optionally followed by 'zstd'")
+    config = codecs[0].get("configuration") or {}
+    endian = config.get("endian") if isinstance(config, dict) else None
+    if endian != "little" and not (endian is None and itemsize == 1):
+        raise bad(f"has 'bytes' codec configuration {config!r:.80}, expected little-endian")
     encoding = meta.get("chunk_key_encoding")
     if (not isinstance(encoding, dict) or encoding.get("name") != "v2"
             or encoding.get("configuration", {}).get("separator", ".") != "."):

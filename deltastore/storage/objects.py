@@ -33,13 +33,16 @@ _BLOB_CODEC = Zstd(level=9)
 MAX_BLOB_BYTES = 64 << 20
 
 
+def array_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    return f"deltastore-array\n{dtype.name}\n{','.join(map(str, shape))}\n".encode()
+
+
 def array_hash(data: np.ndarray) -> str:
     """SHA-256 of ``"deltastore-array\\n<dtype>\\n<d0,d1,...>\\n"`` followed by the
     little-endian, row-major bytes: identical values, dtype and shape give one name."""
     data = np.require(data, requirements="C")
-    header = f"deltastore-array\n{data.dtype.name}\n{','.join(map(str, data.shape))}\n".encode()
-    h = hashlib.sha256(header)
-    h.update(memoryview(data.astype(data.dtype.newbyteorder("<"), copy=False)).cast("B"))
+    h = hashlib.sha256(array_header(data.dtype, data.shape))
+    h.update(data.astype(data.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8))
     return h.hexdigest()
 
 
@@ -59,6 +62,52 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype not in _NUMPY:
         raise TypeError(f"arrays of dtype {tensor.dtype} cannot be stored; allowed: {list(_NUMPY)}")
     return tensor.detach().cpu().contiguous().numpy()
+
+
+class ArrayReader:
+    """Reads one stored array chunk by chunk, in order, into buffers the caller owns (a pinned
+    staging buffer, a slice of a numpy array), and checks its content hash once all is read.
+
+    Nothing read may be used before :meth:`finish` returns: it raises CorruptObjectError when
+    the bytes do not hash to the array's name.
+    """
+
+    def __init__(self, store: "ObjectStore", digest: str, *, verify: bool, what: str):
+        self.backend = store.backend
+        self.digest = digest
+        self.label = f"array {digest[:12]}" + (f" ({what})" if what else "")
+        key = object_key("arrays", digest)
+        try:
+            self.layout = self.backend.open_array(key)
+        except (NotFoundError, CorruptObjectError) as exc:
+            raise type(exc)(f"{self.label}: {exc}") from None
+        self.dtype = _TORCH[self.layout.dtype.newbyteorder("=")]
+        self.shape = self.layout.shape
+        self.nbytes = self.layout.nbytes
+        self.chunks = self.layout.chunks()
+        self._hash = hashlib.sha256(array_header(self.layout.dtype, self.shape)) if verify else None
+        self._next = 0
+
+    def read_chunk(self, index: int, out: memoryview) -> None:
+        """Decode chunk ``index`` (the next one) into ``out``, of ``self.chunks[index][2]`` bytes."""
+        if index != self._next:
+            raise ValueError(f"{self.label}: chunk {index} read out of order (expected {self._next})")
+        try:
+            self.backend.read_chunk(self.layout, index, out)
+        except CorruptObjectError as exc:
+            raise CorruptObjectError(f"{self.label}: {exc}") from None
+        if self._hash is not None:
+            self._hash.update(out)
+        self._next += 1
+
+    def finish(self) -> None:
+        """Check that every chunk was read and that the bytes hash to the array's name."""
+        if self._next != len(self.chunks):
+            raise ValueError(f"{self.label}: {self._next} of {len(self.chunks)} chunks read")
+        if self._hash is not None and self._hash.hexdigest() != self.digest:
+            raise CorruptObjectError(
+                f"{self.backend.root}: {self.label} is corrupt: its content hash is {self._hash.hexdigest()[:12]}...; "
+                "run `deltastore verify` to list every damaged object and restore them from a backup")
 
 
 class ObjectStore:
@@ -82,28 +131,19 @@ class ObjectStore:
             self.backend.publish(staged, final)
         return digest
 
+    def open_array(self, digest: str, *, verify: bool = True, what: str = "") -> "ArrayReader":
+        """A reader of the array named ``digest``, chunk by chunk (see :class:`ArrayReader`)."""
+        return ArrayReader(self, digest, verify=verify, what=what)
+
     def get_array(self, digest: str, *, verify: bool = True, what: str = "") -> torch.Tensor:
         """The array named ``digest`` as a CPU tensor; ``verify`` rehashes it (default)."""
-        key = object_key("arrays", digest)
-        label = f"array {digest[:12]}" + (f" ({what})" if what else "")
-        try:
-            data = self.backend.read_array(key)
-        except (NotFoundError, CorruptObjectError) as exc:
-            raise type(exc)(f"{label}: {exc}") from None
-        except Exception as exc:  # zarr/numcodecs raise many types on damaged chunks
-            raise CorruptObjectError(
-                f"{self.backend.root}: {label} cannot be decoded ({type(exc).__name__}: {exc}); "
-                "run `deltastore verify` and restore it from a backup"
-            ) from None
-        if verify and array_hash(data) != digest:
-            raise CorruptObjectError(
-                f"{self.backend.root}: {label} is corrupt: its content hash is {array_hash(data)[:12]}...; "
-                "run `deltastore verify` to list every damaged object and restore them from a backup"
-            )
-        dtype = _TORCH.get(data.dtype)
-        if dtype is None:
-            raise CorruptObjectError(f"{label}: stored data type {data.dtype} is not one format 1 allows")
-        return torch.from_numpy(np.require(data, requirements="C"))
+        reader = self.open_array(digest, verify=verify, what=what)
+        data = np.empty(reader.shape, dtype=reader.layout.dtype)
+        flat = memoryview(data.reshape(-1).view(np.uint8)) if data.size else None
+        for index, (_, offset, nbytes) in enumerate(reader.chunks):
+            reader.read_chunk(index, flat[offset:offset + nbytes])
+        reader.finish()
+        return torch.from_numpy(data.astype(data.dtype.newbyteorder("="), copy=False))
 
     # -- blobs ------------------------------------------------------------------------------
     # A blob is stored as one zstd frame of the file's bytes (tokenizer.json shrinks ~3x) and
