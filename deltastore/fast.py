@@ -33,8 +33,6 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
@@ -42,6 +40,7 @@ import numpy as np
 import torch
 
 from .errors import CorruptObjectError, InvalidInputError, NotFoundError
+from .readahead import read_ahead
 from .storage.records import BaseRecord, ReferenceRecord, TensorEntry
 from .tensor import dbms
 from .tensor.bitpack import packed_size
@@ -564,10 +563,6 @@ class _Reader:
         return parts
 
 
-def _default_workers() -> int:
-    return max(2, min(16, os.cpu_count() or 2))
-
-
 def iter_materialize_streaming(
     registry: "Registry",
     task: str,
@@ -594,38 +589,20 @@ def iter_materialize_streaming(
     items, _, _ = _items(registry, record)
     pool = _StagingPool(staging_bytes, min(STAGING_SLOT_BYTES, staging_bytes)) if device.type == "cuda" else None
     reader = _Reader(registry.objects, device, verify, pool)
-    with ThreadPoolExecutor(max_workers=workers or _default_workers(), thread_name_prefix="deltastore-read") as ex:
-        pending: deque = deque()
-        upcoming = iter(items)
-        in_flight = 0
-        nxt = next(upcoming, None)
+    for item, parts in read_ahead(reader, items, nbytes=_Item.est_bytes, budget=read_ahead_bytes, workers=workers):
+        if device.type == "cuda":
+            current = torch.cuda.current_stream(device)
+            current.wait_event(parts.event)
+            for t in parts.tensors():
+                t.record_stream(current)  # allocated on a reader's stream, used on this one
         try:
-            while True:
-                while nxt is not None and (not pending or in_flight + nxt.est_bytes() <= read_ahead_bytes):
-                    pending.append((nxt, ex.submit(reader, nxt)))
-                    in_flight += nxt.est_bytes()
-                    nxt = next(upcoming, None)
-                if not pending:
-                    break
-                item, future = pending.popleft()
-                parts = future.result()
-                in_flight -= item.est_bytes()
-                if device.type == "cuda":
-                    current = torch.cuda.current_stream(device)
-                    current.wait_event(parts.event)
-                    for t in parts.tensors():
-                        t.record_stream(current)  # allocated on a reader's stream, used on this one
-                try:
-                    value = _decode(item, parts, device)
-                except CorruptObjectError as exc:
-                    raise CorruptObjectError(f"{task}@{record.version}, tensor {item.name!r}: {exc}") from None
-                del parts
-                if dtype is not None and value.is_floating_point():
-                    value = value.to(dtype)
-                yield item.name, value
-        finally:
-            for _, future in pending:
-                future.cancel()
+            value = _decode(item, parts, device)
+        except CorruptObjectError as exc:
+            raise CorruptObjectError(f"{task}@{record.version}, tensor {item.name!r}: {exc}") from None
+        del parts
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        yield item.name, value
 
 
 def materialize_streaming(registry: "Registry", task: str, version: int | None = None, **kwargs

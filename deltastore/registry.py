@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .errors import (AlreadyExistsError, CorruptObjectError, DeltastoreError, IncompatibleFinetuneError,
                      InvalidInputError, NotFoundError)
+from .readahead import read_ahead
 from .sources import TensorSource, open_source
 from .storage.backend import LocalBackend
 from .storage.objects import ObjectStore
@@ -44,6 +47,10 @@ MIN_LOSSY_NUMEL = 4096
 # norms over all compressed matrices) is almost surely another model: real finetunes move
 # weights by well under 10%.
 MAX_RELATIVE_DELTA = 0.5
+# Commit reads the next tensors (reference and finetune) in threads, up to this many bytes
+# ahead, while the device works; and lets this many encoded tensors wait for the writer thread.
+COMMIT_READ_AHEAD_BYTES = 512 << 20
+COMMIT_WRITE_BEHIND = 4
 
 
 def utc_now() -> str:
@@ -331,13 +338,23 @@ class Registry:
             if name not in plan.lossy:
                 _check_finite(source, name, source.get(name))
 
+        def read(name: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+            """In a reader thread: the finetune's tensor and, for a delta, its reference tensor."""
+            ref_name = plan.lossy.get(name)
+            return (None if ref_name is None else self._reference_tensor(reference, ref_name)), source.get(name)
+
+        def read_all(names: list[str]) -> Iterator[tuple[str, tuple[torch.Tensor | None, torch.Tensor]]]:
+            return read_ahead(read, names, nbytes=lambda n: 2 * _numel(source.shape(n)) * source.dtype(n).itemsize,
+                              budget=COMMIT_READ_AHEAD_BYTES)
+
         # Pass 1: closed-form lam1 and the sanity check that this is a finetune of the reference.
         acc = dbms.Lam1Accumulator()
         delta_sq = ref_sq = 0.0
-        for name in _progress(lossy, total=len(lossy), desc=f"{task}: analyse", enabled=progress):
+        for name, (w_ref, tensor) in _progress(read_all(lossy), total=len(lossy), desc=f"{task}: analyse",
+                                               enabled=progress):
             ref_name = plan.lossy[name]
-            w_pre = dbms.as_matrix(self._reference_tensor(reference, ref_name).to(device).float())
-            tensor = source.get(name).to(device)
+            w_pre = dbms.as_matrix(w_ref.to(device).float())
+            tensor = tensor.to(device)
             _check_finite(source, name, tensor)
             delta = dbms.as_matrix(tensor.float()) - w_pre
             delta_sq += float(delta.double().pow(2).sum())
@@ -365,30 +382,35 @@ class Registry:
             lambdas = replace(lambdas, lam1=0.0, per_tensor={n: (0.0, l2) for n, (_, l2) in
                                                               (lambdas.per_tensor or {}).items()} or None)
 
-        # Pass 2: encode and store every tensor.
-        with self.backend.lock("registry", shared=True):
+        # Pass 2: encode and store every tensor. One writer thread stores each tensor's arrays
+        # (device-to-host copy, hash, write, fsync) while the device encodes the next one; one
+        # thread, so two identical arrays are never staged at once.
+        with self.backend.lock("registry", shared=True), ThreadPoolExecutor(1, "deltastore-write") as writer:
             txn = self.objects.new_txn()
-            tensors: dict[str, TensorEntry] = {}
-            for name in _progress(source.names(), total=len(source.names()), desc=f"{task}: encode",
-                                  enabled=progress):
-                tensor = source.get(name)
+            stored: dict[str, Future] = {}
+            waiting: deque[Future] = deque()
+            for name, (w_ref, tensor) in _progress(read_all(source.names()), total=len(source.names()),
+                                                   desc=f"{task}: encode", enabled=progress):
+                if len(waiting) >= COMMIT_WRITE_BEHIND:
+                    waiting.popleft().result()  # bound the encoded tensors waiting for the writer
                 if name not in plan.lossy:  # checked for NaN/Inf before pass 1
-                    tensors[name] = _store_lossless(self.objects, tensor, txn)
+                    stored[name] = writer.submit(_store_lossless, self.objects, tensor, txn)
+                    waiting.append(stored[name])
                     continue
                 ref_name = plan.lossy[name]
                 lam1, lam2 = (lambdas.per_tensor or {}).get(name, (lambdas.lam1, lambdas.lam2))
-                w_pre = dbms.as_matrix(self._reference_tensor(reference, ref_name).to(device).float())
+                w_pre = dbms.as_matrix(w_ref.to(device).float())
                 delta = dbms.as_matrix(tensor.to(device).float()) - w_pre
                 rows = dbms.changed_rows(delta)
                 t = tau(ref_name)
                 tau_rows = None if t is None else dbms.as_matrix(t)[rows]
                 resid = dbms.residual(delta[rows], tau_rows, lam1)
                 code = dbms.MatrixCode(rows, compressor.encode(resid.contiguous(), seed=seeds[name]))
-                entry = self._store_code(code, method, compressor.config.to_dict(), tensor.shape,
-                                         dtype_name(tensor.dtype), ref_name, txn)
-                if lambdas.per_tensor is not None:
-                    entry = replace(entry, lam1=float(lam1), lam2=float(lam2))
-                tensors[name] = entry
+                per_tensor = (float(lam1), float(lam2)) if lambdas.per_tensor is not None else None
+                stored[name] = writer.submit(self._store_code, code, method, compressor.config.to_dict(), tensor.shape,
+                                             dtype_name(tensor.dtype), ref_name, txn, per_tensor)
+                waiting.append(stored[name])
+            tensors = {name: future.result() for name, future in stored.items()}
             files = _store_files(self.objects, source, txn)
             n_params = sum(_numel(source.shape(n)) for n in source.names())
             record_source = {
@@ -579,14 +601,15 @@ class Registry:
         return self._decode_full(reference.tensors[name], "cpu", True)
 
     def _store_code(self, code: dbms.MatrixCode, codec: str, config: dict, shape, dtype: str, ref_name: str,
-                    txn: str) -> TensorEntry:
+                    txn: str, lambdas: tuple[float, float] | None = None) -> TensorEntry:
         arrays = {role: self.objects.put_array(a, txn, compress=_compressible(a)) for role, a in
                   code.encoded.arrays.items()}
         n_changed = int(code.rows.sum())
         rows = None if n_changed == code.rows.numel() else self.objects.put_array(pack_bits(code.rows), txn,
                                                                                   compress=False)
-        return TensorEntry(shape=tuple(shape), dtype=dtype, codec=codec, config=dict(config), arrays=arrays,
-                           attrs=dict(code.encoded.attrs), ref=ref_name, rows=rows, changed_rows=n_changed)
+        entry = TensorEntry(shape=tuple(shape), dtype=dtype, codec=codec, config=dict(config), arrays=arrays,
+                            attrs=dict(code.encoded.attrs), ref=ref_name, rows=rows, changed_rows=n_changed)
+        return entry if lambdas is None else replace(entry, lam1=lambdas[0], lam2=lambdas[1])
 
     def _load_encoded(self, entry: TensorEntry, device, verify: bool) -> Encoded:
         arrays = {role: self.objects.get_array(h, verify=verify, what=role).to(device)
