@@ -9,7 +9,10 @@ matrices of Llama-7B MLP shape, stored as the registry stores them: uint16 carri
 - ``zstd decode``: numcodecs decoding those chunks;
 - ``zarr read``: ``zarr.open_array(...)[...]``, what the registry does (read + decode + assembly);
 - ``sha256``: the content-hash check done on every read unless ``verify=False``;
-- ``zarr, uncompressed``: the same array written without zstd.
+- ``zarr, uncompressed``: the same array written without zstd;
+- ``deltastore get_array``: the registry's own reader (chunk files decoded with zstandard,
+  sha256 included), on one thread and with one thread per array, as streaming materialize
+  reads; beside it zarr with one thread per array.
 
     python benchmarks/read_profile.py [--matrices 4]
 
@@ -48,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     import zarr
     from numcodecs import Zstd
 
+    from concurrent.futures import ThreadPoolExecutor
+
     from deltastore.storage.backend import LocalBackend
+    from deltastore.storage.objects import ObjectStore
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--matrices", type=int, default=4, help="11008 x 4096 bf16 matrices (90 MB each)")
@@ -85,13 +91,31 @@ def main(argv: list[str] | None = None) -> int:
                     zarr.open_array(Path(tmp, f"{prefix}{i}"), mode="r")[...]
             return run
 
+        objects = ObjectStore(backend)
+        digests = [objects.put_array(torch.from_numpy(a), objects.new_txn()) for a in arrays]
+        threads = min(len(arrays), os.cpu_count() or 1)
+
+        def deltastore_read():
+            for d in digests:
+                objects.get_array(d)
+
+        def in_threads(read_one, names):
+            def run():
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(read_one, names))
+            return run
+
         def sha256():
             for a in arrays:
                 hashlib.sha256(memoryview(a).cast("B")).digest()
 
         zarr_read("u")()  # warm
         for name, fn in [("file read", read_files), ("zstd decode", decode), ("zarr read (zstd)", zarr_read("z")),
-                         ("zarr read, uncompressed", zarr_read("u")), ("sha256", sha256)]:
+                         ("zarr read, uncompressed", zarr_read("u")), ("sha256", sha256),
+                         ("deltastore get_array (zstd + sha256)", deltastore_read),
+                         (f"zarr read (zstd), {threads} threads", in_threads(
+                             lambda i: zarr.open_array(Path(tmp, f"z{i}"), mode="r")[...], range(len(arrays)))),
+                         (f"deltastore get_array, {threads} threads", in_threads(objects.get_array, digests))]:
             stages[name] = median_seconds(fn, args.repeats)
 
     result = {

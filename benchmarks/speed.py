@@ -243,7 +243,43 @@ def kernel_compare(device: str, cfg: dict) -> dict:
         res["triton_equals_torch"] = bool(torch.equal(ref.view(torch.int16), out.view(torch.int16)))
     t, _ = timed(lambda: fast._decode_torch(item, parts, torch.device("cuda")), 10, device, warmup=2)
     res["torch_ms"] = t * 1e3
+    if fast.triton_enabled(torch.device("cuda")):
+        res.update(dare_kernel_profile(item, parts, out, device))
     return res
+
+
+def dare_kernel_profile(item, parts, out, device: str) -> dict:
+    """Where a DARE p=0.99 (+ base) decode of the same matrix spends its time: a plain copy
+    (memory only), the count kernel (the keep-mask hash of every element and a block sum, no
+    values), and the full fused kernel (hash, in-block scan, value gather, base, store)."""
+    from dataclasses import replace as dc_replace
+
+    from deltastore import fast
+    from deltastore.tensor.prng import mix32_int
+
+    rows, cols = parts.w_pre.shape
+    threshold = round(0.01 * 2 ** 32)
+    entry = dc_replace(item.entry, codec="dare", config={"drop_rate": 0.99, "value_bits": 16},
+                       attrs={"seed": 12345, "keep_threshold": threshold})
+    dare_item = fast._Item("x", entry, None, item.base_entry, item.lam1, item.lam2)
+    n_blocks = -(-cols // fast.BLOCK)
+    counts = torch.empty(rows * n_blocks, dtype=torch.int32, device="cuda")
+
+    def count():
+        fast._dare_count_kernel[(counts.numel(),)](counts, mix32_int(12345), threshold, cols, n_blocks,
+                                                   BLOCK=fast.BLOCK)
+
+    count()
+    kept = int(counts.sum())
+    dare_parts = fast._Parts(w_pre=parts.w_pre, trow=parts.trow, brow=parts.brow, barrays=parts.barrays,
+                             arrays={"values": torch.randn(kept, device="cuda").to(torch.float16)})
+    dare_parts.offsets = fast._dare_offsets(dare_item, dare_parts, torch.device("cuda"))
+    dare_parts.consts = fast._consts(dare_item, torch.device("cuda"))
+    t_copy, _ = timed(lambda: out.copy_(parts.w_pre), 20, device, warmup=3)
+    t_count, _ = timed(count, 20, device, warmup=3)
+    t_dare, _ = timed(lambda: fast._decode_fused(dare_item, dare_parts, out), 20, device, warmup=3)
+    return {"copy_ms": t_copy * 1e3, "dare_count_kernel_ms": t_count * 1e3, "dare_fused_ms": t_dare * 1e3,
+            "dare_kept": kept}
 
 
 def main() -> None:
@@ -523,6 +559,9 @@ def report(res: dict) -> str:
         k = res["kernel"]
         lines.append(f"| decode kernel {k['shape']}: Triton / plain torch | {k.get('triton_ms', float('nan')):.3f} ms "
                      f"/ {k['torch_ms']:.3f} ms (Triton equals torch: {k.get('triton_equals_torch')}) |")
+        if "dare_fused_ms" in k:
+            lines.append(f"| same matrix, DARE p=0.99 + base: plain copy / keep-mask count kernel / fused decode | "
+                         f"{k['copy_ms']:.3f} ms / {k['dare_count_kernel_ms']:.3f} ms / {k['dare_fused_ms']:.3f} ms |")
     lines += ["", "Ratios (first method, bitdelta+base; per method in speed.json):", ""]
     for t, r in res["ratios"].items():
         lines.append(f"- {t}: " + ", ".join(f"{k} = {v:.3g}" for k, v in r.items()))
