@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -248,6 +249,45 @@ def kernel_compare(device: str, cfg: dict) -> dict:
     return res
 
 
+def reference_codec_ab(reg, device: str, work: Path, repeats: int, max_bytes: float = 4e9) -> dict:
+    """Reading reference arrays onto the device, stored raw (init's default) vs with zstd
+    (``init --compress-reference``), side by side: the largest arrays up to ``max_bytes``,
+    copied once into a zstd object store, then read by the streaming reader in threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deltastore import fast
+    from deltastore.readahead import default_workers
+    from deltastore.storage.backend import LocalBackend
+    from deltastore.storage.objects import ObjectStore
+
+    entries = sorted(reg.reference().tensors.values(), key=lambda e: -math.prod(e.shape))
+    digests, total = [], 0
+    for e in entries:
+        n = reg.objects.open_array(e.arrays["data"]).nbytes
+        if total + n > max_bytes:
+            break
+        digests.append(e.arrays["data"])
+        total += n
+    zstd_store = ObjectStore(LocalBackend(work / "zstd-reference"))
+    with ThreadPoolExecutor(default_workers()) as pool:
+        list(pool.map(lambda d: zstd_store.put_array(reg.objects.get_array(d), zstd_store.new_txn(), compress=True),
+                      digests))
+    out = {"bytes": total, "raw_disk_bytes": sum(reg.objects.size("arrays", d) for d in digests),
+           "zstd_disk_bytes": sum(zstd_store.size("arrays", d) for d in digests)}
+    for label, store in (("raw", reg.objects), ("zstd", zstd_store)):
+        reader = fast.DeviceReader(store, torch.device(device), True)
+
+        def read_all():
+            for _ in reader.read_ahead(lambda d: reader.array(d, "reference"), digests,
+                                       nbytes=lambda d: store.open_array(d).nbytes, budget=fast.DEFAULT_READ_AHEAD_BYTES):
+                pass
+
+        t, _ = timed(read_all, repeats, device)
+        out[f"{label}_s"] = t
+        out[f"{label}_GBps"] = total / t / 1e9
+    return out
+
+
 def dare_kernel_profile(item, parts, out, device: str) -> dict:
     """Where a DARE p=0.99 (+ base) decode of the same matrix spends its time: a plain copy
     (memory only), the count kernel (the keep-mask hash of every element and a block sum, no
@@ -462,6 +502,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     del resident, target
     res["kernel"] = kernel_compare(device, cfg)
+    res["reference_codec"] = reference_codec_ab(reg, device, work, repeats)
+    print(f"[reference codec] {res['reference_codec']}", flush=True)
     res["phases_s"] = phases
 
     # bound and ratios
@@ -562,6 +604,11 @@ def report(res: dict) -> str:
         if "dare_fused_ms" in k:
             lines.append(f"| same matrix, DARE p=0.99 + base: plain copy / keep-mask count kernel / fused decode | "
                          f"{k['copy_ms']:.3f} ms / {k['dare_count_kernel_ms']:.3f} ms / {k['dare_fused_ms']:.3f} ms |")
+    if res.get("reference_codec"):
+        r = res["reference_codec"]
+        lines.append(f"| reference arrays to {res['device']} ({r['bytes'] / gb:.2f} GB), raw vs zstd | "
+                     f"{r['raw_s']:.3f} s ({r['raw_GBps']:.2f} GB/s, {r['raw_disk_bytes'] / gb:.2f} GB on disk) vs "
+                     f"{r['zstd_s']:.3f} s ({r['zstd_GBps']:.2f} GB/s, {r['zstd_disk_bytes'] / gb:.2f} GB on disk) |")
     lines += ["", "Ratios (first method, bitdelta+base; per method in speed.json):", ""]
     for t, r in res["ratios"].items():
         lines.append(f"- {t}: " + ", ".join(f"{k} = {v:.3g}" for k, v in r.items()))

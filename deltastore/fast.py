@@ -64,8 +64,10 @@ except Exception:  # pragma: no cover - depends on the installation
 # on CPU, GPU scratch on CUDA (where the host holds only the staging pool).
 DEFAULT_READ_AHEAD_BYTES = 1 << 30
 # Pinned staging: SLOT bytes per buffer, POOL bytes in all, allocated once per pipeline.
-STAGING_SLOT_BYTES = 32 << 20
-STAGING_POOL_BYTES = 256 << 20
+# A slot holds one or two 8 MiB chunks; the pool has a slot for each of 16 reader threads and
+# more for copies still in flight (fewer slots than threads left readers waiting).
+STAGING_SLOT_BYTES = 16 << 20
+STAGING_POOL_BYTES = 384 << 20
 # Columns one kernel program handles (a row is split into ceil(cols / BLOCK) programs).
 BLOCK = 2048
 # ResidentModel uploads a task's flat buffer in pieces of this size, one event each, so that the
@@ -221,7 +223,6 @@ class _Parts:
     barrays: dict[str, torch.Tensor] = field(default_factory=dict)
     offsets: torch.Tensor | None = None       # DARE: first value index of each (row, block)
     consts: torch.Tensor | None = None        # float32 (5,): see _consts
-    event: Any = None                         # CUDA event: the uploads are done
 
     def tensors(self) -> list[torch.Tensor]:
         out = [t for t in (self.data, self.w_pre, self.trow, self.brow, self.offsets, self.consts) if t is not None]
@@ -470,6 +471,20 @@ class _StagingPool:
                 raise
             self._send(i, k, d[start:start + k], stream)
 
+    def upload_filled(self, fill, dst: torch.Tensor, stream) -> None:
+        """Fill device ``dst`` slot by slot: ``fill(start, view)`` writes its bytes
+        ``[start, start + len(view))`` into the pinned ``view`` (e.g. a file read)."""
+        d = _bytes(dst)
+        for start in range(0, d.numel(), self.slot_bytes):
+            k = min(self.slot_bytes, d.numel() - start)
+            i = self._take()
+            try:
+                fill(start, memoryview(self.slots[i].numpy()[:k]))
+            except BaseException:
+                self.free.put(i)
+                raise
+            self._send(i, k, d[start:start + k], stream)
+
     def upload_array(self, reader: "ArrayReader", dst: torch.Tensor, stream) -> None:
         """Decode a stored array chunk by chunk into the slots and copy them into device ``dst``
         (its shape and dtype); raises, after queueing the copies, if the content hash is wrong."""
@@ -498,18 +513,37 @@ class _StagingPool:
         reader.finish()
 
 
+def _tensors_in(value) -> list[torch.Tensor]:
+    """The tensors in a reader's result (a tensor, _Parts, or tuples/lists/dicts of them)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, _Parts):
+        return value.tensors()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
+
+
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
 
 
-class _Reader:
-    """Reads one tensor's arrays (in a worker thread) and puts them on the decode device."""
+class DeviceReader:
+    """Reads stored arrays (and finetune tensors) onto the decode device, in worker threads.
 
-    def __init__(self, objects, device: torch.device, verify: bool, pool: _StagingPool | None):
+    On CUDA everything goes through the pinned staging pool and is copied on the calling
+    thread's own stream; :meth:`run` records an event the consumer waits for. On other devices
+    it reads into ordinary tensors.
+    """
+
+    def __init__(self, objects, device: torch.device, verify: bool, staging_bytes: int = STAGING_POOL_BYTES):
         self.objects = objects
         self.device = device
         self.verify = verify
-        self.pool = pool
+        self.pool = (_StagingPool(staging_bytes, min(STAGING_SLOT_BYTES, staging_bytes))
+                     if device.type == "cuda" else None)
         self._local = threading.local()
 
     def _stream(self):
@@ -518,48 +552,75 @@ class _Reader:
             stream = self._local.stream = torch.cuda.Stream(self.device)
         return stream
 
-    def _put(self, host: torch.Tensor) -> torch.Tensor:
+    def put(self, host: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the device."""
         if self.device.type != "cuda":
             return host if self.device.type == "cpu" else host.to(self.device)
         dst = torch.empty(host.shape, dtype=host.dtype, device=self.device)
         self.pool.upload(host, dst, torch.cuda.current_stream(self.device))
         return dst
 
-    def __call__(self, item: _Item) -> _Parts:
-        if self.device.type == "cuda":
-            with torch.cuda.device(self.device), torch.cuda.stream(self._stream()):
-                parts = self._read(item)
-                parts.event = torch.cuda.Event()
-                parts.event.record(torch.cuda.current_stream(self.device))
-                return parts
-        return self._read(item)
-
-    def _get(self, digest: str, what: str) -> torch.Tensor:
-        """A stored array on the decode device; on CUDA decoded straight into pinned staging."""
+    def array(self, digest: str, what: str) -> torch.Tensor:
+        """A stored array on the device; on CUDA decoded straight into pinned staging."""
         if self.device.type != "cuda":
-            return self._put(self.objects.get_array(digest, verify=self.verify, what=what))
+            return self.put(self.objects.get_array(digest, verify=self.verify, what=what))
         reader = self.objects.open_array(digest, verify=self.verify, what=what)
         dst = torch.empty(reader.shape, dtype=reader.dtype, device=self.device)
         self.pool.upload_array(reader, dst, torch.cuda.current_stream(self.device))
         return dst
 
+    def source(self, source, name: str) -> torch.Tensor:
+        """A finetune's tensor on the device; on CUDA read straight into pinned staging."""
+        if self.device.type != "cuda":
+            return self.put(source.get(name))
+        dst = torch.empty(source.shape(name), dtype=source.dtype(name), device=self.device)
+        self.pool.upload_filled(lambda start, view: source.read_into(name, view, start), dst,
+                                torch.cuda.current_stream(self.device))
+        return dst
+
+    def run(self, fn, *args) -> tuple[Any, Any]:
+        """``(fn(*args), event)`` with fn's device work on this thread's stream; the event
+        (None off CUDA) marks its end."""
+        if self.device.type != "cuda":
+            return fn(*args), None
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream()):
+            result = fn(*args)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            return result, event
+
+    def read_ahead(self, fn, items, *, nbytes, budget: int, workers: int | None = None):
+        """:func:`read_ahead` of ``fn`` in reader threads; each result's tensors are ready to
+        use on the current stream when yielded."""
+        for item, (result, event) in read_ahead(lambda x: self.run(fn, x), items, nbytes=nbytes, budget=budget,
+                                                workers=workers):
+            if event is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(event)
+                for t in _tensors_in(result):
+                    t.record_stream(current)  # allocated on a reader's stream, used on this one
+            yield item, result
+
+    def __call__(self, item: _Item) -> _Parts:
+        return self._read(item)
+
     def _read(self, item: _Item) -> _Parts:
         entry = item.entry
         if not entry.is_delta:
-            return _Parts(data=self._get(entry.arrays["data"], f"{item.name}: data"))
+            return _Parts(data=self.array(entry.arrays["data"], f"{item.name}: data"))
         rows, _ = item.matrix
         ref = item.ref_entry
         if ref.codec != Lossless.name:
             raise CorruptObjectError(f"reference tensor {entry.ref!r} is stored as {ref.codec!r}, expected lossless")
-        parts = _Parts(w_pre=_lossless(ref, self._get(ref.arrays["data"], f"reference {entry.ref}"), self.device))
-        parts.trow = self._put(torch.from_numpy(
+        parts = _Parts(w_pre=_lossless(ref, self.array(ref.arrays["data"], f"reference {entry.ref}"), self.device))
+        parts.trow = self.put(torch.from_numpy(
             _row_index(self.objects, entry.rows, rows, entry.changed_rows, self.verify, f"{item.name}: rows")))
-        parts.arrays = {role: self._get(h, f"{item.name}: {role}") for role, h in entry.arrays.items()}
+        parts.arrays = {role: self.array(h, f"{item.name}: {role}") for role, h in entry.arrays.items()}
         if item.base_entry is not None:
             b = item.base_entry
-            parts.brow = self._put(torch.from_numpy(
+            parts.brow = self.put(torch.from_numpy(
                 _row_index(self.objects, b.rows, rows, b.changed_rows, self.verify, f"base {entry.ref}: rows")))
-            parts.barrays = {role: self._get(h, f"base {entry.ref}: {role}") for role, h in b.arrays.items()}
+            parts.barrays = {role: self.array(h, f"base {entry.ref}: {role}") for role, h in b.arrays.items()}
         return parts
 
 
@@ -587,14 +648,9 @@ def iter_materialize_streaming(
         device = torch.device("cuda", torch.cuda.current_device())
     _, record = registry.version(task, version)
     items, _, _ = _items(registry, record)
-    pool = _StagingPool(staging_bytes, min(STAGING_SLOT_BYTES, staging_bytes)) if device.type == "cuda" else None
-    reader = _Reader(registry.objects, device, verify, pool)
-    for item, parts in read_ahead(reader, items, nbytes=_Item.est_bytes, budget=read_ahead_bytes, workers=workers):
-        if device.type == "cuda":
-            current = torch.cuda.current_stream(device)
-            current.wait_event(parts.event)
-            for t in parts.tensors():
-                t.record_stream(current)  # allocated on a reader's stream, used on this one
+    reader = DeviceReader(registry.objects, device, verify, staging_bytes)
+    for item, parts in reader.read_ahead(reader, items, nbytes=_Item.est_bytes, budget=read_ahead_bytes,
+                                         workers=workers):
         try:
             value = _decode(item, parts, device)
         except CorruptObjectError as exc:
@@ -883,4 +939,4 @@ def _decode_fused_into(item: _Item, parts: _Parts, target: torch.Tensor) -> None
         target.copy_(tmp)
 
 
-__all__ = ["HAS_TRITON", "ResidentModel", "iter_materialize_streaming", "materialize_streaming", "triton_enabled"]
+__all__ = ["HAS_TRITON", "DeviceReader", "ResidentModel", "iter_materialize_streaming", "materialize_streaming", "triton_enabled"]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .errors import (AlreadyExistsError, CorruptObjectError, DeltastoreError, IncompatibleFinetuneError,
                      InvalidInputError, NotFoundError)
-from .readahead import read_ahead
+from . import fast
 from .sources import TensorSource, open_source
 from .storage.backend import LocalBackend
 from .storage.objects import ObjectStore
@@ -49,7 +49,8 @@ MIN_LOSSY_NUMEL = 4096
 MAX_RELATIVE_DELTA = 0.5
 # Commit reads the next tensors (reference and finetune) in threads, up to this many bytes
 # ahead, while the device works; and lets this many encoded tensors wait for the writer thread.
-COMMIT_READ_AHEAD_BYTES = 512 << 20
+# (GPU memory on CUDA; a quarter of it on the host otherwise, where the arithmetic is the limit.)
+COMMIT_READ_AHEAD_BYTES = 2 << 30
 COMMIT_WRITE_BEHIND = 4
 
 
@@ -141,9 +142,15 @@ class Registry:
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
-    def init(cls, path: str | os.PathLike, reference: Any, *, progress: bool | None = None) -> "Registry":
+    def init(cls, path: str | os.PathLike, reference: Any, *, compress_reference: bool = False,
+             progress: bool | None = None) -> "Registry":
         """Create a registry at ``path`` holding ``reference`` (HF directory, .safetensors
-        file or state dict), every tensor stored losslessly, plus its non-weight files."""
+        file or state dict), every tensor stored losslessly, plus its non-weight files.
+
+        The reference's arrays are written without zstd unless ``compress_reference``: every
+        materialize without a resident reference reads all of them, zstd shrinks float weights
+        only ~1.3x, and decoding it was the largest host cost of that read (speed.md); the
+        reference is stored once however many tasks the registry holds."""
         root = Path(path)
         if (root / INFO_KEY).exists():
             raise AlreadyExistsError(f"{root}: a registry already exists here; open it instead of running init")
@@ -162,7 +169,7 @@ class Registry:
             for name in _progress(source.names(), total=len(source.names()), desc="reference", enabled=progress):
                 tensor = source.get(name)
                 _check_finite(source, name, tensor)
-                tensors[name] = _store_lossless(objects, tensor, txn)
+                tensors[name] = _store_lossless(objects, tensor, txn, compress=compress_reference)
             files = _store_files(objects, source, txn)
             record = ReferenceRecord(created=utc_now(), tensors=tensors, files=files)
             digest = objects.put_record(record, txn)
@@ -322,15 +329,15 @@ class Registry:
         lossy = [ft for ft in source.names() if ft in plan.lossy]
         seeds = {name: derive_seed(seed, name) for name in lossy}
 
-        tau_cache: dict[str, torch.Tensor | None] = {}
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        reader = fast.DeviceReader(self.objects, device, verify=True)
 
-        def tau(ref_name: str) -> torch.Tensor | None:
+        def tau(ref_name: str, array=None) -> torch.Tensor | None:
             if base_record is None or ref_name not in base_record.tensors:
                 return None
-            if ref_name not in tau_cache:  # one tensor at a time: the pass order is sequential
-                tau_cache.clear()
-                tau_cache[ref_name] = self._decode_full(base_record.tensors[ref_name], device, True)
-            return tau_cache[ref_name]
+            return self._decode_full(base_record.tensors[ref_name], device, True, array=array)
 
         # Every check that can refuse the input runs before the first write: a refused commit
         # changes nothing on disk. Lossy tensors are checked for NaN/Inf in pass 1, the rest here.
@@ -338,28 +345,31 @@ class Registry:
             if name not in plan.lossy:
                 _check_finite(source, name, source.get(name))
 
-        def read(name: str) -> tuple[torch.Tensor | None, torch.Tensor]:
-            """In a reader thread: the finetune's tensor and, for a delta, its reference tensor."""
+        def read(name: str) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+            """In a reader thread, on the device: the finetune's tensor and, for a delta, its
+            reference tensor and base vector (on CUDA through pinned staging, no host copy)."""
             ref_name = plan.lossy.get(name)
-            return (None if ref_name is None else self._reference_tensor(reference, ref_name)), source.get(name)
+            if ref_name is None:
+                return None, reader.source(source, name), None
+            w_ref = self._decode_full(reference.tensors[ref_name], device, True, array=reader.array)
+            return w_ref, reader.source(source, name), tau(ref_name, reader.array)
 
-        def read_all(names: list[str]) -> Iterator[tuple[str, tuple[torch.Tensor | None, torch.Tensor]]]:
-            return read_ahead(read, names, nbytes=lambda n: 2 * _numel(source.shape(n)) * source.dtype(n).itemsize,
-                              budget=COMMIT_READ_AHEAD_BYTES)
+        def read_all(names: list[str]):
+            per_param = 8 if base_record is not None else 4  # reference and finetune (bf16), float32 base
+            return reader.read_ahead(read, names, nbytes=lambda n: per_param * _numel(source.shape(n)),
+                                     budget=COMMIT_READ_AHEAD_BYTES if device.type == "cuda" else
+                                     COMMIT_READ_AHEAD_BYTES // 4)
 
         # Pass 1: closed-form lam1 and the sanity check that this is a finetune of the reference.
         acc = dbms.Lam1Accumulator()
         delta_sq = ref_sq = 0.0
-        for name, (w_ref, tensor) in _progress(read_all(lossy), total=len(lossy), desc=f"{task}: analyse",
-                                               enabled=progress):
-            ref_name = plan.lossy[name]
-            w_pre = dbms.as_matrix(w_ref.to(device).float())
-            tensor = tensor.to(device)
+        for name, (w_ref, tensor, t) in _progress(read_all(lossy), total=len(lossy), desc=f"{task}: analyse",
+                                                  enabled=progress):
+            w_pre = dbms.as_matrix(w_ref.float())
             _check_finite(source, name, tensor)
             delta = dbms.as_matrix(tensor.float()) - w_pre
             delta_sq += float(delta.double().pow(2).sum())
             ref_sq += float(w_pre.double().pow(2).sum())
-            t = tau(ref_name)
             if t is not None:
                 acc.add(name, delta, dbms.as_matrix(t), dbms.changed_rows(delta))
         relative = (delta_sq / ref_sq) ** 0.5 if ref_sq else 0.0
@@ -389,20 +399,19 @@ class Registry:
             txn = self.objects.new_txn()
             stored: dict[str, Future] = {}
             waiting: deque[Future] = deque()
-            for name, (w_ref, tensor) in _progress(read_all(source.names()), total=len(source.names()),
-                                                   desc=f"{task}: encode", enabled=progress):
+            for name, (w_ref, tensor, t) in _progress(read_all(source.names()), total=len(source.names()),
+                                                      desc=f"{task}: encode", enabled=progress):
                 if len(waiting) >= COMMIT_WRITE_BEHIND:
                     waiting.popleft().result()  # bound the encoded tensors waiting for the writer
                 if name not in plan.lossy:  # checked for NaN/Inf before pass 1
-                    stored[name] = writer.submit(_store_lossless, self.objects, tensor, txn)
+                    stored[name] = writer.submit(_store_lossless, self.objects, tensor.cpu(), txn)
                     waiting.append(stored[name])
                     continue
                 ref_name = plan.lossy[name]
                 lam1, lam2 = (lambdas.per_tensor or {}).get(name, (lambdas.lam1, lambdas.lam2))
-                w_pre = dbms.as_matrix(w_ref.to(device).float())
-                delta = dbms.as_matrix(tensor.to(device).float()) - w_pre
+                w_pre = dbms.as_matrix(w_ref.float())
+                delta = dbms.as_matrix(tensor.float()) - w_pre
                 rows = dbms.changed_rows(delta)
-                t = tau(ref_name)
                 tau_rows = None if t is None else dbms.as_matrix(t)[rows]
                 resid = dbms.residual(delta[rows], tau_rows, lam1)
                 code = dbms.MatrixCode(rows, compressor.encode(resid.contiguous(), seed=seeds[name]))
@@ -479,8 +488,6 @@ class Registry:
         """
         device = torch.device(device)
         if device.type == "cuda":
-            from . import fast
-
             yield from fast.iter_materialize_streaming(self, task, version, device=device, dtype=dtype, verify=verify)
             return
         _, record = self.version(task, version)
@@ -611,33 +618,38 @@ class Registry:
                             attrs=dict(code.encoded.attrs), ref=ref_name, rows=rows, changed_rows=n_changed)
         return entry if lambdas is None else replace(entry, lam1=lambdas[0], lam2=lambdas[1])
 
-    def _load_encoded(self, entry: TensorEntry, device, verify: bool) -> Encoded:
-        arrays = {role: self.objects.get_array(h, verify=verify, what=role).to(device)
-                  for role, h in entry.arrays.items()}
-        return Encoded(arrays, dict(entry.attrs))
+    def _load_encoded(self, entry: TensorEntry, device, verify: bool, array=None) -> Encoded:
+        array = array or self._array_getter(device, verify)
+        return Encoded({role: array(h, role) for role, h in entry.arrays.items()}, dict(entry.attrs))
 
-    def _decode_rows(self, entry: TensorEntry, device, verify: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bool row mask, float32 decoded changed rows) of a delta entry."""
+    def _array_getter(self, device, verify: bool):
+        """``array(digest, what)``: a stored array on ``device`` (the plain, one-thread read)."""
+        return lambda digest, what: self.objects.get_array(digest, verify=verify, what=what).to(device)
+
+    def _decode_rows(self, entry: TensorEntry, device, verify: bool, array=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bool row mask, float32 decoded changed rows) of a delta entry; ``array`` reads the
+        stored arrays (default :meth:`_array_getter`)."""
+        array = array or self._array_getter(device, verify)
         rows_total = entry.shape[0]
         cols = _numel(entry.shape[1:])
         if entry.rows is None:
             rows = torch.ones(rows_total, dtype=torch.bool, device=device)
         else:
-            rows = unpack_bits(self.objects.get_array(entry.rows, verify=verify, what="rows").to(device), rows_total)
+            rows = unpack_bits(array(entry.rows, "rows"), rows_total)
         if entry.changed_rows is not None and int(rows.sum()) != entry.changed_rows:
             raise CorruptObjectError(f"changed-row mask holds {int(rows.sum())} rows, the record says "
                                      f"{entry.changed_rows}")
         compressor: Compressor = get_compressor(entry.codec, entry.config)
-        decoded = compressor.decode(self._load_encoded(entry, device, verify), (int(rows.sum()), cols), device)
+        decoded = compressor.decode(self._load_encoded(entry, device, verify, array), (int(rows.sum()), cols), device)
         return rows, decoded
 
-    def _decode_full(self, entry: TensorEntry, device, verify: bool) -> torch.Tensor:
+    def _decode_full(self, entry: TensorEntry, device, verify: bool, array=None) -> torch.Tensor:
         """A lossless entry as stored, or a delta entry of a base vector expanded to full rows."""
         _check_entry(entry)
         if entry.codec == Lossless.name:
             lossless = get_compressor(Lossless.name, entry.config)  # refuses stray config fields
-            return lossless.decode(self._load_encoded(entry, device, verify), entry.shape, device)
-        rows, decoded = self._decode_rows(entry, device, verify)
+            return lossless.decode(self._load_encoded(entry, device, verify, array), entry.shape, device)
+        rows, decoded = self._decode_rows(entry, device, verify, array)
         return dbms.expand_rows(decoded, rows).reshape(entry.shape)
 
 
@@ -734,9 +746,9 @@ def _compressible(array: torch.Tensor) -> bool:
     return array.dtype not in (torch.uint8, torch.int8)
 
 
-def _store_lossless(objects: ObjectStore, tensor: torch.Tensor, txn: str) -> TensorEntry:
+def _store_lossless(objects: ObjectStore, tensor: torch.Tensor, txn: str, *, compress: bool = True) -> TensorEntry:
     encoded = Lossless().encode(tensor)
-    arrays = {role: objects.put_array(a, txn, compress=True) for role, a in encoded.arrays.items()}
+    arrays = {role: objects.put_array(a, txn, compress=compress) for role, a in encoded.arrays.items()}
     return TensorEntry(shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype), codec=Lossless.name, config={},
                        arrays=arrays, attrs=dict(encoded.attrs))
 

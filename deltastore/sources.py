@@ -8,6 +8,7 @@ opened: loading them would execute code.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -47,6 +48,12 @@ class TensorSource:
 
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def read_into(self, name: str, out: memoryview, start: int = 0) -> None:
+        """Bytes ``[start, start + len(out))`` of tensor ``name`` (row-major, native byte
+        order) into ``out``: how the fast path streams a tensor into pinned staging."""
+        raw = self.get(name).contiguous().reshape(-1).view(torch.uint8)
+        out.cast("B")[:] = memoryview(raw[start:start + len(out)].numpy()).cast("B")
 
     def __contains__(self, name: str) -> bool:
         return name in set(self.names())
@@ -144,23 +151,28 @@ class SafetensorsSource(TensorSource):
         return self._meta[name][1]
 
     def get(self, name: str) -> torch.Tensor:
+        out = torch.empty(self.shape(name), dtype=self.dtype(name))
+        if out.numel():
+            self.read_into(name, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        return out
+
+    def read_into(self, name: str, out: memoryview, start: int = 0) -> None:
         path, offset, length = self._where[name]
         shape, dtype = self._meta[name]
-        out = torch.empty(shape, dtype=dtype)
-        raw = out.reshape(-1).view(torch.uint8) if out.numel() else out.new_empty(0, dtype=torch.uint8)
-        if raw.numel() != length:
-            raise InvalidInputError(f"{path}: tensor {name!r} spans {length} bytes, its shape and dtype need "
-                                    f"{raw.numel()}")
-        view = memoryview(raw.numpy())
+        needed = math.prod(shape) * dtype.itemsize
+        if length != needed:
+            raise InvalidInputError(f"{path}: tensor {name!r} spans {length} bytes, its shape and dtype need {needed}")
+        out = out.cast("B")
+        if start < 0 or start + len(out) > length:
+            raise ValueError(f"bytes {start}..{start + len(out)} are outside tensor {name!r} ({length} bytes)")
         with open(path, "rb", buffering=0) as fh:
-            fh.seek(offset)
+            fh.seek(offset + start)
             done = 0
-            while done < length:
-                n = fh.readinto(view[done:])
+            while done < len(out):
+                n = fh.readinto(out[done:])
                 if not n:
                     raise InvalidInputError(f"{path}: file ends inside tensor {name!r}; the file is truncated")
                 done += n
-        return out
 
 
 def _data_offsets(path: Path) -> dict[str, tuple[int, int]]:

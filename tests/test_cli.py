@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from deltastore_cli.main import cli
@@ -91,3 +92,21 @@ def test_verify_reports_corruption_with_exit_4(example, reg):
     assert result.exit_code == 4
     report = json.loads(result.stdout)
     assert not report["ok"] and any(victim.name in p["object"] for p in report["problems"])
+
+
+@pytest.mark.parametrize("flag", [[], ["--compress-reference"]])
+def test_init_compress_reference(example, tmp_path, flag):
+    """The reference's arrays are stored raw by default (fast cold reads), with zstd on request;
+    either way they read back to the same reference."""
+    from deltastore import Registry
+
+    path = tmp_path / "reg"
+    run("init", path, "--reference", example.reference, *flag)
+    reg = Registry(path)
+    codecs = {reg.objects.open_array(e.arrays["data"]).layout.zstd for e in reg.reference().tensors.values()}
+    assert codecs == {bool(flag)}
+    from deltastore.sources import open_source
+
+    source = open_source(example.reference)
+    for name in reg.reference().tensors:
+        assert torch.equal(reg._reference_tensor(reg.reference(), name), source.get(name))

@@ -71,13 +71,13 @@ def test_streaming_dtype_cast(registry):
 def test_streaming_reads_ahead_within_budget(registry, monkeypatch):
     """With a 1-byte budget the reader holds one tensor beyond the one being decoded, never more."""
     started = []
-    original = fast._Reader._read
+    original = fast.DeviceReader._read
 
     def spy(self, item):
         started.append(item.name)
         return original(self, item)
 
-    monkeypatch.setattr(fast._Reader, "_read", spy)
+    monkeypatch.setattr(fast.DeviceReader, "_read", spy)
     seen = 0
     for _name, _value in fast.iter_materialize_streaming(registry, "bd_base", device="cpu", read_ahead_bytes=1,
                                                           workers=4):
@@ -186,3 +186,16 @@ def test_cuda_resident_switch_back_and_forth(registry, cache, monkeypatch):
             pointers = now
 
 
+
+
+@pytest.mark.cuda
+def test_cuda_device_reader_streams_source_tensors_in_tiny_slots(example):
+    """DeviceReader.source (commit's finetune reads) with two 8 KiB slots: many pieces per tensor."""
+    from deltastore.sources import open_source
+
+    source = open_source(example.finetunes["has_top"])
+    reader = fast.DeviceReader(None, torch.device("cuda", 0), True, staging_bytes=8192)
+    for name in source.names():
+        got, event = reader.run(reader.source, source, name)
+        event.synchronize()
+        assert torch.equal(got.cpu(), source.get(name))

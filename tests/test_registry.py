@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from deltastore import (AlreadyExistsError, IncompatibleFinetuneError, InvalidInputError, NotFoundError, Registry,
                         UnknownMethodError)
 from deltastore.demo import SEEN_TOKENS
+from deltastore.sources import open_source
 
 
 def _finetune(example, task="has_top"):
@@ -293,3 +294,31 @@ def test_amortized_bytes_split_shared_objects(example, registry_copy):
     record_a = reg.objects.size("records", reg.version("a")[0])
     assert a.amortized_bytes == pytest.approx(record_a + (a.own_bytes - record_a) / 2)
     assert a.to_dict()["ratio_fp16_amortized"] > a.to_dict()["ratio_fp16_with_base_share"]
+
+
+@pytest.mark.cuda
+def test_cuda_commit_matches_cpu_commit(example, registry_copy):
+    """A commit encoded on the GPU (tensors streamed through pinned staging, base vector decoded
+    there) stores what a CPU commit stores, up to the last bits of the reductions (lam1, the
+    BitDelta scales), which may flip the sign of residuals within rounding of zero."""
+    cpu = registry_copy.commit("cpu", example.finetunes["has_top"], method="bitdelta", base="all")
+    gpu = registry_copy.commit("gpu", example.finetunes["has_top"], method="bitdelta", base="all", device="cuda")
+    assert gpu.lam1 == pytest.approx(cpu.lam1, rel=1e-5)
+    want, got = registry_copy.materialize("cpu"), registry_copy.materialize("gpu")
+    for name, value in want.items():
+        differ = (got[name] != value).float().mean().item()
+        assert differ < 1e-3, (name, differ)
+
+
+def test_safetensors_read_into_any_range(example):
+    """Positioned reads of any byte range give the tensor's bytes (the fast path streams
+    tensors into pinned staging with them)."""
+    source = open_source(example.finetunes["has_top"])
+    for name in source.names()[:6]:
+        whole = source.get(name).reshape(-1).view(torch.uint8)
+        for start, length in [(0, whole.numel()), (3, min(17, whole.numel() - 3)), (whole.numel() - 1, 1)]:
+            out = bytearray(length)
+            source.read_into(name, memoryview(out), start)
+            assert bytes(out) == whole[start:start + length].numpy().tobytes()
+    with pytest.raises(ValueError, match="outside tensor"):
+        source.read_into(name, memoryview(bytearray(2)), whole.numel() - 1)

@@ -94,11 +94,14 @@ def _quiet_transformers() -> None:
 @registry_arg
 @click.option("--reference", required=True, type=click.Path(exists=True, path_type=Path),
               help="Pretrained model: Hugging Face directory or .safetensors file.")
+@click.option("--compress-reference", is_flag=True,
+              help="Store the reference's arrays with zstd: about 20% less disk for bf16 weights, but every "
+                   "materialize without a resident reference decodes them (slower).")
 @json_option
 @click.pass_context
-def init(ctx: click.Context, registry: Path, reference: Path, as_json: bool) -> None:
+def init(ctx: click.Context, registry: Path, reference: Path, compress_reference: bool, as_json: bool) -> None:
     """Create REGISTRY holding the pretrained reference."""
-    reg = Registry.init(registry, reference, progress=_progress(ctx))
+    reg = Registry.init(registry, reference, compress_reference=compress_reference, progress=_progress(ctx))
     ref = reg.reference()
     data = {"registry": str(registry), "reference": reg.reference_hash(), "tensors": len(ref.tensors),
             "files": sorted(ref.files), "bytes_on_disk": reg.backend.size("")}
