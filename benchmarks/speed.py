@@ -279,7 +279,7 @@ def reference_codec_ab(reg, device: str, work: Path, repeats: int, max_bytes: fl
 
         def read_all():
             for _ in reader.read_ahead(lambda d: reader.array(d, "reference"), digests,
-                                       nbytes=lambda d: store.open_array(d).nbytes, budget=fast.DEFAULT_READ_AHEAD_BYTES):
+                                       nbytes=lambda d: store.open_array(d).nbytes, budget=fast.READ_AHEAD_GPU_BYTES):
                 pass
 
         t, _ = timed(read_all, repeats, device)
