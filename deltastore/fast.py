@@ -44,7 +44,7 @@ from .readahead import read_ahead
 from .storage.records import BaseRecord, ReferenceRecord, TensorEntry
 from .tensor import dbms
 from .tensor.bitpack import packed_size
-from .tensor.compressors import Encoded, dare, get_compressor
+from .tensor.compressors import Encoded, get_compressor
 from .tensor.compressors.lossless import Lossless, dtype_from_name
 from .tensor.prng import MAX_COUNTER, mix32_int
 
@@ -155,9 +155,7 @@ if HAS_TRITON:
     @triton.jit
     def _dare_kernel(out_ptr, w_ptr, trow_ptr, off_ptr, val_ptr, n_values, vscale_ptr, brow_ptr, bsign_ptr,
                      const_ptr, seed_mix, threshold, cols, n_blocks,
-                     HAS_BASE: tl.constexpr, INT8: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
-        # SPARSE: write every element as if dropped (lam2 * 0, the same operations), no mask;
-        # _dare_scatter_kernel then rewrites the kept ones from their cached positions.
+                     HAS_BASE: tl.constexpr, INT8: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         row = pid // n_blocks
         cb = pid % n_blocks
@@ -167,48 +165,19 @@ if HAS_TRITON:
         w = tl.load(w_ptr + offs, mask=inb, other=0).to(tl.float32)
         ti = tl.load(trow_ptr + row)
         if ti >= 0:
-            if SPARSE:
-                d = tl.zeros([BLOCK], dtype=tl.float32)
-            else:
-                keep = _dare_keep(ti.to(tl.int64) * cols + c, seed_mix, threshold) & inb
-                k = keep.to(tl.int32)
-                index = tl.load(off_ptr + ti.to(tl.int64) * n_blocks + cb).to(tl.int64) + (tl.cumsum(k, axis=0) - k)
-                ok = keep & (index < n_values)
-                d = tl.load(val_ptr + index, mask=ok, other=0).to(tl.float32)
-                if INT8:
-                    d = d * tl.load(vscale_ptr + ti)
-                d = tl.where(keep, d, 0.0)
+            keep = _dare_keep(ti.to(tl.int64) * cols + c, seed_mix, threshold) & inb
+            k = keep.to(tl.int32)
+            index = tl.load(off_ptr + ti.to(tl.int64) * n_blocks + cb).to(tl.int64) + (tl.cumsum(k, axis=0) - k)
+            ok = keep & (index < n_values)
+            d = tl.load(val_ptr + index, mask=ok, other=0).to(tl.float32)
+            if INT8:
+                d = d * tl.load(vscale_ptr + ti)
+            d = tl.where(keep, d, 0.0)
             u = tl.load(const_ptr) * d  # lam2 * C(R); a separate rounding (fp fusion is off)
             if HAS_BASE:
                 u = u + _base_term(row, c, inb, cols, brow_ptr, bsign_ptr, const_ptr, BLOCK)
             w = w + u
         tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=inb)
-
-
-    @triton.jit
-    def _dare_scatter_kernel(out_ptr, w_ptr, pos_ptr, val_ptr, n_kept, vscale_ptr, trow_ptr, brow_ptr, bsign_ptr,
-                             const_ptr, cols, HAS_BASE: tl.constexpr, INT8: tl.constexpr, BLOCK: tl.constexpr):
-        # The kept elements only, at their cached flat positions: the same operations as
-        # _dare_kernel performs on a kept element, so the bits are the same.
-        k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = k < n_kept
-        p = tl.load(pos_ptr + k, mask=ok, other=0).to(tl.int64)
-        row = p // cols
-        c = p % cols
-        w = tl.load(w_ptr + p, mask=ok, other=0).to(tl.float32)
-        d = tl.load(val_ptr + k, mask=ok, other=0).to(tl.float32)
-        if INT8:
-            ti = tl.load(trow_ptr + row, mask=ok, other=0)
-            d = d * tl.load(vscale_ptr + ti, mask=ok, other=0)
-        u = tl.load(const_ptr) * d
-        if HAS_BASE:
-            bi = tl.load(brow_ptr + row, mask=ok, other=-1)
-            bflat = bi.to(tl.int64) * cols + c
-            bbyte = tl.load(bsign_ptr + (bflat >> 3), mask=ok & (bi >= 0), other=0).to(tl.int32)
-            bbit = (bbyte >> (bflat & 7).to(tl.int32)) & 1
-            b = tl.where(bbit != 0, tl.load(const_ptr + 2), tl.load(const_ptr + 3))
-            u = u + tl.where(bi >= 0, b, tl.load(const_ptr + 4))
-        tl.store(out_ptr + p, (w + u).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,12 +224,10 @@ class _Parts:
     brow: torch.Tensor | None = None
     barrays: dict[str, torch.Tensor] = field(default_factory=dict)
     offsets: torch.Tensor | None = None       # DARE: first value index of each (row, block)
-    positions: torch.Tensor | None = None     # DARE, resident: flat output index of each kept value
     consts: torch.Tensor | None = None        # float32 (5,): see _consts
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [t for t in (self.data, self.w_pre, self.trow, self.brow, self.offsets, self.positions, self.consts)
-               if t is not None]
+        out = [t for t in (self.data, self.w_pre, self.trow, self.brow, self.offsets, self.consts) if t is not None]
         return out + list(self.arrays.values()) + list(self.barrays.values())
 
 
@@ -356,24 +323,6 @@ def _dare_offsets(item: _Item, parts: _Parts, device: torch.device) -> torch.Ten
     return ends - counts
 
 
-def _dare_positions(item: _Item, parts: _Parts, device: torch.device) -> torch.Tensor:
-    """``(kept,)`` flat index into the output matrix of each stored DARE value, in value order:
-    the keep mask evaluated once, so that a resident switch scatters the 1% kept values instead
-    of hashing every element (what bounded the DARE switch; speed.md). int32 when it fits."""
-    rows, cols = item.matrix
-    changed = (parts.trow >= 0).nonzero().squeeze(1).to(torch.int64)
-    seed, threshold = int(item.entry.attrs["seed"]), int(item.entry.attrs["keep_threshold"])
-    pieces = []
-    for first, end in dare.row_blocks(changed.numel(), cols):
-        r, c = dare.keep_mask(seed, threshold, first, end, cols, device).nonzero().unbind(1)
-        pieces.append(changed[first + r] * cols + c)
-    positions = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int64, device=device)
-    if positions.numel() != parts.arrays["values"].numel():
-        raise CorruptObjectError(f"{item.name}: dare array 'values' holds {parts.arrays['values'].numel()} "
-                                 f"values, the mask keeps {positions.numel()}")
-    return positions.to(torch.int32) if rows * cols < 2 ** 31 else positions
-
-
 def _decode_fused(item: _Item, parts: _Parts, out: torch.Tensor) -> None:
     """Write ``W'`` of one delta tensor into ``out`` (contiguous, the entry's shape and dtype)."""
     rows, cols = item.matrix
@@ -393,16 +342,10 @@ def _decode_fused(item: _Item, parts: _Parts, out: torch.Tensor) -> None:
         int8 = int(item.entry.config.get("value_bits", 16)) == 8
         values = parts.arrays["values"]
         vscale = parts.arrays["scales"] if int8 else parts.consts
-        sparse = parts.positions is not None
-        _dare_kernel[grid](out, w, parts.trow, parts.trow if sparse else parts.offsets, values, values.numel(),
-                           vscale, brow, bsigns, parts.consts, mix32_int(int(item.entry.attrs["seed"])),
+        _dare_kernel[grid](out, w, parts.trow, parts.offsets, values, values.numel(), vscale, brow, bsigns,
+                           parts.consts, mix32_int(int(item.entry.attrs["seed"])),
                            int(item.entry.attrs["keep_threshold"]), cols, n_blocks,
-                           HAS_BASE=has_base, INT8=int8, SPARSE=sparse, BLOCK=BLOCK, num_warps=8,
-                           enable_fp_fusion=False)
-        if sparse and values.numel():
-            _dare_scatter_kernel[(triton.cdiv(values.numel(), BLOCK),)](
-                out, w, parts.positions, values, values.numel(), vscale, parts.trow, brow, bsigns, parts.consts, cols,
-                HAS_BASE=has_base, INT8=int8, BLOCK=BLOCK, num_warps=8, enable_fp_fusion=False)
+                           HAS_BASE=has_base, INT8=int8, BLOCK=BLOCK, num_warps=8, enable_fp_fusion=False)
 
 
 def _decode_torch(item: _Item, parts: _Parts, device: torch.device) -> torch.Tensor:
@@ -752,7 +695,7 @@ class _CachedTask:
     task: str
     version: int
     items: list[_Item]
-    slots: list[dict[str, _Slot]]   # per item: role -> slot (roles: data, trow, positions, consts, a:<array>)
+    slots: list[dict[str, _Slot]]   # per item: role -> slot (roles: data, trow, offsets, consts, arrays)
     flat: torch.Tensor              # uint8
     fused: list[bool]
     base: str | None                # the base vector record's digest
@@ -794,9 +737,6 @@ class ResidentModel:
 
     ``cache``: where each task's compressed bytes are kept after the first switch to it:
     ``"pinned"`` (host, default), ``"gpu"`` or ``"none"`` (read from the registry every time).
-    With the Triton kernels, a DARE task's cache also holds the flat position of each kept value
-    (4 bytes each: +270 MB for a 7B model at p=0.99), so a switch writes the dense part at memory
-    speed and scatters the kept values instead of rebuilding the keep mask of every element.
     Each switch gives exactly ``registry.materialize(task, version, dtype=<target dtype>)``.
     """
 
@@ -881,8 +821,8 @@ class ResidentModel:
                                     trow=trow.to(self.device))
                 _check_codes(item, parts)
                 roles["consts"] = builder.add(_consts(item, self.device))
-                if entry.codec == "dare":  # kept positions are part of the cached code: no mask pass per switch
-                    roles["positions"] = builder.add(_dare_positions(item, parts, self.device))
+                if entry.codec == "dare":  # the value offsets are part of the cached code: no count pass per switch
+                    roles["offsets"] = builder.add(_dare_offsets(item, parts, self.device))
             slots.append(roles)
             fused.append(is_fused)
         flat = builder.build(pin=self.cache == "pinned")
@@ -905,8 +845,8 @@ class ResidentModel:
         for key in [k for k in self._tasks if k[0] == task and (version is None or k[1] == version)]:
             del self._tasks[key]
 
-    def _parts(self, item: _Item, base_digest: str | None, *, arrays, trow, positions=None, consts=None) -> _Parts:
-        parts = _Parts(w_pre=self._reference[item.entry.ref], trow=trow, arrays=arrays, positions=positions,
+    def _parts(self, item: _Item, base_digest: str | None, *, arrays, trow, offsets=None, consts=None) -> _Parts:
+        parts = _Parts(w_pre=self._reference[item.entry.ref], trow=trow, arrays=arrays, offsets=offsets,
                        consts=consts)
         if item.base_entry is not None:
             brow, signs = self._bases[(base_digest, item.entry.ref)]
@@ -961,7 +901,7 @@ class ResidentModel:
                 continue
             arrays = {role[2:]: s.view(flat) for role, s in roles.items() if role.startswith("a:")}
             parts = self._parts(item, record_base, arrays=arrays, trow=roles["trow"].view(flat),
-                                positions=roles["positions"].view(flat) if "positions" in roles else None,
+                                offsets=roles["offsets"].view(flat) if "offsets" in roles else None,
                                 consts=roles["consts"].view(flat) if "consts" in roles else None)
             if is_fused:
                 _decode_fused_into(item, parts, target)

@@ -306,8 +306,9 @@ def test_cuda_commit_matches_cpu_commit(example, registry_copy):
     assert gpu.lam1 == pytest.approx(cpu.lam1, rel=1e-5)
     want, got = registry_copy.materialize("cpu"), registry_copy.materialize("gpu")
     for name, value in want.items():
-        differ = (got[name] != value).float().mean().item()
-        assert differ < 1e-3, (name, differ)
+        # A scale a few ulps off moves many outputs by an ulp; a flipped sign moves one by 2*scale.
+        far = ((got[name] - value).abs() > 1e-6 + 1e-5 * value.abs()).float().mean().item()
+        assert far < 1e-3, (name, far)
 
 
 def test_safetensors_read_into_any_range(example):
