@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 FULL = dict(hidden=4096, mlp=11008, vocab=32000, layers=32)
 SMALL = dict(hidden=256, mlp=688, vocab=2000, layers=2)
+SWITCH_REPEATS = 7
 SHARD_BYTES = 4 << 30
 WEIGHT_STD = 0.02
 DELTA_STD = 0.001          # 5% of the weights' spread: above bf16 resolution, well below 50%
@@ -457,6 +458,8 @@ def main() -> None:
     else:
         res["resident_target"] = "state dict"
     res["switch"] = {}
+    if device == "cuda":
+        res["gpu_state_before_switch"] = gpu_state()
     t0 = time.perf_counter()
     resident = fast.ResidentModel(reg, target, device=device)
     for cache in (["pinned", "gpu"] if device == "cuda" else ["none"]):
@@ -478,7 +481,7 @@ def main() -> None:
                 sync(device)
 
             times = []
-            for _ in range(repeats + 1):
+            for _ in range(SWITCH_REPEATS + 1):  # switches are cheap: more of them than of the rest
                 prep()
                 t0 = time.perf_counter()
                 sw()
@@ -534,6 +537,17 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def gpu_state() -> str:
+    """SM clock, its maximum, temperature, utilization and power draw now (nvidia-smi), so a
+    throttled or shared GPU shows in the results; run-to-run spread between machines was 2x."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu,"
+                              "power.draw", "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        return out.stdout.strip()
+    except Exception as exc:  # no nvidia-smi: say so instead of failing the run
+        return f"unknown ({type(exc).__name__})"
+
+
 def machine(device: str) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpus": os.cpu_count()}
@@ -555,6 +569,7 @@ def machine(device: str) -> dict:
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
+        info["gpu_state"] = gpu_state()
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
     except Exception:
@@ -573,7 +588,10 @@ def report(res: dict) -> str:
         f"{res['machine'].get('zarr', '-')}, Python {res['machine']['python']}.",
         f"Model: Llama-2-7B shapes, {cfg['layers']} layers, hidden {cfg['hidden']}, MLP {cfg['mlp']}, vocab "
         f"{cfg['vocab']}: {res['params'] / 1e9:.3f} B parameters, {res['model_bf16_bytes'] / gb:.2f} GB bf16. "
-        f"Medians of {res['repeats']} runs; every figure below is measured by benchmarks/speed.py in one run.",
+        f"Medians of {res['repeats']} runs ({SWITCH_REPEATS} for switches, 20 for kernels); every figure below is "
+        f"measured by benchmarks/speed.py in one run. GPU state (SM clock, max, temperature, utilization, power) "
+        f"before the switches: {res.get('gpu_state_before_switch', '-')}; at the end: "
+        f"{res['machine'].get('gpu_state', '-')}.",
         "",
         "| figure | value |",
         "| --- | --- |",
