@@ -461,16 +461,9 @@ class _StagingPool:
 
     def upload(self, src: torch.Tensor, dst: torch.Tensor, stream) -> None:
         """Copy CPU ``src`` into device ``dst`` (same bytes) through the pool, on ``stream``."""
-        s, d = _bytes(src), _bytes(dst)
-        for start in range(0, s.numel(), self.slot_bytes):
-            k = min(self.slot_bytes, s.numel() - start)
-            i = self._take()
-            try:
-                self.slots[i][:k].copy_(s[start:start + k])
-            except BaseException:
-                self.free.put(i)
-                raise
-            self._send(i, k, d[start:start + k], stream)
+        s = _bytes(src.contiguous())
+        self.upload_filled(lambda start, view: torch.frombuffer(view, dtype=torch.uint8).copy_(
+            s[start:start + len(view)]), dst, stream)
 
     def upload_filled(self, fill, dst: torch.Tensor, stream) -> None:
         """Fill device ``dst`` slot by slot: ``fill(start, view)`` writes its bytes

@@ -355,8 +355,11 @@ class Registry:
             return w_ref, reader.source(source, name), tau(ref_name, reader.array)
 
         def read_all(names: list[str]):
-            per_param = 8 if base_record is not None else 4  # reference and finetune (bf16), float32 base
-            return reader.read_ahead(read, names, nbytes=lambda n: per_param * _numel(source.shape(n)),
+            def nbytes(name: str) -> int:  # reference and finetune in the finetune's dtype, float32 base
+                return (2 * source.dtype(name).itemsize + (4 if base_record is not None else 0)) * _numel(
+                    source.shape(name))
+
+            return reader.read_ahead(read, names, nbytes=nbytes,
                                      budget=COMMIT_READ_AHEAD_BYTES if device.type == "cuda" else
                                      COMMIT_READ_AHEAD_BYTES // 4)
 
@@ -416,8 +419,9 @@ class Registry:
                 resid = dbms.residual(delta[rows], tau_rows, lam1)
                 code = dbms.MatrixCode(rows, compressor.encode(resid.contiguous(), seed=seeds[name]))
                 per_tensor = (float(lam1), float(lam2)) if lambdas.per_tensor is not None else None
-                stored[name] = writer.submit(self._store_code, code, method, compressor.config.to_dict(), tensor.shape,
-                                             dtype_name(tensor.dtype), ref_name, txn, per_tensor)
+                encoded = _Ready(device)  # the writer copies the codes to the host once the device made them
+                stored[name] = writer.submit(encoded.then, self._store_code, code, method, compressor.config.to_dict(),
+                                             tensor.shape, dtype_name(tensor.dtype), ref_name, txn, per_tensor)
                 waiting.append(stored[name])
             tensors = {name: future.result() for name, future in stored.items()}
             files = _store_files(self.objects, source, txn)
@@ -739,6 +743,22 @@ def _check_finite(source: TensorSource, name: str, tensor: torch.Tensor) -> None
         raise InvalidInputError(
             f"{source.label}: tensor {name!r} holds {bad} NaN or infinite value(s); fix the checkpoint first"
         )
+
+
+class _Ready:
+    """Marks the work queued so far on ``device``'s current stream; :meth:`then` runs a function
+    (in another thread) once that work is done, so the thread may read tensors it produced."""
+
+    def __init__(self, device: torch.device):
+        self.event = None
+        if device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(device))
+
+    def then(self, fn, *args):
+        if self.event is not None:
+            self.event.synchronize()
+        return fn(*args)
 
 
 def _compressible(array: torch.Tensor) -> bool:
