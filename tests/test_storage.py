@@ -87,3 +87,25 @@ def test_hash_mismatch_found_after_last_chunk(store):
     assert array_hash(store.get_array(digest, verify=False).numpy()) != digest
     with pytest.raises(CorruptObjectError, match="content hash"):
         store.get_array(digest)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_chunk_that_is_not_a_file_is_refused_without_blocking(store, kind):
+    import os
+    import signal
+
+    digest = store.put_array(torch.arange(32, dtype=torch.int32), store.new_txn())
+    chunk = store.backend.root / object_key("arrays", digest) / "0"
+    chunk.unlink()
+    if kind == "fifo":
+        os.mkfifo(chunk)  # opening it for reading would wait for a writer forever
+    elif kind == "device":
+        chunk.symlink_to("/dev/zero")
+    else:
+        chunk.mkdir()
+    signal.alarm(20)  # a regression hangs: fail instead
+    try:
+        with pytest.raises(CorruptObjectError, match="not a regular file"):
+            store.get_array(digest)
+    finally:
+        signal.alarm(0)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -208,8 +209,12 @@ class LocalBackend:
         out = out.cast("B")
         if len(out) != valid:
             raise ValueError(f"{where}: buffer of {len(out)} bytes for {valid} bytes of chunk")
+        path = self._path(f"{layout.key}/{name}")
         try:
-            with open(self._path(f"{layout.key}/{name}"), "rb") as fh:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a fifo would block open(), a device never end
+                raise CorruptObjectError(f"{where} is not a regular file; the registry is damaged: run "
+                                         "`deltastore verify` and restore this object from a backup")
+            with open(path, "rb") as fh:
                 if not layout.zstd:
                     size = os.fstat(fh.fileno()).st_size
                     if size != layout.chunk_nbytes:
