@@ -14,7 +14,7 @@ import torch
 
 from deltastore import Registry
 from deltastore import fast
-from deltastore.errors import NotFoundError
+from deltastore.errors import CorruptObjectError, NotFoundError
 
 # task name -> (finetune of the example, method, config, base)
 TASKS = {
@@ -119,6 +119,28 @@ def test_resident_unknown_tensor_is_an_error(registry):
     resident = fast.ResidentModel(registry, {"nothing": torch.zeros(1)}, device="cpu")
     with pytest.raises(NotFoundError, match="no counterpart"):
         resident.switch("bd_base")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_streaming_corrupt_array_raises_from_reader_thread(registry, tmp_path, device):
+    """A damaged array read by a reader thread fails the materialize with the tensor's name,
+    never yields weights from it, and the other reads are cancelled."""
+    from deltastore.storage.objects import object_key
+
+    copy = tmp_path / "registry"
+    shutil.copytree(registry.path, copy)
+    reg = Registry(copy)
+    _, record = reg.version("bd_base")
+    name, entry = next((n, e) for n, e in record.tensors.items() if e.is_delta)
+    chunk = copy / object_key("arrays", entry.arrays["signs"]) / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[0] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    seen = []
+    with pytest.raises(CorruptObjectError, match="content hash") as info:
+        for got, _ in fast.iter_materialize_streaming(reg, "bd_base", device=device, workers=4):
+            seen.append(got)
+    assert name in str(info.value) and name not in seen
 
 
 @pytest.mark.skipif(not fast.triton_enabled(torch.device("cpu")), reason="Triton interpreter not enabled")
