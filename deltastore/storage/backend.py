@@ -202,9 +202,10 @@ class LocalBackend:
         """Decode chunk ``index`` of an array into ``out``: exactly the chunk's bytes that lie
         inside the array (specs/format.md §4: the last chunk's padding is dropped).
 
-        Zarr's own read path decodes on one event-loop thread; this one decodes with
-        ``zstandard``, which releases the GIL, so reader threads decode chunks in parallel."""
-        name, _, valid = layout.chunks()[index]
+        Reads bypass zarr: ``zstandard`` releases the GIL and decodes straight into the caller's
+        buffer (a pinned staging slot on CUDA), so reader threads decode in parallel and no
+        other host copy of the array is made."""
+        name, _, valid = layout.chunk(index)
         where = f"{self.root}: array {layout.key!r}, chunk {name}"
         out = out.cast("B")
         if len(out) != valid:
@@ -317,15 +318,22 @@ class ArrayLayout:
         """Bytes of one stored chunk (the full chunk shape, padding included)."""
         return self.chunk_rows * self.row_nbytes
 
-    def chunks(self) -> list[tuple[str, int, int]]:
-        """``(file name, offset in the array's bytes, bytes inside the array)`` of each chunk."""
+    @property
+    def n_chunks(self) -> int:
         if not self.shape:
-            return [("0", 0, self.dtype.itemsize)]
-        if self.nbytes == 0:
-            return []
-        suffix = ".0" * (len(self.shape) - 1)
-        return [(f"{c}{suffix}", row * self.row_nbytes, (min(self.shape[0], row + self.chunk_rows) - row) * self.row_nbytes)
-                for c, row in enumerate(range(0, self.shape[0], self.chunk_rows))]
+            return 1
+        return 0 if self.nbytes == 0 else -(-self.shape[0] // self.chunk_rows)
+
+    def chunk(self, index: int) -> tuple[str, int, int]:
+        """``(file name, offset in the array's bytes, bytes inside the array)`` of chunk ``index``."""
+        if not self.shape:
+            return "0", 0, self.dtype.itemsize
+        row = index * self.chunk_rows
+        rows = min(self.shape[0], row + self.chunk_rows) - row
+        return f"{index}{'.0' * (len(self.shape) - 1)}", row * self.row_nbytes, rows * self.row_nbytes
+
+    def chunks(self) -> list[tuple[str, int, int]]:
+        return [self.chunk(i) for i in range(self.n_chunks)]
 
 
 _local = threading.local()
