@@ -7,7 +7,6 @@ and empty arrays, compressed or not, every data type.
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
