@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import InvalidInputError, NotFoundError
+from .storage.records import check_file_name
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Non-weight files larger than this are not copied into the registry (datasets, logs...).
@@ -200,6 +201,8 @@ def _side_files(directory: Path, source: TensorSource) -> None:
         if path.stat().st_size > MAX_SIDE_FILE_BYTES:
             source.skipped[rel] = f"larger than {MAX_SIDE_FILE_BYTES >> 20} MiB"
             continue
+        # The rule readers apply to stored names: refusing here keeps an unreadable name out.
+        check_file_name(rel, f"{directory}", InvalidInputError, advice="rename or remove that file, then try again")
         source.files[rel] = path
 
 

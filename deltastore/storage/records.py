@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
 
-from ..errors import CorruptObjectError, FormatVersionError
+from ..errors import CorruptObjectError, DeltastoreError, FormatVersionError
 
 FORMAT_NAME = "deltastore"
 FORMAT_MAJOR = 1
@@ -69,15 +70,44 @@ MAX_TENSOR_DIMS = 16
 MAX_TENSOR_NUMEL = 1 << 36
 
 
+# specs/format.md §2.1: a key of a record's ``files`` map becomes a path under the folder a
+# task is materialized into, on any OS; the rule keeps it inside that folder everywhere.
+MAX_FILE_NAME_BYTES = 4096
+MAX_FILE_NAME_PART_BYTES = 255  # NAME_MAX of common filesystems
+_FORBIDDEN_IN_FILE_NAMES = re.compile(r'[\x00-\x1f\x7f\\:]')
+
+
+def check_file_name(rel: Any, what: str, error: type[DeltastoreError] = CorruptObjectError,
+                    advice: str = "the record is damaged or crafted: run `deltastore verify`") -> str:
+    """Return ``rel`` if it is a valid key of a ``files`` map (specs/format.md §2.1), else raise ``error``.
+
+    The one rule for writers (``error=InvalidInputError``: a finetune's file is refused before
+    anything is written) and readers (corrupt record); ``advice`` says what to do. Valid: ``/``-separated parts, none
+    empty, ``.`` or ``..`` (so no absolute path and no way out of the folder), no backslash,
+    colon or control character (Windows separators and drive letters, terminal escapes),
+    at most 255 bytes per part and 4096 in all (UTF-8).
+    """
+    if not isinstance(rel, str):
+        raise error(f"{what}: file name {rel!r:.80} is not a string; {advice}")
+    problem = None
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        problem = "has an empty, '.' or '..' part (an absolute path, '//', or a way out of its folder)"
+    elif _FORBIDDEN_IN_FILE_NAMES.search(rel):
+        problem = "holds a backslash, colon or control character"
+    elif (len(rel.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES
+          or any(len(p.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_PART_BYTES for p in parts)):
+        problem = f"is longer than {MAX_FILE_NAME_BYTES} bytes or has a part over {MAX_FILE_NAME_PART_BYTES} bytes"
+    if problem:
+        raise error(f"{what}: file name {rel!r:.80} is not a plain relative path: it {problem}, expected "
+                    f"folder names joined by '/' (specs/format.md §2.1); {advice}")
+    return rel
+
+
 def _check_files(value: Any, what: str) -> dict[str, str]:
-    """``files`` maps relative paths to blob hashes; the paths are written on materialize, so
-    they must stay inside the output folder: no absolute path, no '..', no empty part."""
     files = _check(value, ("map", str), what)
     for rel in files:
-        parts = rel.split("/") if isinstance(rel, str) else [""]
-        if (not isinstance(rel, str) or "\\" in rel or "\x00" in rel
-                or any(p in ("", ".", "..") for p in parts)):
-            raise CorruptObjectError(f"{what}: file path {rel!r:.80} is not a plain relative path")
+        check_file_name(rel, what)
     return files
 
 

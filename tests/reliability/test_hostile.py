@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from deltastore import (CorruptObjectError, DeltastoreError, FormatVersionError, IncompatibleFinetuneError,
                         InvalidInputError, NotFoundError, Registry, UnknownMethodError)
 from deltastore.storage.objects import object_key
-from deltastore.storage.records import content_hash, pack, unpack
+from deltastore.storage.records import check_file_name, content_hash, pack, unpack
 from deltastore_cli.main import cli
 
 from .helpers import copy_registry, finetune_state, reference_state, tree_bytes, write_model
@@ -157,6 +157,30 @@ def test_pickle_only_inputs_are_refused_unread(reg, tiny, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("name", ["../x", "/abs", "a//b", "a/./b", "a/", "notes\\v1.txt", "C:x", "a\nb", "a\x00b",
+                                  "\x1b[2Jx", "x" * 256, "a/" * 2100 + "b"])
+def test_file_name_rule_refuses(name):
+    """specs/format.md §2.1: one rule, check_file_name, for writers and readers."""
+    with pytest.raises(InvalidInputError, match="not a plain relative path"):
+        check_file_name(name, "test", InvalidInputError)
+    with pytest.raises(CorruptObjectError, match="not a plain relative path"):
+        check_file_name(name, "test")
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer/vocab.txt", ".hidden", "a b", "ünïcode", "x" * 255])
+def test_file_name_rule_accepts(name):
+    assert check_file_name(name, "test") == name
+
+
+def test_side_file_the_reader_would_refuse_is_refused_before_writing(reg, tmp_path):
+    folder = write_model(tmp_path / "ft", finetune_state(0))
+    (folder / "notes\\v1.txt").write_text("a name Windows reads as a folder")
+    with Unchanged(reg.path):
+        with pytest.raises(InvalidInputError, match=r"not a plain relative path.*rename or remove"):
+            reg.commit("t9", folder, progress=False)
+    assert "t9" not in reg.tasks()
+
+
 def test_empty_and_bad_reference(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -223,6 +247,10 @@ CRAFTED = {
     "path in file name": (lambda d: _with(d, ("files",), {"../../evil.sh": d["files"]["config.json"]}),
                           CorruptObjectError, "not a plain relative path"),
     "absolute file name": (lambda d: _with(d, ("files",), {"/tmp/evil": d["files"]["config.json"]}),
+                           CorruptObjectError, "not a plain relative path"),
+    "backslash in file name": (lambda d: _with(d, ("files",), {"notes\\v1.txt": d["files"]["config.json"]}),
+                               CorruptObjectError, "not a plain relative path"),
+    "drive in file name": (lambda d: _with(d, ("files",), {"C:evil.txt": d["files"]["config.json"]}),
                            CorruptObjectError, "not a plain relative path"),
     "shape disagrees with arrays": (lambda d: _with(d, ("tensors", "emb.weight", "shape"), [512, 32]),
                                     CorruptObjectError, "inconsistent"),
