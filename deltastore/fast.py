@@ -400,22 +400,20 @@ def _decode(item: _Item, parts: _Parts, device: torch.device, out: torch.Tensor 
 
 
 def _items(registry: "Registry", record) -> tuple[list[_Item], ReferenceRecord, BaseRecord | None]:
-    reference = registry.objects.get_record(record.reference, ReferenceRecord)
-    base = registry.objects.get_record(record.base, BaseRecord) if record.base else None
-    from .registry import _check_entry  # the same structural checks as the reference path
+    reference, base = registry._inputs(record)
+    from .registry import _check_delta, _check_entry  # the same structural checks as the reference path
 
     items = []
     for name, entry in record.tensors.items():
         try:
             _check_entry(entry)
+            if entry.is_delta:
+                _check_delta(entry, reference, base)
         except CorruptObjectError as exc:
             raise CorruptObjectError(f"{registry.path}: {record.task}@{record.version}, tensor {name!r}: {exc}") from None
         if not entry.is_delta:
             items.append(_Item(name, entry))
             continue
-        if entry.ref not in reference.tensors:
-            raise CorruptObjectError(f"{registry.path}: tensor {name!r} adds to reference tensor {entry.ref!r}, "
-                                     "which the reference does not hold")
         base_entry = base.tensors.get(entry.ref) if base is not None else None
         lam1 = record.lam1 if entry.lam1 is None else entry.lam1
         lam2 = record.lam2 if entry.lam2 is None else entry.lam2

@@ -243,6 +243,18 @@ class Registry:
                                      f"which is {record.task}@{record.version}; the ref is damaged")
         return digest, record
 
+    def _inputs(self, record: TaskVersion) -> tuple[ReferenceRecord, BaseRecord | None]:
+        """The reference and base vector records a task version is rebuilt from."""
+        reference = self.objects.get_record(record.reference, ReferenceRecord)
+        base = self.objects.get_record(record.base, BaseRecord) if record.base else None
+        if base is not None and base.reference != record.reference:
+            # specs/format.md §6: a base vector of another reference would add the wrong tau_base.
+            raise CorruptObjectError(
+                f"{self.path}: {record.task}@{record.version} uses base vector {base.name!r} (record "
+                f"{record.base[:12]}), built against reference {base.reference[:12]}, but the version's reference "
+                f"is {record.reference[:12]}; the record is damaged or crafted: run `deltastore verify`")
+        return reference, base
+
     def log(self, task: str) -> list[TaskVersion]:
         """Every version of ``task``, newest first."""
         return [self.objects.get_record(d, TaskVersion) for _, d in reversed(self.versions(task))]
@@ -495,8 +507,7 @@ class Registry:
             yield from fast.iter_materialize_streaming(self, task, version, device=device, dtype=dtype, verify=verify)
             return
         _, record = self.version(task, version)
-        reference = self.objects.get_record(record.reference, ReferenceRecord)
-        base = self.objects.get_record(record.base, BaseRecord) if record.base else None
+        reference, base = self._inputs(record)
         for name, entry in _progress(record.tensors.items(), total=len(record.tensors),
                                      desc=f"{task}: materialize", enabled=progress):
             try:
@@ -518,6 +529,7 @@ class Registry:
         """One tensor of a task version (see :meth:`materialize`)."""
         _check_entry(entry)
         if entry.is_delta:
+            _check_delta(entry, reference, base)
             lam1 = record.lam1 if entry.lam1 is None else entry.lam1
             lam2 = record.lam2 if entry.lam2 is None else entry.lam2
             w_pre = self._decode_full(reference.tensors[entry.ref], device, verify)
@@ -728,6 +740,27 @@ def _check_entry(entry: TensorEntry) -> None:
                                  f"{entry.attrs.get('dtype')!r}")
     if entry.ref is not None and not dtype_from_name(entry.dtype).is_floating_point:
         raise CorruptObjectError(f"delta entry of non-float dtype {entry.dtype!r}")
+
+
+def _check_delta(entry: TensorEntry, reference: ReferenceRecord, base: BaseRecord | None) -> None:
+    """specs/format.md §6: a delta entry adds to a reference tensor of its own shape, and a
+    base vector entry for that tensor is a float32 ``bitdelta`` matrix of the same shape.
+    (A record that breaks this has pieces that do not fit: damaged or crafted.)"""
+    ref_entry = reference.tensors.get(entry.ref)
+    if ref_entry is None:
+        raise CorruptObjectError(f"inconsistent record: delta entry adds to reference tensor {entry.ref!r}, which "
+                                 "the reference does not hold; run `deltastore verify`")
+    if ref_entry.shape != entry.shape or not entry.shape:
+        raise CorruptObjectError(f"inconsistent record: delta entry of shape {list(entry.shape)} adds to reference "
+                                 f"tensor {entry.ref!r} of shape {list(ref_entry.shape)}, expected the same shape of 1 "
+                                 "or more dimensions; run `deltastore verify`")
+    base_entry = base.tensors.get(entry.ref) if base is not None else None
+    if base_entry is not None and (base_entry.codec != "bitdelta" or base_entry.dtype != "float32"
+                                   or base_entry.shape != entry.shape or base_entry.ref != entry.ref):
+        raise CorruptObjectError(
+            f"inconsistent base vector: its entry for {entry.ref!r} is {base_entry.codec} {base_entry.dtype} of shape "
+            f"{list(base_entry.shape)} adding to {base_entry.ref!r}; expected bitdelta float32 of shape "
+            f"{list(entry.shape)} adding to {entry.ref!r}; run `deltastore verify`")
 
 
 def _numel(shape) -> int:

@@ -413,6 +413,8 @@ class SpecReader:
         reference = self.record(version["reference"], "reference")
         assert version["reference"] == self.ref("reference", "pointer")["record"]
         base = self.record(version["base"], "base") if version["base"] is not None else None
+        if base is not None and base["reference"] != version["reference"]:
+            raise SpecError("the base vector was built against another reference than the version's")
         for digest in version["files"].values():
             self.blob(digest)
         return {name: (entry["dtype"], self.tensor(entry, version, reference, base))
@@ -576,6 +578,24 @@ def test_deltadq_without_low_planes(reference_copy):
         assert not (_as_bits(dtype, mine[name][1]) != _as_bits(dtype, want)).any(), name
         changed += not torch.equal(tensor, full[name])
     assert changed == 3  # the three deltadq matrices decode differently without plane 0
+
+
+def test_base_vector_of_another_reference_is_refused(reference_copy):
+    """format.md section 6: B.reference MUST equal V.reference; both readers check it."""
+    from deltastore import CorruptObjectError, Registry
+
+    pointer = msgpack.unpackb((reference_copy / "refs/bases/b").read_bytes())
+    base = msgpack.unpackb(_object_path(reference_copy, "records", pointer["record"]).read_bytes())
+    base["reference"] = "0" * 64
+    data = msgpack.packb(base, use_bin_type=True)
+    digest = hashlib.sha256(data).hexdigest()
+    _object_path(reference_copy, "records", digest).parent.mkdir(parents=True, exist_ok=True)
+    _object_path(reference_copy, "records", digest).write_bytes(data)
+    _rewrite_version(reference_copy, "alpha", 1, lambda r: r.update(base=digest), rehash=True)
+    with pytest.raises(CorruptObjectError, match="built against reference 000000000000"):
+        Registry(reference_copy).materialize("alpha", 1, progress=False)
+    with pytest.raises(SpecError, match="another reference"):
+        SpecReader(reference_copy).materialize("alpha", 1)
 
 
 def test_newer_registry_version_is_refused(reference_copy):
