@@ -440,7 +440,8 @@ class Registry:
             n_params = sum(_numel(source.shape(n)) for n in source.names())
             record_source = {
                 "label": str(source.label), "bytes": source.nbytes(), "params": n_params,
-                "fp16_bytes": 2 * n_params, "relative_delta": relative, "skipped_files": dict(source.skipped),
+                "fp16_bytes": 2 * n_params, "relative_delta": relative,
+                "skipped_files": dict(sorted(source.skipped.items())),  # name-keyed: code point order
                 "missing_buffers": plan.missing_buffers,
             }
             with self.backend.lock("refs"):

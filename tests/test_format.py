@@ -109,6 +109,14 @@ def mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint32(16))
 
 
+def seed_for(global_seed: int, name: str) -> int:
+    """The per-tensor seed writers derive: mix(fnv1a32(name) XOR global seed)."""
+    h = 0x811C9DC5
+    for byte in name.encode("utf-8"):
+        h = ((h ^ byte) * 0x01000193) % (1 << 32)
+    return int(mix(np.array([h ^ global_seed], dtype=np.uint32))[0])
+
+
 def prf(seed: int, count: int) -> np.ndarray:
     """r(seed, i) for i = 0 .. count-1, as uint64."""
     if count > 1 << 32:
@@ -421,6 +429,99 @@ class SpecReader:
                 for name, entry in version["tensors"].items()}
 
 
+# -- section 5.0: the canonical encoding of records, written from its rules -----------------
+def _sized(n: int, small: int | None, fix: int, wide: tuple[int, ...]) -> bytes:
+    """A length-prefixed msgpack head: the fix form below ``small``, else the narrowest of
+    the 8/16/32-bit forms (``wide`` lists their type bytes, None where a form does not exist)."""
+    if small is not None and n < small:
+        return bytes([fix | n])
+    for code, width in zip(wide, (1, 2, 4)):
+        if code is not None and n < 1 << (8 * width):
+            return bytes([code]) + n.to_bytes(width, "big")
+    raise SpecError(f"length {n} does not fit msgpack")
+
+
+def encode_canonical(value) -> bytes:
+    """format.md 5.0, rules 1-6 (key order, rule 7, is the caller's: dicts keep theirs)."""
+    if value is None:
+        return b"\xc0"
+    if value is True or value is False:
+        return b"\xc3" if value else b"\xc2"
+    if isinstance(value, int):
+        if 0 <= value < 128:
+            return bytes([value])
+        if -32 <= value < 0:
+            return bytes([value & 0xFF])
+        codes = (0xCC, 0xCD, 0xCE, 0xCF) if value >= 0 else (0xD0, 0xD1, 0xD2, 0xD3)
+        for code, width in zip(codes, (1, 2, 4, 8)):
+            low, high = (0, 1 << (8 * width)) if value >= 0 else (-(1 << (8 * width - 1)), 0)
+            if low <= value < high:
+                return bytes([code]) + value.to_bytes(width, "big", signed=value < 0)
+        raise SpecError(f"integer {value} does not fit 64 bits")
+    if isinstance(value, float):
+        return b"\xcb" + np.array(value, dtype=">f8").tobytes()
+    if isinstance(value, str):
+        data = value.encode("utf-8")
+        return _sized(len(data), 32, 0xA0, (0xD9, 0xDA, 0xDB)) + data
+    if isinstance(value, list):
+        return _sized(len(value), 16, 0x90, (None, 0xDC, 0xDD)) + b"".join(map(encode_canonical, value))
+    if isinstance(value, dict):
+        return _sized(len(value), 16, 0x80, (None, 0xDE, 0xDF)) + b"".join(
+            encode_canonical(k) + encode_canonical(v) for k, v in value.items())
+    raise SpecError(f"{type(value).__name__} has no place in a record")
+
+
+# Rule 7: the order of keys. Fixed-field maps follow their table; name-keyed maps are sorted.
+FIELD_ORDER = {
+    "info": ["name", "version", "created"],
+    "reference": ["format", "kind", "created", "tensors", "files"],
+    "base": ["format", "kind", "name", "created", "reference", "sources", "tensors"],
+    "task_version": ["format", "kind", "task", "version", "parent", "created", "message", "reference", "base",
+                     "method", "config", "lam1", "lam2", "tuning", "tensors", "files", "source"],
+    "pointer": ["format", "kind", "record"],
+    "task_ref": ["format", "kind", "versions"],
+    "entry": ["shape", "dtype", "codec", "config", "arrays", "attrs", "ref", "rows", "changed_rows", "lam1", "lam2"],
+    "source": ["label", "bytes", "params", "fp16_bytes", "relative_delta", "skipped_files", "missing_buffers"],
+}
+# The compressor pages' tables, in order: configuration fields, array roles, attrs.
+PAGE_ORDER = {
+    "lossless": ([], ["data"], ["dtype"]),
+    "bitdelta": ([], ["signs"], ["scale"]),
+    "dare": (["drop_rate", "value_bits"], ["values", "scales"], ["seed", "keep_threshold"]),
+    "deltadq": (["group_size", "keep", "bits", "stored_planes"], [f"plane{j}" for j in range(8)] + ["scales"],
+                ["seed"]),
+}
+
+
+def key_order_problems(obj: dict, kind: str) -> list[str]:
+    """Where ``obj`` (a decoded record, keys in stored order) breaks rule 7."""
+    problems = []
+
+    def check(keys, expected, where):
+        keys = list(keys)
+        if keys != [k for k in expected if k in keys] or set(keys) - set(expected):
+            problems.append(f"{where}: keys {keys}, expected the order {expected}")
+
+    check(obj, FIELD_ORDER[kind], kind)
+    for name in ("tensors", "files"):
+        if name in obj and list(obj[name]) != sorted(obj[name]):
+            problems.append(f"{kind}.{name}: names not in code point order")
+    for name, entry in obj.get("tensors", {}).items():
+        check(entry, FIELD_ORDER["entry"], f"tensors[{name!r}]")
+        config, roles, attrs = PAGE_ORDER[entry["codec"]]
+        check(entry["config"], config, f"tensors[{name!r}].config")
+        check(entry["arrays"], roles, f"tensors[{name!r}].arrays")
+        check(entry["attrs"], attrs, f"tensors[{name!r}].attrs")
+    if kind == "task_version":
+        config = PAGE_ORDER[obj["method"]][0]
+        check(obj["config"], config, "config")
+        check(obj["source"], FIELD_ORDER["source"], "source")
+        skipped = obj["source"].get("skipped_files", {})
+        if list(skipped) != sorted(skipped):
+            problems.append("source.skipped_files: names not in code point order")
+    return problems
+
+
 # ==========================================================================================
 # Helpers
 # ==========================================================================================
@@ -537,9 +638,92 @@ def test_reference_covers_the_format(readonly_copy):
 
 
 def test_prf_and_bits_test_vectors():
+    """The test vectors of format.md sections 3.2, 7 and 8."""
     assert mix(np.array([1, 12345], dtype=np.uint32)).tolist() == [1753845952, 2435775735]
+    assert prf(0, 3).tolist() == [0, 1492470133, 911671261]
+    s7 = mix(np.array([7], dtype=np.uint32))  # r(7, i) for the last two counters, without 2**32 others
+    assert mix(mix(np.array([2**32 - 2, 2**32 - 1], dtype=np.uint32)) ^ s7).tolist() == [2858236302, 4086997516]
+    assert prf(12345, 1001)[1000] == 1495710906
+    assert [seed_for(0, ""), seed_for(1, "emb.weight"), seed_for(4, "layer.weight")] == \
+        [1947474976, 4276130919, 1424252924]
+    preimage = bytes.fromhex("64656c746173746f72652d61727261790a" "696e7431360a" "322c330a" "010002000300040005000600")
+    assert preimage == b"deltastore-array\nint16\n2,3\n" + np.arange(1, 7, dtype="<i2").tobytes()
+    assert hashlib.sha256(preimage).hexdigest() == "622080855010aaf76e3bb4d29c5a5320f3c73c44ee4c044e423e60010a5bf023"
+    for dtype, shape, data, name in [
+            ("float32", "", np.float32(1.5), "beb8e95e5761b13efb3c0c92bc49363ddc7ddce92212a8d3adc87f007aedf54a"),
+            ("uint8", "0,4", np.zeros((0, 4), np.uint8), "b107eb6b46736d0dd5a07d5e57361a4b9927332ff2ddc023d37410901563112b")]:
+        header = f"deltastore-array\n{dtype}\n{shape}\n".encode("ascii")
+        assert hashlib.sha256(header + data.tobytes()).hexdigest() == name
     assert unpack_bits(np.array([0b00000101, 0b1], dtype=np.uint8), 9).tolist() == \
         [True, False, True, False, False, False, False, False, True]
+
+
+def _stored_records():
+    """(path, kind) of every msgpack file of the reference registry."""
+    yield REGISTRY / "registry.msgpack", "info"
+    for path in sorted((REGISTRY / "refs").rglob("*")):
+        if path.is_file():
+            yield path, msgpack.unpackb(path.read_bytes())["kind"]
+    for path in sorted((REGISTRY / "objects" / "records").rglob("*")):
+        if path.is_file():
+            yield path, msgpack.unpackb(path.read_bytes())["kind"]
+
+
+def test_records_are_canonically_encoded():
+    """format.md 5.0: decoding any stored record and encoding it again by the spec's rules
+    (not with msgpack.packb, not with deltastore) gives back its exact bytes, so a second
+    writer storing the same content reproduces the record's name."""
+    count = 0
+    for path, kind in _stored_records():
+        data = path.read_bytes()
+        obj = msgpack.unpackb(data, raw=False)
+        assert encode_canonical(obj) == data, f"{path.relative_to(REGISTRY)} is not canonically encoded"
+        assert key_order_problems(obj, kind) == [], path.relative_to(REGISTRY)
+        count += 1
+    assert count == 11  # registry.msgpack, 4 refs, 6 records
+
+
+def test_canonical_encoding_rules():
+    """format.md 5.0: the narrowest integer and length forms, floats always float64."""
+    cases = [(0, "00"), (127, "7f"), (128, "cc80"), (255, "ccff"), (256, "cd0100"), (2**32, "cf0000000100000000"),
+             (-1, "ff"), (-32, "e0"), (-33, "d0df"), (-129, "d1ff7f"), (0.0, "cb0000000000000000"),
+             (0.5, "cb3fe0000000000000"), ("", "a0"), ("a" * 31, "bf" + "61" * 31), ("a" * 32, "d920" + "61" * 32),
+             (True, "c3"), (None, "c0"), ([], "90"), ({"a": [1]}, "81a16191" + "01")]
+    for value, want in cases:
+        assert encode_canonical(value).hex() == want, value
+        assert msgpack.packb(value, use_bin_type=True).hex() == want, value  # the rules are msgpack's narrowest
+
+
+def test_writer_sorts_names_and_writes_floats(reference_copy):
+    """The writer side of 5.0: tensors listed out of order are stored in code point order,
+    and a drop rate given as the integer 0 is stored as a float."""
+    from safetensors.torch import load_file
+
+    from deltastore import Registry
+
+    state = load_file(str(EXPECTED / "alpha@1.safetensors"))
+    shuffled = {name: state[name] for name in sorted(state, reverse=True)}
+    reg = Registry(reference_copy)
+    reg.commit("gamma", shuffled, method="dare", config={"drop_rate": 0}, seed=5, progress=False)
+    digest = reg.versions("gamma")[0][1]
+    data = _object_path(reference_copy, "records", digest).read_bytes()
+    obj = msgpack.unpackb(data, raw=False)
+    assert key_order_problems(obj, "task_version") == [] and encode_canonical(obj) == data
+    assert obj["config"]["drop_rate"] == 0.0 and isinstance(obj["config"]["drop_rate"], float)
+    assert list(reg.materialize("gamma", progress=False)) == sorted(state)
+
+
+def test_stored_seeds_follow_the_derivation(readonly_copy):
+    """format.md 8: every stored seed is the writer's derivation from the version's global
+    seed (specs/reference/README.md) and the tensor's name."""
+    reader = SpecReader(readonly_copy)
+    checked = 0
+    for (task, number), global_seed in zip(VERSIONS, (1, 2, 3, 4)):
+        for name, entry in reader.task_version(task, number)["tensors"].items():
+            if "seed" in entry["attrs"]:
+                assert entry["attrs"]["seed"] == seed_for(global_seed, name), (task, number, name)
+                checked += 1
+    assert checked == 9  # three delta tensors in each of the dare and deltadq versions
 
 
 def test_independent_reader_matches_expected(readonly_copy):

@@ -236,6 +236,15 @@ def _tensor_table(value: Any, what: str) -> dict[str, TensorEntry]:
 
 
 class _WithTensors(Record):
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        # specs/format.md §5.1: maps keyed by names are written in code point order, so two
+        # writers storing the same content give the same bytes, hence the same record name.
+        for key in ("tensors", "files"):
+            if key in out:
+                out[key] = dict(sorted(out[key].items()))
+        return out
+
     @classmethod
     def _convert(cls, name, value, expected, what):
         if name == "tensors":

@@ -44,6 +44,7 @@ class DareConfig(CompressorConfig):
         p = self.drop_rate
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
             raise InvalidInputError(f"DareConfig.drop_rate must be a number in [0, 1), got {p!r}")
+        object.__setattr__(self, "drop_rate", float(p))  # written as a msgpack float even when given as the integer 0
         if type(self.value_bits) is not int or self.value_bits not in (16, 8):
             raise InvalidInputError(f"DareConfig.value_bits must be 16 or 8, got {self.value_bits!r}")
 
