@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "specs" / "reference"
 REGISTRY = REFERENCE / "registry"
 EXPECTED = REFERENCE / "expected"
-VERSIONS = [("alpha", 1), ("alpha", 2), ("beta", 1), ("beta", 2)]
+VERSIONS = [("alpha", 1), ("alpha", 2), ("beta", 1), ("beta", 2), ("gamma", 1), ("gamma", 2)]
 
 
 # ==========================================================================================
@@ -592,9 +592,10 @@ def readonly_copy(tmp_path_factory) -> Path:
 def test_reference_registry_is_complete():
     """The checked-in files match what make.py promises (and stay small)."""
     assert sorted(p.name for p in EXPECTED.iterdir()) == sorted(f"{t}@{n}.safetensors" for t, n in VERSIONS)
-    assert sorted(p.name for p in (REGISTRY / "refs" / "tasks").iterdir()) == ["alpha", "beta"]
+    assert sorted(p.name for p in (REGISTRY / "refs" / "tasks").iterdir()) == ["alpha", "beta", "gamma"]
     assert sorted(p.name for p in (REGISTRY / "refs" / "bases").iterdir()) == ["b"]
-    assert sum(p.stat().st_size for p in REFERENCE.rglob("*") if p.is_file()) < 320_000
+    # 275 KB for alpha and beta, 155 KB for gamma's edge cases (specs/reference/README.md)
+    assert sum(p.stat().st_size for p in REFERENCE.rglob("*") if p.is_file() and "__pycache__" not in p.parts) < 480_000
 
 
 def test_deltastore_materializes_reference_exactly(readonly_copy):
@@ -603,7 +604,7 @@ def test_deltastore_materializes_reference_exactly(readonly_copy):
     from deltastore import Registry
 
     reg = Registry(readonly_copy)
-    assert sorted(reg.tasks()) == ["alpha", "beta"]
+    assert sorted(reg.tasks()) == ["alpha", "beta", "gamma"]
     assert [(t, n) for t in sorted(reg.tasks()) for n, _ in reg.versions(t)] == VERSIONS
     for task, number in VERSIONS:
         got, expected = reg.materialize(task, number, progress=False), _expected(task, number)
@@ -631,10 +632,27 @@ def test_reference_covers_the_format(readonly_copy):
                 seen.add(("dare", entry["config"]["value_bits"]))
             if entry["codec"] == "deltadq" and math.prod(entry["shape"][1:]) % entry["config"]["group_size"]:
                 seen.add(("deltadq short group",))
+            if entry["codec"] == "deltadq" and "plane0" not in entry["arrays"]:
+                seen.add(("deltadq dropped plane",))
+            if entry["codec"] == "dare" and entry["config"]["drop_rate"] == 0:
+                seen.add(("dare keeps everything",))
+            for digest in entry["arrays"].values():
+                meta = json.loads((_object_path(readonly_copy, "arrays", digest) / "zarr.json").read_bytes())
+                shape, chunk = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+                if shape and 0 < chunk[0] < shape[0]:
+                    seen.add(("chunks", len(shape), "padded" if shape[0] % chunk[0] else "exact"))
+                seen.add(("array", "empty" if 0 in shape else f"{len(shape)}-d"))
+            if entry["codec"] == "lossless" and entry["dtype"] in FLOAT_DTYPES:
+                data = reader.lossless(entry)
+                if data.dtype != np.uint16 and np.any((data == 0) & np.signbit(data)):
+                    seen.add(("negative zero", entry["dtype"]))
     assert {("bitdelta", True), ("dare", True), ("deltadq", False), ("dare", 8), ("dare", 16),
             ("per-tensor lambdas", "dare"), ("rows", "bitdelta"), ("rows", "dare"), ("rows", "deltadq"),
-            ("deltadq short group",)} <= seen
-    assert {("dtype", d) for d in ("float16", "bfloat16", "float32", "bool", "int64")} <= seen
+            ("deltadq short group",), ("deltadq", True), ("deltadq dropped plane",), ("dare keeps everything",),
+            ("chunks", 1, "padded"), ("chunks", 1, "exact"), ("chunks", 2, "padded"), ("array", "empty"),
+            ("array", "0-d"), ("negative zero", "float64"), ("negative zero", "float32"),
+            ("negative zero", "float16")} <= seen
+    assert {("dtype", d) for d in CARRIER} <= seen  # every dtype the lossless page lists
 
 
 def test_prf_and_bits_test_vectors():
@@ -680,7 +698,7 @@ def test_records_are_canonically_encoded():
         assert encode_canonical(obj) == data, f"{path.relative_to(REGISTRY)} is not canonically encoded"
         assert key_order_problems(obj, kind) == [], path.relative_to(REGISTRY)
         count += 1
-    assert count == 11  # registry.msgpack, 4 refs, 6 records
+    assert count == 14  # registry.msgpack, 5 refs, 8 records
 
 
 def test_canonical_encoding_rules():
@@ -704,13 +722,13 @@ def test_writer_sorts_names_and_writes_floats(reference_copy):
     state = load_file(str(EXPECTED / "alpha@1.safetensors"))
     shuffled = {name: state[name] for name in sorted(state, reverse=True)}
     reg = Registry(reference_copy)
-    reg.commit("gamma", shuffled, method="dare", config={"drop_rate": 0}, seed=5, progress=False)
-    digest = reg.versions("gamma")[0][1]
+    reg.commit("omega", shuffled, method="dare", config={"drop_rate": 0}, seed=5, progress=False)
+    digest = reg.versions("omega")[0][1]
     data = _object_path(reference_copy, "records", digest).read_bytes()
     obj = msgpack.unpackb(data, raw=False)
     assert key_order_problems(obj, "task_version") == [] and encode_canonical(obj) == data
     assert obj["config"]["drop_rate"] == 0.0 and isinstance(obj["config"]["drop_rate"], float)
-    assert list(reg.materialize("gamma", progress=False)) == sorted(state)
+    assert list(reg.materialize("omega", progress=False)) == sorted(state)
 
 
 def test_stored_seeds_follow_the_derivation(readonly_copy):
@@ -718,12 +736,12 @@ def test_stored_seeds_follow_the_derivation(readonly_copy):
     seed (specs/reference/README.md) and the tensor's name."""
     reader = SpecReader(readonly_copy)
     checked = 0
-    for (task, number), global_seed in zip(VERSIONS, (1, 2, 3, 4)):
+    for (task, number), global_seed in zip(VERSIONS, (1, 2, 3, 4, 5, 6)):
         for name, entry in reader.task_version(task, number)["tensors"].items():
             if "seed" in entry["attrs"]:
                 assert entry["attrs"]["seed"] == seed_for(global_seed, name), (task, number, name)
                 checked += 1
-    assert checked == 9  # three delta tensors in each of the dare and deltadq versions
+    assert checked == 15  # three delta tensors in each of the dare and deltadq versions
 
 
 def test_independent_reader_matches_expected(readonly_copy):

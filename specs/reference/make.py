@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 import deltastore.registry
+import deltastore.storage.backend
 from deltastore import Registry
 
 HERE = Path(__file__).resolve().parent
@@ -79,6 +80,28 @@ def finetune(ref: dict[str, torch.Tensor], shared: dict[str, torch.Tensor], seed
     return out
 
 
+def task_own_tensors() -> dict[str, torch.Tensor]:
+    """Tensors the reference does not have, stored losslessly: every dtype the lossless page
+    lists that the reference lacks, the edge values (-0.0, subnormals, extremes) whose bits must
+    survive, an empty tensor (an array without chunk files) and a 2-d one of several chunks. NaN and infinities cannot be
+    here: writers refuse them (format.md section 6)."""
+    tiny = torch.finfo(torch.float32).tiny
+    return {
+        "extra.f64": torch.tensor([[-0.0, 1e-310, 1.0 / 3.0], [1.7e308, -2.5, 0.0]], dtype=torch.float64),
+        "extra.f32": torch.tensor([-0.0, tiny / 8, -3.4e38, 0.1], dtype=torch.float32),
+        "extra.f16": torch.tensor([-0.0, 6e-8, 65504.0, -65504.0, 0.1], dtype=torch.float16),
+        "extra.bf16": torch.tensor([-0.0, 3.0e38, 1e-40, 0.1], dtype=torch.bfloat16),
+        "extra.i32": torch.tensor([-2**31, 2**31 - 1, 0], dtype=torch.int32),
+        "extra.i16": torch.tensor([-2**15, 2**15 - 1, -1], dtype=torch.int16),
+        "extra.i8": torch.tensor([-128, 127, -1], dtype=torch.int8),
+        "extra.u8": torch.tensor([0, 255, 128], dtype=torch.uint8),
+        "extra.empty": torch.zeros(0, 4),
+        # Drawn from the finetune's random stream, so each version stores its own array; 20 rows
+        # of 256 bytes make two chunks ("0.0", "1.0", the second padded) at SMALL_CHUNK_BYTES.
+        "extra.table": torch.randn(20, 64),
+    }
+
+
 def write_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """A Hugging Face style directory: the weights plus a config.json (stored as a blob)."""
     folder.mkdir(parents=True)
@@ -95,13 +118,20 @@ COMMITS = [
                             message="beta v1: deltadq g=8 k=2 b=3, no base")),
     ("beta", "beta-2", dict(method="dare", config={"value_bits": 16}, base="b", per_layer=True, seed=4,
                             message="beta v2: dare fp16 values over base b, per-tensor lambdas")),
+    ("gamma", "gamma-1", dict(method="deltadq", config={"group_size": 8, "keep": 2, "bits": 3, "stored_planes": 2},
+                              base="b", seed=5, message="gamma v1: deltadq b=3 with the lowest plane dropped")),
+    ("gamma", "gamma-2", dict(method="dare", config={"drop_rate": 0.0}, base="b", seed=6,
+                              message="gamma v2: dare p=0 (every element kept), 4 KiB chunks")),
 ]
+# gamma@2 is written with chunks of at most this many bytes, so that its arrays span several
+# chunks (the last one padded) as the arrays of a real model do at 8 MiB.
+SMALL_CHUNK_BYTES = 4096
 
 
 def build(out: Path, expected: Path) -> None:
     ref = reference()
     shared = shared_direction(ref)
-    seeds = {"alpha-1": 11, "alpha-2": 12, "beta-1": 21, "beta-2": 22}
+    seeds = {"alpha-1": 11, "alpha-2": 12, "beta-1": 21, "beta-2": 22, "gamma-1": 31, "gamma-2": 32}
     work = Path(tempfile.mkdtemp(prefix="deltastore-reference-"))
     cwd = os.getcwd()
     try:
@@ -109,13 +139,22 @@ def build(out: Path, expected: Path) -> None:
         write_model(Path("reference"), ref, {"model_type": "toy"})
         for label, seed in seeds.items():
             task = label.split("-")[0]
-            write_model(Path(label), finetune(ref, shared, seed), {"model_type": "toy", "task": task, "num_labels": 3})
+            tensors = finetune(ref, shared, seed)
+            if task == "gamma":
+                tensors.update(task_own_tensors())
+            write_model(Path(label), tensors, {"model_type": "toy", "task": task, "num_labels": 3})
         # zstd reference arrays, as the checked-in registry was built (before init's default
         # became raw): lossless arrays exercise the zstd codec, the task codes the raw one.
         reg = Registry.init(out, "reference", compress_reference=True, progress=False)
         reg.build_base("b", ["alpha-1", "beta-1"], progress=False)
         for task, label, kwargs in COMMITS:
-            reg.commit(task, label, progress=False, **kwargs)
+            chunk_bytes = deltastore.storage.backend.CHUNK_BYTES
+            if label == "gamma-2":
+                deltastore.storage.backend.CHUNK_BYTES = SMALL_CHUNK_BYTES
+            try:
+                reg.commit(task, label, progress=False, **kwargs)
+            finally:
+                deltastore.storage.backend.CHUNK_BYTES = chunk_bytes
         expected.mkdir(parents=True)
         for task in reg.tasks():
             for number, _ in reg.versions(task):
