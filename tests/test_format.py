@@ -9,6 +9,10 @@
 3. Version checks: a newer registry or record format is refused with a FormatVersionError;
    an unknown codec is refused; an edited record not stored under its new hash is corrupt.
 4. The fields of registry.msgpack and of the refs are exactly the spec's lists.
+5. Records are canonically encoded: an encoder written from format.md 5.0 reproduces every
+   stored record's bytes; the test vectors of the spec hold.
+6. What readers MUST refuse or accept beyond the reference registry (a base vector of another
+   reference, a delta of another shape, absent optional fields, a 1-d delta), both readers alike.
 
 The reference registry is rebuilt by ``python specs/reference/make.py`` (specs/reference/README.md).
 """
@@ -386,7 +390,10 @@ class SpecReader:
         shape, ref_name = entry["shape"], entry.get("ref")
         if ref_name is None or entry["dtype"] not in FLOAT_DTYPES:
             raise SpecError(f"a delta entry needs a ref and a float dtype, found {ref_name!r}, {entry['dtype']}")
-        ref_entry = reference["tensors"][ref_name]
+        ref_entry = reference["tensors"].get(ref_name)
+        if ref_entry is None or ref_entry["dtype"] not in FLOAT_DTYPES or ref_entry["shape"] != shape or not shape:
+            raise SpecError(f"a delta entry adds to a float reference tensor of its own shape (1-d or more), "
+                            f"found {ref_entry and (ref_entry['dtype'], ref_entry['shape'])} for {shape}")
         rows_total, cols = shape[0], math.prod(shape[1:])
         w_pre = to_f32(ref_entry["dtype"], self.lossless(ref_entry)).reshape(rows_total, cols)
         m, c = self.delta_rows(entry)
@@ -395,8 +402,8 @@ class SpecReader:
         u = lam2 * c
         if base is not None and ref_name in base["tensors"]:
             b = base["tensors"][ref_name]
-            if b["codec"] != "bitdelta":
-                raise SpecError("a base vector entry must be bitdelta")
+            if (b["codec"], b["dtype"], b["shape"], b.get("ref")) != ("bitdelta", "float32", shape, ref_name):
+                raise SpecError("a base vector entry must be a bitdelta float32 delta of the task entry's shape")
             bm, bc = self.delta_rows(b)
             t = np.zeros((rows_total, cols), dtype=np.float32)
             t[bm] = bc
@@ -797,6 +804,76 @@ def test_base_vector_of_another_reference_is_refused(reference_copy):
     with pytest.raises(CorruptObjectError, match="built against reference 000000000000"):
         Registry(reference_copy).materialize("alpha", 1, progress=False)
     with pytest.raises(SpecError, match="another reference"):
+        SpecReader(reference_copy).materialize("alpha", 1)
+
+
+def test_absent_optional_fields_and_config_defaults(reference_copy):
+    """format.md 1, 5.2: an absent optional field is nil, an absent configuration field takes
+    the page's default; both readers give the same bits as with every field written."""
+    import torch
+
+    from deltastore import Registry
+
+    def strip(record):  # beta@2: dare with the default drop_rate, fp16 values
+        for entry in record["tensors"].values():
+            for name in ("ref", "rows", "changed_rows", "lam1", "lam2"):
+                if entry[name] is None:
+                    del entry[name]
+            if entry["codec"] == "dare":
+                assert entry["config"] == {"drop_rate": 0.99, "value_bits": 16}
+                entry["config"] = {}
+
+    _rewrite_version(reference_copy, "beta", 2, strip, rehash=True)
+    expected = _expected("beta", 2)
+    got = Registry(reference_copy).materialize("beta", 2, progress=False)
+    assert all(torch.equal(got[name], tensor) for name, tensor in expected.items())
+    mine = SpecReader(reference_copy).materialize("beta", 2)
+    for name, tensor in expected.items():
+        dtype, want = _torch_as_numpy(tensor)
+        assert (_as_bits(dtype, mine[name][1]) == _as_bits(dtype, want)).all(), name
+
+
+def _one_d_delta(reference_copy, shape: list[int]):
+    """alpha@1's layer.bias (fp16, 64) made a bitdelta delta entry of the given shape."""
+    import torch
+
+    from deltastore import Registry
+    from deltastore.storage.objects import array_hash
+
+    signs = np.packbits(np.arange(64) % 3 == 0, bitorder="little")
+    objects = Registry(reference_copy).objects
+    digest = objects.put_array(torch.from_numpy(signs), objects.new_txn())
+    assert digest == array_hash(signs)
+
+    def edit(record):
+        record["tensors"]["layer.bias"] = {
+            "shape": shape, "dtype": "float16", "codec": "bitdelta", "config": {}, "arrays": {"signs": digest},
+            "attrs": {"scale": 0.001}, "ref": "layer.bias", "rows": None, "changed_rows": None, "lam1": None,
+            "lam2": 0.5}
+
+    _rewrite_version(reference_copy, "alpha", 1, edit, rehash=True)
+
+
+def test_one_dimensional_delta(reference_copy):
+    """format.md 5.2, 6: a 1-d delta is shape[0] rows of one element; both readers agree."""
+    _one_d_delta(reference_copy, [64])
+    from deltastore import Registry
+
+    got = Registry(reference_copy).materialize("alpha", 1, progress=False)["layer.bias"]
+    mine = SpecReader(reference_copy).materialize("alpha", 1)["layer.bias"][1]
+    assert got.shape == (64,) and (got.numpy().view(np.uint16) == mine.view(np.uint16)).all()
+    stored_whole = _expected("alpha", 1)["layer.bias"]  # what the entry held before the edit
+    assert not np.array_equal(got.numpy(), stored_whole.numpy())
+
+
+def test_delta_of_another_shape_is_refused(reference_copy):
+    """format.md 6: the delta entry's shape MUST be its reference tensor's."""
+    from deltastore import CorruptObjectError, Registry
+
+    _one_d_delta(reference_copy, [8, 8])
+    with pytest.raises(CorruptObjectError, match="of shape \\[8, 8\\] adds to reference tensor 'layer.bias' of shape"):
+        Registry(reference_copy).materialize("alpha", 1, progress=False)
+    with pytest.raises(SpecError, match="of its own shape"):
         SpecReader(reference_copy).materialize("alpha", 1)
 
 
