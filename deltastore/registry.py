@@ -751,10 +751,12 @@ def _check_delta(entry: TensorEntry, reference: ReferenceRecord, base: BaseRecor
     if ref_entry is None:
         raise CorruptObjectError(f"inconsistent record: delta entry adds to reference tensor {entry.ref!r}, which "
                                  "the reference does not hold; run `deltastore verify`")
-    if ref_entry.shape != entry.shape or not entry.shape:
+    if (ref_entry.shape != entry.shape or not entry.shape
+            or not dtype_from_name(ref_entry.dtype).is_floating_point):
         raise CorruptObjectError(f"inconsistent record: delta entry of shape {list(entry.shape)} adds to reference "
-                                 f"tensor {entry.ref!r} of shape {list(ref_entry.shape)}, expected the same shape of 1 "
-                                 "or more dimensions; run `deltastore verify`")
+                                 f"tensor {entry.ref!r} of shape {list(ref_entry.shape)} and dtype {ref_entry.dtype}, "
+                                 "expected the same shape of 1 or more dimensions and a float dtype; run "
+                                 "`deltastore verify`")
     base_entry = base.tensors.get(entry.ref) if base is not None else None
     if base_entry is not None and (base_entry.codec != "bitdelta" or base_entry.dtype != "float32"
                                    or base_entry.shape != entry.shape or base_entry.ref != entry.ref):
