@@ -149,7 +149,8 @@ def from_f32(dtype: str, value: np.ndarray) -> np.ndarray:
         return f32_to_bf16(value)
     if dtype not in ("float16", "float32", "float64"):
         raise SpecError(f"a delta entry must have a float dtype, found {dtype}")
-    return value.astype(HOLDER[dtype])
+    with np.errstate(over="ignore"):  # beyond the range: an infinity, as format.md section 6 says
+        return value.astype(HOLDER[dtype])
 
 
 # -- compressor pages -----------------------------------------------------------------------
@@ -896,6 +897,47 @@ def test_delta_of_another_shape_is_refused(reference_copy):
         Registry(reference_copy).materialize("alpha", 1, progress=False)
     with pytest.raises(SpecError, match="of its own shape"):
         SpecReader(reference_copy).materialize("alpha", 1)
+
+
+def test_overflow_when_narrowing_gives_infinities(reference_copy):
+    """format.md 6: a float32 result beyond float16's range becomes an infinity of its sign,
+    the same bits from both readers (only a crafted record gets there: lam2 = 1e30)."""
+    from deltastore import Registry
+
+    def huge_lam2(record):
+        for entry in record["tensors"].values():
+            if entry["codec"] != "lossless":
+                entry["lam2"] = 1e30
+
+    _rewrite_version(reference_copy, "alpha", 1, huge_lam2, rehash=True)
+    got = Registry(reference_copy).materialize("alpha", 1, progress=False)
+    mine = SpecReader(reference_copy).materialize("alpha", 1)
+    assert np.isinf(got["layer.weight"].numpy()).all()  # fp16: every row changed, |lam2 * alpha| > 65504
+    assert np.isfinite(got["emb.weight"].numpy()).all()  # fp32 holds it
+    for name, tensor in got.items():
+        dtype, have = _torch_as_numpy(tensor)
+        assert (_as_bits(dtype, have) == _as_bits(dtype, mine[name][1])).all(), name
+
+
+def test_float64_reference_rows_are_rounded_through_float32(tmp_path):
+    """format.md 6: the combining step is float32, so a float64 tensor's unchanged rows come
+    back as float64(float32(reference)), not the reference's own bits."""
+    import torch
+
+    from deltastore import Registry
+
+    torch.manual_seed(0)
+    reference = {"w": torch.randn(64, 64, dtype=torch.float64) / 3}
+    finetune = {"w": reference["w"].clone()}
+    finetune["w"][::2] += 1e-3  # even rows change, odd rows stay exactly the reference's
+    reg = Registry.init(tmp_path / "registry", reference, progress=False)
+    reg.commit("t", finetune, method="bitdelta", progress=False)
+    got = reg.materialize("t", progress=False)["w"]
+    assert got.dtype == torch.float64
+    assert torch.equal(got[1::2], reference["w"][1::2].float().double())
+    assert not torch.equal(got[1::2], reference["w"][1::2])
+    mine = SpecReader(reg.path).materialize("t", 1)["w"][1]
+    assert (mine.view(np.uint64) == got.numpy().view(np.uint64)).all()
 
 
 def test_newer_registry_version_is_refused(reference_copy):
