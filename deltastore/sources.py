@@ -202,7 +202,7 @@ def _side_files(directory: Path, source: TensorSource) -> None:
             source.skipped[rel] = f"larger than {MAX_SIDE_FILE_BYTES >> 20} MiB"
             continue
         # The rule readers apply to stored names: refusing here keeps an unreadable name out.
-        check_file_name(rel, f"{directory}", InvalidInputError, advice="rename or remove that file, then try again")
+        check_file_name(rel, str(directory), InvalidInputError, advice="rename or remove that file, then try again")
         source.files[rel] = path
 
 

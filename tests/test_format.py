@@ -678,7 +678,8 @@ def test_prf_and_bits_test_vectors():
     assert hashlib.sha256(preimage).hexdigest() == "622080855010aaf76e3bb4d29c5a5320f3c73c44ee4c044e423e60010a5bf023"
     for dtype, shape, data, name in [
             ("float32", "", np.float32(1.5), "beb8e95e5761b13efb3c0c92bc49363ddc7ddce92212a8d3adc87f007aedf54a"),
-            ("uint8", "0,4", np.zeros((0, 4), np.uint8), "b107eb6b46736d0dd5a07d5e57361a4b9927332ff2ddc023d37410901563112b")]:
+            ("uint8", "0,4", np.zeros((0, 4), np.uint8),
+             "b107eb6b46736d0dd5a07d5e57361a4b9927332ff2ddc023d37410901563112b")]:
         header = f"deltastore-array\n{dtype}\n{shape}\n".encode("ascii")
         assert hashlib.sha256(header + data.tobytes()).hexdigest() == name
     assert unpack_bits(np.array([0b00000101, 0b1], dtype=np.uint8), 9).tolist() == \

@@ -83,8 +83,8 @@ def finetune(ref: dict[str, torch.Tensor], shared: dict[str, torch.Tensor], seed
 def task_own_tensors() -> dict[str, torch.Tensor]:
     """Tensors the reference does not have, stored losslessly: every dtype the lossless page
     lists that the reference lacks, the edge values (-0.0, subnormals, extremes) whose bits must
-    survive, an empty tensor (an array without chunk files) and a 2-d one of several chunks. NaN and infinities cannot be
-    here: writers refuse them (format.md section 6)."""
+    survive, an empty tensor (an array without chunk files) and a 2-d one of several chunks.
+    NaN and infinities cannot be here: writers refuse them (format.md section 6)."""
     tiny = torch.finfo(torch.float32).tiny
     return {
         "extra.f64": torch.tensor([[-0.0, 1e-310, 1.0 / 3.0], [1.7e308, -2.5, 0.0]], dtype=torch.float64),
