@@ -88,6 +88,14 @@ def _unpack(data: bytes, what: str) -> dict:
     return obj
 
 
+def file_name_ok(rel: str) -> bool:
+    """format.md 2.1: parts split at '/', none empty, '.' or '..'; no '\\', ':' or C0/DEL
+    character; at most 255 bytes a part and 4096 in all (UTF-8)."""
+    parts = rel.split("/")
+    return (all(p not in ("", ".", "..") and len(p.encode()) <= 255 for p in parts) and len(rel.encode()) <= 4096
+            and not any(c in "\\:" or ord(c) < 0x20 or ord(c) == 0x7F for c in rel))
+
+
 def _fields(obj: dict, required: set, optional: set, what: str) -> None:
     missing, extra = required - set(obj), set(obj) - required - optional
     if missing or extra:
@@ -431,7 +439,9 @@ class SpecReader:
         base = self.record(version["base"], "base") if version["base"] is not None else None
         if base is not None and base["reference"] != version["reference"]:
             raise SpecError("the base vector was built against another reference than the version's")
-        for digest in version["files"].values():
+        for rel, digest in version["files"].items():
+            if not file_name_ok(rel):
+                raise SpecError(f"file name {rel!r} is not a plain relative path")
             self.blob(digest)
         return {name: (entry["dtype"], self.tensor(entry, version, reference, base))
                 for name, entry in version["tensors"].items()}
@@ -939,6 +949,19 @@ def test_float64_reference_rows_are_rounded_through_float32(tmp_path):
     assert not torch.equal(got[1::2], reference["w"][1::2])
     mine = SpecReader(reg.path).materialize("t", 1)["w"][1]
     assert (mine.view(np.uint64) == got.numpy().view(np.uint64)).all()
+
+
+@pytest.mark.parametrize("rel", ["notes\\v1.txt", "../x", "/etc/x", "a//b", "C:x", "a\tb"])
+def test_file_names_outside_the_rule_are_refused(reference_copy, rel):
+    """format.md 2.1, both readers (deltastore's rule is check_file_name)."""
+    from deltastore import CorruptObjectError, Registry
+
+    _rewrite_version(reference_copy, "alpha", 1, lambda r: r["files"].update({rel: r["files"]["config.json"]}),
+                     rehash=True)
+    with pytest.raises(CorruptObjectError, match="not a plain relative path"):
+        Registry(reference_copy).materialize("alpha", 1, progress=False)
+    with pytest.raises(SpecError, match="not a plain relative path"):
+        SpecReader(reference_copy).materialize("alpha", 1)
 
 
 def test_newer_registry_version_is_refused(reference_copy):
