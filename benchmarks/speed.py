@@ -12,7 +12,8 @@ Then measures, each the median of ``--repeats`` runs:
   (c) the bound: task bytes / pinned H2D bandwidth + model bytes read+written / device copy bandwidth;
   (d) ``ResidentModel.switch`` (pinned-host cache, and GPU cache);
   (e) commit throughput, GB of finetune per second;
-  (f) peak host RSS of commit and of materialize (child processes, ru_maxrss).
+  (f) peak host RSS of commit and of materialize (child processes, ru_maxrss);
+  (g) ``Registry.load_model(task, device=...)`` against ``from_pretrained`` of the finetune directory.
 
 Writes speed.md and speed.json to ``--out`` (default benchmarks/results).
 
@@ -434,6 +435,26 @@ def main() -> None:
         print(f"[a materialize {task}] {t_a:.3f} s", flush=True)
         partial.write_text(json.dumps(res, indent=2, default=str))
 
+    # (g) a ready transformers model on the device: what a service calls, against loading the
+    # finetune directory with transformers itself
+    from transformers import AutoModelForCausalLM
+
+    res["load_model"] = {}
+    for task in methods:
+        def load():
+            model = reg.load_model(task, device=device, dtype=torch.bfloat16)
+            del model
+
+        res["load_model"][task] = timed(load, repeats, device)[0]
+        print(f"[g load_model {task}] {res['load_model'][task]:.3f} s", flush=True)
+
+    def from_pretrained():
+        model = AutoModelForCausalLM.from_pretrained(ft_dir, device_map=device, dtype=torch.bfloat16)
+        del model
+
+    res["from_pretrained_s"] = timed(from_pretrained, repeats, device)[0]
+    print(f"[g from_pretrained] {res['from_pretrained_s']:.3f} s", flush=True)
+
     # (f) peak RSS of materialize and of an idle CUDA process, in children
     res["rss"] = {"idle_process": run_child("--child", "idle", "--registry", str(reg.path), "--device", device)
                   ["peak_rss_bytes"]}
@@ -516,7 +537,9 @@ def main() -> None:
                           2 * model_bytes / (bw["d2d_rw_GBps"] * 1e9) for t in methods}
     res["ratios"] = {}
     for t in methods:
-        r = {"cold_vs_safetensors": res["materialize"][t]["seconds"] / t_b}
+        r = {"cold_vs_safetensors": res["materialize"][t]["seconds"] / t_b,
+             "load_model_vs_materialize": res["load_model"][t] / res["materialize"][t]["seconds"],
+             "load_model_vs_from_pretrained": res["load_model"][t] / res["from_pretrained_s"]}
         key = f"pinned_{t}_s" if device == "cuda" else f"none_{t}_s"
         r["switch_speedup"] = t_b / res["switch"][key]
         if "bound_s" in res:
@@ -600,6 +623,9 @@ def report(res: dict) -> str:
     for t, m in res["materialize"].items():
         extra = f" (verify=False: {m['seconds_verify_false']:.3f} s)" if "seconds_verify_false" in m else ""
         lines.append(f"| (a) materialize {t} | {m['seconds']:.3f} s{extra} |")
+    for t, v in res["load_model"].items():
+        lines.append(f"| (g) load_model {t} to {res['device']} | {v:.3f} s |")
+    lines.append(f"| (g) from_pretrained of the finetune directory to {res['device']} | {res['from_pretrained_s']:.3f} s |")
     if "bound_s" in res:
         bw = res["bandwidth"]
         lines.append(f"| pinned H2D / device copy (r+w) bandwidth | {bw['h2d_pinned_GBps']:.1f} GB/s / "
