@@ -19,9 +19,10 @@ from typing import ClassVar
 
 import torch
 
-from ...errors import CorruptObjectError, InvalidInputError
-from ..prng import MAX_COUNTER, random_u32
-from .base import CompressorConfig, Encoded
+from ....errors import CorruptObjectError, InvalidInputError
+from ...prng import MAX_COUNTER, random_u32
+from ..base import CompressorConfig, Encoded
+from .fused import DareFused
 
 # Elements whose mask is generated at once. The PRNG works on int64 and keeps a few
 # temporaries alive, so this bounds memory to ~100 MiB whatever the matrix size.
@@ -185,6 +186,9 @@ class Dare:
             codes, scales = _int8_codes(rescaled.detach())
             quantized = codes.float() * scales[:, None]
         return rescaled + (quantized - rescaled).detach()
+
+    def fused_decoder(self) -> DareFused:
+        return DareFused(self.config.value_bits)
 
 
 COMPRESSOR = Dare

@@ -11,9 +11,10 @@ from typing import ClassVar
 
 import torch
 
-from ...errors import CorruptObjectError
-from ..bitpack import pack_bits, packed_size, unpack_bits
-from .base import CompressorConfig, Encoded
+from ....errors import CorruptObjectError
+from ...bitpack import pack_bits, packed_size, unpack_bits
+from ..base import CompressorConfig, Encoded
+from .fused import BitDeltaFused
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class BitDelta:
     def simulate(self, x: torch.Tensor, *, seed: int) -> torch.Tensor:
         sign = torch.where(x > 0, 1.0, -1.0).to(x.dtype).detach()
         return self.scale(x) * sign
+
+    def fused_decoder(self) -> BitDeltaFused:
+        return BitDeltaFused()
 
 
 COMPRESSOR = BitDelta
