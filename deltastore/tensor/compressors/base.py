@@ -46,8 +46,24 @@ class Encoded:
         return sum(a.numel() * a.element_size() for a in self.arrays.values())
 
 
+@dataclass(frozen=True)
+class ConfigField:
+    """One knob of a compressor's configuration, as a CLI or a form presents it."""
+
+    name: str
+    type: str       # the annotation as written: "float", "int", "int | None"
+    default: Any
+    help: str
+
+
 class CompressorConfig:
-    """Mixin for the frozen dataclass configs: strict round trip to the metadata dict."""
+    """Mixin for the frozen dataclass configs: strict round trip to the metadata dict, and a
+    help text per field (``dataclasses.field(metadata={"help": ...})``)."""
+
+    @classmethod
+    def describe(cls) -> list[ConfigField]:
+        return [ConfigField(f.name, str(f.type), f.default, f.metadata.get("help", ""))
+                for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]

@@ -21,7 +21,7 @@ Attrs: ``seed`` (int). See specs/compressors/deltadq.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -53,10 +53,13 @@ class DeltaDQConfig(CompressorConfig):
     the most significant ones; None writes all b.
     """
 
-    group_size: int = 16
-    keep: int = 2  # k/g = 1/8 of the values survive the dropout
-    bits: int = 4
-    stored_planes: int | None = None
+    group_size: int = field(default=16, metadata={
+        "help": f"g: consecutive columns of a row among which exactly `keep` survive, in [1, {MAX_GROUP_SIZE}]"})
+    keep: int = field(default=2, metadata={  # k/g = 1/8 of the values survive the dropout
+        "help": "k: values kept in each group of g, in [1, g]; the density is k/g"})
+    bits: int = field(default=4, metadata={"help": "b: code width of the kept values, in [1, 8]"})
+    stored_planes: int | None = field(default=None, metadata={
+        "help": "how many of the b bit planes are written, most significant first; none: all b"})
 
     def __post_init__(self) -> None:
         g, k, b, s = self.group_size, self.keep, self.bits, self.stored_planes

@@ -14,7 +14,7 @@ float32 ``(rows,)``, so that a value is ``code * scales[row]``. Attrs: ``seed`` 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -38,8 +38,10 @@ class DareConfig(CompressorConfig):
     per row (half the bytes; error at most 1/254 of the row's largest kept value).
     """
 
-    drop_rate: float = 0.99  # the papers use 0.9 to 0.998
-    value_bits: int = 16
+    drop_rate: float = field(default=0.99, metadata={  # the papers use 0.9 to 0.998
+        "help": "probability p that an element is dropped, in [0, 1); kept values are scaled by 1/(1-p)"})
+    value_bits: int = field(default=16, metadata={
+        "help": "16: kept values as float16; 8: int8 codes with a float32 scale per row (half the bytes)"})
 
     def __post_init__(self) -> None:
         p = self.drop_rate
