@@ -21,6 +21,7 @@ from ..storage.records import BaseRecord, ReferenceRecord, TaskVersion, TensorEn
 from ..tensor import dbms
 from ..tensor.bitpack import packed_size, unpack_bits
 from ..tensor.compressors import Compressor, Encoded, fused_decoder, get_compressor
+from ..tensor.compressors.base import required_array, required_attr
 from ..tensor.compressors.lossless import Lossless, dtype_from_name
 from ..tensor.fused import BaseTerm, FusedDecoder, FusedJob, triton_enabled
 
@@ -159,7 +160,8 @@ def fused_job(item: TensorPlan, parts: Parts) -> FusedJob:
     base = None
     if item.base_entry is not None:
         b = item.base_entry
-        base = BaseTerm(parts.brow, parts.barrays.get("signs"), float(b.attrs["scale"]), changed_rows(b))
+        base = BaseTerm(parts.brow, parts.barrays.get("signs"), float(required_attr(b.attrs, "scale", float)),
+                        changed_rows(b))
     return FusedJob(item.name, rows, cols, changed_rows(item.entry), dict(item.entry.attrs), item.lam1, item.lam2,
                     parts.w_pre.reshape(rows, cols), parts.trow, parts.arrays, base, parts.prepared)
 
@@ -219,7 +221,7 @@ def decode_stored(entry: TensorEntry, array: ArrayGetter, device) -> torch.Tenso
     check_entry(entry)
     if entry.codec == Lossless.name:
         get_compressor(Lossless.name, entry.config)  # refuses stray config fields
-        return lossless(entry, array(entry.arrays["data"], "data"), device)
+        return lossless(entry, array(required_array(entry.arrays, "data"), "data"), device)
     rows, decoded = decode_code(entry, array, device)
     return dbms.expand_rows(decoded, rows).reshape(entry.shape)
 
@@ -232,7 +234,11 @@ def decode_code(entry: TensorEntry, array: ArrayGetter, device) -> tuple[torch.T
     if entry.rows is None:
         rows = torch.ones(rows_total, dtype=torch.bool, device=device)
     else:
-        rows = unpack_bits(array(entry.rows, "rows"), rows_total)
+        packed = array(entry.rows, "rows")
+        if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_size(rows_total):
+            raise CorruptObjectError(f"the record and its stored arrays are inconsistent: the changed-row mask must "
+                                     f"be uint8 ({packed_size(rows_total)},), found {packed.dtype} {tuple(packed.shape)}")
+        rows = unpack_bits(packed, rows_total)
     if entry.changed_rows is not None and int(rows.sum()) != entry.changed_rows:
         raise CorruptObjectError(f"changed-row mask holds {int(rows.sum())} rows, the record says "
                                  f"{entry.changed_rows}")

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from ..errors import CorruptObjectError, DeltastoreError
+from ..errors import DeltastoreError
 from ..progress import progress as progress_bar
 from ..storage.records import TaskVersion
 from .decode import TensorPlan, decode, plan
@@ -63,11 +63,6 @@ def iter_materialize(
                 value = decode(item, parts, device)
             except DeltastoreError as exc:  # name the task and tensor, not only the object
                 raise type(exc)(f"{label}, tensor {name!r}: {exc}") from None
-            except (KeyError, IndexError, RuntimeError, ValueError) as exc:
-                # Hashes matched but the pieces do not fit (a record naming a missing array role,
-                # arrays of the wrong size): a crafted or buggy record, never wrong weights.
-                raise CorruptObjectError(f"{where}: {label}, tensor {name!r}: the stored pieces are inconsistent "
-                                         f"({type(exc).__name__}: {exc}); run `deltastore verify`") from None
             del parts
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)

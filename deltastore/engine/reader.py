@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import CorruptObjectError
+from ..tensor.compressors.base import required_array
 from ..tensor.compressors.lossless import Lossless
 from .decode import Parts, TensorPlan, lossless, row_index
 from .readahead import read_ahead
@@ -214,12 +215,13 @@ class DeviceReader:
         """Everything :func:`deltastore.engine.decode.decode` needs for ``item``, on the device."""
         entry = item.entry
         if not entry.is_delta:
-            return Parts(data=self.array(entry.arrays["data"], f"{item.name}: data"))
+            return Parts(data=self.array(required_array(entry.arrays, "data"), f"{item.name}: data"))
         rows, _ = item.matrix
         ref = item.ref_entry
         if ref.codec != Lossless.name:
             raise CorruptObjectError(f"reference tensor {entry.ref!r} is stored as {ref.codec!r}, expected lossless")
-        parts = Parts(w_pre=lossless(ref, self.array(ref.arrays["data"], f"reference {entry.ref}"), self.device))
+        w_pre = self.array(required_array(ref.arrays, "data"), f"reference {entry.ref}")
+        parts = Parts(w_pre=lossless(ref, w_pre, self.device))
         parts.trow = self.put(torch.from_numpy(
             row_index(self.objects, entry.rows, rows, entry.changed_rows, self.verify, f"{item.name}: rows")))
         parts.arrays = {role: self.array(h, f"{item.name}: {role}") for role, h in entry.arrays.items()}

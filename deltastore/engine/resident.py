@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InvalidInputError, NotFoundError
+from ..tensor.compressors.base import required_array
 from ..tensor.compressors.lossless import dtype_from_name
 from ..tensor.fused import triton_enabled
 from .decode import Parts, TensorPlan, decode, lossless, plan, prepare_fused, row_index
@@ -143,15 +144,15 @@ class ResidentModel:
             name = item.entry.ref
             ref = None
             if name not in self._reference:
-                ref = lossless(item.ref_entry, reader.array(item.ref_entry.arrays["data"], f"reference {name}"),
-                                self.device)
+                data = reader.array(required_array(item.ref_entry.arrays, "data"), f"reference {name}")
+                ref = lossless(item.ref_entry, data, self.device)
             base = None
             if item.base_entry is not None and (base_digest, name) not in self._bases:
                 b = item.base_entry
                 rows, _ = item.matrix
-                brow = row_index(self.registry.objects, b.rows, rows, b.changed_rows, self.verify,
-                                  f"base {name}: rows")
-                base = (reader.put(torch.from_numpy(brow)), reader.array(b.arrays["signs"], f"base {name}: signs"))
+                brow = row_index(self.registry.objects, b.rows, rows, b.changed_rows, self.verify, f"base {name}: rows")
+                signs = reader.array(required_array(b.arrays, "signs"), f"base {name}: signs")
+                base = (reader.put(torch.from_numpy(brow)), signs)
             return ref, base
 
         budget = read_ahead_budget(self.device)

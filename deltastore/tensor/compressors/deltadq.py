@@ -188,7 +188,7 @@ class DeltaDQ:
             )
         codes = torch.zeros(total, dtype=torch.int32, device=device)
         for j in present:
-            plane = encoded.arrays[f"plane{j}"].to(device)
+            plane = encoded.array(f"plane{j}").to(device)
             if plane.dtype != torch.uint8 or tuple(plane.shape) != (packed_size(total),):
                 raise CorruptObjectError(
                     f"deltadq array 'plane{j}' must be uint8 of shape ({packed_size(total)},) for {total} kept "
@@ -200,10 +200,10 @@ class DeltaDQ:
     def decode(self, encoded: Encoded, shape: tuple[int, int], device: torch.device | str) -> torch.Tensor:
         """Float32 ``shape`` on ``device``: kept positions get their dequantized value, others 0."""
         rows, cols = shape
-        seed = int(encoded.attrs["seed"])
+        seed = encoded.attr("seed", int)
         per_row = kept_per_row(cols, self.config.group_size, self.config.keep)
         codes = self._stored_codes(encoded, rows * per_row, device)
-        scales = encoded.arrays["scales"].to(device)
+        scales = encoded.array("scales").to(device)
         if scales.dtype != torch.float32 or tuple(scales.shape) != (rows,):
             raise CorruptObjectError(
                 f"deltadq array 'scales' must be float32 of shape ({rows},), got {scales.dtype} {tuple(scales.shape)}"

@@ -40,12 +40,12 @@ class BitDelta:
 
     def decode(self, encoded: Encoded, shape: tuple[int, int], device: torch.device | str) -> torch.Tensor:
         n = shape[0] * shape[1]
-        signs = encoded.arrays["signs"]
+        signs = encoded.array("signs")
         if signs.dtype != torch.uint8 or signs.dim() != 1 or signs.numel() != packed_size(n):
             raise CorruptObjectError(f"bitdelta: 'signs' must be uint8 ({packed_size(n)},) for a {shape[0]}x{shape[1]} "
                                      f"matrix, found {signs.dtype} {tuple(signs.shape)}")
         positive = unpack_bits(signs.to(device), n).view(shape)
-        scale = torch.tensor(encoded.attrs["scale"], dtype=torch.float32, device=device)
+        scale = torch.tensor(encoded.attr("scale", float), dtype=torch.float32, device=device)
         # +alpha where the bit is set, -alpha elsewhere: sign(0) counts as -1 (METHOD.md).
         return torch.where(positive, scale, -scale)
 

@@ -146,15 +146,15 @@ class Dare:
     def decode(self, encoded: Encoded, shape: tuple[int, int], device: torch.device | str) -> torch.Tensor:
         """Float32 ``shape`` on ``device``: kept positions get their value, the others 0."""
         rows, cols = shape
-        seed, threshold = int(encoded.attrs["seed"]), int(encoded.attrs["keep_threshold"])
-        values = encoded.arrays["values"].to(device)
+        seed, threshold = encoded.attr("seed", int), encoded.attr("keep_threshold", int)
+        values = encoded.array("values").to(device)
         expected = torch.float16 if self.config.value_bits == 16 else torch.int8
         if values.dtype != expected or values.dim() != 1:
             raise CorruptObjectError(
                 f"dare array 'values' must be 1-D {expected}, got {values.dim()}-D {values.dtype}"
             )
         if self.config.value_bits == 8:
-            scales = encoded.arrays["scales"].to(device)
+            scales = encoded.array("scales").to(device)
             if scales.dtype != torch.float32 or tuple(scales.shape) != (rows,):
                 raise CorruptObjectError(
                     f"dare array 'scales' must be float32 of shape ({rows},), got {scales.dtype} {tuple(scales.shape)}"
