@@ -242,9 +242,13 @@ def run_cell(reg, base: str, ev: TaskEval, setting: str, row: str, n_tasks: int,
 def _state_at(reg, name: str, lam1: float, lam2_values: list[float]):
     """Yield (lam2, state dict) of a committed task with its stored residual code, rebuilt
     at the committed lam1 and each lam2 (the residual was compressed at that lam1)."""
+    from deltastore.engine.decode import decode_code, decode_stored
     from deltastore.storage.records import BaseRecord, ReferenceRecord
     from deltastore.tensor import dbms
     from deltastore.tensor.compressors.lossless import dtype_from_name
+
+    def array(digest, what):
+        return reg.objects.get_array(digest, verify=False, what=what)
 
     _, record = reg.version(name)
     reference = reg.objects.get_record(record.reference, ReferenceRecord)
@@ -252,14 +256,14 @@ def _state_at(reg, name: str, lam1: float, lam2_values: list[float]):
     pieces = {}
     for tname, entry in record.tensors.items():
         if entry.is_delta:
-            w_pre = dbms.as_matrix(reg._decode_full(reference.tensors[entry.ref], "cpu", False))
-            rows, decoded = reg._decode_rows(entry, "cpu", False)
+            w_pre = dbms.as_matrix(decode_stored(reference.tensors[entry.ref], array, "cpu"))
+            rows, decoded = decode_code(entry, array, "cpu")
             tau_rows = None
             if base is not None and entry.ref in base.tensors:
-                tau_rows = dbms.as_matrix(reg._decode_full(base.tensors[entry.ref], "cpu", False))[rows]
+                tau_rows = dbms.as_matrix(decode_stored(base.tensors[entry.ref], array, "cpu"))[rows]
             pieces[tname] = ("delta", w_pre, rows, decoded, tau_rows, entry)
         else:
-            pieces[tname] = ("plain", reg._decode_full(entry, "cpu", False))
+            pieces[tname] = ("plain", decode_stored(entry, array, "cpu"))
     for lam2 in lam2_values:
         state = {}
         for tname, p in pieces.items():

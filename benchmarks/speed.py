@@ -12,7 +12,8 @@ Then measures, each the median of ``--repeats`` runs:
   (c) the bound: task bytes / pinned H2D bandwidth + model bytes read+written / device copy bandwidth;
   (d) ``ResidentModel.switch`` (pinned-host cache, and GPU cache);
   (e) commit throughput, GB of finetune per second;
-  (f) peak host RSS of commit and of materialize (child processes, ru_maxrss).
+  (f) peak host RSS of commit and of materialize (child processes, ru_maxrss);
+  (g) ``Registry.load_model(task, device=...)`` against ``from_pretrained`` of the finetune directory.
 
 Writes speed.md and speed.json to ``--out`` (default benchmarks/results).
 
@@ -217,9 +218,10 @@ def run_child(*argv) -> dict:
 
 
 def kernel_compare(device: str, cfg: dict) -> dict:
-    """One MLP matrix, bitdelta + base: the fused Triton kernel vs the plain torch decode."""
-    from deltastore import fast
+    """One MLP matrix, bitdelta + base: the fused Triton kernel vs the reference torch decode."""
+    from deltastore.engine.decode import Parts, TensorPlan, prepare_fused, reference_decode
     from deltastore.storage.records import TensorEntry
+    from deltastore.tensor.fused import triton_enabled
 
     if device != "cuda":
         return {}
@@ -232,20 +234,21 @@ def kernel_compare(device: str, cfg: dict) -> dict:
                         attrs={"scale": 1e-3}, ref="x")
     bentry = TensorEntry(shape=(rows, cols), dtype="float32", codec="bitdelta", config={}, arrays={},
                          attrs={"scale": 5e-4}, ref="x")
-    item = fast._Item("x", entry, None, bentry, 0.7, 1.1)
-    parts = fast._Parts(w_pre=w, trow=trow, arrays={"signs": signs}, brow=trow, barrays={"signs": signs.flip(0)})
+    item = TensorPlan("x", entry, None, bentry, 0.7, 1.1)
+    parts = Parts(w_pre=w, trow=trow, arrays={"signs": signs}, brow=trow, barrays={"signs": signs.flip(0)})
     out = torch.empty_like(w)
     res = {"shape": [rows, cols]}
-    if fast.triton_enabled(torch.device("cuda")):
-        parts.consts = fast._consts(item, torch.device("cuda"))
-        t, _ = timed(lambda: fast._decode_fused(item, parts, out), 20, device, warmup=3)
+    cuda = torch.device("cuda")
+    if triton_enabled(cuda):
+        job = prepare_fused(item, parts)
+        t, _ = timed(lambda: item.fused.run(job, out), 20, device, warmup=3)
         res["triton_ms"] = t * 1e3
         res["triton_GBps"] = (2 * w.numel() * 2 + 2 * signs.numel()) / t / 1e9
-        ref = fast._decode_torch(item, parts, torch.device("cuda"))
+        ref = reference_decode(item, parts, cuda)
         res["triton_equals_torch"] = bool(torch.equal(ref.view(torch.int16), out.view(torch.int16)))
-    t, _ = timed(lambda: fast._decode_torch(item, parts, torch.device("cuda")), 10, device, warmup=2)
+    t, _ = timed(lambda: reference_decode(item, parts, cuda), 10, device, warmup=2)
     res["torch_ms"] = t * 1e3
-    if fast.triton_enabled(torch.device("cuda")):
+    if triton_enabled(cuda):
         res.update(dare_kernel_profile(item, parts, out, device))
     return res
 
@@ -256,8 +259,8 @@ def reference_codec_ab(reg, device: str, work: Path, repeats: int, max_bytes: fl
     copied once into a zstd object store, then read by the streaming reader in threads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from deltastore import fast
-    from deltastore.readahead import default_workers
+    from deltastore.engine.reader import READ_AHEAD_GPU_BYTES, DeviceReader
+    from deltastore.engine.readahead import default_workers
     from deltastore.storage.backend import LocalBackend
     from deltastore.storage.objects import ObjectStore
 
@@ -276,11 +279,11 @@ def reference_codec_ab(reg, device: str, work: Path, repeats: int, max_bytes: fl
     out = {"bytes": total, "raw_disk_bytes": sum(reg.objects.size("arrays", d) for d in digests),
            "zstd_disk_bytes": sum(zstd_store.size("arrays", d) for d in digests)}
     for label, store in (("raw", reg.objects), ("zstd", zstd_store)):
-        reader = fast.DeviceReader(store, torch.device(device), True)
+        reader = DeviceReader(store, torch.device(device), True)
 
         def read_all():
             for _ in reader.read_ahead(lambda d: reader.array(d, "reference"), digests,
-                                       nbytes=lambda d: store.open_array(d).nbytes, budget=fast.READ_AHEAD_GPU_BYTES):
+                                       nbytes=lambda d: store.open_array(d).nbytes, budget=READ_AHEAD_GPU_BYTES):
                 pass
 
         t, _ = timed(read_all, repeats, device)
@@ -291,35 +294,27 @@ def reference_codec_ab(reg, device: str, work: Path, repeats: int, max_bytes: fl
 
 def dare_kernel_profile(item, parts, out, device: str) -> dict:
     """Where a DARE p=0.99 (+ base) decode of the same matrix spends its time: a plain copy
-    (memory only), the count kernel (the keep-mask hash of every element and a block sum, no
-    values), and the full fused kernel (hash, in-block scan, value gather, base, store)."""
+    (memory only), the decoder's prepare step (the keep-mask hash of every element to count
+    each block's kept values, their prefix sum, one small sync), and the fused kernel (hash,
+    in-block scan, value gather, base, store)."""
     from dataclasses import replace as dc_replace
 
-    from deltastore import fast
-    from deltastore.tensor.prng import mix32_int
+    from deltastore.engine.decode import Parts, TensorPlan, fused_job, prepare_fused
+    from deltastore.tensor.compressors.dare import keep_mask
 
     rows, cols = parts.w_pre.shape
     threshold = round(0.01 * 2 ** 32)
     entry = dc_replace(item.entry, codec="dare", config={"drop_rate": 0.99, "value_bits": 16},
                        attrs={"seed": 12345, "keep_threshold": threshold})
-    dare_item = fast._Item("x", entry, None, item.base_entry, item.lam1, item.lam2)
-    n_blocks = -(-cols // fast.BLOCK)
-    counts = torch.empty(rows * n_blocks, dtype=torch.int32, device="cuda")
-
-    def count():
-        fast._dare_count_kernel[(counts.numel(),)](counts, mix32_int(12345), threshold, cols, n_blocks,
-                                                   BLOCK=fast.BLOCK)
-
-    count()
-    kept = int(counts.sum())
-    dare_parts = fast._Parts(w_pre=parts.w_pre, trow=parts.trow, brow=parts.brow, barrays=parts.barrays,
-                             arrays={"values": torch.randn(kept, device="cuda").to(torch.float16)})
-    dare_parts.offsets = fast._dare_offsets(dare_item, dare_parts, torch.device("cuda"))
-    dare_parts.consts = fast._consts(dare_item, torch.device("cuda"))
+    dare_item = TensorPlan("x", entry, None, item.base_entry, item.lam1, item.lam2)
+    kept = int(keep_mask(12345, threshold, 0, rows, cols, "cuda").sum())
+    dare_parts = Parts(w_pre=parts.w_pre, trow=parts.trow, brow=parts.brow, barrays=parts.barrays,
+                       arrays={"values": torch.randn(kept, device="cuda").to(torch.float16)})
+    job = prepare_fused(dare_item, dare_parts)
     t_copy, _ = timed(lambda: out.copy_(parts.w_pre), 20, device, warmup=3)
-    t_count, _ = timed(count, 20, device, warmup=3)
-    t_dare, _ = timed(lambda: fast._decode_fused(dare_item, dare_parts, out), 20, device, warmup=3)
-    return {"copy_ms": t_copy * 1e3, "dare_count_kernel_ms": t_count * 1e3, "dare_fused_ms": t_dare * 1e3,
+    t_prepare, _ = timed(lambda: dare_item.fused.prepare(fused_job(dare_item, dare_parts)), 20, device, warmup=3)
+    t_dare, _ = timed(lambda: dare_item.fused.run(job, out), 20, device, warmup=3)
+    return {"copy_ms": t_copy * 1e3, "dare_prepare_ms": t_prepare * 1e3, "dare_fused_ms": t_dare * 1e3,
             "dare_kept": kept}
 
 
@@ -344,7 +339,8 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from deltastore import Registry, fast
+    from deltastore import Registry
+    from deltastore.engine.resident import ResidentModel
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = dict(SMALL if args.small else FULL)
@@ -434,6 +430,26 @@ def main() -> None:
         print(f"[a materialize {task}] {t_a:.3f} s", flush=True)
         partial.write_text(json.dumps(res, indent=2, default=str))
 
+    # (g) a ready transformers model on the device: what a service calls, against loading the
+    # finetune directory with transformers itself
+    from transformers import AutoModelForCausalLM
+
+    res["load_model"] = {}
+    for task in methods:
+        def load():
+            model = reg.load_model(task, device=device, dtype=torch.bfloat16)
+            del model
+
+        res["load_model"][task] = timed(load, repeats, device)[0]
+        print(f"[g load_model {task}] {res['load_model'][task]:.3f} s", flush=True)
+
+    def from_pretrained():
+        model = AutoModelForCausalLM.from_pretrained(ft_dir, device_map=device, dtype=torch.bfloat16)
+        del model
+
+    res["from_pretrained_s"] = timed(from_pretrained, repeats, device)[0]
+    print(f"[g from_pretrained] {res['from_pretrained_s']:.3f} s", flush=True)
+
     # (f) peak RSS of materialize and of an idle CUDA process, in children
     res["rss"] = {"idle_process": run_child("--child", "idle", "--registry", str(reg.path), "--device", device)
                   ["peak_rss_bytes"]}
@@ -461,7 +477,7 @@ def main() -> None:
     if device == "cuda":
         res["gpu_state_before_switch"] = gpu_state()
     t0 = time.perf_counter()
-    resident = fast.ResidentModel(reg, target, device=device)
+    resident = ResidentModel(reg, target, device=device)
     for cache in (["pinned", "gpu"] if device == "cuda" else ["none"]):
         resident.set_cache(cache)  # one resident reference for both cache modes
         t0 = time.perf_counter()
@@ -516,7 +532,9 @@ def main() -> None:
                           2 * model_bytes / (bw["d2d_rw_GBps"] * 1e9) for t in methods}
     res["ratios"] = {}
     for t in methods:
-        r = {"cold_vs_safetensors": res["materialize"][t]["seconds"] / t_b}
+        r = {"cold_vs_safetensors": res["materialize"][t]["seconds"] / t_b,
+             "load_model_vs_materialize": res["load_model"][t] / res["materialize"][t]["seconds"],
+             "load_model_vs_from_pretrained": res["load_model"][t] / res["from_pretrained_s"]}
         key = f"pinned_{t}_s" if device == "cuda" else f"none_{t}_s"
         r["switch_speedup"] = t_b / res["switch"][key]
         if "bound_s" in res:
@@ -600,6 +618,9 @@ def report(res: dict) -> str:
     for t, m in res["materialize"].items():
         extra = f" (verify=False: {m['seconds_verify_false']:.3f} s)" if "seconds_verify_false" in m else ""
         lines.append(f"| (a) materialize {t} | {m['seconds']:.3f} s{extra} |")
+    for t, v in res["load_model"].items():
+        lines.append(f"| (g) load_model {t} to {res['device']} | {v:.3f} s |")
+    lines.append(f"| (g) from_pretrained of the finetune directory to {res['device']} | {res['from_pretrained_s']:.3f} s |")
     if "bound_s" in res:
         bw = res["bandwidth"]
         lines.append(f"| pinned H2D / device copy (r+w) bandwidth | {bw['h2d_pinned_GBps']:.1f} GB/s / "
@@ -620,8 +641,9 @@ def report(res: dict) -> str:
         lines.append(f"| decode kernel {k['shape']}: Triton / plain torch | {k.get('triton_ms', float('nan')):.3f} ms "
                      f"/ {k['torch_ms']:.3f} ms (Triton equals torch: {k.get('triton_equals_torch')}) |")
         if "dare_fused_ms" in k:
-            lines.append(f"| same matrix, DARE p=0.99 + base: plain copy / keep-mask count kernel / fused decode | "
-                         f"{k['copy_ms']:.3f} ms / {k['dare_count_kernel_ms']:.3f} ms / {k['dare_fused_ms']:.3f} ms |")
+            lines.append(f"| same matrix, DARE p=0.99 + base: plain copy / decoder prepare (keep-mask count, "
+                         f"prefix sum) / fused decode | {k['copy_ms']:.3f} ms / {k['dare_prepare_ms']:.3f} ms / "
+                         f"{k['dare_fused_ms']:.3f} ms |")
     if res.get("reference_codec"):
         r = res["reference_codec"]
         lines.append(f"| reference arrays to {res['device']} ({r['bytes'] / gb:.2f} GB), raw vs zstd | "

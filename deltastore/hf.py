@@ -59,10 +59,12 @@ def build_model(config_json: bytes, state: Mapping[str, torch.Tensor], *, what: 
         # The checkpoint's own dtype; "auto" would trust config.json's ``dtype`` field instead,
         # which need not match the tensors (a model cast to bf16 after its config was written).
         dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    model = cls.from_pretrained(None, config=config, state_dict=dict(state), dtype=dtype)
     devices = {t.device for t in state.values()}
-    if len(devices) == 1:
-        model = model.to(next(iter(devices)))  # the buffers it computed itself start on the CPU
+    # With the tensors' own device as device_map, transformers assigns them as they are; without
+    # it, it builds the model on the CPU, copying every tensor there and back (measured on the
+    # H200: 0 of 147 tensors kept, 4.3 s of copies for a 3 GB model).
+    device_map = str(next(iter(devices))) if len(devices) == 1 else None
+    model = cls.from_pretrained(None, config=config, state_dict=dict(state), dtype=dtype, device_map=device_map)
     return model.eval()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import CorruptObjectError, DeltastoreError
+from .progress import progress
 from .storage.objects import object_key
 from .storage.records import BaseRecord, ReferenceRecord, TaskVersion, content_hash
 
@@ -89,9 +90,7 @@ def _reachable(registry: "Registry", problems: list[dict[str, str]] | None = Non
     return used_by
 
 
-def verify(registry: "Registry", *, progress: bool | None = None) -> list[dict[str, str]]:
-    from .registry import _progress
-
+def verify(registry: "Registry", *, show_progress: bool | None = None) -> list[dict[str, str]]:
     problems: list[dict[str, str]] = []
     used_by = _reachable(registry, problems)
     stored = registry.objects.all_objects()
@@ -101,7 +100,7 @@ def verify(registry: "Registry", *, progress: bool | None = None) -> list[dict[s
             problems.append({"object": object_key(kind, digest), "problem": "missing",
                              "used_by": ", ".join(sorted(users))})
     items = sorted(present)
-    for kind, digest in _progress(items, total=len(items), desc="verify", enabled=progress):
+    for kind, digest in progress(items, total=len(items), desc="verify", enabled=show_progress):
         users = ", ".join(sorted(used_by.get((kind, digest), {"nothing (gc removes it)"})))
         try:
             if kind == "arrays":

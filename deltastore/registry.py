@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -18,19 +17,21 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
-from tqdm.auto import tqdm
 
 from .errors import (AlreadyExistsError, CorruptObjectError, DeltastoreError, IncompatibleFinetuneError,
                      InvalidInputError, NotFoundError)
-from . import fast
+from .engine.decode import ArrayGetter, decode_stored, numel as _numel
+from .engine.materialize import iter_materialize, resolve_device
+from .engine.reader import DeviceReader
+from .progress import progress as _progress
 from .sources import TensorSource, open_source
 from .storage.backend import LocalBackend
 from .storage.objects import ObjectStore
 from .storage.records import (FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, BaseRecord, PointerRef, Record,
                               ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, TensorEntry, pack, unpack)
 from .tensor import dbms
-from .tensor.bitpack import pack_bits, unpack_bits
-from .tensor.compressors import Compressor, Encoded, get_compressor
+from .tensor.bitpack import pack_bits
+from .tensor.compressors import get_compressor
 from .tensor.compressors.lossless import Lossless, dtype_from_name, dtype_name
 from .tensor.prng import derive_seed
 from .tuning import Lambdas, TuneContext, Tuner, get_tuner
@@ -81,12 +82,6 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
     if not (version.isascii() and version.isdigit()):  # '²'.isdigit() is True, int('²') fails
         raise InvalidInputError(f"invalid task version {spec!r}: expected TASK@N with N a positive integer")
     return task, int(version)
-
-
-def _progress(iterable, *, total: int | None, desc: str, enabled: bool | None):
-    # Progress goes to stderr, and only to a terminal unless asked for explicitly.
-    show = sys.stderr.isatty() if enabled is None else enabled
-    return tqdm(iterable, total=total, desc=desc, unit="tensor", disable=not show, file=sys.stderr, leave=False)
 
 
 @dataclass
@@ -243,18 +238,6 @@ class Registry:
                                      f"which is {record.task}@{record.version}; the ref is damaged")
         return digest, record
 
-    def _inputs(self, record: TaskVersion) -> tuple[ReferenceRecord, BaseRecord | None]:
-        """The reference and base vector records a task version is rebuilt from."""
-        reference = self.objects.get_record(record.reference, ReferenceRecord)
-        base = self.objects.get_record(record.base, BaseRecord) if record.base else None
-        if base is not None and base.reference != record.reference:
-            # specs/format.md §6: a base vector of another reference would add the wrong tau_base.
-            raise CorruptObjectError(
-                f"{self.path}: {record.task}@{record.version} uses base vector {base.name!r} (record "
-                f"{record.base[:12]}), built against reference {base.reference[:12]}, but the version's reference "
-                f"is {record.reference[:12]}; the record is damaged or crafted: run `deltastore verify`")
-        return reference, base
-
     def log(self, task: str) -> list[TaskVersion]:
         """Every version of ``task``, newest first."""
         return [self.objects.get_record(d, TaskVersion) for _, d in reversed(self.versions(task))]
@@ -341,15 +324,13 @@ class Registry:
         lossy = [ft for ft in source.names() if ft in plan.lossy]
         seeds = {name: derive_seed(seed, name) for name in lossy}
 
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        reader = fast.DeviceReader(self.objects, device, verify=True)
+        device = resolve_device(device)
+        reader = DeviceReader(self.objects, device, verify=True)
 
-        def tau(ref_name: str, array=None) -> torch.Tensor | None:
+        def tau(ref_name: str, array: ArrayGetter | None = None) -> torch.Tensor | None:
             if base_record is None or ref_name not in base_record.tensors:
                 return None
-            return self._decode_full(base_record.tensors[ref_name], device, True, array=array)
+            return decode_stored(base_record.tensors[ref_name], array or self._array_getter(device), device)
 
         # Every check that can refuse the input runs before the first write: a refused commit
         # changes nothing on disk. Lossy tensors are checked for NaN/Inf in pass 1, the rest here.
@@ -363,7 +344,7 @@ class Registry:
             ref_name = plan.lossy.get(name)
             if ref_name is None:
                 return None, reader.source(source, name), None
-            w_ref = self._decode_full(reference.tensors[ref_name], device, True, array=reader.array)
+            w_ref = decode_stored(reference.tensors[ref_name], reader.array, device)
             return w_ref, reader.source(source, name), tau(ref_name, reader.array)
 
         def read_all(names: list[str]):
@@ -486,63 +467,29 @@ class Registry:
         dtype: torch.dtype | None = None,
         verify: bool = True,
         progress: bool | None = None,
+        **pipeline,
     ) -> dict[str, torch.Tensor]:
         """The task's state dict on ``device``: ``W' = W_pre + lam1*tau_base + lam2*C(R)``.
 
         ``dtype``: cast floating tensors to it (default: each tensor's dtype in the finetune).
-        ``verify``: rehash every array read (default; False skips it for speed).
+        ``verify``: rehash every array read (default; False skips it for speed). ``pipeline``:
+        see :meth:`iter_materialize`.
         """
         return dict(self.iter_materialize(task, version, device=device, dtype=dtype, verify=verify,
-                                          progress=progress))
+                                          progress=progress, **pipeline))
 
     def iter_materialize(self, task: str, version: int | None = None, *, device: str | torch.device = "cpu",
-                         dtype: torch.dtype | None = None, verify: bool = True,
-                         progress: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                         dtype: torch.dtype | None = None, verify: bool = True, progress: bool | None = None,
+                         **pipeline) -> Iterator[tuple[str, torch.Tensor]]:
         """Like :meth:`materialize`, one ``(name, tensor)`` at a time (bounded memory).
 
-        On a CUDA device this is :func:`deltastore.fast.iter_materialize_streaming` (reads ahead
-        in threads, pinned staging, fused decode kernels): the same bits, much faster.
+        Reader threads read ahead while the device decodes; on CUDA through pinned staging and
+        fused decode kernels (:func:`deltastore.engine.materialize.iter_materialize`, whose
+        tuning knobs ``pipeline`` passes on: ``workers``, ``read_ahead_bytes``, ``staging_bytes``).
         """
-        device = torch.device(device)
-        if device.type == "cuda":
-            yield from fast.iter_materialize_streaming(self, task, version, device=device, dtype=dtype, verify=verify)
-            return
         _, record = self.version(task, version)
-        reference, base = self._inputs(record)
-        for name, entry in _progress(record.tensors.items(), total=len(record.tensors),
-                                     desc=f"{task}: materialize", enabled=progress):
-            try:
-                value = self._materialize_one(entry, record, reference, base, device, verify)
-            except DeltastoreError as exc:  # name the task and tensor, not only the object
-                raise type(exc)(f"{task}@{record.version}, tensor {name!r}: {exc}") from None
-            except (KeyError, IndexError, RuntimeError, ValueError) as exc:
-                # Hashes matched but the pieces do not fit (a record naming a missing reference
-                # tensor, arrays of the wrong size): a crafted or buggy record, never wrong weights.
-                raise CorruptObjectError(f"{self.path}: {task}@{record.version}, tensor {name!r}: the stored "
-                                         f"pieces are inconsistent ({type(exc).__name__}: {exc}); run "
-                                         "`deltastore verify`") from None
-            if dtype is not None and value.is_floating_point():
-                value = value.to(dtype)
-            yield name, value
-
-    def _materialize_one(self, entry: TensorEntry, record: TaskVersion, reference: ReferenceRecord,
-                         base: BaseRecord | None, device, verify: bool) -> torch.Tensor:
-        """One tensor of a task version (see :meth:`materialize`)."""
-        _check_entry(entry)
-        if entry.is_delta:
-            _check_delta(entry, reference, base)
-            lam1 = record.lam1 if entry.lam1 is None else entry.lam1
-            lam2 = record.lam2 if entry.lam2 is None else entry.lam2
-            w_pre = self._decode_full(reference.tensors[entry.ref], device, verify)
-            rows, decoded = self._decode_rows(entry, device, verify)
-            tau_rows = None
-            if base is not None and entry.ref in base.tensors:
-                tau_rows = dbms.as_matrix(self._decode_full(base.tensors[entry.ref], device, verify))[rows]
-            value = dbms.reconstruct(dbms.as_matrix(w_pre), rows, decoded, tau_rows, lam1, lam2)
-            value = value.reshape(entry.shape).to(dtype_from_name(entry.dtype))
-        else:
-            value = self._decode_full(entry, device, verify)
-        return value
+        yield from iter_materialize(self.objects, record, where=str(self.path), device=device, dtype=dtype,
+                                    verify=verify, progress=progress, **pipeline)
 
     def save_pretrained(self, task: str, out_dir: str | os.PathLike, version: int | None = None, *,
                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -612,7 +559,7 @@ class Registry:
         """
         from .integrity import verify
 
-        return verify(self, progress=progress)
+        return verify(self, show_progress=progress)
 
     def gc(self) -> dict[str, int]:
         """Delete every object no ref reaches, and whatever dead operations left in staging."""
@@ -622,7 +569,7 @@ class Registry:
 
     # -- internals --------------------------------------------------------------------------
     def _reference_tensor(self, reference: ReferenceRecord, name: str) -> torch.Tensor:
-        return self._decode_full(reference.tensors[name], "cpu", True)
+        return decode_stored(reference.tensors[name], self._array_getter("cpu"), "cpu")
 
     def _store_code(self, code: dbms.MatrixCode, codec: str, config: dict, shape, dtype: str, ref_name: str,
                     txn: str, lambdas: tuple[float, float] | None = None) -> TensorEntry:
@@ -635,39 +582,9 @@ class Registry:
                             attrs=dict(code.encoded.attrs), ref=ref_name, rows=rows, changed_rows=n_changed)
         return entry if lambdas is None else replace(entry, lam1=lambdas[0], lam2=lambdas[1])
 
-    def _load_encoded(self, entry: TensorEntry, device, verify: bool, array=None) -> Encoded:
-        array = array or self._array_getter(device, verify)
-        return Encoded({role: array(h, role) for role, h in entry.arrays.items()}, dict(entry.attrs))
-
-    def _array_getter(self, device, verify: bool):
+    def _array_getter(self, device, verify: bool = True) -> ArrayGetter:
         """``array(digest, what)``: a stored array on ``device`` (the plain, one-thread read)."""
         return lambda digest, what: self.objects.get_array(digest, verify=verify, what=what).to(device)
-
-    def _decode_rows(self, entry: TensorEntry, device, verify: bool, array=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bool row mask, float32 decoded changed rows) of a delta entry; ``array`` reads the
-        stored arrays (default :meth:`_array_getter`)."""
-        array = array or self._array_getter(device, verify)
-        rows_total = entry.shape[0]
-        cols = _numel(entry.shape[1:])
-        if entry.rows is None:
-            rows = torch.ones(rows_total, dtype=torch.bool, device=device)
-        else:
-            rows = unpack_bits(array(entry.rows, "rows"), rows_total)
-        if entry.changed_rows is not None and int(rows.sum()) != entry.changed_rows:
-            raise CorruptObjectError(f"changed-row mask holds {int(rows.sum())} rows, the record says "
-                                     f"{entry.changed_rows}")
-        compressor: Compressor = get_compressor(entry.codec, entry.config)
-        decoded = compressor.decode(self._load_encoded(entry, device, verify, array), (int(rows.sum()), cols), device)
-        return rows, decoded
-
-    def _decode_full(self, entry: TensorEntry, device, verify: bool, array=None) -> torch.Tensor:
-        """A lossless entry as stored, or a delta entry of a base vector expanded to full rows."""
-        _check_entry(entry)
-        if entry.codec == Lossless.name:
-            lossless = get_compressor(Lossless.name, entry.config)  # refuses stray config fields
-            return lossless.decode(self._load_encoded(entry, device, verify, array), entry.shape, device)
-        rows, decoded = self._decode_rows(entry, device, verify, array)
-        return dbms.expand_rows(decoded, rows).reshape(entry.shape)
 
 
 @dataclass
@@ -728,49 +645,6 @@ def _plan(reference: ReferenceRecord, source: TensorSource) -> _Plan:
 
 def _on_cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.cpu()
-
-
-def _check_entry(entry: TensorEntry) -> None:
-    """specs/format.md §5.2/§6: lossless entries are whole tensors, every other codec is a
-    delta on a float tensor; a record mixing the two was not written by deltastore."""
-    if (entry.codec == Lossless.name) != (entry.ref is None):
-        raise CorruptObjectError(f"tensor entry with codec {entry.codec!r} has ref {entry.ref!r}: lossless entries "
-                                 "have no ref and delta entries need one")
-    if entry.codec == Lossless.name and entry.attrs.get("dtype") != entry.dtype:
-        raise CorruptObjectError(f"lossless entry of dtype {entry.dtype!r} stores data of dtype "
-                                 f"{entry.attrs.get('dtype')!r}")
-    if entry.ref is not None and not dtype_from_name(entry.dtype).is_floating_point:
-        raise CorruptObjectError(f"delta entry of non-float dtype {entry.dtype!r}")
-
-
-def _check_delta(entry: TensorEntry, reference: ReferenceRecord, base: BaseRecord | None) -> None:
-    """specs/format.md §6: a delta entry adds to a reference tensor of its own shape, and a
-    base vector entry for that tensor is a float32 ``bitdelta`` matrix of the same shape.
-    (A record that breaks this has pieces that do not fit: damaged or crafted.)"""
-    ref_entry = reference.tensors.get(entry.ref)
-    if ref_entry is None:
-        raise CorruptObjectError(f"inconsistent record: delta entry adds to reference tensor {entry.ref!r}, which "
-                                 "the reference does not hold; run `deltastore verify`")
-    if (ref_entry.shape != entry.shape or not entry.shape
-            or not dtype_from_name(ref_entry.dtype).is_floating_point):
-        raise CorruptObjectError(f"inconsistent record: delta entry of shape {list(entry.shape)} adds to reference "
-                                 f"tensor {entry.ref!r} of shape {list(ref_entry.shape)} and dtype {ref_entry.dtype}, "
-                                 "expected the same shape of 1 or more dimensions and a float dtype; run "
-                                 "`deltastore verify`")
-    base_entry = base.tensors.get(entry.ref) if base is not None else None
-    if base_entry is not None and (base_entry.codec != "bitdelta" or base_entry.dtype != "float32"
-                                   or base_entry.shape != entry.shape or base_entry.ref != entry.ref):
-        raise CorruptObjectError(
-            f"inconsistent base vector: its entry for {entry.ref!r} is {base_entry.codec} {base_entry.dtype} of shape "
-            f"{list(base_entry.shape)} adding to {base_entry.ref!r}; expected bitdelta float32 of shape "
-            f"{list(entry.shape)} adding to {entry.ref!r}; run `deltastore verify`")
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _check_finite(source: TensorSource, name: str, tensor: torch.Tensor) -> None:

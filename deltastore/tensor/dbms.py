@@ -21,6 +21,9 @@ import torch
 from .compressors import Compressor, Encoded
 from .compressors.bitdelta import BitDelta
 
+# A base vector is BitDelta of the mean delta (specs/format.md §5.4), whatever the tasks use.
+BASE_CODEC = BitDelta.name
+
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
     """View a tensor of 2+ dimensions as ``(shape[0], prod(shape[1:]))``."""
@@ -43,12 +46,6 @@ class MatrixCode:
 def encode_rows(compressor: Compressor, x: torch.Tensor, rows: torch.Tensor, *, seed: int) -> MatrixCode:
     """Compress the rows of ``x`` (float32 2-D) selected by ``rows`` (bool)."""
     return MatrixCode(rows, compressor.encode(x[rows].contiguous(), seed=seed))
-
-
-def decode_rows(compressor: Compressor, code: MatrixCode, cols: int, device: torch.device | str) -> torch.Tensor:
-    """float32 ``(changed_rows, cols)``: the decoded changed rows only."""
-    n = int(code.rows.sum())
-    return compressor.decode(code.encoded, (n, cols), device)
 
 
 def build_base(mean_delta: torch.Tensor) -> MatrixCode:

@@ -54,7 +54,8 @@ import torch
 from ..calibration import as_batches, calibration_sha256
 from ..errors import IncompatibleFinetuneError, InvalidInputError
 from ..tensor import dbms
-from . import Lambdas, TuneContext, l2
+from .base import Lambdas, TuneContext
+from .closed_form import l2
 
 OUTPUTS = ("auto", "logits", "hidden")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from deltastore import Registry
+from deltastore.engine.decode import decode_stored
 from deltastore.integrity import _reachable
 
 REFERENCE_SHAPES = {"emb.weight": (256, 32), "lin.weight": (64, 64), "lin.bias": (64,), "norm.weight": (32,)}
@@ -84,7 +85,7 @@ def snapshot(reg: Registry) -> dict:
     }
     for name in reg.bases():
         _, base = reg.base(name)
-        out["bases"][name] = state_hash({n: reg._decode_full(e, "cpu", True) for n, e in base.tensors.items()})
+        out["bases"][name] = state_hash({n: decode_stored(e, lambda d, what: reg.objects.get_array(d, what=what), "cpu") for n, e in base.tensors.items()})
     for task in reg.tasks():
         out["tasks"][task] = [(n, reg.version(task, n)[1].message, state_hash(reg.materialize(task, n)))
                               for n, _ in reg.versions(task)]

@@ -9,14 +9,20 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Any
 
-from ...errors import UnknownMethodError
+from ...errors import AlreadyExistsError, UnknownMethodError
+from ..fused import FusedDecoder
 from .base import ARRAY_DTYPES, Compressor, CompressorConfig, Encoded
 
 _REGISTRY: dict[str, type] = {}
 
 
 def register(cls: type) -> type:
-    """Register a compressor class under ``cls.name`` (usable as a class decorator)."""
+    """Register a compressor class under ``cls.name`` (usable as a class decorator); a name
+    that is already taken by another class is refused."""
+    known = _REGISTRY.get(cls.name)
+    if known is not None and known is not cls:
+        raise AlreadyExistsError(f"compressor name {cls.name!r} is already registered by "
+                                 f"{known.__module__}.{known.__qualname__}; pick another name")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -50,10 +56,17 @@ def get_compressor(name: str, config: dict[str, Any] | None = None) -> Compresso
     return cls(cls.config_class.from_dict(config or {}))
 
 
+def fused_decoder(compressor: Compressor) -> FusedDecoder | None:
+    """The compressor's single-pass GPU decoder (deltastore.tensor.fused), or None: offering one
+    (a ``fused_decoder()`` method) is optional, the reference ``decode`` is always there."""
+    make = getattr(compressor, "fused_decoder", None)
+    return make() if make is not None else None
+
+
 from . import bitdelta, dare, deltadq, lossless  # noqa: E402  (registration needs _REGISTRY)
 
 for _module in (bitdelta, dare, deltadq, lossless):
     register(_module.COMPRESSOR)
 
 __all__ = ["ARRAY_DTYPES", "Compressor", "CompressorConfig", "Encoded", "available", "compressor_class",
-           "get_compressor", "register"]
+           "fused_decoder", "get_compressor", "register"]

@@ -18,12 +18,28 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from ...errors import InvalidInputError
+from ...errors import CorruptObjectError, InvalidInputError
 
 # Array dtypes a compressor may emit. The storage layer maps them 1:1 to zarr data types;
 # bfloat16 is deliberately absent (zarr has no such type: lossless stores bf16 as uint16).
 ARRAY_DTYPES = (torch.uint8, torch.int8, torch.uint16, torch.int16, torch.int32, torch.int64,
                 torch.float16, torch.float32)
+
+
+def required_array(arrays: dict, role: str):
+    """``arrays[role]``; a code without it is corrupt (a crafted or damaged record)."""
+    if role not in arrays:
+        raise CorruptObjectError(f"the stored code has no array {role!r} (it has {sorted(arrays)})")
+    return arrays[role]
+
+
+def required_attr(attrs: dict, name: str, kind: type) -> Any:
+    """``attrs[name]``, which must be of ``kind`` (a float may be written as an int; a bool is
+    no number)."""
+    value = attrs.get(name)
+    if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool):
+        raise CorruptObjectError(f"the stored code's attribute {name!r} must be {kind.__name__}, found {value!r:.40}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,12 @@ class Encoded:
     arrays: dict[str, torch.Tensor]
     attrs: dict[str, Any] = field(default_factory=dict)
 
+    def array(self, role: str) -> torch.Tensor:
+        return required_array(self.arrays, role)
+
+    def attr(self, name: str, kind: type) -> Any:
+        return required_attr(self.attrs, name, kind)
+
     def to(self, device: torch.device | str) -> "Encoded":
         return Encoded({k: v.to(device) for k, v in self.arrays.items()}, dict(self.attrs))
 
@@ -46,8 +68,24 @@ class Encoded:
         return sum(a.numel() * a.element_size() for a in self.arrays.values())
 
 
+@dataclass(frozen=True)
+class ConfigField:
+    """One knob of a compressor's configuration, as a CLI or a form presents it."""
+
+    name: str
+    type: str       # the annotation as written: "float", "int", "int | None"
+    default: Any
+    help: str
+
+
 class CompressorConfig:
-    """Mixin for the frozen dataclass configs: strict round trip to the metadata dict."""
+    """Mixin for the frozen dataclass configs: strict round trip to the metadata dict, and a
+    help text per field (``dataclasses.field(metadata={"help": ...})``)."""
+
+    @classmethod
+    def describe(cls) -> list[ConfigField]:
+        return [ConfigField(f.name, str(f.type), f.default, f.metadata.get("help", ""))
+                for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]

@@ -21,7 +21,7 @@ Attrs: ``seed`` (int). See specs/compressors/deltadq.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -53,10 +53,13 @@ class DeltaDQConfig(CompressorConfig):
     the most significant ones; None writes all b.
     """
 
-    group_size: int = 16
-    keep: int = 2  # k/g = 1/8 of the values survive the dropout
-    bits: int = 4
-    stored_planes: int | None = None
+    group_size: int = field(default=16, metadata={
+        "help": f"g: consecutive columns of a row among which exactly `keep` survive, in [1, {MAX_GROUP_SIZE}]"})
+    keep: int = field(default=2, metadata={  # k/g = 1/8 of the values survive the dropout
+        "help": "k: values kept in each group of g, in [1, g]; the density is k/g"})
+    bits: int = field(default=4, metadata={"help": "b: code width of the kept values, in [1, 8]"})
+    stored_planes: int | None = field(default=None, metadata={
+        "help": "how many of the b bit planes are written, most significant first; none: all b"})
 
     def __post_init__(self) -> None:
         g, k, b, s = self.group_size, self.keep, self.bits, self.stored_planes
@@ -185,7 +188,7 @@ class DeltaDQ:
             )
         codes = torch.zeros(total, dtype=torch.int32, device=device)
         for j in present:
-            plane = encoded.arrays[f"plane{j}"].to(device)
+            plane = encoded.array(f"plane{j}").to(device)
             if plane.dtype != torch.uint8 or tuple(plane.shape) != (packed_size(total),):
                 raise CorruptObjectError(
                     f"deltadq array 'plane{j}' must be uint8 of shape ({packed_size(total)},) for {total} kept "
@@ -197,10 +200,10 @@ class DeltaDQ:
     def decode(self, encoded: Encoded, shape: tuple[int, int], device: torch.device | str) -> torch.Tensor:
         """Float32 ``shape`` on ``device``: kept positions get their dequantized value, others 0."""
         rows, cols = shape
-        seed = int(encoded.attrs["seed"])
+        seed = encoded.attr("seed", int)
         per_row = kept_per_row(cols, self.config.group_size, self.config.keep)
         codes = self._stored_codes(encoded, rows * per_row, device)
-        scales = encoded.arrays["scales"].to(device)
+        scales = encoded.array("scales").to(device)
         if scales.dtype != torch.float32 or tuple(scales.shape) != (rows,):
             raise CorruptObjectError(
                 f"deltadq array 'scales' must be float32 of shape ({rows},), got {scales.dtype} {tuple(scales.shape)}"

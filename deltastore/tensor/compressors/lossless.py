@@ -63,8 +63,8 @@ class Lossless:
         return Encoded({"data": data}, {"dtype": name})
 
     def decode(self, encoded: Encoded, shape, device: torch.device | str) -> torch.Tensor:
-        dtype = dtype_from_name(encoded.attrs["dtype"])
-        data = encoded.arrays["data"]
+        dtype = dtype_from_name(encoded.attr("dtype", str))
+        data = encoded.array("data")
         carrier = torch.uint8 if dtype == torch.bool else _CARRIER[torch.empty((), dtype=dtype).element_size()]
         if data.dtype != carrier or tuple(data.shape) != tuple(shape):
             raise CorruptObjectError(f"lossless: 'data' must be {carrier} {tuple(shape)} for a {encoded.attrs['dtype']} "

@@ -1,8 +1,10 @@
-"""The fast path (deltastore/fast.py) against the reference path, bit for bit.
+"""The engine (deltastore/engine/) against a plain per-tensor decode, bit for bit.
 
-CPU tests run the streaming pipeline and the resident switch with the torch decoders (and with
-the Triton kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` and Triton is
-installed); the ``cuda`` tests run the real kernels, pinned staging and side streams.
+The plain decode (:func:`reference_state`) reads each stored entry with the public per-tensor
+functions and rebuilds it with ``dbms.reconstruct``, one tensor at a time, no threads. CPU tests
+run the streaming pipeline and the resident switch with the compressors' reference decoders
+(and with the fused Triton kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` and
+Triton is installed); the ``cuda`` tests run the real kernels, pinned staging and side streams.
 """
 
 from __future__ import annotations
@@ -13,8 +15,15 @@ import pytest
 import torch
 
 from deltastore import Registry
-from deltastore import fast
+from deltastore.engine import reader as readers
+from deltastore.engine import resident as residents
+from deltastore.engine.decode import decode_code, decode_stored
+from deltastore.engine.resident import ResidentModel
 from deltastore.errors import CorruptObjectError, NotFoundError
+from deltastore.storage.records import BaseRecord, ReferenceRecord
+from deltastore.tensor import dbms
+from deltastore.tensor.compressors.lossless import dtype_from_name
+from deltastore.tensor.fused import triton_enabled
 
 # task name -> (finetune of the example, method, config, base)
 TASKS = {
@@ -30,12 +39,38 @@ TASKS = {
 
 @pytest.fixture(scope="module")
 def registry(base_registry, example, tmp_path_factory):
-    path = tmp_path_factory.mktemp("fast") / "registry"
+    path = tmp_path_factory.mktemp("engine") / "registry"
     shutil.copytree(base_registry.path, path)
     reg = Registry(path)
     for task, (ft, method, config, base) in TASKS.items():
         reg.commit(task, example.finetunes[ft], method=method, config=config, base=base, progress=False)
     return reg
+
+
+def reference_state(registry: Registry, task: str) -> dict[str, torch.Tensor]:
+    """specs/format.md §6 written out with the per-tensor decode functions, on the CPU."""
+    _, record = registry.version(task)
+    reference = registry.objects.get_record(record.reference, ReferenceRecord)
+    base = registry.objects.get_record(record.base, BaseRecord) if record.base else None
+
+    def array(digest, what):
+        return registry.objects.get_array(digest, what=what)
+
+    out = {}
+    for name, entry in record.tensors.items():
+        if not entry.is_delta:
+            out[name] = decode_stored(entry, array, "cpu")
+            continue
+        lam1 = record.lam1 if entry.lam1 is None else entry.lam1
+        lam2 = record.lam2 if entry.lam2 is None else entry.lam2
+        w_pre = dbms.as_matrix(decode_stored(reference.tensors[entry.ref], array, "cpu"))
+        rows, decoded = decode_code(entry, array, "cpu")
+        tau_rows = None
+        if base is not None and entry.ref in base.tensors:
+            tau_rows = dbms.as_matrix(decode_stored(base.tensors[entry.ref], array, "cpu"))[rows]
+        value = dbms.reconstruct(w_pre, rows, decoded, tau_rows, lam1, lam2)
+        out[name] = value.reshape(entry.shape).to(dtype_from_name(entry.dtype))
+    return out
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -57,37 +92,37 @@ def assert_same(got: dict, want: dict) -> None:
 
 @pytest.mark.parametrize("task", list(TASKS))
 def test_streaming_equals_materialize_cpu(registry, task):
-    want = registry.materialize(task, device="cpu")
-    got = fast.materialize_streaming(registry, task, device="cpu", workers=3)
+    want = reference_state(registry, task)
+    got = registry.materialize(task, device="cpu", workers=3)
     assert_same(got, want)
 
 
 def test_streaming_dtype_cast(registry):
-    want = registry.materialize("bd_base", device="cpu", dtype=torch.float16)
-    got = fast.materialize_streaming(registry, "bd_base", device="cpu", dtype=torch.float16)
+    want = {n: t.to(torch.float16) if t.is_floating_point() else t for n, t in
+            reference_state(registry, "bd_base").items()}
+    got = registry.materialize("bd_base", device="cpu", dtype=torch.float16)
     assert_same(got, want)
 
 
 def test_streaming_reads_ahead_within_budget(registry, monkeypatch):
     """With a 1-byte budget the reader holds one tensor beyond the one being decoded, never more."""
     started = []
-    original = fast.DeviceReader._read
+    original = readers.DeviceReader._read
 
     def spy(self, item):
         started.append(item.name)
         return original(self, item)
 
-    monkeypatch.setattr(fast.DeviceReader, "_read", spy)
+    monkeypatch.setattr(readers.DeviceReader, "_read", spy)
     seen = 0
-    for _name, _value in fast.iter_materialize_streaming(registry, "bd_base", device="cpu", read_ahead_bytes=1,
-                                                          workers=4):
+    for _name, _value in registry.iter_materialize("bd_base", device="cpu", read_ahead_bytes=1, workers=4):
         seen += 1
         assert len(started) <= seen + 1
     assert seen == len(started)
 
 
 def test_resident_switch_back_and_forth_cpu(registry):
-    resident = fast.ResidentModel(registry, device="cpu")
+    resident = ResidentModel(registry, device="cpu")
     order = ["bd_base", "dare16", "bd_base", "deltadq", "dare8", "bd_base"]
     pointers = None
     for task in order:
@@ -105,7 +140,7 @@ def test_resident_switch_transformers_model_in_place(registry, device):
     model = registry.load_model("bd_base", device=device)  # has_top: 2 labels, like has_small
     params = dict(model.named_parameters())
     pointers = {n: p.data_ptr() for n, p in params.items()}
-    resident = fast.ResidentModel(registry, model, device=device)
+    resident = ResidentModel(registry, model, device=device)
     for task in ("bd_base2", "bd_base", "bd_base2"):
         resident.switch(task)
         want = registry.materialize(task, device="cpu")
@@ -116,7 +151,7 @@ def test_resident_switch_transformers_model_in_place(registry, device):
 
 
 def test_resident_unknown_tensor_is_an_error(registry):
-    resident = fast.ResidentModel(registry, {"nothing": torch.zeros(1)}, device="cpu")
+    resident = ResidentModel(registry, {"nothing": torch.zeros(1)}, device="cpu")
     with pytest.raises(NotFoundError, match="no counterpart"):
         resident.switch("bd_base")
 
@@ -138,18 +173,18 @@ def test_streaming_corrupt_array_raises_from_reader_thread(registry, tmp_path, d
     chunk.write_bytes(bytes(raw))
     seen = []
     with pytest.raises(CorruptObjectError, match="content hash") as info:
-        for got, _ in fast.iter_materialize_streaming(reg, "bd_base", device=device, workers=4):
+        for got, _ in reg.iter_materialize("bd_base", device=device, workers=4):
             seen.append(got)
     assert name in str(info.value) and name not in seen
 
 
-@pytest.mark.skipif(not fast.triton_enabled(torch.device("cpu")), reason="Triton interpreter not enabled")
+@pytest.mark.skipif(not triton_enabled(torch.device("cpu")), reason="Triton interpreter not enabled")
 @pytest.mark.parametrize("task", ["bd_base", "bd_plain", "dare16", "dare8", "dare_plain"])
 def test_kernels_interpreted_equal_materialize(registry, task):
     """The Triton kernels themselves, run on the CPU by Triton's interpreter."""
-    want = registry.materialize(task, device="cpu")
-    assert_same(fast.materialize_streaming(registry, task, device="cpu"), want)
-    resident = fast.ResidentModel(registry, device="cpu")
+    want = reference_state(registry, task)
+    assert_same(registry.materialize(task, device="cpu"), want)
+    resident = ResidentModel(registry, device="cpu")
     resident.switch(task)
     assert_same({n: resident.tensors[n] for n in want}, want)
 
@@ -159,21 +194,23 @@ def test_kernels_interpreted_equal_materialize(registry, task):
 @pytest.mark.parametrize("task", list(TASKS))
 def test_cuda_streaming_equals_cpu_materialize(registry, task):
     want = registry.materialize(task, device="cpu")
-    got = fast.materialize_streaming(registry, task, device="cuda", workers=4)
+    got = registry.materialize(task, device="cuda", workers=4)
     assert all(t.is_cuda for t in got.values())
     assert_same(got, want)
 
 
 @pytest.mark.cuda
-def test_cuda_registry_materialize_uses_fast_path(registry, monkeypatch):
+def test_cuda_registry_materialize_uses_fused_kernels(registry, monkeypatch):
+    from deltastore.tensor.compressors.dare.fused import DareFused
+
     calls = []
-    original = fast.iter_materialize_streaming
+    original = DareFused.run
 
     def spy(*args, **kwargs):
         calls.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(fast, "iter_materialize_streaming", spy)
+    monkeypatch.setattr(DareFused, "run", spy)
     want = registry.materialize("dare16", device="cpu")
     assert_same(registry.materialize("dare16", device="cuda"), want)
     assert calls
@@ -183,9 +220,9 @@ def test_cuda_registry_materialize_uses_fast_path(registry, monkeypatch):
 def test_cuda_staging_pool_tiny_slots(registry):
     """Arrays far larger than a staging slot, through a pool of two 4 KiB slots."""
     want = registry.materialize("bd_base", device="cpu")
-    got = fast.materialize_streaming(registry, "bd_base", device="cuda", staging_bytes=8192, read_ahead_bytes=1)
+    got = registry.materialize("bd_base", device="cuda", staging_bytes=8192, read_ahead_bytes=1)
     assert_same(got, want)
-    pool = fast._StagingPool(8192, 4096)
+    pool = readers.StagingPool(8192, 4096)
     src = torch.randn(100_003)
     dst = torch.empty_like(src, device="cuda")
     pool.upload(src, dst, torch.cuda.current_stream())
@@ -195,8 +232,8 @@ def test_cuda_staging_pool_tiny_slots(registry):
 @pytest.mark.cuda
 @pytest.mark.parametrize("cache", ["pinned", "gpu", "none"])
 def test_cuda_resident_switch_back_and_forth(registry, cache, monkeypatch):
-    monkeypatch.setattr(fast, "UPLOAD_PIECE_BYTES", 4096)  # many pieces: every per-piece wait is exercised
-    resident = fast.ResidentModel(registry, device="cuda", cache=cache)
+    monkeypatch.setattr(residents, "UPLOAD_PIECE_BYTES", 4096)  # many pieces: every per-piece wait is exercised
+    resident = ResidentModel(registry, device="cuda", cache=cache)
     pointers = None
     for task in ["bd_base", "dare16", "dare8", "bd_base", "deltadq", "bd_plain", "bd_base"]:
         resident.switch(task)
@@ -208,15 +245,13 @@ def test_cuda_resident_switch_back_and_forth(registry, cache, monkeypatch):
             pointers = now
 
 
-
-
 @pytest.mark.cuda
 def test_cuda_device_reader_streams_source_tensors_in_tiny_slots(example):
     """DeviceReader.source (commit's finetune reads) with two 8 KiB slots: many pieces per tensor."""
     from deltastore.sources import open_source
 
     source = open_source(example.finetunes["has_top"])
-    reader = fast.DeviceReader(None, torch.device("cuda", 0), True, staging_bytes=8192)
+    reader = readers.DeviceReader(None, torch.device("cuda", 0), True, staging_bytes=8192)
     for name in source.names():
         got, event = reader.run(reader.source, source, name)
         event.synchronize()

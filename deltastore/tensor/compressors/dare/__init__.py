@@ -14,14 +14,15 @@ float32 ``(rows,)``, so that a value is ``code * scales[row]``. Attrs: ``seed`` 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from ...errors import CorruptObjectError, InvalidInputError
-from ..prng import MAX_COUNTER, random_u32
-from .base import CompressorConfig, Encoded
+from ....errors import CorruptObjectError, InvalidInputError
+from ...prng import MAX_COUNTER, random_u32
+from ..base import CompressorConfig, Encoded
+from .fused import DareFused
 
 # Elements whose mask is generated at once. The PRNG works on int64 and keeps a few
 # temporaries alive, so this bounds memory to ~100 MiB whatever the matrix size.
@@ -37,8 +38,10 @@ class DareConfig(CompressorConfig):
     per row (half the bytes; error at most 1/254 of the row's largest kept value).
     """
 
-    drop_rate: float = 0.99  # the papers use 0.9 to 0.998
-    value_bits: int = 16
+    drop_rate: float = field(default=0.99, metadata={  # the papers use 0.9 to 0.998
+        "help": "probability p that an element is dropped, in [0, 1); kept values are scaled by 1/(1-p)"})
+    value_bits: int = field(default=16, metadata={
+        "help": "16: kept values as float16; 8: int8 codes with a float32 scale per row (half the bytes)"})
 
     def __post_init__(self) -> None:
         p = self.drop_rate
@@ -144,15 +147,15 @@ class Dare:
     def decode(self, encoded: Encoded, shape: tuple[int, int], device: torch.device | str) -> torch.Tensor:
         """Float32 ``shape`` on ``device``: kept positions get their value, the others 0."""
         rows, cols = shape
-        seed, threshold = int(encoded.attrs["seed"]), int(encoded.attrs["keep_threshold"])
-        values = encoded.arrays["values"].to(device)
+        seed, threshold = encoded.attr("seed", int), encoded.attr("keep_threshold", int)
+        values = encoded.array("values").to(device)
         expected = torch.float16 if self.config.value_bits == 16 else torch.int8
         if values.dtype != expected or values.dim() != 1:
             raise CorruptObjectError(
                 f"dare array 'values' must be 1-D {expected}, got {values.dim()}-D {values.dtype}"
             )
         if self.config.value_bits == 8:
-            scales = encoded.arrays["scales"].to(device)
+            scales = encoded.array("scales").to(device)
             if scales.dtype != torch.float32 or tuple(scales.shape) != (rows,):
                 raise CorruptObjectError(
                     f"dare array 'scales' must be float32 of shape ({rows},), got {scales.dtype} {tuple(scales.shape)}"
@@ -186,6 +189,9 @@ class Dare:
             codes, scales = _int8_codes(rescaled.detach())
             quantized = codes.float() * scales[:, None]
         return rescaled + (quantized - rescaled).detach()
+
+    def fused_decoder(self) -> DareFused:
+        return DareFused(self.config.value_bits)
 
 
 COMPRESSOR = Dare

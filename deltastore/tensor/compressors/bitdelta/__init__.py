@@ -11,9 +11,10 @@ from typing import ClassVar
 
 import torch
 
-from ...errors import CorruptObjectError
-from ..bitpack import pack_bits, packed_size, unpack_bits
-from .base import CompressorConfig, Encoded
+from ....errors import CorruptObjectError
+from ...bitpack import pack_bits, packed_size, unpack_bits
+from ..base import CompressorConfig, Encoded
+from .fused import BitDeltaFused
 
 
 @dataclass(frozen=True)
@@ -39,18 +40,21 @@ class BitDelta:
 
     def decode(self, encoded: Encoded, shape: tuple[int, int], device: torch.device | str) -> torch.Tensor:
         n = shape[0] * shape[1]
-        signs = encoded.arrays["signs"]
+        signs = encoded.array("signs")
         if signs.dtype != torch.uint8 or signs.dim() != 1 or signs.numel() != packed_size(n):
             raise CorruptObjectError(f"bitdelta: 'signs' must be uint8 ({packed_size(n)},) for a {shape[0]}x{shape[1]} "
                                      f"matrix, found {signs.dtype} {tuple(signs.shape)}")
         positive = unpack_bits(signs.to(device), n).view(shape)
-        scale = torch.tensor(encoded.attrs["scale"], dtype=torch.float32, device=device)
+        scale = torch.tensor(encoded.attr("scale", float), dtype=torch.float32, device=device)
         # +alpha where the bit is set, -alpha elsewhere: sign(0) counts as -1 (METHOD.md).
         return torch.where(positive, scale, -scale)
 
     def simulate(self, x: torch.Tensor, *, seed: int) -> torch.Tensor:
         sign = torch.where(x > 0, 1.0, -1.0).to(x.dtype).detach()
         return self.scale(x) * sign
+
+    def fused_decoder(self) -> BitDeltaFused:
+        return BitDeltaFused()
 
 
 COMPRESSOR = BitDelta
