@@ -200,12 +200,14 @@ def fused_job(item: TensorPlan, parts: Parts) -> FusedJob:
 
 
 def prepare_fused(item: TensorPlan, parts: Parts) -> FusedJob:
-    """The checked job of a fused decode, its prepared inputs made if ``parts`` has none."""
+    """The job of a fused decode; without prepared inputs in ``parts``, the stored arrays are
+    checked and the inputs prepared. Parts that come with them (a resident cache) were checked
+    when they were prepared: a switch pays neither again."""
     job = fused_job(item, parts)
-    item.fused.check(job)
-    if job.base is not None:
-        job.base.check(job.cols, item.name)
     if not job.prepared:
+        item.fused.check(job)
+        if job.base is not None:
+            job.base.check(job.cols, item.name)
         job.prepared.update(item.fused.prepare(job))
     return job
 
