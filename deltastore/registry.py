@@ -206,6 +206,19 @@ class Registry:
         return digest, self.objects.get_record(digest, BaseRecord)
 
     def tasks(self) -> list[str]:
+        """Tasks with at least one version (a ref whose versions were all removed is kept, for
+        its highest issued number, but is no task). A ref that cannot be read is listed: using
+        the task reports the damage."""
+        def listed(task: str) -> bool:
+            try:
+                return bool(self._task_ref(task).versions)
+            except DeltastoreError:
+                return True
+
+        return [n for n in self._task_names() if listed(n)]
+
+    def _task_names(self) -> list[str]:
+        # Only valid names: a killed ref update leaves a '.<name>.<uuid>.tmp' file here for gc.
         return [n for n in self.backend.children("refs/tasks") if NAME_RE.fullmatch(n) and ".." not in n]
 
     def _task_ref(self, task: str) -> TaskRef:
@@ -433,7 +446,7 @@ class Registry:
             }
             with self.backend.lock("refs"):
                 ref = self._task_ref(task)
-                number = ref.versions[-1][0] + 1 if ref.versions else 1
+                number = ref.last_issued + 1  # never a removed version's number (format.md §5.7)
                 parent = ref.versions[-1][1] if ref.versions else None
                 record = TaskVersion(
                     task=task, version=number, parent=parent, created=utc_now(), message=message,
@@ -442,7 +455,7 @@ class Registry:
                     tensors=tensors, files=files, source=record_source,
                 )
                 digest = self.objects.put_record(record, txn)
-                new_ref = TaskRef(ref.versions + [(number, digest)])
+                new_ref = TaskRef(ref.versions + [(number, digest)], number)
                 self.backend.put(f"refs/tasks/{task}", pack(new_ref.to_dict()))
             self.backend.delete(txn)
         return record
@@ -451,16 +464,17 @@ class Registry:
         """Drop one version (or, with ``version=None``, the whole task) from the refs.
 
         The objects stay on disk until the next :meth:`gc`. Returns the version numbers removed.
+        The task's ref stays, even with no version left, to keep the highest number issued.
         """
-        with self.backend.lock("refs"):
+        # A writer like any other (shared registry lock): gc must not collect the temp file of
+        # the ref update before it is renamed into place.
+        with self.backend.lock("registry", shared=True), self.backend.lock("refs"):
             versions = self.versions(task)
             keep = [] if version is None else [(n, d) for n, d in versions if n != version]
             if len(keep) == len(versions):
                 raise NotFoundError(f"{self.path}: task {task!r} has no version {version}")
-            if keep:
-                self.backend.put(f"refs/tasks/{task}", pack(TaskRef(keep).to_dict()))
-            else:
-                self.backend.delete(f"refs/tasks/{task}")
+            issued = self._task_ref(task).last_issued
+            self.backend.put(f"refs/tasks/{task}", pack(TaskRef(keep, issued).to_dict()))
         return [n for n, digest in versions if (n, digest) not in keep]
 
     # -- materialize ------------------------------------------------------------------------

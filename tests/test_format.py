@@ -57,6 +57,7 @@ RECORD_FIELDS = {
     "pointer": {"record"},
     "task_ref": {"versions"},
 }
+RECORD_OPTIONAL = {"task_ref": {"issued"}}  # format 1.1
 INFO_FIELDS = {"name", "version", "created"}
 
 # format.md section 4.
@@ -250,7 +251,7 @@ class SpecReader:
         kind = obj.get("kind")
         if kind not in RECORD_FIELDS:
             raise SpecError(f"{what}: unknown kind {kind!r}")
-        _fields(obj, RECORD_FIELDS[kind] | {"format", "kind"}, set(), what)
+        _fields(obj, RECORD_FIELDS[kind] | {"format", "kind"}, RECORD_OPTIONAL.get(kind, set()), what)
         for name, entry in obj.get("tensors", {}).items():
             _fields(entry, *ENTRY_FIELDS, f"{what}.tensors[{name!r}]")
             if entry["codec"] != "lossless" and entry["codec"] not in DELTA_CODECS:
@@ -489,7 +490,8 @@ def readonly_copy(tmp_path_factory) -> Path:
 def test_reference_registry_is_complete():
     """The checked-in files match what make.py promises (and stay small)."""
     assert sorted(p.name for p in EXPECTED.iterdir()) == sorted(f"{t}@{n}.safetensors" for t, n in VERSIONS)
-    assert sorted(p.name for p in (REGISTRY / "refs" / "tasks").iterdir()) == ["alpha", "beta"]
+    # gamma: a task whose only version was removed; its ref keeps the number issued (format.md 5.7)
+    assert sorted(p.name for p in (REGISTRY / "refs" / "tasks").iterdir()) == ["alpha", "beta", "gamma"]
     assert sorted(p.name for p in (REGISTRY / "refs" / "bases").iterdir()) == ["b"]
     assert sum(p.stat().st_size for p in REFERENCE.rglob("*") if p.is_file()) < 320_000
 
@@ -648,7 +650,7 @@ def test_registry_info_and_refs_fields_are_exact():
     """format.md 5.1, 5.6, 5.7: exactly the listed fields, of the listed types."""
     info = msgpack.unpackb((REGISTRY / "registry.msgpack").read_bytes(), raw=False)
     assert set(info) == {"name", "version", "created"}
-    assert info["name"] == "deltastore" and info["version"] == [1, 0]
+    assert info["name"] == "deltastore" and info["version"] == [1, 1]
     assert isinstance(info["created"], str) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d.*", info["created"])
 
     for key in ("refs/reference", "refs/bases/b"):
@@ -662,5 +664,8 @@ def test_registry_info_and_refs_fields_are_exact():
     assert task_ref["format"] == 1 and task_ref["kind"] == "task_ref"
     assert [n for n, _ in task_ref["versions"]] == [1, 2]
     assert all(HASH_RE.match(h) for _, h in task_ref["versions"])
+    removed = msgpack.unpackb((REGISTRY / "refs/tasks/gamma").read_bytes(), raw=False)
+    assert removed == {"format": 1, "kind": "task_ref", "versions": [], "issued": 1}
+    SpecReader(REGISTRY).ref("tasks/gamma", "task_ref")
     # Every stored record has exactly its kind's fields (the reader raises otherwise).
     assert SpecReader(REGISTRY).check_all_objects() > 0

@@ -82,21 +82,13 @@ class LocalBackend:
 
     def get(self, key: str, *, limit: int = MAX_KEY_BYTES) -> bytes:
         """The bytes of ``key``; more than ``limit`` bytes is an error, raised before reading."""
-        path = self._path(key)
-        try:
-            with open(path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size > limit:
-                    raise CorruptObjectError(f"{self.root}: {key!r} holds {size} bytes, more than the {limit} "
-                                             "such an object may have; it is damaged or was not written by deltastore")
-                data = fh.read(limit + 1)  # a special file (fifo, /dev/zero) never ends: stop at the limit
-        except FileNotFoundError:
-            raise NotFoundError(f"{self.root}: object {key!r} is missing") from None
-        except IsADirectoryError:
-            raise CorruptObjectError(f"{self.root}: {key!r} is a directory, expected a file") from None
-        if len(data) > limit:
-            raise CorruptObjectError(f"{self.root}: {key!r} holds more than {limit} bytes; it is not a regular file")
-        return data
+        where = f"{self.root}: object {key!r}"
+        with open_regular(self._path(key), where) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > limit:
+                raise CorruptObjectError(f"{where} holds {size} bytes, more than the {limit} such an object may "
+                                         "have; it is damaged or was not written by deltastore")
+            return fh.read(limit)
 
     def put(self, key: str, data: bytes) -> None:
         """Write ``data`` under ``key`` atomically (temp file, fsync, rename, fsync of the folder)."""
@@ -122,7 +114,7 @@ class LocalBackend:
         ``objects/`` whose surviving zarr.json would make a later commit believe it exists.
         """
         path = self._path(key)
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():  # a symlink is unlinked, never followed
             trash = self._path(f"staging/deleted-{uuid.uuid4().hex}")
             if self._path("staging") not in path.parents:
                 trash.parent.mkdir(parents=True, exist_ok=True)
@@ -137,15 +129,40 @@ class LocalBackend:
 
     def list(self, prefix: str) -> list[str]:
         """Keys of the files directly or indirectly under ``prefix`` (sorted)."""
-        base = self._path(prefix)
-        if not base.is_dir():
+        base = self._folder(prefix)
+        if base is None:
             return []
         return sorted(str(p.relative_to(self.root).as_posix()) for p in base.rglob("*") if p.is_file())
 
     def children(self, prefix: str) -> list[str]:
         """Names of the entries directly under ``prefix`` (sorted)."""
-        base = self._path(prefix)
-        return sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+        base = self._folder(prefix)
+        return sorted(p.name for p in base.iterdir()) if base is not None else []
+
+    def folder_exists(self, prefix: str) -> bool:
+        """Is ``prefix`` a folder (False when absent; a damaged one raises, see :meth:`children`)."""
+        return self._folder(prefix) is not None
+
+    def _folder(self, prefix: str) -> Path | None:
+        """The real folder at ``prefix``, or None when nothing is there.
+
+        Anything else in its place or in a folder above it (a file, a fifo, a symlink) is
+        damage, raised: listing it as empty would make gc delete everything its refs protect,
+        and following a symlink would make gc delete files outside the registry."""
+        parent, _, _ = prefix.rpartition("/")
+        if parent and self._folder(parent) is None:
+            return None
+        path = self._path(prefix)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return None
+        if prefix and not stat.S_ISDIR(mode):  # lstat: a symlink is not followed
+            kind = "a symlink" if stat.S_ISLNK(mode) else "not a folder"
+            raise CorruptObjectError(f"{self.root}: {prefix!r} is {kind}, expected a folder of the registry; the "
+                                     "registry is damaged: restore that folder from a backup (gc refuses to run "
+                                     "until then)")
+        return path
 
     def size(self, key: str) -> int:
         """Apparent bytes of a key, or of every file under a prefix (what ``du -sb`` counts)."""
@@ -189,10 +206,11 @@ class LocalBackend:
 
     def open_array(self, key: str) -> "ArrayLayout":
         """The checked layout of the array at ``key`` (its zarr.json), for :meth:`read_chunk`."""
-        if not self._path(f"{key}/zarr.json").is_file():
-            raise NotFoundError(f"{self.root}: array {key!r} is missing (no zarr.json)")
-        meta = check_array_metadata(self.get(f"{key}/zarr.json", limit=MAX_ZARR_JSON_BYTES),
-                                    f"{self.root}: array {key!r}")
+        try:
+            raw = self.get(f"{key}/zarr.json", limit=MAX_ZARR_JSON_BYTES)
+        except NotFoundError:
+            raise NotFoundError(f"{self.root}: array {key!r} is missing (no zarr.json)") from None
+        meta = check_array_metadata(raw, f"{self.root}: array {key!r}")
         shape = tuple(meta["shape"])
         chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
         return ArrayLayout(key, np.dtype(meta["data_type"]).newbyteorder("<"), shape, chunk[0] if shape else 1,
@@ -210,12 +228,8 @@ class LocalBackend:
         out = out.cast("B")
         if len(out) != valid:
             raise ValueError(f"{where}: buffer of {len(out)} bytes for {valid} bytes of chunk")
-        path = self._path(f"{layout.key}/{name}")
         try:
-            if not stat.S_ISREG(os.stat(path).st_mode):  # a fifo would block open(), a device never end
-                raise CorruptObjectError(f"{where} is not a regular file; the registry is damaged: run "
-                                         "`deltastore verify` and restore this object from a backup")
-            with open(path, "rb") as fh:
+            with open_regular(self._path(f"{layout.key}/{name}"), where) as fh:
                 if not layout.zstd:
                     size = os.fstat(fh.fileno()).st_size
                     if size != layout.chunk_nbytes:
@@ -229,7 +243,7 @@ class LocalBackend:
                 if len(frame) > bound:
                     raise CorruptObjectError(f"{where}: holds over {bound} bytes, more than a zstd frame of "
                                              f"{layout.chunk_nbytes} bytes can; restore it from a backup")
-        except FileNotFoundError:
+        except NotFoundError:
             raise CorruptObjectError(f"{where} is missing; the registry is damaged: run `deltastore verify` and "
                                      "restore this object from a backup") from None
         declared = zstd_content_size(frame)
@@ -364,6 +378,22 @@ def _read_exactly(stream, out: memoryview, where: str) -> None:
             raise CorruptObjectError(f"{where}: ends after {pos} of {len(out)} bytes; run `deltastore verify` and "
                                      "restore it from a backup")
         pos += n
+
+
+def open_regular(path: Path, where: str):
+    """``open(path, "rb")``, for a regular file only: the one rule for every file the registry
+    reads. A fifo would block ``open()`` forever (and a hung gc holds the registry lock), a
+    device never ends, a folder is not data. The file is opened without blocking and checked
+    on the open descriptor, so it cannot be swapped between the check and the read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFoundError(f"{where} is missing") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptObjectError(f"{where} is not a regular file; the registry is damaged: run `deltastore verify` "
+                                 "and restore it from a backup")
+    return os.fdopen(fd, "rb")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -18,7 +18,7 @@ from ..errors import CorruptObjectError, FormatVersionError
 
 FORMAT_NAME = "deltastore"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 
 # Records are small; anything bigger is a damaged or hostile file, refused before allocation.
 MAX_RECORD_BYTES = 64 << 20
@@ -301,12 +301,30 @@ class TaskVersion(_WithTensors):
 
 @dataclass(frozen=True)
 class TaskRef(Record):
-    """``refs/tasks/<name>``: the versions of a task, oldest first, as (number, record hash)."""
+    """``refs/tasks/<name>``: the versions of a task, oldest first, as (number, record hash),
+    and ``issued``, the highest version number ever given out (format 1.1): numbers of removed
+    versions are never given out again, so ``task@N`` always means one set of weights.
+
+    ``issued`` is written only when it says more than the last listed version (after ``rm``
+    of the latest versions or of the whole task); a 1.0 ref, without it, reads as issued up
+    to its last version."""
 
     versions: list[tuple[int, str]] = field(default_factory=list)
+    issued: int = 0
 
     KIND: ClassVar[str] = "task_ref"
-    SCHEMA: ClassVar[dict[str, Any]] = {"versions": [[(int, str)]]}
+    SCHEMA: ClassVar[dict[str, Any]] = {"versions": [[(int, str)]], "issued": int}
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"issued"})
+
+    @property
+    def last_issued(self) -> int:
+        return max(self.issued, self.versions[-1][0] if self.versions else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.issued <= (self.versions[-1][0] if self.versions else 0):
+            del out["issued"]  # says nothing the list does not: keep the 1.0 bytes
+        return out
 
     @classmethod
     def from_dict(cls, obj, what):
@@ -320,7 +338,9 @@ class TaskRef(Record):
                 raise CorruptObjectError(f"{what}.versions[{i}]: version {pair[0]} is not a positive number "
                                          "above the one before it")
             pairs.append((pair[0], pair[1]))
-        return cls(pairs)
+        if "issued" in obj and not (pairs[-1][0] if pairs else 0) < ref.issued < 1 << 63:
+            raise CorruptObjectError(f"{what}.issued: {ref.issued} is not above the last listed version")
+        return cls(pairs, ref.issued)
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,10 @@ def build(out: Path, expected: Path) -> None:
         reg.build_base("b", ["alpha-1", "beta-1"], progress=False)
         for task, label, kwargs in COMMITS:
             reg.commit(task, label, progress=False, **kwargs)
+        # A removed task keeps its ref, for the highest version number issued (format 1.1).
+        reg.commit("gamma", "alpha-1", message="gamma v1: removed", progress=False)
+        reg.remove("gamma")
+        reg.gc()
         expected.mkdir(parents=True)
         for task in reg.tasks():
             for number, _ in reg.versions(task):
