@@ -257,3 +257,28 @@ def test_damage_leaves_a_clean_registry_readable_as_before(reg, tmp_path):
     before, files = snapshot(reg), tree_bytes(reg.path / "objects")
     assert reg.verify() == [] and reg.gc()["records"] == 0
     assert snapshot(reg) == before and tree_bytes(reg.path / "objects") == files
+
+
+# -- dedup never trusts what it has not checked ----------------------------------------------
+@pytest.mark.parametrize("what", ["chunk", "zarr.json", "blob", "missing chunk"])
+def test_commit_rewrites_a_damaged_object_it_would_reuse(reg, tiny, what, tmp_path):
+    """Finding 5: damage an object of t2@1, commit the same finetune under another name: the
+    commit must not reuse the damaged object (it used to report success, then not read)."""
+    _, record = reg.version("t2", 1)
+    if what == "blob":
+        victim = reg.path / object_key("blobs", record.files["config.json"])
+    else:
+        array = reg.path / object_key("arrays", record.tensors["emb.weight"].arrays["signs"])
+        victim = array / ("zarr.json" if what == "zarr.json" else "0")
+    if what == "missing chunk":
+        victim.unlink()
+    else:
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        victim.write_bytes(bytes(data))
+    result = run_cli("commit", reg.path, "again", tiny.finetunes["b"])
+    assert result.exit_code == 0, result.output
+    assert run_cli("materialize", reg.path, "again", "--out", tmp_path / "out").exit_code == 0
+    # The damaged object was written again whole: t2@1, which shares it, reads again too.
+    assert state_hash(reg.materialize("again")) == state_hash(reg.materialize("t2", 1))
+    assert reg.verify() == []
