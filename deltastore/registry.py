@@ -24,7 +24,7 @@ from .errors import (AlreadyExistsError, CorruptObjectError, DeltastoreError, In
                      InvalidInputError, NotFoundError)
 from . import fast
 from .sources import TensorSource, open_source
-from .storage.backend import LocalBackend
+from .storage.backend import LocalBackend, array_shape_problem
 from .storage.objects import ObjectStore
 from .storage.records import (FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, BaseRecord, PointerRef, Record,
                               ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, TensorEntry, pack, unpack)
@@ -99,6 +99,7 @@ class VersionStats:
     base_users: int           # tasks whose latest version uses that base vector
     source_bytes: int         # the finetune's tensors in their original dtype
     source_fp16_bytes: int    # the finetune's tensors at 2 bytes per element
+    file_bytes: int = 0       # the part of own_bytes that is side files (config, tokenizer...)
 
     @property
     def base_share(self) -> float:
@@ -115,6 +116,7 @@ class VersionStats:
             "base_share_bytes": round(self.base_share),
             "source_bytes": self.source_bytes,
             "source_fp16_bytes": self.source_fp16_bytes,
+            "file_bytes": self.file_bytes,
             "ratio_fp16": self.source_fp16_bytes / self.own_bytes if self.own_bytes else None,
             "ratio_source_dtype": self.source_bytes / self.own_bytes if self.own_bytes else None,
             "ratio_fp16_with_base_share": self.source_fp16_bytes / total if total else None,
@@ -161,6 +163,8 @@ class Registry:
         source = open_source(reference)
         if not source.names():
             raise InvalidInputError(f"{source.label}: the reference holds no tensors")
+        for name in source.names():
+            _check_storable(source, name)
         backend = LocalBackend(root)
         objects = ObjectStore(backend)
         with backend.lock("registry", shared=True):
@@ -356,6 +360,7 @@ class Registry:
         # changes nothing on disk. Lossy tensors are checked for NaN/Inf in pass 1, the rest here.
         for name in source.names():
             if name not in plan.lossy:
+                _check_storable(source, name)
                 _check_finite(source, name, source.get(name))
 
         def read(name: str) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
@@ -603,7 +608,8 @@ class Registry:
                 self.objects.size("arrays", h) for h in base.array_hashes())
             base_users = 1 + sum(1 for r in latest.values() if r.base == record.base)
         return VersionStats(sum(sizes.values()), sum(sizes[o] / users[o] for o in mine), base_bytes, base_users,
-                            int(record.source["bytes"]), int(record.source["fp16_bytes"]))
+                            int(record.source["bytes"]), int(record.source["fp16_bytes"]),
+                            sum(size for (kind, _), size in sizes.items() if kind == "blobs"))
 
     # -- integrity --------------------------------------------------------------------------
     def verify(self, *, progress: bool | None = None) -> list[dict[str, str]]:
@@ -749,6 +755,16 @@ def _numel(shape) -> int:
     for d in shape:
         n *= int(d)
     return n
+
+
+def _check_storable(source: TensorSource, name: str) -> None:
+    """A tensor stored whole (lossless) becomes one array of its shape and item size: refuse
+    what the reader would refuse (storage.backend.array_shape_problem), before any write."""
+    shape = tuple(source.shape(name))
+    problem = array_shape_problem(shape, source.dtype(name).itemsize)
+    if problem:
+        raise InvalidInputError(f"{source.label}: tensor {name!r} {problem}; deltastore cannot store it, so it "
+                                "could not be read back: drop or reshape it in the checkpoint")
 
 
 def _check_finite(source: TensorSource, name: str, tensor: torch.Tensor) -> None:

@@ -429,6 +429,23 @@ def zstd_content_size(frame: bytes) -> int | None:
     return value + 256 if size == 2 else value
 
 
+def array_shape_problem(shape: tuple[int, ...], itemsize: int) -> str | None:
+    """Why an array of ``shape`` and ``itemsize`` cannot be stored, or None when it can.
+
+    The one rule the writer (before the first write of a commit) and the reader
+    (:func:`check_array_metadata`) share, so nothing is accepted that cannot be read back."""
+    if len(shape) > MAX_ARRAY_DIMS:
+        return f"has {len(shape)} dimensions, more than the {MAX_ARRAY_DIMS} an array may have"
+    nbytes = math.prod(shape) * itemsize
+    if nbytes > MAX_ARRAY_BYTES:
+        return f"declares {nbytes} bytes (shape {list(shape)}), more than the {MAX_ARRAY_BYTES} an array may hold"
+    row = math.prod(shape[1:]) * itemsize  # a chunk holds at least one row of the first axis
+    if len(shape) > 1 and row > MAX_CHUNK_BYTES:
+        return (f"has rows of {row} bytes (shape {list(shape)}), more than the {MAX_CHUNK_BYTES} one chunk "
+                "may hold")
+    return None
+
+
 def check_array_metadata(raw: bytes, what: str) -> dict:
     """Refuse a zarr.json that ``write_array`` could not have written, before zarr reads it.
 
@@ -456,9 +473,9 @@ def check_array_metadata(raw: bytes, what: str) -> dict:
     if dtype not in ARRAY_DATA_TYPES:
         raise bad(f"has data type {dtype!r:.40}, expected one of {', '.join(ARRAY_DATA_TYPES)}")
     itemsize = np.dtype(dtype).itemsize
-    nbytes = math.prod(shape) * itemsize
-    if nbytes > MAX_ARRAY_BYTES:
-        raise bad(f"declares {nbytes} bytes (shape {shape}), more than the {MAX_ARRAY_BYTES} an array may hold")
+    problem = array_shape_problem(tuple(shape), itemsize)
+    if problem:
+        raise bad(problem)
     grid = meta.get("chunk_grid")
     chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
     # specs/format.md §4: regular chunks along the first axis only, of a bounded size.

@@ -69,15 +69,30 @@ MAX_TENSOR_DIMS = 16
 MAX_TENSOR_NUMEL = 1 << 36
 
 
+def file_path_problem(rel: str) -> str | None:
+    """Why ``rel`` cannot be a stored file's path, or None when it can: the one rule shared by
+    the writer (which skips such a side file, saying why) and the reader (which refuses a
+    record holding one). Paths are written on materialize, so they must stay inside the
+    output folder: no absolute path, no '..', no empty part, no backslash (a separator on
+    Windows), no NUL, and valid UTF-8 (msgpack strings are UTF-8)."""
+    if not isinstance(rel, str):
+        return "is not a string"
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if "\\" in rel or "\x00" in rel or any(p in ("", ".", "..") for p in rel.split("/")):
+        return "is not a plain relative path (no '\\', NUL, empty part, '.' or '..')"
+    return None
+
+
 def _check_files(value: Any, what: str) -> dict[str, str]:
-    """``files`` maps relative paths to blob hashes; the paths are written on materialize, so
-    they must stay inside the output folder: no absolute path, no '..', no empty part."""
+    """``files`` maps relative paths to blob hashes (see :func:`file_path_problem`)."""
     files = _check(value, ("map", str), what)
     for rel in files:
-        parts = rel.split("/") if isinstance(rel, str) else [""]
-        if (not isinstance(rel, str) or "\\" in rel or "\x00" in rel
-                or any(p in ("", ".", "..") for p in parts)):
-            raise CorruptObjectError(f"{what}: file path {rel!r:.80} is not a plain relative path")
+        problem = file_path_problem(rel)
+        if problem:
+            raise CorruptObjectError(f"{what}: file path {rel!r:.80} {problem}")
     return files
 
 
