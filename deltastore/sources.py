@@ -278,6 +278,8 @@ def open_source(model: str | os.PathLike | Mapping[str, torch.Tensor] | TensorSo
         if real is not None:
             raise InvalidInputError(f"{shard}: leads to {real}, outside the finetune folder {path}; weights are read "
                                     "only from inside it: copy the file there, or give that file's folder instead")
+        if not shard.is_file():  # a fifo would block the safetensors reader
+            raise InvalidInputError(f"{shard}: not a regular file; give the weights as a .safetensors file")
     if not shards:
         pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
         hint = (f"; found only pickle checkpoints ({', '.join(pickles)}), which are refused because loading them "

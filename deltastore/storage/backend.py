@@ -391,8 +391,9 @@ def open_regular(path: Path, where: str):
         raise NotFoundError(f"{where} is missing") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise CorruptObjectError(f"{where} is not a regular file; the registry is damaged: run `deltastore verify` "
-                                 "and restore it from a backup")
+        raise CorruptObjectError(f"{where} is not a regular file (a fifo blocks, a device gives more than any "
+                                 "object holds); the registry is damaged: run `deltastore verify` and restore it "
+                                 "from a backup")
     return os.fdopen(fd, "rb")
 
 

@@ -132,6 +132,9 @@ def test_index_entries_and_shards_outside_the_folder_are_refused(reg, tmp_path):
     (folder / "model.safetensors.index.json").unlink()
     (folder / "model.safetensors").symlink_to(other / "model.safetensors")
     _refused(reg, [folder], "outside the finetune folder")
+    (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / "model.safetensors")  # would block the safetensors reader
+    _refused(reg, [folder], "not a regular file")
 
 
 def test_a_hugging_face_cache_snapshot_is_read_through_its_blob_links(reg, tmp_path):
