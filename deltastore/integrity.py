@@ -51,8 +51,9 @@ def _reachable(registry: "Registry", problems: list[dict[str, str]] | None = Non
             return None
 
     objects = registry.objects
-    # The closure: every record a ref names, and everything each record needs (a version's
-    # reference and base records, and their arrays and blobs), whatever names it by name.
+    # The closure: every record a ref names, and everything each record needs: a version's
+    # reference and base records (named by hash, whether or not a ref still names them by
+    # name), and the arrays and blobs of every record reached.
     pending: list[tuple[str, str, type]] = []
     ref_digest = guard("refs/reference", "registry", lambda: _checked(registry.reference_hash()))
     if ref_digest:
