@@ -325,18 +325,22 @@ class Registry:
         allow_unrelated: bool = False,
         progress: bool | None = None,
         device: str | torch.device = "cpu",
+        follow_links: bool = False,
     ) -> TaskVersion:
         """Compress ``finetune`` against the reference (and base vector ``base``) and record it
         as the next version of ``task``. Nothing is visible until the final ref update.
 
         ``device``: where the deltas are computed and encoded (``"cuda"`` for speed); tensors
         are still read one at a time. Reductions (lam1, BitDelta scales) may differ from a CPU
-        commit in the last bits; materializing a version is exact whichever device wrote it."""
+        commit in the last bits; materializing a version is exact whichever device wrote it.
+
+        ``follow_links``: read the finetune folder's symlinks that lead out of it (see
+        :func:`deltastore.sources.open_source`)."""
         check_name("task", task)
         compressor = get_compressor(method, dict(config or {}))
         if method == "lossless":
             raise InvalidInputError("method 'lossless' stores whole tensors, not deltas; pick bitdelta, dare or deltadq")
-        source = open_source(finetune)
+        source = open_source(finetune, follow_links=follow_links)
         ref_digest = self.reference_hash()
         reference = self.objects.get_record(ref_digest, ReferenceRecord)
         base_digest, base_record = self.base(base) if base else (None, None)

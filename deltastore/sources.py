@@ -206,7 +206,7 @@ def _shown(rel: str) -> str:
     return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _side_files(directory: Path, source: TensorSource) -> None:
+def _side_files(directory: Path, source: TensorSource, follow_links: bool) -> None:
     """Collect the non-weight files a materialized directory needs (config, tokenizer...);
     what is not collected is recorded in ``source.skipped`` with why."""
     for path in sorted(directory.rglob("*")):
@@ -216,7 +216,7 @@ def _side_files(directory: Path, source: TensorSource) -> None:
         if path.suffix == ".safetensors" or rel.endswith(".safetensors.index.json"):
             continue
         name_problem = file_path_problem(rel)
-        real = _outside(directory, path)
+        real = None if follow_links else _outside(directory, path)
         if name_problem:
             source.skipped[_shown(rel)] = f"its name {name_problem}: it could not be read back"
         elif path.suffix in PICKLE_SUFFIXES:
@@ -247,8 +247,12 @@ def _weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def open_source(model: str | os.PathLike | Mapping[str, torch.Tensor] | TensorSource) -> TensorSource:
-    """Open a model given as a Hugging Face directory, a .safetensors file or a state dict."""
+def open_source(model: str | os.PathLike | Mapping[str, torch.Tensor] | TensorSource, *,
+                follow_links: bool = False) -> TensorSource:
+    """Open a model given as a Hugging Face directory, a .safetensors file or a state dict.
+
+    ``follow_links``: read files of a directory that are symlinks leading out of it (by
+    default weights behind one are refused and side files behind one are skipped)."""
     if isinstance(model, TensorSource):
         return model
     if isinstance(model, Mapping):
@@ -274,10 +278,10 @@ def open_source(model: str | os.PathLike | Mapping[str, torch.Tensor] | TensorSo
     else:
         shards = sorted(path.glob("*.safetensors"))
     for shard in shards:
-        real = _outside(path, shard)
+        real = None if follow_links else _outside(path, shard)
         if real is not None:
             raise InvalidInputError(f"{shard}: leads to {real}, outside the finetune folder {path}; weights are read "
-                                    "only from inside it: copy the file there, or give that file's folder instead")
+                                    "only from inside it unless links are followed (--follow-links)")
         if not shard.is_file():  # a fifo would block the safetensors reader
             raise InvalidInputError(f"{shard}: not a regular file; give the weights as a .safetensors file")
     if not shards:
@@ -286,7 +290,7 @@ def open_source(model: str | os.PathLike | Mapping[str, torch.Tensor] | TensorSo
                 "can execute code: convert them with save_pretrained(..., safe_serialization=True)") if pickles else ""
         raise InvalidInputError(f"{path}: no .safetensors weights found{hint}")
     source = SafetensorsSource(shards, str(path))
-    _side_files(path, source)
+    _side_files(path, source, follow_links)
     return source
 
 

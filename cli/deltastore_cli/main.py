@@ -164,12 +164,13 @@ def base_build(ctx: click.Context, registry: Path, name: str, finetunes: tuple[P
 @click.option("--per-layer", is_flag=True, help="One (lam1, lam2) per tensor instead of one pair per model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE/DeltaDQ masks.")
 @click.option("--allow-unrelated", is_flag=True, help="Store a model even if it looks unrelated to the reference.")
+@click.option("--follow-links", is_flag=True, help="Read files of FINETUNE that are symlinks leading out of it.")
 @click.option("--device", default="cpu", show_default=True, help="Where to compute deltas and encode: cpu, cuda...")
 @json_option
 @click.pass_context
 def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method: str, drop_rate, value_bits,
            group_size, keep, bits, base_name, message, tune, calib, calib_max_length, calib_batch_size, tune_steps,
-           tune_lr, per_layer, seed, allow_unrelated, device, as_json) -> None:
+           tune_lr, per_layer, seed, allow_unrelated, follow_links, device, as_json) -> None:
     """Compress FINETUNE as the next version of TASK."""
     options = {"drop_rate": drop_rate, "value_bits": None if value_bits is None else int(value_bits),
                "group_size": group_size, "keep": keep, "bits": bits}
@@ -196,7 +197,8 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
                                        batch_size=calib_batch_size)
     record = reg.commit(task, finetune, method=method, config=config, base=base_name, message=message, tune=tune,
                         calibration=calibration, per_layer=per_layer, tune_options=tune_options or None, seed=seed,
-                        allow_unrelated=allow_unrelated, device=device, progress=_progress(ctx))
+                        allow_unrelated=allow_unrelated, follow_links=follow_links, device=device,
+                        progress=_progress(ctx))
     data = _version_summary(reg, record)
     fit = record.tuning or {}
     fitted = ""

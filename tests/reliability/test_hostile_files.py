@@ -119,6 +119,10 @@ def test_side_files_linking_out_of_the_folder_are_not_read(reg, tmp_path):
         assert f"'{name}' not stored" in result.output, result.output
     stored = b"".join(reg.objects.get_blob(h) for h in record.files.values())
     assert b"password" not in stored and b"PATH=" not in stored
+    # Asked for, links are followed.
+    os.unlink(folder / "fifo")
+    assert run_cli("commit", reg.path, "y", folder, "--follow-links").exit_code == 0
+    assert reg.objects.get_blob(reg.version("y")[1].files["passwd"]) == b"password"
 
 
 def test_index_entries_and_shards_outside_the_folder_are_refused(reg, tmp_path):
@@ -132,6 +136,8 @@ def test_index_entries_and_shards_outside_the_folder_are_refused(reg, tmp_path):
     (folder / "model.safetensors.index.json").unlink()
     (folder / "model.safetensors").symlink_to(other / "model.safetensors")
     _refused(reg, [folder], "outside the finetune folder")
+    result = run_cli("commit", reg.path, "y", folder, "--follow-links")  # asked for
+    assert result.exit_code == 0, result.output
     (folder / "model.safetensors").unlink()
     os.mkfifo(folder / "model.safetensors")  # would block the safetensors reader
     _refused(reg, [folder], "not a regular file")
