@@ -176,3 +176,14 @@ def test_the_summary_ratio_of_a_version_made_mostly_of_side_files_means_somethin
     assert result.exit_code == 0, result.output
     assert "0.0x" not in result.output and "larger than fp16" in result.output, result.output
     assert "of it side files" in result.output
+
+
+@pytest.mark.parametrize("bad_id", [-1, 10**9])
+def test_token_ids_outside_the_models_vocabulary_are_refused_from_the_api(registry_copy, example, bad_id):
+    """Batches given directly (no file, no config vocab_size): the tuner checks the ids against
+    the model's embedding instead of failing inside torch."""
+    from deltastore import InvalidInputError
+
+    with Unchanged(registry_copy.path), pytest.raises(InvalidInputError, match=f"token id {bad_id}, outside"):
+        registry_copy.commit("has_top", example.finetunes["has_top"], base="all", tune="dbms",
+                             calibration=[{"input_ids": torch.tensor([[1, bad_id]])}], progress=False)
