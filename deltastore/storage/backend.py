@@ -389,6 +389,11 @@ def open_regular(path: Path, where: str):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise NotFoundError(f"{where} is missing") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise  # permissions, I/O errors: not damage to the registry's layout
+        raise CorruptObjectError(f"{where} cannot be reached ({exc.strerror}): a folder above it is not a folder; "
+                                 "the registry is damaged: run `deltastore verify` and restore it from a backup") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise CorruptObjectError(f"{where} is not a regular file (a fifo blocks, a device gives more than any "
