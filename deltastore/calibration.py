@@ -28,6 +28,7 @@ from .errors import InvalidInputError, NotFoundError
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 DEFAULT_MAX_LENGTH = 128
 DEFAULT_BATCH_SIZE = 8
+INT64_END = 1 << 63  # token ids and masks are int64 tensors
 
 
 def _is_sequence_key(key: str) -> bool:
@@ -94,6 +95,7 @@ def load_calibration(path: str | os.PathLike, tokenizer: Any = None, *, max_leng
         raise InvalidInputError(f"max_length and batch_size must be positive, got {max_length} and {batch_size}")
     examples: list[tuple[int, dict[str, Any]]] = []
     jsonl = path.suffix.lower() in JSONL_SUFFIXES
+    _check_utf8(path)
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -103,8 +105,9 @@ def load_calibration(path: str | os.PathLike, tokenizer: Any = None, *, max_leng
                 continue
             try:
                 row = json.loads(line)
-            except ValueError as exc:
-                raise InvalidInputError(f"{path}:{number}: not valid JSON ({exc})") from None
+            except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+                raise InvalidInputError(f"{path}:{number}: not valid JSON ({type(exc).__name__}: "
+                                        f"{str(exc)[:100]})") from None
             if not isinstance(row, dict) or ("text" not in row and "input_ids" not in row):
                 raise InvalidInputError(f"{path}:{number}: expected an object with \"text\" or \"input_ids\"")
             if "text" in row and not isinstance(row["text"], str):
@@ -112,9 +115,32 @@ def load_calibration(path: str | os.PathLike, tokenizer: Any = None, *, max_leng
             examples.append((number, row))
     if not examples:
         raise InvalidInputError(f"{path}: holds no examples")
-    state = {"tokenizer": tokenizer}
+    state = {"tokenizer": tokenizer, "vocab": _vocab_size(tokenizer)}
     return [_batch(path, examples[i:i + batch_size], state, max_length)
             for i in range(0, len(examples), batch_size)]
+
+
+def _vocab_size(tokenizer: Any) -> int:
+    """The token ids the finetune accepts: ``vocab_size`` of the config.json in its folder
+    (ids beyond it would index past the embedding), else any int64."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        try:
+            vocab = json.loads((Path(tokenizer) / "config.json").read_bytes()).get("vocab_size")
+        except (OSError, ValueError, RecursionError, AttributeError):
+            vocab = None
+        if isinstance(vocab, int) and not isinstance(vocab, bool) and 0 < vocab < INT64_END:
+            return vocab
+    return INT64_END
+
+
+def _check_utf8(path: Path) -> None:
+    """Refuse a file that is not UTF-8 with its line, before anything is read as text."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise InvalidInputError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x}); save it as UTF-8") from None
 
 
 def _tokenizer(state: dict[str, Any], path: Path, number: int):
@@ -163,7 +189,8 @@ def _batch(path: Path, rows: list[tuple[int, dict[str, Any]]], state: dict[str, 
             raise InvalidInputError(f"{path}:{missing[0]}: field {key!r} is missing (other lines of its batch have it)")
         if _is_sequence_key(key):
             # Padding is masked out of the attention and of the fitted error: its id is moot.
-            batch[key] = _pad(path, [(n, row[key]) for n, row in rows], key, 0, max_length)
+            bound = state["vocab"] if key.endswith("input_ids") else INT64_END
+            batch[key] = _pad(path, [(n, row[key]) for n, row in rows], key, 0, max_length, bound)
         else:
             try:
                 values = [torch.as_tensor(row[key]) for _, row in rows]
@@ -179,12 +206,18 @@ def _batch(path: Path, rows: list[tuple[int, dict[str, Any]]], state: dict[str, 
     return batch
 
 
-def _pad(path: Path, values: list[tuple[int, Any]], key: str, pad: int, max_length: int) -> torch.Tensor:
+def _pad(path: Path, values: list[tuple[int, Any]], key: str, pad: int, max_length: int,
+         vocab: int) -> torch.Tensor:
+    """Pad integer sequences into one int64 tensor; every value must lie in ``[0, vocab)``."""
     seqs = []
     for number, value in values:
         if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
                                                                for v in value):
             raise InvalidInputError(f"{path}:{number}: {key!r} must be a non-empty list of integers")
+        bad = next((v for v in value if not 0 <= v < vocab), None)
+        if bad is not None:
+            raise InvalidInputError(f"{path}:{number}: {key!r} holds {bad}, outside the model's token ids 0.."
+                                    f"{vocab - 1}; tokenize with the finetune's own tokenizer")
         seqs.append(value[:max_length])
     width = max(len(s) for s in seqs)
     out = torch.full((len(seqs), width), pad, dtype=torch.long)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from .errors import CorruptObjectError, DeltastoreError
 from .progress import progress
 from .storage.objects import object_key
-from .storage.records import BaseRecord, ReferenceRecord, TaskVersion, content_hash
+from .storage.records import BaseRecord, ReferenceRecord, TaskVersion, content_hash, unpack
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -52,27 +52,27 @@ def _reachable(registry: "Registry", problems: list[dict[str, str]] | None = Non
             return None
 
     objects = registry.objects
+    # The closure: every record a ref names, and everything each record needs: a version's
+    # reference and base records (named by hash, whether or not a ref still names them by
+    # name), and the arrays and blobs of every record reached.
+    pending: list[tuple[str, str, type]] = []
     ref_digest = guard("refs/reference", "registry", lambda: _checked(registry.reference_hash()))
     if ref_digest:
-        use("records", ref_digest, "reference")
-        reference = guard(object_key("records", ref_digest), "reference",
-                          lambda: objects.get_record(ref_digest, ReferenceRecord))
-        for h in reference.array_hashes() if reference else ():
-            use("arrays", h, "reference")
-        for h in reference.files.values() if reference else ():
-            use("blobs", h, "reference")
-    records: list[tuple[str, str, type]] = []
-    for name in registry.bases():
+        pending.append((ref_digest, "reference", ReferenceRecord))
+    for name in guard("refs/bases", "registry", registry.bases) or []:
         digest = guard(f"refs/bases/{name}", f"base {name}", lambda: registry._pointer(
             f"refs/bases/{name}", f"refs/bases/{name}"))
         if digest:
-            records.append((digest, f"base {name}", BaseRecord))
-    for task in registry.tasks():
-        versions = guard(f"refs/tasks/{task}", f"task {task}", lambda: registry.versions(task)) or []
-        records += [(digest, f"{task}@{n}", TaskVersion) for n, digest in versions]
-    for digest, who, cls in records:
-        if not use("records", digest, who):
+            pending.append((digest, f"base {name}", BaseRecord))
+    for task in guard("refs/tasks", "registry", registry._task_names) or []:
+        ref = guard(f"refs/tasks/{task}", f"task {task}", lambda: registry._task_ref(task))
+        pending += [(digest, f"{task}@{n}", TaskVersion) for n, digest in (ref.versions if ref else [])]
+    followed: set[tuple[str, type]] = set()
+    while pending:
+        digest, who, cls = pending.pop(0)
+        if not use("records", digest, who) or (digest, cls) in followed:
             continue
+        followed.add((digest, cls))
         record = guard(object_key("records", digest), who, lambda: objects.get_record(digest, cls))
         if record is None:
             continue
@@ -82,12 +82,41 @@ def _reachable(registry: "Registry", problems: list[dict[str, str]] | None = Non
                 f"lists {who} as record {digest[:12]}, which holds {record.task}@{record.version}"))
         for h in record.array_hashes():
             use("arrays", h, who)
-        if isinstance(record, TaskVersion):
-            for h in record.files.values():
-                use("blobs", h, who)
-            for h in ([record.base] if record.base else []) + [record.reference]:
-                use("records", h, who)
+        for h in getattr(record, "files", {}).values():
+            use("blobs", h, who)
+        if isinstance(record, (TaskVersion, BaseRecord)):
+            pending.append((record.reference, who, ReferenceRecord))
+        if isinstance(record, TaskVersion) and record.base:
+            pending.append((record.base, who, BaseRecord))
     return used_by
+
+
+def _orphaned_ref_folders(registry: "Registry", unreachable: set[tuple[str, str]]) -> list[dict[str, str]]:
+    """A ref folder that is gone while records of its kind are stored, unreachable: the folder
+    was deleted, not emptied by ``rm`` (which keeps a task's ref, see format.md §5.7). gc would
+    delete every task (or base vector) it held, so this is damage, reported by verify and gc."""
+    kinds = {"task_version": "refs/tasks", "base": "refs/bases"}
+    missing = set()
+    for folder in kinds.values():
+        try:
+            if not registry.backend.folder_exists(folder):
+                missing.add(folder)
+        except DeltastoreError:
+            pass  # there, but not a folder: _reachable reports that
+    found: dict[str, int] = {}
+    for kind, digest in unreachable:
+        if kind != "records" or not missing:
+            continue
+        try:
+            folder = kinds.get(unpack(registry.backend.get(object_key(kind, digest)), digest).get("kind"))
+        except (DeltastoreError, OSError):
+            continue  # an unreadable record protects nothing: verify reports it on its own
+        if folder in missing:
+            found[folder] = found.get(folder, 0) + 1
+    return [{"object": folder, "used_by": "registry",
+             "problem": f"the folder is missing while {n} record(s) it would name are stored; it was deleted: "
+                        f"restore it from a backup (if it never existed, create it empty: mkdir {folder})"}
+            for folder, n in sorted(found.items())]
 
 
 def verify(registry: "Registry", *, show_progress: bool | None = None) -> list[dict[str, str]]:
@@ -99,6 +128,7 @@ def verify(registry: "Registry", *, show_progress: bool | None = None) -> list[d
         if (kind, digest) not in present:
             problems.append({"object": object_key(kind, digest), "problem": "missing",
                              "used_by": ", ".join(sorted(users))})
+    problems += _orphaned_ref_folders(registry, present - set(used_by))
     items = sorted(present)
     for kind, digest in progress(items, total=len(items), desc="verify", enabled=show_progress):
         users = ", ".join(sorted(used_by.get((kind, digest), {"nothing (gc removes it)"})))
@@ -120,21 +150,21 @@ def gc(registry: "Registry") -> dict[str, int]:
     # Exclusive: every writer holds the shared side for its whole operation, so nothing is in
     # flight while we decide what is unreachable.
     with backend.lock("registry"):
+        # Everything is decided before anything is deleted: a damaged folder (a ref folder
+        # replaced by a file, a symlink out of the registry) raises here, with nothing removed.
+        stored = {(kind, d) for kind, names in registry.objects.all_objects().items() for d in names}
         used = set(_reachable(registry))
-        for kind, names in registry.objects.all_objects().items():
-            for digest in names:
-                if (kind, digest) not in used:
-                    key = object_key(kind, digest)
-                    removed["bytes"] += backend.size(key)
-                    backend.delete(key)
-                    removed[kind] += 1
-        for txn in backend.children("staging"):
-            removed["bytes"] += backend.size(f"staging/{txn}")
-            backend.delete(f"staging/{txn}")
-            removed["staging"] += 1
-        for key in backend.list("refs") + backend.list("objects") + backend.children(""):
-            if key.rsplit("/", 1)[-1].startswith(".") and key.endswith(".tmp"):  # a killed atomic put
-                removed["bytes"] += backend.size(key)
-                backend.delete(key)
-                removed["staging"] += 1
+        damaged = _orphaned_ref_folders(registry, stored - used)
+        if damaged:
+            raise CorruptObjectError(f"{registry.path}: {damaged[0]['object']}: {damaged[0]['problem']}; gc "
+                                     "refuses to run, it would delete what that folder named")
+        # Only what gc can prove a killed operation left: staging's entries and temp files.
+        doomed = [object_key(kind, digest) for kind, digest in sorted(stored - used)]
+        staged = [f"staging/{txn}" for txn in backend.children("staging")]
+        temps = [key for key in backend.list("refs") + backend.list("objects") + backend.children("")
+                 if key.rsplit("/", 1)[-1].startswith(".") and key.endswith(".tmp")]  # a killed atomic put
+        for key in doomed + staged + temps:
+            removed["bytes"] += backend.size(key)
+            backend.delete(key)
+            removed[key.split("/")[1] if key.startswith("objects/") else "staging"] += 1
     return removed

@@ -25,7 +25,7 @@ from .engine.materialize import iter_materialize, resolve_device
 from .engine.reader import DeviceReader
 from .progress import progress as _progress
 from .sources import TensorSource, open_source
-from .storage.backend import LocalBackend
+from .storage.backend import LocalBackend, array_shape_problem
 from .storage.objects import ObjectStore
 from .storage.records import (FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, BaseRecord, PointerRef, Record,
                               ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, TensorEntry, pack, unpack)
@@ -94,6 +94,7 @@ class VersionStats:
     base_users: int           # tasks whose latest version uses that base vector
     source_bytes: int         # the finetune's tensors in their original dtype
     source_fp16_bytes: int    # the finetune's tensors at 2 bytes per element
+    file_bytes: int = 0       # the part of own_bytes that is side files (config, tokenizer...)
 
     @property
     def base_share(self) -> float:
@@ -110,6 +111,7 @@ class VersionStats:
             "base_share_bytes": round(self.base_share),
             "source_bytes": self.source_bytes,
             "source_fp16_bytes": self.source_fp16_bytes,
+            "file_bytes": self.file_bytes,
             "ratio_fp16": self.source_fp16_bytes / self.own_bytes if self.own_bytes else None,
             "ratio_source_dtype": self.source_bytes / self.own_bytes if self.own_bytes else None,
             "ratio_fp16_with_base_share": self.source_fp16_bytes / total if total else None,
@@ -156,6 +158,8 @@ class Registry:
         source = open_source(reference)
         if not source.names():
             raise InvalidInputError(f"{source.label}: the reference holds no tensors")
+        for name in source.names():
+            _check_storable(source, name)
         backend = LocalBackend(root)
         objects = ObjectStore(backend)
         with backend.lock("registry", shared=True):
@@ -201,6 +205,19 @@ class Registry:
         return digest, self.objects.get_record(digest, BaseRecord)
 
     def tasks(self) -> list[str]:
+        """Tasks with at least one version (a ref whose versions were all removed is kept, for
+        its highest issued number, but is no task). A ref that cannot be read is listed: using
+        the task reports the damage."""
+        def listed(task: str) -> bool:
+            try:
+                return bool(self._task_ref(task).versions)
+            except DeltastoreError:
+                return True
+
+        return [n for n in self._task_names() if listed(n)]
+
+    def _task_names(self) -> list[str]:
+        # Only valid names: a killed ref update leaves a '.<name>.<uuid>.tmp' file here for gc.
         return [n for n in self.backend.children("refs/tasks") if NAME_RE.fullmatch(n) and ".." not in n]
 
     def _task_ref(self, task: str) -> TaskRef:
@@ -303,18 +320,22 @@ class Registry:
         allow_unrelated: bool = False,
         progress: bool | None = None,
         device: str | torch.device = "cpu",
+        follow_links: bool = False,
     ) -> TaskVersion:
         """Compress ``finetune`` against the reference (and base vector ``base``) and record it
         as the next version of ``task``. Nothing is visible until the final ref update.
 
         ``device``: where the deltas are computed and encoded (``"cuda"`` for speed); tensors
         are still read one at a time. Reductions (lam1, BitDelta scales) may differ from a CPU
-        commit in the last bits; materializing a version is exact whichever device wrote it."""
+        commit in the last bits; materializing a version is exact whichever device wrote it.
+
+        ``follow_links``: read the finetune folder's symlinks that lead out of it (see
+        :func:`deltastore.sources.open_source`)."""
         check_name("task", task)
         compressor = get_compressor(method, dict(config or {}))
         if method == "lossless":
             raise InvalidInputError("method 'lossless' stores whole tensors, not deltas; pick bitdelta, dare or deltadq")
-        source = open_source(finetune)
+        source = open_source(finetune, follow_links=follow_links)
         ref_digest = self.reference_hash()
         reference = self.objects.get_record(ref_digest, ReferenceRecord)
         base_digest, base_record = self.base(base) if base else (None, None)
@@ -336,6 +357,7 @@ class Registry:
         # changes nothing on disk. Lossy tensors are checked for NaN/Inf in pass 1, the rest here.
         for name in source.names():
             if name not in plan.lossy:
+                _check_storable(source, name)
                 _check_finite(source, name, source.get(name))
 
         def read(name: str) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
@@ -427,7 +449,7 @@ class Registry:
             }
             with self.backend.lock("refs"):
                 ref = self._task_ref(task)
-                number = ref.versions[-1][0] + 1 if ref.versions else 1
+                number = ref.last_issued + 1  # never a removed version's number (format.md §5.7)
                 parent = ref.versions[-1][1] if ref.versions else None
                 record = TaskVersion(
                     task=task, version=number, parent=parent, created=utc_now(), message=message,
@@ -436,7 +458,7 @@ class Registry:
                     tensors=tensors, files=files, source=record_source,
                 )
                 digest = self.objects.put_record(record, txn)
-                new_ref = TaskRef(ref.versions + [(number, digest)])
+                new_ref = TaskRef(ref.versions + [(number, digest)], number)
                 self.backend.put(f"refs/tasks/{task}", pack(new_ref.to_dict()))
             self.backend.delete(txn)
         return record
@@ -445,16 +467,17 @@ class Registry:
         """Drop one version (or, with ``version=None``, the whole task) from the refs.
 
         The objects stay on disk until the next :meth:`gc`. Returns the version numbers removed.
+        The task's ref stays, even with no version left, to keep the highest number issued.
         """
-        with self.backend.lock("refs"):
+        # A writer like any other (shared registry lock): gc must not collect the temp file of
+        # the ref update before it is renamed into place.
+        with self.backend.lock("registry", shared=True), self.backend.lock("refs"):
             versions = self.versions(task)
             keep = [] if version is None else [(n, d) for n, d in versions if n != version]
             if len(keep) == len(versions):
                 raise NotFoundError(f"{self.path}: task {task!r} has no version {version}")
-            if keep:
-                self.backend.put(f"refs/tasks/{task}", pack(TaskRef(keep).to_dict()))
-            else:
-                self.backend.delete(f"refs/tasks/{task}")
+            issued = self._task_ref(task).last_issued
+            self.backend.put(f"refs/tasks/{task}", pack(TaskRef(keep, issued).to_dict()))
         return [n for n, digest in versions if (n, digest) not in keep]
 
     # -- materialize ------------------------------------------------------------------------
@@ -549,7 +572,8 @@ class Registry:
                 self.objects.size("arrays", h) for h in base.array_hashes())
             base_users = 1 + sum(1 for r in latest.values() if r.base == record.base)
         return VersionStats(sum(sizes.values()), sum(sizes[o] / users[o] for o in mine), base_bytes, base_users,
-                            int(record.source["bytes"]), int(record.source["fp16_bytes"]))
+                            int(record.source["bytes"]), int(record.source["fp16_bytes"]),
+                            sum(size for (kind, _), size in sizes.items() if kind == "blobs"))
 
     # -- integrity --------------------------------------------------------------------------
     def verify(self, *, progress: bool | None = None) -> list[dict[str, str]]:
@@ -645,6 +669,16 @@ def _plan(reference: ReferenceRecord, source: TensorSource) -> _Plan:
 
 def _on_cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.cpu()
+
+
+def _check_storable(source: TensorSource, name: str) -> None:
+    """A tensor stored whole (lossless) becomes one array of its shape and item size: refuse
+    what the reader would refuse (storage.backend.array_shape_problem), before any write."""
+    shape = tuple(source.shape(name))
+    problem = array_shape_problem(shape, source.dtype(name).itemsize)
+    if problem:
+        raise InvalidInputError(f"{source.label}: tensor {name!r} {problem}; deltastore cannot store it, so it "
+                                "could not be read back: drop or reshape it in the checkpoint")
 
 
 def _check_finite(source: TensorSource, name: str, tensor: torch.Tensor) -> None:

@@ -187,27 +187,71 @@ def _data_offsets(path: Path) -> dict[str, tuple[int, int]]:
             for name, info in header.items() if name != "__metadata__"}
 
 
-def _side_files(directory: Path, source: TensorSource) -> None:
-    """Collect the non-weight files a materialized directory needs (config, tokenizer...)."""
+def _outside(directory: Path, path: Path) -> Path | None:
+    """Where ``path`` really is, when following its symlinks leaves ``directory`` (else None).
+
+    Links out of the finetune's folder are not followed: a link to /proc/self/environ or
+    /etc/passwd would store them in the registry. One exception is the layout of the Hugging
+    Face hub cache, whose ``snapshots/<revision>/`` files all link to ``../../blobs/<sha>``."""
+    try:
+        real, root = path.resolve(), directory.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return path
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    return None if any(real.is_relative_to(folder) for folder in allowed) else real
+
+
+def _shown(rel: str) -> str:
+    """A file name as stored text: bytes that are not UTF-8 shown as escapes (\\xff)."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _side_files(directory: Path, source: TensorSource, follow_links: bool) -> None:
+    """Collect the non-weight files a materialized directory needs (config, tokenizer...);
+    what is not collected is recorded in ``source.skipped`` with why."""
     for path in sorted(directory.rglob("*")):
         rel = path.relative_to(directory).as_posix()
-        if not path.is_file() or any(part.startswith(".") for part in rel.split("/")):
+        if any(part.startswith(".") for part in rel.split("/")) or path.is_dir():
             continue
         if path.suffix == ".safetensors" or rel.endswith(".safetensors.index.json"):
             continue
-        if path.suffix in PICKLE_SUFFIXES:
-            source.skipped[rel] = "pickle-based file: never read (loading it could execute code)"
-            continue
-        if path.stat().st_size > MAX_SIDE_FILE_BYTES:
-            source.skipped[rel] = f"larger than {MAX_SIDE_FILE_BYTES >> 20} MiB"
-            continue
         # The rule readers apply to stored names: refusing here keeps an unreadable name out.
         check_file_name(rel, str(directory), InvalidInputError, advice="rename or remove that file, then try again")
-        source.files[rel] = path
+        real = None if follow_links else _outside(directory, path)
+        if path.suffix in PICKLE_SUFFIXES:
+            source.skipped[rel] = "pickle-based file: never read (loading it could execute code)"
+        elif real is not None:
+            source.skipped[rel] = f"a symlink to {_shown(str(real))}, outside the finetune folder: not followed"
+        elif not path.is_file():
+            source.skipped[rel] = "not a regular file (a fifo, a device or a broken link): not read"
+        elif path.stat().st_size > MAX_SIDE_FILE_BYTES:
+            source.skipped[rel] = (f"{path.stat().st_size} bytes, larger than the {MAX_SIDE_FILE_BYTES >> 20} MiB "
+                                   "a side file may have: not stored, so the materialized folder lacks it")
+        else:
+            source.files[rel] = path
 
 
-def open_source(model: str | os.PathLike | Mapping[str, torch.Tensor] | TensorSource) -> TensorSource:
-    """Open a model given as a Hugging Face directory, a .safetensors file or a state dict."""
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index: tensor name -> shard file name."""
+    expected = 'expected {"weight_map": {tensor name: shard file name}}'
+    try:
+        data = json.loads(index.read_bytes())
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
+        raise InvalidInputError(f"{index}: not a valid safetensors index ({type(exc).__name__}: "
+                                f"{str(exc)[:100]}); {expected}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v and "\x00" not in v
+                                                   for v in weight_map.values()):
+        raise InvalidInputError(f"{index}: not a valid safetensors index (found {json.dumps(data)[:80]}); {expected}")
+    return weight_map
+
+
+def open_source(model: str | os.PathLike | Mapping[str, torch.Tensor] | TensorSource, *,
+                follow_links: bool = False) -> TensorSource:
+    """Open a model given as a Hugging Face directory, a .safetensors file or a state dict.
+
+    ``follow_links``: read files of a directory that are symlinks leading out of it (by
+    default weights behind one are refused and side files behind one are skipped)."""
     if isinstance(model, TensorSource):
         return model
     if isinstance(model, Mapping):
@@ -226,23 +270,26 @@ def open_source(model: str | os.PathLike | Mapping[str, torch.Tensor] | TensorSo
         return SafetensorsSource([path], str(path))
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidInputError(f"{index}: not a valid safetensors index ({exc})") from None
-        shards = sorted({path / shard for shard in weight_map.values()})
+        shards = sorted({path / shard for shard in _weight_map(index).values()})
         missing = [s.name for s in shards if not s.is_file()]
         if missing:
             raise NotFoundError(f"{path}: shards named in {index.name} are missing: {', '.join(missing)}")
     else:
         shards = sorted(path.glob("*.safetensors"))
+    for shard in shards:
+        real = None if follow_links else _outside(path, shard)
+        if real is not None:
+            raise InvalidInputError(f"{shard}: leads to {real}, outside the finetune folder {path}; weights are read "
+                                    "only from inside it unless links are followed (--follow-links)")
+        if not shard.is_file():  # a fifo would block the safetensors reader
+            raise InvalidInputError(f"{shard}: not a regular file; give the weights as a .safetensors file")
     if not shards:
         pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
         hint = (f"; found only pickle checkpoints ({', '.join(pickles)}), which are refused because loading them "
                 "can execute code: convert them with save_pretrained(..., safe_serialization=True)") if pickles else ""
         raise InvalidInputError(f"{path}: no .safetensors weights found{hint}")
     source = SafetensorsSource(shards, str(path))
-    _side_files(path, source)
+    _side_files(path, source, follow_links)
     return source
 
 

@@ -61,6 +61,7 @@ RECORD_FIELDS = {
     "pointer": {"record"},
     "task_ref": {"versions"},
 }
+RECORD_OPTIONAL = {"task_ref": {"issued"}}  # format 1.1
 INFO_FIELDS = {"name", "version", "created"}
 
 # format.md section 4.
@@ -271,7 +272,7 @@ class SpecReader:
         kind = obj.get("kind")
         if kind not in RECORD_FIELDS:
             raise SpecError(f"{what}: unknown kind {kind!r}")
-        _fields(obj, RECORD_FIELDS[kind] | {"format", "kind"}, set(), what)
+        _fields(obj, RECORD_FIELDS[kind] | {"format", "kind"}, RECORD_OPTIONAL.get(kind, set()), what)
         for name, entry in obj.get("tensors", {}).items():
             _fields(entry, *ENTRY_FIELDS, f"{what}.tensors[{name!r}]")
             if entry["codec"] != "lossless" and entry["codec"] not in DELTA_CODECS:
@@ -497,7 +498,7 @@ FIELD_ORDER = {
     "task_version": ["format", "kind", "task", "version", "parent", "created", "message", "reference", "base",
                      "method", "config", "lam1", "lam2", "tuning", "tensors", "files", "source"],
     "pointer": ["format", "kind", "record"],
-    "task_ref": ["format", "kind", "versions"],
+    "task_ref": ["format", "kind", "versions", "issued"],
     "entry": ["shape", "dtype", "codec", "config", "arrays", "attrs", "ref", "rows", "changed_rows", "lam1", "lam2"],
     "source": ["label", "bytes", "params", "fp16_bytes", "relative_delta", "skipped_files", "missing_buffers"],
 }
@@ -521,7 +522,8 @@ def key_order_problems(obj: dict, kind: str) -> list[str]:
         if keys != ([k for k in expected if k in keys] if not complete else expected):
             problems.append(f"{where}: keys {keys}, expected {'' if complete else 'a subsequence of '}{expected}")
 
-    check(obj, FIELD_ORDER[kind], kind)
+    # An optional field of RECORD_OPTIONAL is written only when it applies (format.md 5.7).
+    check(obj, [k for k in FIELD_ORDER[kind] if k in obj or k not in RECORD_OPTIONAL.get(kind, ())], kind)
     for name in ("tensors", "files"):
         if name in obj and list(obj[name]) != sorted(obj[name]):
             problems.append(f"{kind}.{name}: names not in code point order")
@@ -611,7 +613,8 @@ def readonly_copy(tmp_path_factory) -> Path:
 def test_reference_registry_is_complete():
     """The checked-in files match what make.py promises (and stay small)."""
     assert sorted(p.name for p in EXPECTED.iterdir()) == sorted(f"{t}@{n}.safetensors" for t, n in VERSIONS)
-    assert sorted(p.name for p in (REGISTRY / "refs" / "tasks").iterdir()) == ["alpha", "beta", "gamma"]
+    # removed: a task whose only version was removed; its ref keeps the number issued (format.md 5.7)
+    assert sorted(p.name for p in (REGISTRY / "refs" / "tasks").iterdir()) == ["alpha", "beta", "gamma", "removed"]
     assert sorted(p.name for p in (REGISTRY / "refs" / "bases").iterdir()) == ["b"]
     # 275 KB for alpha and beta, 155 KB for gamma's edge cases (specs/reference/README.md)
     assert sum(p.stat().st_size for p in REFERENCE.rglob("*") if p.is_file() and "__pycache__" not in p.parts) < 480_000
@@ -718,7 +721,7 @@ def test_records_are_canonically_encoded():
         assert encode_canonical(obj) == data, f"{path.relative_to(REGISTRY)} is not canonically encoded"
         assert key_order_problems(obj, kind) == [], path.relative_to(REGISTRY)
         count += 1
-    assert count == 14  # registry.msgpack, 5 refs, 8 records
+    assert count == 15  # registry.msgpack, 6 refs (one of the removed task), 8 records
 
 
 def test_canonical_encoding_rules():
@@ -1034,7 +1037,7 @@ def test_registry_info_and_refs_fields_are_exact():
     """format.md 5.1, 5.6, 5.7: exactly the listed fields, of the listed types."""
     info = msgpack.unpackb((REGISTRY / "registry.msgpack").read_bytes(), raw=False)
     assert set(info) == {"name", "version", "created"}
-    assert info["name"] == "deltastore" and info["version"] == [1, 0]
+    assert info["name"] == "deltastore" and info["version"] == [1, 1]
     assert isinstance(info["created"], str) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d.*", info["created"])
 
     for key in ("refs/reference", "refs/bases/b"):
@@ -1048,5 +1051,8 @@ def test_registry_info_and_refs_fields_are_exact():
     assert task_ref["format"] == 1 and task_ref["kind"] == "task_ref"
     assert [n for n, _ in task_ref["versions"]] == [1, 2]
     assert all(HASH_RE.match(h) for _, h in task_ref["versions"])
+    removed = msgpack.unpackb((REGISTRY / "refs/tasks/removed").read_bytes(), raw=False)
+    assert removed == {"format": 1, "kind": "task_ref", "versions": [], "issued": 1}
+    SpecReader(REGISTRY).ref("tasks/removed", "task_ref")
     # Every stored record has exactly its kind's fields (the reader raises otherwise).
     assert SpecReader(REGISTRY).check_all_objects() > 0

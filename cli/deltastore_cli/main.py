@@ -53,6 +53,11 @@ def _human(n: float) -> str:
     return f"{n:.2f} GB"
 
 
+def _times(ratio: float) -> str:
+    """A ratio to 3 significant digits (0.0123x, 4.56x, 789x): one decimal shows 0.0x."""
+    return f"{ratio:.3g}x"
+
+
 def _torch_dtype(name: str | None):
     import torch
 
@@ -159,12 +164,13 @@ def base_build(ctx: click.Context, registry: Path, name: str, finetunes: tuple[P
 @click.option("--per-layer", is_flag=True, help="One (lam1, lam2) per tensor instead of one pair per model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE/DeltaDQ masks.")
 @click.option("--allow-unrelated", is_flag=True, help="Store a model even if it looks unrelated to the reference.")
+@click.option("--follow-links", is_flag=True, help="Read files of FINETUNE that are symlinks leading out of it.")
 @click.option("--device", default="cpu", show_default=True, help="Where to compute deltas and encode: cpu, cuda...")
 @json_option
 @click.pass_context
 def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method: str, drop_rate, value_bits,
            group_size, keep, bits, base_name, message, tune, calib, calib_max_length, calib_batch_size, tune_steps,
-           tune_lr, per_layer, seed, allow_unrelated, device, as_json) -> None:
+           tune_lr, per_layer, seed, allow_unrelated, follow_links, device, as_json) -> None:
     """Compress FINETUNE as the next version of TASK."""
     options = {"drop_rate": drop_rate, "value_bits": None if value_bits is None else int(value_bits),
                "group_size": group_size, "keep": keep, "bits": bits}
@@ -191,7 +197,8 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
                                        batch_size=calib_batch_size)
     record = reg.commit(task, finetune, method=method, config=config, base=base_name, message=message, tune=tune,
                         calibration=calibration, per_layer=per_layer, tune_options=tune_options or None, seed=seed,
-                        allow_unrelated=allow_unrelated, device=device, progress=_progress(ctx))
+                        allow_unrelated=allow_unrelated, follow_links=follow_links, device=device,
+                        progress=_progress(ctx))
     data = _version_summary(reg, record)
     fit = record.tuning or {}
     fitted = ""
@@ -200,8 +207,13 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
                   f"{fit.get('steps')} steps")
         if fit.get("fell_back"):
             fitted += " (no improvement: kept the closed form)"
+    for rel, why in record.source.get("skipped_files", {}).items():  # the materialized folder will lack them
+        click.echo(f"warning: {finetune}: file {rel!r} not stored: {why}", err=True)
+    files = f" ({_human(data['file_bytes'])} of it side files)" if data["file_bytes"] else ""
+    ratio = data["ratio_fp16"]
+    versus = f"{_times(ratio)} smaller than fp16" if ratio >= 1 else f"{_times(1 / ratio)} larger than fp16"
     _emit(data, as_json, f"{task}@{record.version}: {method}, lam1={record.lam1:.4g} lam2={record.lam2:.4g}, "
-                         f"{_human(data['own_bytes'])} on disk, {data['ratio_fp16']:.1f}x smaller than fp16{fitted}")
+                         f"{_human(data['own_bytes'])} on disk{files}, {versus}{fitted}")
 
 
 def _tuning_summary(tuning: dict[str, Any] | None) -> str:
@@ -289,9 +301,9 @@ def show(registry: Path, spec: str, as_json: bool) -> None:
         f"  tensors    {data['tensors']} ({data['delta_tensors']} as deltas)",
         f"  on disk    {_human(data['own_bytes'])} own ({_human(data['amortized_bytes'])} amortized over tasks "
         f"sharing objects) + {_human(data['base_share_bytes'])} base share",
-        f"  ratio      {data['ratio_fp16']:.1f}x vs fp16, {data['ratio_source_dtype']:.1f}x vs the finetune's "
-        f"dtype, {data['ratio_fp16_with_base_share']:.1f}x vs fp16 with the base share, "
-        f"{data['ratio_fp16_amortized']:.1f}x amortized",
+        f"  ratio      {_times(data['ratio_fp16'])} vs fp16, {_times(data['ratio_source_dtype'])} vs the finetune's "
+        f"dtype, {_times(data['ratio_fp16_with_base_share'])} vs fp16 with the base share, "
+        f"{_times(data['ratio_fp16_amortized'])} amortized",
         f"  tuning     {_tuning_summary(record.tuning)}",
     ])
     _emit(data, as_json, text)

@@ -82,21 +82,13 @@ class LocalBackend:
 
     def get(self, key: str, *, limit: int = MAX_KEY_BYTES) -> bytes:
         """The bytes of ``key``; more than ``limit`` bytes is an error, raised before reading."""
-        path = self._path(key)
-        try:
-            with open(path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size > limit:
-                    raise CorruptObjectError(f"{self.root}: {key!r} holds {size} bytes, more than the {limit} "
-                                             "such an object may have; it is damaged or was not written by deltastore")
-                data = fh.read(limit + 1)  # a special file (fifo, /dev/zero) never ends: stop at the limit
-        except FileNotFoundError:
-            raise NotFoundError(f"{self.root}: object {key!r} is missing") from None
-        except IsADirectoryError:
-            raise CorruptObjectError(f"{self.root}: {key!r} is a directory, expected a file") from None
-        if len(data) > limit:
-            raise CorruptObjectError(f"{self.root}: {key!r} holds more than {limit} bytes; it is not a regular file")
-        return data
+        where = f"{self.root}: object {key!r}"
+        with open_regular(self._path(key), where) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > limit:
+                raise CorruptObjectError(f"{where} holds {size} bytes, more than the {limit} such an object may "
+                                         "have; it is damaged or was not written by deltastore")
+            return fh.read(limit)
 
     def put(self, key: str, data: bytes) -> None:
         """Write ``data`` under ``key`` atomically (temp file, fsync, rename, fsync of the folder)."""
@@ -122,7 +114,7 @@ class LocalBackend:
         ``objects/`` whose surviving zarr.json would make a later commit believe it exists.
         """
         path = self._path(key)
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():  # a symlink is unlinked, never followed
             trash = self._path(f"staging/deleted-{uuid.uuid4().hex}")
             if self._path("staging") not in path.parents:
                 trash.parent.mkdir(parents=True, exist_ok=True)
@@ -137,15 +129,40 @@ class LocalBackend:
 
     def list(self, prefix: str) -> list[str]:
         """Keys of the files directly or indirectly under ``prefix`` (sorted)."""
-        base = self._path(prefix)
-        if not base.is_dir():
+        base = self._folder(prefix)
+        if base is None:
             return []
         return sorted(str(p.relative_to(self.root).as_posix()) for p in base.rglob("*") if p.is_file())
 
     def children(self, prefix: str) -> list[str]:
         """Names of the entries directly under ``prefix`` (sorted)."""
-        base = self._path(prefix)
-        return sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+        base = self._folder(prefix)
+        return sorted(p.name for p in base.iterdir()) if base is not None else []
+
+    def folder_exists(self, prefix: str) -> bool:
+        """Is ``prefix`` a folder (False when absent; a damaged one raises, see :meth:`children`)."""
+        return self._folder(prefix) is not None
+
+    def _folder(self, prefix: str) -> Path | None:
+        """The real folder at ``prefix``, or None when nothing is there.
+
+        Anything else in its place or in a folder above it (a file, a fifo, a symlink) is
+        damage, raised: listing it as empty would make gc delete everything its refs protect,
+        and following a symlink would make gc delete files outside the registry."""
+        parent, _, _ = prefix.rpartition("/")
+        if parent and self._folder(parent) is None:
+            return None
+        path = self._path(prefix)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return None
+        if prefix and not stat.S_ISDIR(mode):  # lstat: a symlink is not followed
+            kind = "a symlink" if stat.S_ISLNK(mode) else "not a folder"
+            raise CorruptObjectError(f"{self.root}: {prefix!r} is {kind}, expected a folder of the registry; the "
+                                     "registry is damaged: restore that folder from a backup (gc refuses to run "
+                                     "until then)")
+        return path
 
     def size(self, key: str) -> int:
         """Apparent bytes of a key, or of every file under a prefix (what ``du -sb`` counts)."""
@@ -189,10 +206,11 @@ class LocalBackend:
 
     def open_array(self, key: str) -> "ArrayLayout":
         """The checked layout of the array at ``key`` (its zarr.json), for :meth:`read_chunk`."""
-        if not self._path(f"{key}/zarr.json").is_file():
-            raise NotFoundError(f"{self.root}: array {key!r} is missing (no zarr.json)")
-        meta = check_array_metadata(self.get(f"{key}/zarr.json", limit=MAX_ZARR_JSON_BYTES),
-                                    f"{self.root}: array {key!r}")
+        try:
+            raw = self.get(f"{key}/zarr.json", limit=MAX_ZARR_JSON_BYTES)
+        except NotFoundError:
+            raise NotFoundError(f"{self.root}: array {key!r} is missing (no zarr.json)") from None
+        meta = check_array_metadata(raw, f"{self.root}: array {key!r}")
         shape = tuple(meta["shape"])
         chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
         return ArrayLayout(key, np.dtype(meta["data_type"]).newbyteorder("<"), shape, chunk[0] if shape else 1,
@@ -210,12 +228,8 @@ class LocalBackend:
         out = out.cast("B")
         if len(out) != valid:
             raise ValueError(f"{where}: buffer of {len(out)} bytes for {valid} bytes of chunk")
-        path = self._path(f"{layout.key}/{name}")
         try:
-            if not stat.S_ISREG(os.stat(path).st_mode):  # a fifo would block open(), a device never end
-                raise CorruptObjectError(f"{where} is not a regular file; the registry is damaged: run "
-                                         "`deltastore verify` and restore this object from a backup")
-            with open(path, "rb") as fh:
+            with open_regular(self._path(f"{layout.key}/{name}"), where) as fh:
                 if not layout.zstd:
                     size = os.fstat(fh.fileno()).st_size
                     if size != layout.chunk_nbytes:
@@ -229,7 +243,7 @@ class LocalBackend:
                 if len(frame) > bound:
                     raise CorruptObjectError(f"{where}: holds over {bound} bytes, more than a zstd frame of "
                                              f"{layout.chunk_nbytes} bytes can; restore it from a backup")
-        except FileNotFoundError:
+        except NotFoundError:
             raise CorruptObjectError(f"{where} is missing; the registry is damaged: run `deltastore verify` and "
                                      "restore this object from a backup") from None
         declared = zstd_content_size(frame)
@@ -366,6 +380,28 @@ def _read_exactly(stream, out: memoryview, where: str) -> None:
         pos += n
 
 
+def open_regular(path: Path, where: str):
+    """``open(path, "rb")``, for a regular file only: the one rule for every file the registry
+    reads. A fifo would block ``open()`` forever (and a hung gc holds the registry lock), a
+    device never ends, a folder is not data. The file is opened without blocking and checked
+    on the open descriptor, so it cannot be swapped between the check and the read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFoundError(f"{where} is missing") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise  # permissions, I/O errors: not damage to the registry's layout
+        raise CorruptObjectError(f"{where} cannot be reached ({exc.strerror}): a folder above it is not a folder; "
+                                 "the registry is damaged: run `deltastore verify` and restore it from a backup") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptObjectError(f"{where} is not a regular file (a fifo blocks, a device gives more than any "
+                                 "object holds); the registry is damaged: run `deltastore verify` and restore it "
+                                 "from a backup")
+    return os.fdopen(fd, "rb")
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a rename in ``path`` durable (POSIX needs the folder fsynced, not only the file)."""
     try:
@@ -399,6 +435,23 @@ def zstd_content_size(frame: bytes) -> int | None:
     return value + 256 if size == 2 else value
 
 
+def array_shape_problem(shape: tuple[int, ...], itemsize: int) -> str | None:
+    """Why an array of ``shape`` and ``itemsize`` cannot be stored, or None when it can.
+
+    The one rule the writer (before the first write of a commit) and the reader
+    (:func:`check_array_metadata`) share, so nothing is accepted that cannot be read back."""
+    if len(shape) > MAX_ARRAY_DIMS:
+        return f"has {len(shape)} dimensions, more than the {MAX_ARRAY_DIMS} an array may have"
+    nbytes = math.prod(shape) * itemsize
+    if nbytes > MAX_ARRAY_BYTES:
+        return f"declares {nbytes} bytes (shape {list(shape)}), more than the {MAX_ARRAY_BYTES} an array may hold"
+    row = math.prod(shape[1:]) * itemsize  # a chunk holds at least one row of the first axis
+    if len(shape) > 1 and row > MAX_CHUNK_BYTES:
+        return (f"has rows of {row} bytes (shape {list(shape)}), more than the {MAX_CHUNK_BYTES} one chunk "
+                "may hold")
+    return None
+
+
 def check_array_metadata(raw: bytes, what: str) -> dict:
     """Refuse a zarr.json that ``write_array`` could not have written, before zarr reads it.
 
@@ -426,9 +479,9 @@ def check_array_metadata(raw: bytes, what: str) -> dict:
     if dtype not in ARRAY_DATA_TYPES:
         raise bad(f"has data type {dtype!r:.40}, expected one of {', '.join(ARRAY_DATA_TYPES)}")
     itemsize = np.dtype(dtype).itemsize
-    nbytes = math.prod(shape) * itemsize
-    if nbytes > MAX_ARRAY_BYTES:
-        raise bad(f"declares {nbytes} bytes (shape {shape}), more than the {MAX_ARRAY_BYTES} an array may hold")
+    problem = array_shape_problem(tuple(shape), itemsize)
+    if problem:
+        raise bad(problem)
     grid = meta.get("chunk_grid")
     chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
     # specs/format.md §4: regular chunks along the first axis only, of a bounded size.

@@ -125,7 +125,7 @@ class ObjectStore:
         data = to_numpy(tensor)
         digest = array_hash(data)
         final = object_key("arrays", digest)
-        if not self.backend.exists(final + "/zarr.json"):
+        if not self._reusable("arrays", digest):
             staged = f"{txn}/{digest}"
             self.backend.write_array(staged, data, compress=compress)
             self.backend.publish(staged, final)
@@ -151,7 +151,7 @@ class ObjectStore:
     def put_blob(self, data: bytes, txn: str) -> str:
         digest = content_hash(data)
         final = object_key("blobs", digest)
-        if not self.backend.exists(final):
+        if not self._reusable("blobs", digest):
             staged = f"{txn}/{digest}"
             self.backend.put(staged, bytes(_BLOB_CODEC.encode(data)))
             self.backend.publish(staged, final)
@@ -182,7 +182,7 @@ class ObjectStore:
     def _put_bytes(self, kind: str, data: bytes, txn: str) -> str:
         digest = content_hash(data)
         final = object_key(kind, digest)
-        if not self.backend.exists(final):
+        if not self._reusable(kind, digest):
             staged = f"{txn}/{digest}"
             self.backend.put(staged, data)
             self.backend.publish(staged, final)
@@ -194,6 +194,28 @@ class ObjectStore:
         if content_hash(data) != digest:
             raise CorruptObjectError(f"{self.backend.root}: {what} is corrupt (content hash mismatch)")
         return cls.from_dict(unpack(data, what), what)
+
+    def _reusable(self, kind: str, digest: str) -> bool:
+        """Is object ``digest`` stored and intact, so a writer may use it instead of writing it?
+
+        Dedup must not trust bytes it has not checked: a damaged object reused by a commit
+        that reports success makes the new version unreadable too. So an existing object is
+        rehashed (a cost paid only when dedup saves the write); a damaged one is removed, to
+        be written again whole by the caller (same name, same content)."""
+        key = object_key(kind, digest)
+        if not self.backend.exists(key):
+            return False
+        try:
+            if kind == "arrays":
+                self.get_array(digest, verify=True)
+            elif kind == "blobs":
+                self.get_blob(digest, verify=True)
+            elif content_hash(self.backend.get(key)) != digest:
+                raise CorruptObjectError(f"{key}: content hash mismatch")
+            return True
+        except OSError:  # CorruptObjectError and NotFoundError included
+            self.backend.delete(key)
+            return False
 
     # -- bookkeeping ------------------------------------------------------------------------
     def size(self, kind: str, digest: str) -> int:

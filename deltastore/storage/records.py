@@ -19,7 +19,7 @@ from ..errors import CorruptObjectError, DeltastoreError, FormatVersionError
 
 FORMAT_NAME = "deltastore"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 
 # Records are small; anything bigger is a damaged or hostile file, refused before allocation.
 MAX_RECORD_BYTES = 64 << 20
@@ -77,30 +77,40 @@ MAX_FILE_NAME_PART_BYTES = 255  # NAME_MAX of common filesystems
 _FORBIDDEN_IN_FILE_NAMES = re.compile(r'[\x00-\x1f\x7f\\:]')
 
 
-def check_file_name(rel: Any, what: str, error: type[DeltastoreError] = CorruptObjectError,
-                    advice: str = "the record is damaged or crafted: run `deltastore verify`") -> str:
-    """Return ``rel`` if it is a valid key of a ``files`` map (specs/format.md §2.1), else raise ``error``.
+def file_name_problem(rel: Any) -> str | None:
+    """Why ``rel`` cannot be a key of a ``files`` map (specs/format.md §2.1), or None when it can.
 
-    The one rule for writers (``error=InvalidInputError``: a finetune's file is refused before
-    anything is written) and readers (corrupt record); ``advice`` says what to do. Valid: ``/``-separated parts, none
-    empty, ``.`` or ``..`` (so no absolute path and no way out of the folder), no backslash,
-    colon or control character (Windows separators and drive letters, terminal escapes),
-    at most 255 bytes per part and 4096 in all (UTF-8).
+    Valid: ``/``-separated parts, none empty, ``.`` or ``..`` (so no absolute path and no way out
+    of the folder), no backslash, colon or control character (Windows separators and drive
+    letters, terminal escapes), valid UTF-8 (msgpack strings are; a name read from a disk that
+    is not decodes to surrogates), at most 255 bytes per part and 4096 in all.
     """
     if not isinstance(rel, str):
-        raise error(f"{what}: file name {rel!r:.80} is not a string; {advice}")
-    problem = None
+        return "is not a string"
+    try:
+        encoded = rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        problem = "has an empty, '.' or '..' part (an absolute path, '//', or a way out of its folder)"
-    elif _FORBIDDEN_IN_FILE_NAMES.search(rel):
-        problem = "holds a backslash, colon or control character"
-    elif (len(rel.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES
-          or any(len(p.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_PART_BYTES for p in parts)):
-        problem = f"is longer than {MAX_FILE_NAME_BYTES} bytes or has a part over {MAX_FILE_NAME_PART_BYTES} bytes"
+        return "is not a plain relative path: it has an empty, '.' or '..' part (an absolute path, '//', or a way out of its folder)"
+    if _FORBIDDEN_IN_FILE_NAMES.search(rel):
+        return "is not a plain relative path: it holds a backslash, colon or control character"
+    if len(encoded) > MAX_FILE_NAME_BYTES or any(len(p.encode("utf-8")) > MAX_FILE_NAME_PART_BYTES for p in parts):
+        return (f"is not a plain relative path: it is longer than {MAX_FILE_NAME_BYTES} bytes or has a part over "
+                f"{MAX_FILE_NAME_PART_BYTES} bytes")
+    return None
+
+
+def check_file_name(rel: Any, what: str, error: type[DeltastoreError] = CorruptObjectError,
+                    advice: str = "the record is damaged or crafted: run `deltastore verify`") -> str:
+    """Return ``rel`` if :func:`file_name_problem` finds none, else raise ``error``: the one rule
+    for writers (``error=InvalidInputError``: a finetune's file is refused before anything is
+    written) and readers (a corrupt record); ``advice`` says what to do."""
+    problem = file_name_problem(rel)
     if problem:
-        raise error(f"{what}: file name {rel!r:.80} is not a plain relative path: it {problem}, expected "
-                    f"folder names joined by '/' (specs/format.md §2.1); {advice}")
+        raise error(f"{what}: file name {rel!r:.80} {problem}; expected folder names joined by '/' "
+                    f"(specs/format.md §2.1); {advice}")
     return rel
 
 
@@ -340,12 +350,30 @@ class TaskVersion(_WithTensors):
 
 @dataclass(frozen=True)
 class TaskRef(Record):
-    """``refs/tasks/<name>``: the versions of a task, oldest first, as (number, record hash)."""
+    """``refs/tasks/<name>``: the versions of a task, oldest first, as (number, record hash),
+    and ``issued``, the highest version number ever given out (format 1.1): numbers of removed
+    versions are never given out again, so ``task@N`` always means one set of weights.
+
+    ``issued`` is written only when it says more than the last listed version (after ``rm``
+    of the latest versions or of the whole task); a 1.0 ref, without it, reads as issued up
+    to its last version."""
 
     versions: list[tuple[int, str]] = field(default_factory=list)
+    issued: int = 0
 
     KIND: ClassVar[str] = "task_ref"
-    SCHEMA: ClassVar[dict[str, Any]] = {"versions": [[(int, str)]]}
+    SCHEMA: ClassVar[dict[str, Any]] = {"versions": [[(int, str)]], "issued": int}
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"issued"})
+
+    @property
+    def last_issued(self) -> int:
+        return max(self.issued, self.versions[-1][0] if self.versions else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.issued <= (self.versions[-1][0] if self.versions else 0):
+            del out["issued"]  # says nothing the list does not: keep the 1.0 bytes
+        return out
 
     @classmethod
     def from_dict(cls, obj, what):
@@ -359,7 +387,9 @@ class TaskRef(Record):
                 raise CorruptObjectError(f"{what}.versions[{i}]: version {pair[0]} is not a positive number "
                                          "above the one before it")
             pairs.append((pair[0], pair[1]))
-        return cls(pairs)
+        if "issued" in obj and not (pairs[-1][0] if pairs else 0) < ref.issued < 1 << 63:
+            raise CorruptObjectError(f"{what}.issued: {ref.issued} is not above the last listed version")
+        return cls(pairs, ref.issued)
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,7 @@ def tune(context: TuneContext) -> Lambdas:
     digest = calibration_sha256(batches)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, owned = _load_model(context, cfg, device)
+    _check_token_ids(model, batches)
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     try:
@@ -161,6 +162,22 @@ def tune(context: TuneContext) -> Lambdas:
             for p, flag in saved_flags:
                 p.requires_grad_(flag)
             model.train(was_training)
+
+
+def _check_token_ids(model: torch.nn.Module, batches: list[dict[str, Any]]) -> None:
+    """Token ids outside the model's embedding would fail deep inside torch (an IndexError
+    on the CPU, a device-side assert on CUDA): refuse them first, naming the batch."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    for i, batch in enumerate(batches):
+        for key, value in batch.items():
+            if key.endswith("input_ids") and isinstance(value, torch.Tensor) and value.numel():
+                low, high = int(value.min()), int(value.max())
+                if low < 0 or (vocab is not None and high >= vocab):
+                    raise InvalidInputError(
+                        f"calibration batch {i}: {key!r} holds token id {low if low < 0 else high}, outside the "
+                        f"model's vocabulary (0..{vocab - 1 if vocab is not None else 'any'}); tokenize with the "
+                        "finetune's own tokenizer")
 
 
 def _load_model(context: TuneContext, cfg: DbmsTuneConfig, device: torch.device) -> tuple[torch.nn.Module, bool]:

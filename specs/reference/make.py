@@ -155,6 +155,10 @@ def build(out: Path, expected: Path) -> None:
                 reg.commit(task, label, progress=False, **kwargs)
             finally:
                 deltastore.storage.backend.CHUNK_BYTES = chunk_bytes
+        # A removed task keeps its ref, for the highest version number issued (format 1.1).
+        reg.commit("removed", "alpha-1", message="removed v1", progress=False)
+        reg.remove("removed")
+        reg.gc()
         expected.mkdir(parents=True)
         for task in reg.tasks():
             for number, _ in reg.versions(task):
