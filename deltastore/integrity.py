@@ -67,7 +67,7 @@ def _reachable(registry: "Registry", problems: list[dict[str, str]] | None = Non
         if digest:
             records.append((digest, f"base {name}", BaseRecord))
     for task in registry.tasks():
-        versions = guard(f"refs/tasks/{task}", f"task {task}", lambda: registry.versions(task)) or []
+        versions = guard(f"refs/tasks/{task}", f"task {task}", lambda: registry.version_hashes(task)) or []
         records += [(digest, f"{task}@{n}", TaskVersion) for n, digest in versions]
     for digest, who, cls in records:
         if not use("records", digest, who):

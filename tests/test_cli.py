@@ -110,3 +110,109 @@ def test_init_compress_reference(example, tmp_path, flag):
     source = open_source(example.reference)
     for name in reg.reference().tensors:
         assert torch.equal(reg._reference_tensor(reg.reference(), name), source.get(name))
+
+
+def test_read_commands_do_not_import_torch(example, reg):
+    """`--help`, `ls`, `log`, `show` answer at once: they never import torch or transformers
+    (benchmarks/cli_startup.py measures the time; this holds the behaviour)."""
+    import subprocess
+    import sys
+
+    run("commit", reg, "has_top", example.finetunes["has_top"], "--base", "all")
+    probe = ("import sys; from deltastore_cli.main import cli\n"
+             "try:\n    cli(sys.argv[1:])\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+             "heavy = sorted(m for m in ('torch', 'transformers', 'zarr') if m in sys.modules)\n"
+             "assert not heavy, heavy")
+    for args in (["--help"], ["ls", reg], ["log", reg, "has_top"], ["show", reg, "has_top@latest"],
+                 ["base", "ls", reg], ["base", "show", reg, "all"]):
+        done = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True)
+        assert done.returncode == 0, (args, done.stderr)
+
+
+def test_ctrl_c_exits_130_and_points_at_gc(reg, monkeypatch):
+    from deltastore.catalog import Catalog
+
+    def interrupted(self, task, version=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Catalog, "version_hashes", interrupted)
+    result = run("log", reg, "t", ok=False)
+    assert result.exit_code == 130
+    assert f"deltastore gc {reg}" in result.stderr
+
+
+def test_rm_of_a_whole_task_asks_or_needs_all(example, reg, monkeypatch):
+    from deltastore_cli import main
+
+    for _ in range(2):
+        run("commit", reg, "t", example.finetunes["has_top"], "--method", "dare")
+    refused = run("rm", reg, "t", ok=False)  # no terminal, no --all: nothing removed
+    assert refused.exit_code == 2 and "--all" in refused.stderr and "removes all 2 version(s)" in refused.stderr
+    assert [v["version"] for v in json.loads(run("log", reg, "t", "--json").stdout)] == [2, 1]
+
+    monkeypatch.setattr(main, "_interactive", lambda: True)
+    declined = CliRunner().invoke(cli, ["rm", str(reg), "t"], input="n\n")
+    assert declined.exit_code == 1 and "remove all 2 version(s) of 't'?" in declined.stderr
+    assert len(json.loads(run("log", reg, "t", "--json").stdout)) == 2
+    assert json.loads(run("rm", reg, "t@latest", "--json").stdout)["removed"] == [2]  # one version, no question
+    accepted = CliRunner().invoke(cli, ["rm", str(reg), "t", "--json"], input="y\n")
+    assert accepted.exit_code == 0 and json.loads(accepted.stdout)["removed"] == [1]
+
+    run("commit", reg, "t", example.finetunes["has_top"])
+    monkeypatch.setattr(main, "_interactive", lambda: False)
+    assert json.loads(run("rm", reg, "t", "--all", "--json").stdout)["removed"] == [1]
+
+
+def test_ls_log_show_verify_say_what_they_hold(example, reg):
+    run("commit", reg, "has_top", example.finetunes["has_top"], "--base", "all", "-m", "first")
+    run("commit", reg, "has_top", example.finetunes["has_top"], "--method", "dare", "-m", "second")
+    run("commit", reg, "a_much_longer_task_name", example.finetunes["has_small"])
+
+    listing = json.loads(run("ls", reg, "--json").stdout)
+    for task in listing["tasks"]:
+        assert task["own_bytes"] > 0 and task["ratio_fp16"] > 1
+    lines = run("ls", reg).stdout.splitlines()
+    assert lines[0].startswith("TASK") and len({line.index("  ", len("a_much_longer_task_name@1")) for line in
+                                                lines[:3]}) == 1  # the second column starts at one place
+    assert "base vectors: all" in lines[-1]
+    log = json.loads(run("log", reg, "has_top", "--json").stdout)
+    assert all(v["own_bytes"] > 0 for v in log) and log[0]["own_bytes"] < log[1]["own_bytes"] * 2
+    assert "KB" in run("log", reg, "has_top").stdout
+
+    # No --tune: nothing is fitted, and show says so instead of naming a tuner.
+    plain = run("show", reg, "has_top@2").stdout
+    assert "tuner=" not in plain and "no base vector, so lam1=0 and lam2=1" in plain
+    assert "closed form" in run("show", reg, "has_top@1").stdout
+    show = json.loads(run("show", reg, "has_top@1", "--json").stdout)
+    assert show["delta_rows"] > show["unchanged_rows"] > 0  # the example leaves unseen tokens' rows alone
+    assert f"{show['unchanged_rows']} of {show['delta_rows']} rows" in run("show", reg, "has_top@1").stdout
+
+    text = run("verify", reg).stdout
+    assert text.startswith("ok: rehashed ") and "3 versions" in text and "1 base vector(s)" in text
+
+
+def test_commit_reports_rows_and_warns_when_nothing_was_finetuned(example, reg):
+    out = run("commit", reg, "t", example.finetunes["has_top"], "--base", "all")
+    assert "rows unchanged" not in out.stdout and "rows of the delta matrices unchanged" in out.stdout
+    assert "warning" not in out.stderr
+    same = run("commit", reg, "bare", example.reference)
+    assert "nothing was finetuned" in same.stderr and "all" not in same.stdout.split("rows:")[1][:5]
+
+
+def test_base_ls_show_rm(example, reg):
+    run("base", "build", reg, "--name", "spare", example.finetunes["has_top"])
+    run("commit", reg, "t", example.finetunes["has_top"], "--base", "all")
+    listing = {b["name"]: b for b in json.loads(run("base", "ls", reg, "--json").stdout)}
+    assert listing["all"]["used_by"] == ["t@1"] and listing["spare"]["used_by"] == []
+    assert listing["all"]["bytes_on_disk"] > 0 and len(listing["all"]["sources"]) == 3
+    assert "t@1" in run("base", "show", reg, "all").stdout
+
+    refused = run("base", "rm", reg, "all", ok=False)
+    assert refused.exit_code == 1 and "used by t@1" in refused.stderr and "deltastore rm" in refused.stderr
+    assert json.loads(run("base", "rm", reg, "spare", "--json").stdout)["name"] == "spare"
+    assert [b["name"] for b in json.loads(run("base", "ls", reg, "--json").stdout)] == ["all"]
+    run("rm", reg, "t@1")
+    run("base", "rm", reg, "all")
+    assert run("base", "ls", reg).stdout.strip() == "(no base vectors)"
+    assert json.loads(run("verify", reg, "--json").stdout)["ok"]
+    assert run("base", "show", reg, "all", ok=False).exit_code == 3

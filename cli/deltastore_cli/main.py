@@ -3,6 +3,10 @@
 Every user error is one line on stderr and a non-zero exit code (see EXIT_CODES), never a
 traceback unless ``--debug``. Read commands take ``--json``; long work shows progress on
 stderr when it is a terminal, never with ``--quiet``.
+
+torch and transformers take seconds to import: commands that only read refs and records
+(``--help``, ``ls``, ``log``, ``show``, ``base ls|show``) use :class:`deltastore.catalog.Catalog`
+and never import them; the others import :class:`deltastore.Registry` when they run.
 """
 
 from __future__ import annotations
@@ -11,15 +15,20 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from deltastore import (CorruptObjectError, DeltastoreError, FormatVersionError, LockTimeoutError, NotFoundError,
-                        Registry, parse_spec)
+from deltastore.catalog import Catalog, parse_spec
+from deltastore.errors import (CorruptObjectError, DeltastoreError, FormatVersionError, InvalidInputError,
+                               LockTimeoutError, NotFoundError)
+
+if TYPE_CHECKING:
+    from deltastore import Registry
 
 EXIT_CODES = {NotFoundError: 3, CorruptObjectError: 4, FormatVersionError: 5, LockTimeoutError: 6}
 EXIT_VERIFY_FAILED = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells expect of a command stopped by Ctrl-C
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -35,6 +44,13 @@ class Group(click.Group):
             code = next((c for cls, c in EXIT_CODES.items() if isinstance(exc, cls)), 1)
             click.echo(f"error: {exc}", err=True)
             ctx.exit(code)
+        except KeyboardInterrupt:
+            # Writes are staged and published whole (docs/guarantees.md): nothing stored is
+            # damaged, but staged leftovers stay until gc.
+            registry = ctx.obj.get("registry") if ctx.obj else None
+            click.echo(f"\ninterrupted: nothing stored changed half-way; `deltastore gc {registry or 'REGISTRY'}` "
+                       "removes what the interrupted command left", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
 
 
 def _emit(data: Any, as_json: bool, text: str) -> None:
@@ -51,6 +67,25 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} GB"
+
+
+def _catalog(path: Path) -> Catalog:
+    """Open REGISTRY for reading: refs and records only, no torch."""
+    _remember(path)
+    return Catalog(path)
+
+
+def _registry(path: Path) -> "Registry":
+    """Open REGISTRY for work on tensors (imports torch)."""
+    from deltastore.registry import Registry
+
+    _remember(path)
+    return Registry(path)
+
+
+def _remember(path: Path) -> None:
+    # For the Ctrl-C message, which names the registry to gc.
+    click.get_current_context().find_root().obj["registry"] = str(path)
 
 
 def _torch_dtype(name: str | None):
@@ -101,6 +136,9 @@ def _quiet_transformers() -> None:
 @click.pass_context
 def init(ctx: click.Context, registry: Path, reference: Path, compress_reference: bool, as_json: bool) -> None:
     """Create REGISTRY holding the pretrained reference."""
+    from deltastore.registry import Registry
+
+    _remember(registry)
     reg = Registry.init(registry, reference, compress_reference=compress_reference, progress=_progress(ctx))
     ref = reg.reference()
     data = {"registry": str(registry), "reference": reg.reference_hash(), "tensors": len(ref.tensors),
@@ -122,14 +160,57 @@ def base() -> None:
 @click.pass_context
 def base_build(ctx: click.Context, registry: Path, name: str, finetunes: tuple[Path, ...], as_json: bool) -> None:
     """Build tau_base = BitDelta(mean(W_t) - W_pre) from FINETUNES."""
-    reg = Registry(registry)
+    reg = _registry(registry)
     record = reg.build_base(name, list(finetunes), progress=_progress(ctx))
-    digest, _ = reg.base(name)
-    size = reg.objects.size("records", digest) + sum(reg.objects.size("arrays", h) for h in record.array_hashes())
-    data = {"name": name, "record": digest, "tensors": len(record.tensors), "sources": record.sources,
-            "bytes_on_disk": size}
+    data = _base_summary(reg, name)
     _emit(data, as_json, f"base {name}: {len(record.tensors)} tensors from {len(finetunes)} finetunes, "
-                         f"{_human(size)} on disk")
+                         f"{_human(data['bytes_on_disk'])} on disk")
+
+
+def _base_summary(reg: Catalog, name: str) -> dict[str, Any]:
+    digest, record = reg.base(name)
+    size = reg.objects.size("records", digest) + sum(reg.objects.size("arrays", h) for h in record.array_hashes())
+    return {"name": name, "record": digest, "created": record.created, "reference": record.reference,
+            "tensors": len(record.tensors), "sources": record.sources, "bytes_on_disk": size,
+            "used_by": reg.base_users(name)}
+
+
+@base.command("ls")
+@registry_arg
+@json_option
+def base_ls(registry: Path, as_json: bool) -> None:
+    """List base vectors: bytes on disk and the task versions built on each."""
+    reg = _catalog(registry)
+    data = [_base_summary(reg, name) for name in sorted(reg.bases())]
+    rows = [["BASE", "TENSORS", "ON DISK", "FINETUNES", "USED BY"]] + [
+        [b["name"], str(b["tensors"]), _human(b["bytes_on_disk"]), str(len(b["sources"])),
+         ", ".join(b["used_by"]) or "-"] for b in data]
+    _emit(data, as_json, _table(rows, right=frozenset({1, 2, 3})) if data else "(no base vectors)")
+
+
+@base.command("show")
+@registry_arg
+@click.argument("name")
+@json_option
+def base_show(registry: Path, name: str, as_json: bool) -> None:
+    """Show one base vector: what it was built from and who uses it."""
+    data = _base_summary(_catalog(registry), name)
+    _emit(data, as_json, "\n".join([
+        f"base {name}  {data['created']}  record {data['record'][:12]}",
+        f"  tensors    {data['tensors']}, {_human(data['bytes_on_disk'])} on disk",
+        f"  built from {', '.join(data['sources'])}",
+        f"  used by    {', '.join(data['used_by']) or 'no task version (`base rm` may remove it)'}",
+    ]))
+
+
+@base.command("rm")
+@registry_arg
+@click.argument("name")
+@json_option
+def base_rm(registry: Path, name: str, as_json: bool) -> None:
+    """Remove base vector NAME (refused while a task version uses it); `gc` then frees its bytes."""
+    digest = _registry(registry).remove_base(name)
+    _emit({"name": name, "record": digest}, as_json, f"removed base vector {name}; run gc to free space")
 
 
 @cli.command()
@@ -181,7 +262,7 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
         raise click.UsageError("--calib is only read by a data-driven tuner; add --tune dbms")
     if tune_options and tune != "dbms":
         raise click.UsageError("--tune-steps and --tune-lr apply to --tune dbms only")
-    reg = Registry(registry)
+    reg = _registry(registry)
     calibration = None
     if calib is not None:
         from deltastore.calibration import load_calibration
@@ -201,13 +282,23 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
         if fit.get("fell_back"):
             fitted += " (no improvement: kept the closed form)"
     _emit(data, as_json, f"{task}@{record.version}: {method}, lam1={record.lam1:.4g} lam2={record.lam2:.4g}, "
-                         f"{_human(data['own_bytes'])} on disk, {data['ratio_fp16']:.1f}x smaller than fp16{fitted}")
+                         f"{_human(data['own_bytes'])} on disk, {data['ratio_fp16']:.1f}x smaller than fp16{fitted}\n"
+                         f"  rows: {_rows_summary(data)}")
+    if data["delta_rows"] and data["unchanged_rows"] == data["delta_rows"]:
+        click.echo(f"warning: {finetune} equals the reference in every compressed weight: nothing was finetuned, "
+                   "so the ratio above only measures the task's own extra tensors", err=True)
 
 
-def _tuning_summary(tuning: dict[str, Any] | None) -> str:
+def _tuning_summary(record) -> str:
     """The fit record in one line; `show --json` has all of it (loss curve, per-tensor pairs)."""
+    tuning = record.tuning
     if not tuning:
         return "-"
+    if tuning.get("tuner") == "l2":  # the default: nothing is fitted (specs/format.md §5.5)
+        if record.base is None:
+            return "none: no base vector, so lam1=0 and lam2=1"
+        return "none: closed form lam1 = <delta, tau_base>/<tau_base, tau_base>, lam2=1" + (
+            ", per tensor" if tuning.get("per_layer") else "")
     keys = ("tuner", "per_layer", "loss_initial", "loss_final", "steps", "lr", "seed", "fell_back", "reason",
             "seconds")
     parts = [f"{k}={tuning[k]:.4g}" if isinstance(tuning[k], float) else f"{k}={tuning[k]}"
@@ -218,7 +309,27 @@ def _tuning_summary(tuning: dict[str, Any] | None) -> str:
     return ", ".join(parts)
 
 
-def _version_summary(reg: Registry, record) -> dict[str, Any]:
+def _row_counts(record) -> dict[str, int]:
+    """Rows of the delta matrices, and how many the finetune left exactly as in the reference:
+    those cost one mask bit each (specs/format.md §5.2), the others a compressed row."""
+    deltas = [e for e in record.tensors.values() if e.is_delta]
+    total = sum(e.shape[0] for e in deltas)
+    changed = sum(e.shape[0] if e.rows is None else (e.changed_rows or 0) for e in deltas)
+    return {"delta_rows": total, "unchanged_rows": total - changed}
+
+
+def _rows_summary(data: dict[str, Any]) -> str:
+    total, unchanged = data["delta_rows"], data["unchanged_rows"]
+    if not total:
+        return "no delta matrices"
+    if not unchanged:
+        return (f"all {total} rows of the delta matrices changed: each is compressed (a finetune that leaves rows "
+                "untouched, such as embeddings of unseen tokens without weight decay, stores them as a bit)")
+    return (f"{unchanged} of {total} rows of the delta matrices unchanged ({unchanged / total:.0%}): stored as one "
+            "mask bit each, only the changed rows are compressed")
+
+
+def _version_summary(reg: Catalog, record) -> dict[str, Any]:
     stats = reg.stats(record.task, record.version).to_dict()
     base_name = None
     if record.base:
@@ -229,7 +340,7 @@ def _version_summary(reg: Registry, record) -> dict[str, Any]:
         "base": record.base, "base_name": base_name, "reference": record.reference, "parent": record.parent,
         "tuning": record.tuning, "tensors": len(record.tensors),
         "delta_tensors": sum(1 for e in record.tensors.values() if e.is_delta), "files": sorted(record.files),
-        **stats,
+        **_row_counts(record), **stats,
     }
 
 
@@ -245,7 +356,7 @@ def _version_summary(reg: Registry, record) -> dict[str, Any]:
 def materialize(ctx, registry: Path, spec: str, out: Path, device: str, dtype, no_verify: bool, as_json) -> None:
     """Rebuild TASK's weights as a Hugging Face directory at --out."""
     task, version = parse_spec(spec)
-    reg = Registry(registry)
+    reg = _registry(registry)
     path = reg.save_pretrained(task, out, version, device=device, dtype=_torch_dtype(dtype), verify=not no_verify,
                                progress=_progress(ctx))
     _, record = reg.version(task, version)
@@ -253,22 +364,40 @@ def materialize(ctx, registry: Path, spec: str, out: Path, device: str, dtype, n
     _emit(data, as_json, f"wrote {task}@{record.version} to {path}")
 
 
+def _table(rows: list[list[str]], right: frozenset[int] = frozenset()) -> str:
+    """Rows as aligned columns; columns in ``right`` (numbers) aligned right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))] if rows else []
+    return "\n".join("  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))).rstrip() for row in rows)
+
+
+def _ratio(source_fp16_bytes: int, own_bytes: int) -> float | None:
+    return source_fp16_bytes / own_bytes if own_bytes else None
+
+
 @cli.command("ls")
 @registry_arg
 @json_option
 def ls(registry: Path, as_json: bool) -> None:
-    """List tasks (latest version) and base vectors."""
-    reg = Registry(registry)
+    """List tasks (latest version, its bytes on disk) and base vectors."""
+    reg = _catalog(registry)
     tasks = []
-    for task in reg.tasks():
-        versions = reg.versions(task)
+    for task in sorted(reg.tasks()):
+        versions = reg.version_hashes(task)
         _, record = reg.version(task)
+        own = reg.own_bytes(task)
         tasks.append({"task": task, "latest": record.version, "versions": len(versions), "method": record.method,
+                      "own_bytes": own, "ratio_fp16": _ratio(record.source["fp16_bytes"], own),
                       "created": record.created, "message": record.message})
-    data = {"registry": str(registry), "tasks": tasks, "bases": reg.bases()}
-    lines = [f"{t['task']}@{t['latest']}  {t['method']:<8}  {t['versions']} version(s)  {t['message']}" for t in tasks]
-    lines += [f"base {b}" for b in reg.bases()]
-    _emit(data, as_json, "\n".join(lines) or "(empty registry)")
+    bases = sorted(reg.bases())
+    data = {"registry": str(registry), "tasks": tasks, "bases": bases}
+    rows = [["TASK", "VERSIONS", "METHOD", "ON DISK", "VS FP16", "CREATED", "MESSAGE"]] + [
+        [f"{t['task']}@{t['latest']}", str(t["versions"]), t["method"], _human(t["own_bytes"]),
+         f"{t['ratio_fp16']:.1f}x", t["created"], t["message"]] for t in tasks]
+    text = _table(rows, right=frozenset({1, 3, 4})) if tasks else "(no tasks)"
+    if bases:
+        text += "\nbase vectors: " + ", ".join(bases)
+    _emit(data, as_json, text)
 
 
 @cli.command()
@@ -278,7 +407,7 @@ def ls(registry: Path, as_json: bool) -> None:
 def show(registry: Path, spec: str, as_json: bool) -> None:
     """Show one task version: method, lambdas, base, bytes and ratios."""
     task, version = parse_spec(spec)
-    reg = Registry(registry)
+    reg = _catalog(registry)
     _, record = reg.version(task, version)
     data = _version_summary(reg, record)
     text = "\n".join([
@@ -287,12 +416,13 @@ def show(registry: Path, spec: str, as_json: bool) -> None:
         f"  lambdas    lam1={record.lam1:.6g}  lam2={record.lam2:.6g}",
         f"  base       {data['base_name'] or '-'} {(record.base or '')[:12]}",
         f"  tensors    {data['tensors']} ({data['delta_tensors']} as deltas)",
+        f"  rows       {_rows_summary(data)}",
         f"  on disk    {_human(data['own_bytes'])} own ({_human(data['amortized_bytes'])} amortized over tasks "
         f"sharing objects) + {_human(data['base_share_bytes'])} base share",
         f"  ratio      {data['ratio_fp16']:.1f}x vs fp16, {data['ratio_source_dtype']:.1f}x vs the finetune's "
         f"dtype, {data['ratio_fp16_with_base_share']:.1f}x vs fp16 with the base share, "
         f"{data['ratio_fp16_amortized']:.1f}x amortized",
-        f"  tuning     {_tuning_summary(record.tuning)}",
+        f"  tuning     {_tuning_summary(record)}",
     ])
     _emit(data, as_json, text)
 
@@ -302,12 +432,17 @@ def show(registry: Path, spec: str, as_json: bool) -> None:
 @click.argument("task")
 @json_option
 def log(registry: Path, task: str, as_json: bool) -> None:
-    """History of TASK, newest first."""
-    reg = Registry(registry)
-    records = reg.log(task)
-    data = [{"version": r.version, "created": r.created, "message": r.message, "method": r.method,
-             "lam1": r.lam1, "lam2": r.lam2, "parent": r.parent} for r in records]
-    _emit(data, as_json, "\n".join(f"{task}@{r.version}  {r.created}  {r.method:<8}  {r.message}" for r in records))
+    """History of TASK, newest first, with each version's bytes on disk."""
+    reg = _catalog(registry)
+    data = []
+    for record in reg.log(task):
+        own = reg.own_bytes(task, record.version)
+        data.append({"version": record.version, "created": record.created, "message": record.message,
+                     "method": record.method, "lam1": record.lam1, "lam2": record.lam2, "parent": record.parent,
+                     "own_bytes": own, "ratio_fp16": _ratio(record.source["fp16_bytes"], own)})
+    rows = [[f"{task}@{v['version']}", v["created"], v["method"], _human(v["own_bytes"]), f"{v['ratio_fp16']:.1f}x",
+             v["message"]] for v in data]
+    _emit(data, as_json, _table(rows, right=frozenset({3, 4})))
 
 
 @cli.command()
@@ -316,10 +451,18 @@ def log(registry: Path, task: str, as_json: bool) -> None:
 @click.pass_context
 def verify(ctx: click.Context, registry: Path, as_json: bool) -> None:
     """Rehash every object and check every reference; exit 4 if anything is wrong."""
-    reg = Registry(registry)
+    reg = _registry(registry)
+    stored = {kind: len(names) for kind, names in reg.objects.all_objects().items()}
+    tasks = reg.tasks()
+    versions = sum(len(reg.version_hashes(t)) for t in tasks)
     problems = reg.verify(progress=_progress(ctx))
+    checked = (f"rehashed {stored.get('arrays', 0)} arrays, {stored.get('blobs', 0)} blobs and "
+               f"{stored.get('records', 0)} records; checked the refs of {len(tasks)} task(s) ({versions} versions), "
+               f"{len(reg.bases())} base vector(s) and the reference")
+    # --json keeps its two keys (scripts compare it whole); the counts are for people.
     _emit({"ok": not problems, "problems": problems}, as_json,
-          "\n".join(f"{p['object']}: {p['problem']} (used by {p['used_by']})" for p in problems) or "ok")
+          "\n".join([f"{p['object']}: {p['problem']} (used by {p['used_by']})" for p in problems]
+                    + [f"{len(problems)} problem(s): {checked}" if problems else f"ok: {checked}"]))
     if problems:
         ctx.exit(EXIT_VERIFY_FAILED)
 
@@ -329,19 +472,38 @@ def verify(ctx: click.Context, registry: Path, as_json: bool) -> None:
 @json_option
 def gc(registry: Path, as_json: bool) -> None:
     """Delete objects no task, base or reference uses, and leftovers of killed commits."""
-    removed = Registry(registry).gc()
+    removed = _registry(registry).gc()
     _emit(removed, as_json, f"removed {removed['arrays']} arrays, {removed['blobs']} blobs, {removed['records']} "
                             f"records, {removed['staging']} leftovers: {_human(removed['bytes'])}")
+
+
+def _interactive() -> bool:
+    """Can we ask the user? (A function, so tests can pretend to be a terminal.)"""
+    return sys.stdin.isatty()
 
 
 @cli.command()
 @registry_arg
 @click.argument("spec", metavar="TASK[@VERSION]")
+@click.option("--all", "all_versions", is_flag=True, help="Remove every version of TASK (the whole task).")
+@click.option("-y", "--yes", is_flag=True, help="With --all: do not ask, even on a terminal (for scripts).")
 @json_option
-def rm(registry: Path, spec: str, as_json: bool) -> None:
-    """Remove a task version (or the whole task); `gc` then frees its bytes."""
+def rm(registry: Path, spec: str, all_versions: bool, yes: bool, as_json: bool) -> None:
+    """Remove a task version, or the whole task; `gc` then frees its bytes.
+
+    A whole task (TASK without @) is removed after a yes at the terminal's prompt, or with
+    --all (and --yes to skip the prompt on a terminal)."""
     task, version = parse_spec(spec)
-    removed = Registry(registry).remove(task, version)
+    reg = _registry(registry)
+    if version is None and "@" not in spec:  # TASK alone: every version (TASK@latest is one)
+        count = len(reg.version_hashes(task))
+        if _interactive() and not yes:
+            if not click.confirm(f"remove all {count} version(s) of {task!r}?", err=True):
+                raise click.Abort()
+        elif not all_versions:
+            raise click.UsageError(f"`rm {task}` removes all {count} version(s) of the task: add --all to confirm "
+                                   f"(--all --yes on a terminal), or name one version as {task}@N")
+    removed = reg.remove(spec)
     _emit({"task": task, "removed": removed}, as_json, f"removed {task} version(s) {removed}; run gc to free space")
 
 
