@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,7 @@ def main() -> None:
         print(f"{name:<36} median {rows[name]['median_s']:.2f} s  (min {times[0]:.2f}, max {times[-1]:.2f})",
               flush=True)
     load_after = os.getloadavg()
+    shutil.rmtree(work)
 
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
                "loadavg_1min_before": load_before[0], "loadavg_1min_after": load_after[0]}
