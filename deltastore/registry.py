@@ -7,6 +7,7 @@ are specified in specs/format.md.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from collections import deque
@@ -195,7 +196,12 @@ class Registry(Catalog):
 
         ``device``: where the deltas are computed and encoded (``"cuda"`` for speed); tensors
         are still read one at a time. Reductions (lam1, BitDelta scales) may differ from a CPU
-        commit in the last bits; materializing a version is exact whichever device wrote it."""
+        commit in the last bits; materializing a version is exact whichever device wrote it.
+
+        If the latest version of ``task`` already holds this finetune (the same tensors and
+        side files, :func:`content_sha256`) committed with the same method, configuration,
+        base vector and tuning settings, nothing is written and that version is returned
+        (its ``version`` is not new): "nothing to commit"."""
         check_name("task", task)
         compressor = get_compressor(method, dict(config or {}))
         if method == "lossless":
@@ -209,6 +215,17 @@ class Registry(Catalog):
         plan = _plan(reference, source)
         lossy = [ft for ft in source.names() if ft in plan.lossy]
         seeds = {name: derive_seed(seed, name) for name in lossy}
+
+        # Nothing to commit when the latest version already holds this finetune with these
+        # settings (specs/format.md §5.5): one hashing pass instead of a whole commit.
+        sha256 = content_sha256(source)
+        settings = _commit_settings(tune, calibration, per_layer, tune_options, seed)
+        if settings is not None and self._task_ref(task).versions:
+            _, latest = self.version(task)
+            if (latest.source.get("sha256"), latest.source.get("settings"), latest.method, latest.config, latest.base,
+                    latest.reference) == (sha256, settings, method, compressor.config.to_dict(), base_digest,
+                                          ref_digest):
+                return latest
 
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
@@ -310,7 +327,7 @@ class Registry(Catalog):
             record_source = {
                 "label": str(source.label), "bytes": source.nbytes(), "params": n_params,
                 "fp16_bytes": 2 * n_params, "relative_delta": relative, "skipped_files": dict(source.skipped),
-                "missing_buffers": plan.missing_buffers,
+                "missing_buffers": plan.missing_buffers, "sha256": sha256, "settings": settings,
             }
             with self.backend.lock("refs"):
                 ref = self._task_ref(task)
@@ -629,6 +646,35 @@ def _store_lossless(objects: ObjectStore, tensor: torch.Tensor, txn: str, *, com
     arrays = {role: objects.put_array(a, txn, compress=compress) for role, a in encoded.arrays.items()}
     return TensorEntry(shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype), codec=Lossless.name, config={},
                        arrays=arrays, attrs=dict(encoded.attrs))
+
+
+def content_sha256(source: TensorSource) -> str:
+    """SHA-256 of what a finetune holds (specs/format.md §5.5, ``source.sha256``): every tensor
+    in name order (name, dtype, shape, little-endian bytes), then every side file stored with
+    it in path order. The same weights give the same hash however they are sharded or saved."""
+    digest = hashlib.sha256()
+    for name in sorted(source.names()):
+        tensor = source.get(name).contiguous().reshape(-1)
+        shape = ",".join(str(d) for d in source.shape(name))
+        digest.update(f"tensor\0{name}\0{dtype_name(tensor.dtype)}\0{shape}\0".encode())
+        digest.update(tensor.view(torch.uint8).numpy())
+    for rel in sorted(source.files):
+        data = source.files[rel].read_bytes()
+        digest.update(f"file\0{rel}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def _commit_settings(tune, calibration, per_layer: bool, tune_options, seed: int) -> dict[str, Any] | None:
+    """The commit arguments not in a version's other fields (``source.settings``), or None
+    when they cannot be compared with an earlier commit's: a tuner given as a function, or
+    calibration inputs that hashing would consume (an iterator)."""
+    if callable(tune) or (calibration is not None and not isinstance(calibration, (list, tuple))):
+        return None
+    from .calibration import calibration_sha256
+
+    return _plain({"tune": tune or "l2", "per_layer": per_layer, "tune_options": dict(tune_options or {}),
+                   "seed": seed, "calibration": None if calibration is None else calibration_sha256(calibration)})
 
 
 def _store_files(objects: ObjectStore, source: TensorSource, txn: str) -> dict[str, str]:

@@ -144,8 +144,8 @@ def test_ctrl_c_exits_130_and_points_at_gc(reg, monkeypatch):
 def test_rm_of_a_whole_task_asks_or_needs_all(example, reg, monkeypatch):
     from deltastore_cli import main
 
-    for _ in range(2):
-        run("commit", reg, "t", example.finetunes["has_top"], "--method", "dare")
+    for seed in (0, 1):
+        run("commit", reg, "t", example.finetunes["has_top"], "--method", "dare", "--seed", seed)
     refused = run("rm", reg, "t", ok=False)  # no terminal, no --all: nothing removed
     assert refused.exit_code == 2 and "--all" in refused.stderr and "removes all 2 version(s)" in refused.stderr
     assert [v["version"] for v in json.loads(run("log", reg, "t", "--json").stdout)] == [2, 1]
@@ -216,3 +216,30 @@ def test_base_ls_show_rm(example, reg):
     assert run("base", "ls", reg).stdout.strip() == "(no base vectors)"
     assert json.loads(run("verify", reg, "--json").stdout)["ok"]
     assert run("base", "show", reg, "all", ok=False).exit_code == 3
+
+
+def test_nothing_to_commit_when_the_latest_version_holds_the_same_finetune(example, reg, tmp_path):
+    import shutil
+
+    first = json.loads(run("commit", reg, "t", example.finetunes["has_top"], "--base", "all", "--json").stdout)
+    assert first["committed"] and first["version"] == 1
+    again = run("commit", reg, "t", example.finetunes["has_top"], "--base", "all", "-m", "again")
+    assert again.stdout.startswith("nothing to commit: t@1 already holds")
+    assert json.loads(run("commit", reg, "t", example.finetunes["has_top"], "--base", "all", "--json").stdout)[
+        "committed"] is False
+    copy = tmp_path / "copy"  # the same content elsewhere is the same finetune
+    shutil.copytree(example.finetunes["has_top"], copy)
+    assert run("commit", reg, "t", copy, "--base", "all").stdout.startswith("nothing to commit")
+    assert [v["version"] for v in json.loads(run("log", reg, "t", "--json").stdout)] == [1]
+
+    # Other settings, or other weights, or a side file changed: a new version each time.
+    assert json.loads(run("commit", reg, "t", copy, "--json").stdout)["version"] == 2  # no base
+    assert json.loads(run("commit", reg, "t", copy, "--method", "dare", "--seed", "1", "--json").stdout)["version"] == 3
+    assert json.loads(run("commit", reg, "t", copy, "--method", "dare", "--seed", "2", "--json").stdout)["version"] == 4
+    (copy / "config.json").write_text((copy / "config.json").read_text().replace("}", ', "note": 1}', 1))
+    assert json.loads(run("commit", reg, "t", copy, "--method", "dare", "--seed", "2", "--json").stdout)["version"] == 5
+    assert json.loads(run("commit", reg, "t", example.finetunes["has_small"], "--method", "dare", "--seed", "2",
+                          "--json").stdout)["version"] == 6
+    # Not the latest any more: committing version 1's finetune again is a new version (like git).
+    assert json.loads(run("commit", reg, "t", example.finetunes["has_top"], "--base", "all", "--json").stdout)[
+        "version"] == 7

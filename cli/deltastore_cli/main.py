@@ -270,10 +270,16 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
         # The finetune's own tokenizer: a task's vocabulary may differ from the reference's.
         calibration = load_calibration(calib, finetune if finetune.is_dir() else None, max_length=calib_max_length,
                                        batch_size=calib_batch_size)
+    latest = reg.version_hashes(task)[-1][0] if task in reg.tasks() else None
     record = reg.commit(task, finetune, method=method, config=config, base=base_name, message=message, tune=tune,
                         calibration=calibration, per_layer=per_layer, tune_options=tune_options or None, seed=seed,
                         allow_unrelated=allow_unrelated, device=device, progress=_progress(ctx))
     data = _version_summary(reg, record)
+    if record.version == latest:
+        _emit({**data, "committed": False}, as_json, f"nothing to commit: {task}@{latest} already holds {finetune} "
+                                                     "with these settings")
+        return
+    data["committed"] = True
     fit = record.tuning or {}
     fitted = ""
     if "loss_initial" in fit:
