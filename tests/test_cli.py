@@ -243,3 +243,25 @@ def test_nothing_to_commit_when_the_latest_version_holds_the_same_finetune(examp
     # Not the latest any more: committing version 1's finetune again is a new version (like git).
     assert json.loads(run("commit", reg, "t", example.finetunes["has_top"], "--base", "all", "--json").stdout)[
         "version"] == 7
+
+
+def test_diff_two_versions(example, reg):
+    from deltastore import Registry
+
+    run("commit", reg, "t", example.finetunes["has_top"], "--base", "all")
+    run("commit", reg, "t", example.finetunes["has_top"], "--method", "dare", "--drop-rate", "0.9")
+    out = json.loads(run("diff", reg, "t@1", "t@latest", "--json").stdout)
+    assert (out["a"]["method"], out["b"]["method"]) == ("bitdelta", "dare")
+    assert out["a"]["own_bytes"] > 0 and out["b"]["own_bytes"] > 0 and out["b"]["lam1"] == 0
+    registry = Registry(reg)
+    a, b = registry.materialize("t", 1), registry.materialize("t", 2)
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert out["relative_error"][name] == pytest.approx(float((a[name].double() - b[name].double()).norm()
+                                                              / b[name].double().norm()))
+    assert out["relative_error"]["classifier.bias"] == 0.0  # stored losslessly by both
+    assert out["identical_tensors"] >= 1 and out["max_relative_error"] > 0
+    assert out["only_in_a"] == out["only_in_b"] == []
+    text = run("diff", reg, "t@1", "t@2", "--top", "3").stdout
+    assert "lam1=" in text and "relative error" in text and len(text.splitlines()) == 6 + 2 + 3
+    same = json.loads(run("diff", reg, "t@2", "t@2", "--json").stdout)
+    assert same["max_relative_error"] == 0

@@ -453,6 +453,58 @@ def log(registry: Path, task: str, as_json: bool) -> None:
 
 @cli.command()
 @registry_arg
+@click.argument("spec_a", metavar="TASK@A")
+@click.argument("spec_b", metavar="TASK@B")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Tensors listed, largest relative error first (--json lists all).")
+@json_option
+@click.pass_context
+def diff(ctx: click.Context, registry: Path, spec_a: str, spec_b: str, top: int, as_json: bool) -> None:
+    """Compare two versions (of one task or two): method, lambdas, bytes on disk, and per tensor
+    the relative error ||W_A - W_B|| / ||W_B|| of their materialized weights."""
+    import torch
+
+    reg = _registry(registry)
+    sides = [_version_summary(reg, reg.version(spec)[1]) for spec in (spec_a, spec_b)]
+    names = [f"{side['task']}@{side['version']}" for side in sides]
+    # B is held whole, A streamed against it: one model in memory, not two.
+    state_b = dict(reg.iter_materialize(names[1], progress=_progress(ctx)))
+    errors: dict[str, float | None] = {}
+    only_a = []
+    for name, w_a in reg.iter_materialize(names[0], progress=_progress(ctx)):
+        w_b = state_b.pop(name, None)
+        if w_b is None:
+            only_a.append(name)
+        elif w_a.shape != w_b.shape:
+            errors[name] = None  # a task-own head of another size: no element-wise difference
+        else:
+            diff_norm = float((w_a.double() - w_b.double()).norm())
+            ref_norm = float(w_b.double().norm())
+            errors[name] = diff_norm / ref_norm if ref_norm else (0.0 if diff_norm == 0 else float("inf"))
+    ranked = sorted(errors.items(), key=lambda item: -1.0 if item[1] is None else item[1], reverse=True)
+    comparable = [e for e in errors.values() if e is not None]
+    data = {"a": sides[0], "b": sides[1], "relative_error": dict(ranked), "only_in_a": only_a,
+            "only_in_b": sorted(state_b), "identical_tensors": sum(1 for e in comparable if e == 0),
+            "max_relative_error": max(comparable, default=None)}
+    rows = [["", names[0], names[1]],
+            ["method", f"{sides[0]['method']} {json.dumps(sides[0]['config'])}",
+             f"{sides[1]['method']} {json.dumps(sides[1]['config'])}"],
+            ["lambdas", *(f"lam1={s['lam1']:.4g} lam2={s['lam2']:.4g}" for s in sides)],
+            ["base", *(s["base_name"] or "-" for s in sides)],
+            ["on disk", *(f"{_human(s['own_bytes'])} ({s['ratio_fp16']:.1f}x vs fp16)" for s in sides)],
+            ["created", *(s["created"] for s in sides)]]
+    lines = [_table(rows), "",
+             f"relative error ||A - B|| / ||B||: {len(comparable)} tensors compared, {data['identical_tensors']} "
+             f"identical, largest {data['max_relative_error'] or 0:.3g}"]
+    lines += [f"  {error:.3g}  {name}" if error is not None else f"  (shapes differ)  {name}"
+              for name, error in ranked[:top]]
+    lines += [f"only in {names[0]}: {', '.join(only_a)}"] if only_a else []
+    lines += [f"only in {names[1]}: {', '.join(sorted(state_b))}"] if state_b else []
+    _emit(data, as_json, "\n".join(lines))
+
+
+@cli.command()
+@registry_arg
 @json_option
 @click.pass_context
 def verify(ctx: click.Context, registry: Path, as_json: bool) -> None:
