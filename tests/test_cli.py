@@ -265,3 +265,44 @@ def test_diff_two_versions(example, reg):
     assert "lam1=" in text and "relative error" in text and len(text.splitlines()) == 6 + 2 + 3
     same = json.loads(run("diff", reg, "t@2", "t@2", "--json").stdout)
     assert same["max_relative_error"] == 0
+
+
+def _hub_cache(cache, repo_id: str, model_dir) -> None:
+    """Lay ``model_dir`` out as huggingface_hub's cache holds a downloaded repo."""
+    import shutil
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+
+
+def test_hub_repo_ids_resolve_through_the_cache_offline(example, tmp_path):
+    """`--reference ORG/NAME` and FINETUNE as ORG/NAME come from huggingface_hub's cache
+    (no network here: HF_HUB_OFFLINE=1 and a cache filled beforehand)."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    _hub_cache(cache, "acme/tiny-bert", example.reference)
+    _hub_cache(cache, "acme/tiny-bert-has-top", example.finetunes["has_top"])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
+
+    def deltastore(*args):
+        return subprocess.run([sys.executable, "-m", "deltastore_cli.main", "-q", *map(str, args)], env=env,
+                              capture_output=True, text=True)
+
+    reg = tmp_path / "reg"
+    assert deltastore("init", reg, "--reference", "acme/tiny-bert").returncode == 0
+    done = deltastore("commit", reg, "t", "acme/tiny-bert-has-top", "--json")
+    assert done.returncode == 0, done.stderr
+    local = run("commit", reg, "t", example.finetunes["has_top"])  # the same content as a local path
+    assert local.stdout.startswith("nothing to commit")
+
+    missing = deltastore("commit", reg, "t", "acme/not-in-cache")
+    assert missing.returncode == 3 and "acme/not-in-cache" in missing.stderr and "HF_HUB_OFFLINE" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    neither = run("commit", reg, "t", tmp_path / "no" / "such" / "dir", ok=False)
+    assert neither.exit_code == 2 and "no such file or directory" in neither.stderr

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,6 +95,37 @@ def _torch_dtype(name: str | None):
     return None if name is None else getattr(torch, name)
 
 
+# A Hugging Face repo ID: ORG/NAME, as the hub spells them.
+HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# What a model directory needs, no more: weights deltastore reads, configs and tokenizer files.
+# (Pickle checkpoints, ONNX and other exports in the same repo are never downloaded.)
+HF_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken"]
+
+
+class ModelPath(click.ParamType):
+    """A local model (directory or .safetensors file) or a Hugging Face repo ID (ORG/NAME),
+    fetched through huggingface_hub's cache: downloaded once, offline with HF_HUB_OFFLINE=1."""
+
+    name = "PATH|ORG/NAME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+        path = Path(value)
+        if path.exists():
+            return path
+        if ".." in str(value) or not HF_REPO_ID.fullmatch(str(value)):
+            self.fail(f"{value}: no such file or directory (nor a Hugging Face repo ID ORG/NAME)", param, ctx)
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(str(value), allow_patterns=HF_PATTERNS))
+        except (HfHubHTTPError, LocalEntryNotFoundError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NotFoundError(f"{value}: no such local path, and the Hugging Face repo {value!r} could not be "
+                                f"fetched ({reason}); check the path or repo ID, or fill the cache first (with "
+                                "HF_HUB_OFFLINE=1 only the cache is read)") from None
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 registry_arg = click.argument("registry", type=click.Path(file_okay=False, path_type=Path))
 
@@ -127,8 +159,8 @@ def _quiet_transformers() -> None:
 
 @cli.command()
 @registry_arg
-@click.option("--reference", required=True, type=click.Path(exists=True, path_type=Path),
-              help="Pretrained model: Hugging Face directory or .safetensors file.")
+@click.option("--reference", required=True, type=ModelPath(),
+              help="Pretrained model: Hugging Face directory, .safetensors file or hub repo ID (ORG/NAME).")
 @click.option("--compress-reference", is_flag=True,
               help="Store the reference's arrays with zstd: about 20% less disk for bf16 weights, but every "
                    "materialize without a resident reference decodes them (slower).")
@@ -155,7 +187,7 @@ def base() -> None:
 @base.command("build")
 @registry_arg
 @click.option("--name", required=True, help="Name of the new base vector.")
-@click.argument("finetunes", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("finetunes", nargs=-1, required=True, type=ModelPath())
 @json_option
 @click.pass_context
 def base_build(ctx: click.Context, registry: Path, name: str, finetunes: tuple[Path, ...], as_json: bool) -> None:
@@ -216,7 +248,7 @@ def base_rm(registry: Path, name: str, as_json: bool) -> None:
 @cli.command()
 @registry_arg
 @click.argument("task")
-@click.argument("finetune", type=click.Path(exists=True, path_type=Path))
+@click.argument("finetune", type=ModelPath())
 @click.option("--method", type=click.Choice(["bitdelta", "dare", "deltadq"]), default="bitdelta", show_default=True)
 @click.option("--drop-rate", type=float, help="DARE: fraction of delta values dropped (default 0.99).")
 @click.option("--value-bits", type=click.Choice(["16", "8"]), help="DARE: bits per kept value (default 16).")
