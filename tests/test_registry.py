@@ -253,8 +253,12 @@ def test_verify_finds_flipped_byte_in_any_array(example, registry_copy):
     assert reg.verify() == []
 
 
-def test_bf16_finetune_round_trips_in_its_dtype(example, registry_copy):
-    ft = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in _finetune(example).items()}
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bf16_finetune_round_trips_in_its_dtype(example, registry_copy, dtype):
+    """A half-precision finetune of the float32 reference is accepted (docs/guarantees.md) and
+    materializes in its own dtype."""
+    assert {e.dtype for e in registry_copy.reference().tensors.values()} >= {"float32"}
+    ft = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in _finetune(example).items()}
     registry_copy.commit("bf16", ft, method="bitdelta", base="all")
     state = registry_copy.materialize("bf16")
     assert all(state[k].dtype == v.dtype for k, v in ft.items())
