@@ -190,6 +190,7 @@ class Registry(Catalog):
         allow_unrelated: bool = False,
         progress: bool | None = None,
         device: str | torch.device = "cpu",
+        skip_unchanged: bool = False,
     ) -> TaskVersion:
         """Compress ``finetune`` against the reference (and base vector ``base``) and record it
         as the next version of ``task``. Nothing is visible until the final ref update.
@@ -198,10 +199,11 @@ class Registry(Catalog):
         are still read one at a time. Reductions (lam1, BitDelta scales) may differ from a CPU
         commit in the last bits; materializing a version is exact whichever device wrote it.
 
-        If the latest version of ``task`` already holds this finetune (the same tensors and
-        side files, :func:`content_sha256`) committed with the same method, configuration,
-        base vector and tuning settings, nothing is written and that version is returned
-        (its ``version`` is not new): "nothing to commit"."""
+        ``skip_unchanged``: if the latest version of ``task`` already holds this finetune (the
+        same tensors and side files, :func:`content_sha256`) committed with the same method,
+        configuration, base vector and tuning settings, write nothing and return that version
+        ("nothing to commit", as the CLI does). Off by default: a script that commits the same
+        finetune twice gets two versions, as it always did."""
         check_name("task", task)
         compressor = get_compressor(method, dict(config or {}))
         if method == "lossless":
@@ -220,7 +222,7 @@ class Registry(Catalog):
         # settings (specs/format.md §5.5): one hashing pass instead of a whole commit.
         sha256 = content_sha256(source)
         settings = _commit_settings(tune, calibration, per_layer, tune_options, seed)
-        if settings is not None and self._task_ref(task).versions:
+        if skip_unchanged and settings is not None and self._task_ref(task).versions:
             _, latest = self.version(task)
             if (latest.source.get("sha256"), latest.source.get("settings"), latest.method, latest.config, latest.base,
                     latest.reference) == (sha256, settings, method, compressor.config.to_dict(), base_digest,

@@ -359,3 +359,17 @@ def test_versions_give_numbers_and_records_and_reprs_are_one_line(example, regis
         text = repr(record)
         assert "\n" not in text and len(text) < 300, text
     assert repr(first).startswith("TaskVersion(task='t', version=1, method='bitdelta'")
+
+
+def test_skip_unchanged_returns_the_latest_version(example, registry_copy):
+    """The API commits the same finetune twice as two versions unless asked to skip."""
+    from deltastore.tuning import l2
+
+    reg = registry_copy
+    first = reg.commit("t", example.finetunes["has_top"], base="all")
+    assert len(first.source["sha256"]) == 64 and first.source["settings"]["tune"] == "l2"
+    assert reg.commit("t", example.finetunes["has_top"], base="all", skip_unchanged=True) == first
+    assert reg.commit("t", example.finetunes["has_top"], base="all").version == 2
+    assert reg.commit("t", example.finetunes["has_top"], base="all", per_layer=True, skip_unchanged=True).version == 3
+    assert reg.commit("t", example.finetunes["has_top"], base="all", per_layer=True, tune=l2,
+                      skip_unchanged=True).version == 4  # a tuner given as a function is never comparable

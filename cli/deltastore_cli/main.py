@@ -305,7 +305,8 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
     latest = reg.version_hashes(task)[-1][0] if task in reg.tasks() else None
     record = reg.commit(task, finetune, method=method, config=config, base=base_name, message=message, tune=tune,
                         calibration=calibration, per_layer=per_layer, tune_options=tune_options or None, seed=seed,
-                        allow_unrelated=allow_unrelated, device=device, progress=_progress(ctx))
+                        allow_unrelated=allow_unrelated, device=device, progress=_progress(ctx),
+                        skip_unchanged=True)
     data = _version_summary(reg, record)
     if record.version == latest:
         _emit({**data, "committed": False}, as_json, f"nothing to commit: {task}@{latest} already holds {finetune} "
