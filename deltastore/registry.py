@@ -669,14 +669,25 @@ def content_sha256(source: TensorSource) -> str:
 
 def _commit_settings(tune, calibration, per_layer: bool, tune_options, seed: int) -> dict[str, Any] | None:
     """The commit arguments not in a version's other fields (``source.settings``), or None
-    when they cannot be compared with an earlier commit's: a tuner given as a function, or
-    calibration inputs that hashing would consume (an iterator)."""
-    if callable(tune) or (calibration is not None and not isinstance(calibration, (list, tuple))):
+    when they cannot be compared with an earlier commit's: a tuner given as a function,
+    calibration inputs that hashing would consume (an iterator), tuner options holding
+    objects (a model)."""
+    if (callable(tune) or (calibration is not None and not isinstance(calibration, (list, tuple)))
+            or not _is_plain(dict(tune_options or {}))):
         return None
     from .calibration import calibration_sha256
 
     return _plain({"tune": tune or "l2", "per_layer": per_layer, "tune_options": dict(tune_options or {}),
                    "seed": seed, "calibration": None if calibration is None else calibration_sha256(calibration)})
+
+
+def _is_plain(value: Any) -> bool:
+    """Scalars, strings and lists and maps of them: what a record can hold and compare."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _store_files(objects: ObjectStore, source: TensorSource, txn: str) -> dict[str, str]:
