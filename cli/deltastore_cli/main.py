@@ -324,8 +324,8 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
                          f"{_human(data['own_bytes'])} on disk, {data['ratio_fp16']:.1f}x smaller than fp16{fitted}\n"
                          f"  rows: {_rows_summary(data)}")
     if data["delta_rows"] and data["unchanged_rows"] == data["delta_rows"]:
-        click.echo(f"warning: {finetune} equals the reference in every compressed weight: nothing was finetuned, "
-                   "so the ratio above only measures the task's own extra tensors", err=True)
+        click.echo(f"warning: {finetune} equals the reference in every compressed weight: nothing was finetuned "
+                   "(the ratio above reflects that, not compression)", err=True)
 
 
 def _tuning_summary(record) -> str:
@@ -529,8 +529,8 @@ def diff(ctx: click.Context, registry: Path, spec_a: str, spec_b: str, top: int,
     lines = [_table(rows), "",
              f"relative error ||A - B|| / ||B||: {len(comparable)} tensors compared, {data['identical_tensors']} "
              f"identical, largest {data['max_relative_error'] or 0:.3g}"]
-    lines += [f"  {error:.3g}  {name}" if error is not None else f"  (shapes differ)  {name}"
-              for name, error in ranked[:top]]
+    lines += [f"  {'shapes differ' if error is None else format(error, '.3g'):>13}  {name}" for name, error in
+              ranked[:top]]
     lines += [f"only in {names[0]}: {', '.join(only_a)}"] if only_a else []
     lines += [f"only in {names[1]}: {', '.join(sorted(state_b))}"] if state_b else []
     _emit(data, as_json, "\n".join(lines))
