@@ -306,3 +306,21 @@ def test_hub_repo_ids_resolve_through_the_cache_offline(example, tmp_path):
     assert len(missing.stderr.strip().splitlines()) == 1
     neither = run("commit", reg, "t", tmp_path / "no" / "such" / "dir", ok=False)
     assert neither.exit_code == 2 and "no such file or directory" in neither.stderr
+
+
+def test_shell_completion_offers_task_and_base_names(example, reg):
+    run("commit", reg, "has_top", example.finetunes["has_top"])
+    run("commit", reg, "has_small", example.finetunes["has_small"])
+
+    def complete(words: str) -> list[str]:
+        env = {"_DELTASTORE_COMPLETE": "bash_complete", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))}
+        result = CliRunner().invoke(cli, [], env=env, prog_name="deltastore")
+        assert result.exit_code == 0, result.output
+        return [line.split(",", 1)[1] for line in result.output.splitlines() if line]  # "type,value" lines
+
+    assert complete("deltastore ba") == ["base"]
+    assert complete(f"deltastore show {reg} has_") == ["has_small", "has_top"]
+    assert complete(f"deltastore diff {reg} has_top@1 has_s") == ["has_small"]
+    assert complete(f"deltastore base rm {reg} ") == ["all"]
+    assert complete(f"deltastore log {reg.parent / 'nowhere'} ") == []

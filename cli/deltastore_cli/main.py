@@ -126,6 +126,20 @@ class ModelPath(click.ParamType):
                                 "HF_HUB_OFFLINE=1 only the cache is read)") from None
 
 
+def _complete(kind: str):
+    """Shell completion of task or base names from the REGISTRY argument typed before them."""
+
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+        try:
+            catalog = Catalog(ctx.params["registry"])
+            names = catalog.tasks() if kind == "task" else catalog.bases()
+        except (DeltastoreError, OSError, KeyError, TypeError):  # no registry (yet): nothing to offer
+            return []
+        return sorted(n for n in names if n.startswith(incomplete))
+
+    return complete
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 registry_arg = click.argument("registry", type=click.Path(file_okay=False, path_type=Path))
 
@@ -222,7 +236,7 @@ def base_ls(registry: Path, as_json: bool) -> None:
 
 @base.command("show")
 @registry_arg
-@click.argument("name")
+@click.argument("name", shell_complete=_complete("base"))
 @json_option
 def base_show(registry: Path, name: str, as_json: bool) -> None:
     """Show one base vector: what it was built from and who uses it."""
@@ -237,7 +251,7 @@ def base_show(registry: Path, name: str, as_json: bool) -> None:
 
 @base.command("rm")
 @registry_arg
-@click.argument("name")
+@click.argument("name", shell_complete=_complete("base"))
 @json_option
 def base_rm(registry: Path, name: str, as_json: bool) -> None:
     """Remove base vector NAME (refused while a task version uses it); `gc` then frees its bytes."""
@@ -247,7 +261,7 @@ def base_rm(registry: Path, name: str, as_json: bool) -> None:
 
 @cli.command()
 @registry_arg
-@click.argument("task")
+@click.argument("task", shell_complete=_complete("task"))
 @click.argument("finetune", type=ModelPath())
 @click.option("--method", type=click.Choice(["bitdelta", "dare", "deltadq"]), default="bitdelta", show_default=True)
 @click.option("--drop-rate", type=float, help="DARE: fraction of delta values dropped (default 0.99).")
@@ -385,7 +399,7 @@ def _version_summary(reg: Catalog, record) -> dict[str, Any]:
 
 @cli.command()
 @registry_arg
-@click.argument("spec", metavar="TASK[@VERSION]")
+@click.argument("spec", metavar="TASK[@VERSION]", shell_complete=_complete("task"))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to write.")
 @click.option("--device", default="cpu", show_default=True, help="Where to decode: cpu, cuda, cuda:1...")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Cast floating weights (default: the finetune's dtypes).")
@@ -441,7 +455,7 @@ def ls(registry: Path, as_json: bool) -> None:
 
 @cli.command()
 @registry_arg
-@click.argument("spec", metavar="TASK[@VERSION]")
+@click.argument("spec", metavar="TASK[@VERSION]", shell_complete=_complete("task"))
 @json_option
 def show(registry: Path, spec: str, as_json: bool) -> None:
     """Show one task version: method, lambdas, base, bytes and ratios."""
@@ -468,7 +482,7 @@ def show(registry: Path, spec: str, as_json: bool) -> None:
 
 @cli.command()
 @registry_arg
-@click.argument("task")
+@click.argument("task", shell_complete=_complete("task"))
 @json_option
 def log(registry: Path, task: str, as_json: bool) -> None:
     """History of TASK, newest first, with each version's bytes on disk."""
@@ -486,8 +500,8 @@ def log(registry: Path, task: str, as_json: bool) -> None:
 
 @cli.command()
 @registry_arg
-@click.argument("spec_a", metavar="TASK@A")
-@click.argument("spec_b", metavar="TASK@B")
+@click.argument("spec_a", metavar="TASK@A", shell_complete=_complete("task"))
+@click.argument("spec_b", metavar="TASK@B", shell_complete=_complete("task"))
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="Tensors listed, largest relative error first (--json lists all).")
 @json_option
@@ -582,7 +596,7 @@ def _interactive() -> bool:
 
 @cli.command()
 @registry_arg
-@click.argument("spec", metavar="TASK[@VERSION]")
+@click.argument("spec", metavar="TASK[@VERSION]", shell_complete=_complete("task"))
 @click.option("--all", "all_versions", is_flag=True, help="Remove every version of TASK (the whole task).")
 @click.option("-y", "--yes", is_flag=True, help="With --all: do not ask, even on a terminal (for scripts).")
 @json_option
