@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from deltastore.catalog import Catalog, parse_spec
-from deltastore.errors import (CorruptObjectError, DeltastoreError, FormatVersionError, InvalidInputError,
-                               LockTimeoutError, NotFoundError)
+from deltastore.errors import (CorruptObjectError, DeltastoreError, FormatVersionError, LockTimeoutError,
+                               NotFoundError)
 
 if TYPE_CHECKING:
     from deltastore import Registry
@@ -509,8 +509,6 @@ def log(registry: Path, task: str, as_json: bool) -> None:
 def diff(ctx: click.Context, registry: Path, spec_a: str, spec_b: str, top: int, as_json: bool) -> None:
     """Compare two versions (of one task or two): method, lambdas, bytes on disk, and per tensor
     the relative error ||W_A - W_B|| / ||W_B|| of their materialized weights."""
-    import torch
-
     reg = _registry(registry)
     sides = [_version_summary(reg, reg.version(spec)[1]) for spec in (spec_a, spec_b)]
     names = [f"{side['task']}@{side['version']}" for side in sides]
