@@ -202,8 +202,10 @@ class Registry(Catalog):
         ``skip_unchanged``: if the latest version of ``task`` already holds this finetune (the
         same tensors and side files, :func:`content_sha256`) committed with the same method,
         configuration, base vector and tuning settings, write nothing and return that version
-        ("nothing to commit", as the CLI does). Off by default: a script that commits the same
-        finetune twice gets two versions, as it always did."""
+        ("nothing to commit", as the CLI does). It costs one more read of the finetune, and
+        records the hash in the new version, so only versions committed with it can match.
+        Off by default: a script that commits the same finetune twice gets two versions, as it
+        always did, and pays nothing."""
         check_name("task", task)
         compressor = get_compressor(method, dict(config or {}))
         if method == "lossless":
@@ -219,15 +221,19 @@ class Registry(Catalog):
         seeds = {name: derive_seed(seed, name) for name in lossy}
 
         # Nothing to commit when the latest version already holds this finetune with these
-        # settings (specs/format.md §5.5): one hashing pass instead of a whole commit.
-        sha256 = content_sha256(source)
-        settings = _commit_settings(tune, calibration, per_layer, tune_options, seed)
-        if skip_unchanged and settings is not None and self._task_ref(task).versions:
-            _, latest = self.version(task)
-            if (latest.source.get("sha256"), latest.source.get("settings"), latest.method, latest.config, latest.base,
-                    latest.reference) == (sha256, settings, method, compressor.config.to_dict(), base_digest,
-                                          ref_digest):
-                return latest
+        # settings (specs/format.md §5.5). Hashing reads the whole finetune once more (seconds
+        # for a 7B model), so only commits that ask for the check pay for it, and record the
+        # hash for later checks.
+        fingerprint: dict[str, Any] = {}
+        if skip_unchanged:
+            settings = _commit_settings(tune, calibration, per_layer, tune_options, seed)
+            fingerprint = {"sha256": content_sha256(source), "settings": settings}
+            if settings is not None and self._task_ref(task).versions:
+                _, latest = self.version(task)
+                if (latest.source.get("sha256"), latest.source.get("settings"), latest.method, latest.config,
+                        latest.base, latest.reference) == (fingerprint["sha256"], settings, method,
+                                                           compressor.config.to_dict(), base_digest, ref_digest):
+                    return latest
 
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
@@ -329,7 +335,7 @@ class Registry(Catalog):
             record_source = {
                 "label": str(source.label), "bytes": source.nbytes(), "params": n_params,
                 "fp16_bytes": 2 * n_params, "relative_delta": relative, "skipped_files": dict(source.skipped),
-                "missing_buffers": plan.missing_buffers, "sha256": sha256, "settings": settings,
+                "missing_buffers": plan.missing_buffers, **fingerprint,
             }
             with self.backend.lock("refs"):
                 ref = self._task_ref(task)

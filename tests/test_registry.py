@@ -366,10 +366,12 @@ def test_skip_unchanged_returns_the_latest_version(example, registry_copy):
     from deltastore.tuning import l2
 
     reg = registry_copy
-    first = reg.commit("t", example.finetunes["has_top"], base="all")
+    first = reg.commit("t", example.finetunes["has_top"], base="all", skip_unchanged=True)
     assert len(first.source["sha256"]) == 64 and first.source["settings"]["tune"] == "l2"
     assert reg.commit("t", example.finetunes["has_top"], base="all", skip_unchanged=True) == first
-    assert reg.commit("t", example.finetunes["has_top"], base="all").version == 2
-    assert reg.commit("t", example.finetunes["has_top"], base="all", per_layer=True, skip_unchanged=True).version == 3
+    second = reg.commit("t", example.finetunes["has_top"], base="all")
+    assert second.version == 2 and "sha256" not in second.source  # unchecked commits pay nothing, record nothing
+    assert reg.commit("t", example.finetunes["has_top"], base="all", skip_unchanged=True).version == 3
+    assert reg.commit("t", example.finetunes["has_top"], base="all", per_layer=True, skip_unchanged=True).version == 4
     assert reg.commit("t", example.finetunes["has_top"], base="all", per_layer=True, tune=l2,
-                      skip_unchanged=True).version == 4  # a tuner given as a function is never comparable
+                      skip_unchanged=True).version == 5  # a tuner given as a function is never comparable
