@@ -7,7 +7,6 @@ Start with :class:`Registry`: ``Registry.init(path, reference)``, ``base build``
 from .errors import (AlreadyExistsError, CorruptObjectError, DeltastoreError, FormatVersionError,
                      IncompatibleFinetuneError, InvalidInputError, LockTimeoutError, NotFoundError,
                      UnknownMethodError)
-from .registry import Registry, VersionStats, parse_spec
 
 __version__ = "0.1.0"
 
@@ -16,3 +15,17 @@ __all__ = [
     "IncompatibleFinetuneError", "InvalidInputError", "LockTimeoutError", "NotFoundError", "Registry",
     "UnknownMethodError", "VersionStats", "parse_spec", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # Registry imports torch (about 2 s); a program that only reads refs and records
+    # (``deltastore ls``, deltastore.catalog) never pays for it.
+    if name == "Registry":
+        from .registry import Registry
+
+        return Registry
+    if name in ("VersionStats", "parse_spec"):
+        from . import catalog
+
+        return getattr(catalog, name)
+    raise AttributeError(f"module 'deltastore' has no attribute {name!r}")

@@ -7,8 +7,8 @@ are specified in specs/format.md.
 
 from __future__ import annotations
 
+import hashlib
 import os
-import re
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -18,8 +18,9 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-from .errors import (AlreadyExistsError, CorruptObjectError, DeltastoreError, IncompatibleFinetuneError,
+from .errors import (AlreadyExistsError, DeltastoreError, IncompatibleFinetuneError,
                      InvalidInputError, NotFoundError)
+from .catalog import INFO_KEY, REFERENCE_REF, Catalog, VersionStats, check_name, parse_spec, split_spec
 from .engine.decode import ArrayGetter, decode_stored, numel as _numel
 from .engine.materialize import iter_materialize, resolve_device
 from .engine.reader import DeviceReader
@@ -28,7 +29,7 @@ from .sources import TensorSource, open_source
 from .storage.backend import LocalBackend, array_shape_problem
 from .storage.objects import ObjectStore
 from .storage.records import (FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, BaseRecord, PointerRef, Record,
-                              ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, TensorEntry, pack, unpack)
+                              ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, TensorEntry, pack)
 from .tensor import dbms
 from .tensor.bitpack import pack_bits
 from .tensor.compressors import get_compressor
@@ -36,10 +37,7 @@ from .tensor.compressors.lossless import Lossless, dtype_from_name, dtype_name
 from .tensor.prng import derive_seed
 from .tuning import Lambdas, TuneContext, Tuner, get_tuner
 
-INFO_KEY = "registry.msgpack"
 INIT_LEFTOVERS = frozenset({"objects", "staging", "refs", "locks"})  # all a registry holds but INFO_KEY
-REFERENCE_REF = "refs/reference"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # Matrices smaller than this are stored losslessly: a few KB of exact bytes beat a lossy code
 # whose per-array overhead (metadata, scale) would be a large part of its size anyway.
@@ -64,78 +62,9 @@ def _killed_put(name: str, key: str) -> bool:
     return name.startswith(f".{key}.") and name.endswith(".tmp")
 
 
-def check_name(kind: str, name: str) -> str:
-    """Task and base names become file names: refuse anything that could escape the registry."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:  # fullmatch: '$' allows "x\n"
-        raise InvalidInputError(
-            f"invalid {kind} name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
-            "or digit, without '..'"
-        )
-    return name
-
-
-def parse_spec(spec: str) -> tuple[str, int | None]:
-    """``TASK`` or ``TASK@VERSION`` -> (task, version or None)."""
-    task, sep, version = spec.partition("@")
-    if not sep:
-        return task, None
-    if not (version.isascii() and version.isdigit()):  # '²'.isdigit() is True, int('²') fails
-        raise InvalidInputError(f"invalid task version {spec!r}: expected TASK@N with N a positive integer")
-    return task, int(version)
-
-
-@dataclass
-class VersionStats:
-    """Bytes a task version owns on disk and the ratios they give (specs/format.md §10)."""
-
-    own_bytes: int            # record + every array and blob not shared with the reference
-    amortized_bytes: float    # the same, with objects other tasks also use split between them
-    base_bytes: int           # the base vector's bytes (0 without one)
-    base_users: int           # tasks whose latest version uses that base vector
-    source_bytes: int         # the finetune's tensors in their original dtype
-    source_fp16_bytes: int    # the finetune's tensors at 2 bytes per element
-    file_bytes: int = 0       # the part of own_bytes that is side files (config, tokenizer...)
-
-    @property
-    def base_share(self) -> float:
-        return self.base_bytes / self.base_users if self.base_users else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        total = self.own_bytes + self.base_share
-        amortized = self.amortized_bytes + self.base_share
-        return {
-            "own_bytes": self.own_bytes,
-            "amortized_bytes": round(self.amortized_bytes),
-            "base_bytes": self.base_bytes,
-            "base_users": self.base_users,
-            "base_share_bytes": round(self.base_share),
-            "source_bytes": self.source_bytes,
-            "source_fp16_bytes": self.source_fp16_bytes,
-            "file_bytes": self.file_bytes,
-            "ratio_fp16": self.source_fp16_bytes / self.own_bytes if self.own_bytes else None,
-            "ratio_source_dtype": self.source_bytes / self.own_bytes if self.own_bytes else None,
-            "ratio_fp16_with_base_share": self.source_fp16_bytes / total if total else None,
-            "ratio_fp16_amortized": self.source_fp16_bytes / amortized if amortized else None,
-        }
-
-
-class Registry:
+class Registry(Catalog):
     """A deltastore registry directory. Open an existing one with ``Registry(path)``,
-    create one with :meth:`Registry.init`."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.backend = LocalBackend(self.path)
-        self.objects = ObjectStore(self.backend)
-        if not self.backend.exists(INFO_KEY):
-            raise NotFoundError(
-                f"{self.path}: not a deltastore registry (no {INFO_KEY}); create one with `deltastore init`"
-            )
-        what = f"{self.path}/{INFO_KEY}"
-        self.info = RegistryInfo.from_dict(unpack(self.backend.get(INFO_KEY), what), what)
-
-    def __repr__(self) -> str:
-        return f"Registry({str(self.path)!r})"
+    create one with :meth:`Registry.init`. Reading refs and records is :class:`Catalog`'s."""
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -180,85 +109,6 @@ class Registry:
             backend.delete(txn)
         return cls(root)
 
-    # -- lookups ----------------------------------------------------------------------------
-    def _pointer(self, key: str, what: str) -> str:
-        data = self.backend.get(key)
-        return PointerRef.from_dict(unpack(data, what), what).record
-
-    def reference_hash(self) -> str:
-        return self._pointer(REFERENCE_REF, f"{self.path}/{REFERENCE_REF}")
-
-    def reference(self) -> ReferenceRecord:
-        return self.objects.get_record(self.reference_hash(), ReferenceRecord)
-
-    def bases(self) -> list[str]:
-        # Only valid names: a killed ref update leaves a '.<name>.<uuid>.tmp' file here for gc.
-        return [n for n in self.backend.children("refs/bases") if NAME_RE.fullmatch(n) and ".." not in n]
-
-    def base(self, name: str) -> tuple[str, BaseRecord]:
-        key = f"refs/bases/{check_name('base', name)}"
-        if not self.backend.exists(key):
-            known = ", ".join(self.bases()) or "none yet"
-            raise NotFoundError(f"{self.path}: no base vector named {name!r} (known: {known}); build one with "
-                                "`deltastore base build`")
-        digest = self._pointer(key, f"{self.path}/{key}")
-        return digest, self.objects.get_record(digest, BaseRecord)
-
-    def tasks(self) -> list[str]:
-        """Tasks with at least one version (a ref whose versions were all removed is kept, for
-        its highest issued number, but is no task). A ref that cannot be read is listed: using
-        the task reports the damage."""
-        def listed(task: str) -> bool:
-            try:
-                return bool(self._task_ref(task).versions)
-            except DeltastoreError:
-                return True
-
-        return [n for n in self._task_names() if listed(n)]
-
-    def _task_names(self) -> list[str]:
-        # Only valid names: a killed ref update leaves a '.<name>.<uuid>.tmp' file here for gc.
-        return [n for n in self.backend.children("refs/tasks") if NAME_RE.fullmatch(n) and ".." not in n]
-
-    def _task_ref(self, task: str) -> TaskRef:
-        key = f"refs/tasks/{check_name('task', task)}"
-        if not self.backend.exists(key):
-            return TaskRef([])
-        return TaskRef.from_dict(unpack(self.backend.get(key), f"{self.path}/{key}"), f"{self.path}/{key}")
-
-    def versions(self, task: str) -> list[tuple[int, str]]:
-        """``[(version number, record hash)]`` of a task, oldest first."""
-        ref = self._task_ref(task)
-        if not ref.versions:
-            known = ", ".join(self.tasks()) or "none yet"
-            raise NotFoundError(f"{self.path}: no task named {task!r} (known tasks: {known})")
-        return list(ref.versions)
-
-    def version(self, task: str, version: int | None = None) -> tuple[str, TaskVersion]:
-        """(record hash, record) of ``task`` at ``version`` (default: the latest)."""
-        versions = self.versions(task)
-        if version is None:
-            number, digest = versions[-1]
-        else:
-            found = [d for n, d in versions if n == version]
-            if not found:
-                have = ", ".join(str(n) for n, _ in versions)
-                raise NotFoundError(f"{self.path}: task {task!r} has no version {version} (versions: {have})")
-            digest = found[0]
-            number = version
-        try:
-            record = self.objects.get_record(digest, TaskVersion)
-        except DeltastoreError as exc:
-            raise type(exc)(f"{task}@{number}: {exc}") from None
-        if (record.task, record.version) != (task, number):  # refs carry no hash: cross-check them
-            raise CorruptObjectError(f"{self.path}/refs/tasks/{task}: lists version {number} as record {digest[:12]}, "
-                                     f"which is {record.task}@{record.version}; the ref is damaged")
-        return digest, record
-
-    def log(self, task: str) -> list[TaskVersion]:
-        """Every version of ``task``, newest first."""
-        return [self.objects.get_record(d, TaskVersion) for _, d in reversed(self.versions(task))]
-
     # -- base vectors -----------------------------------------------------------------------
     def build_base(self, name: str, finetunes: Iterable[Any], *, progress: bool | None = None) -> BaseRecord:
         """Build and store ``tau_base = BitDelta(mean_t(W_t) - W_pre)`` under ``name``.
@@ -302,6 +152,23 @@ class Registry:
             self.backend.delete(txn)
         return record
 
+    def remove_base(self, name: str) -> str:
+        """Drop base vector ``name`` from the refs; its objects stay until the next :meth:`gc`.
+        Returns its record hash.
+
+        Refused while a task version uses it: those versions would keep its objects alive
+        anyway, and the name is what tells a user which base they were built on. A commit in
+        flight on this base still succeeds (its version keeps the objects reachable)."""
+        with self.backend.lock("refs"):
+            users = self.base_users(name)
+            if users:
+                shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+                raise InvalidInputError(f"base vector {name!r} is used by {shown}; remove those versions first "
+                                        "(`deltastore rm`), then the base vector")
+            digest, _ = self.base(name)
+            self.backend.delete(f"refs/bases/{name}")
+        return digest
+
     # -- commit -----------------------------------------------------------------------------
     def commit(
         self,
@@ -321,6 +188,7 @@ class Registry:
         progress: bool | None = None,
         device: str | torch.device = "cpu",
         follow_links: bool = False,
+        skip_unchanged: bool = False,
     ) -> TaskVersion:
         """Compress ``finetune`` against the reference (and base vector ``base``) and record it
         as the next version of ``task``. Nothing is visible until the final ref update.
@@ -330,7 +198,15 @@ class Registry:
         commit in the last bits; materializing a version is exact whichever device wrote it.
 
         ``follow_links``: read the finetune folder's symlinks that lead out of it (see
-        :func:`deltastore.sources.open_source`)."""
+        :func:`deltastore.sources.open_source`).
+
+        ``skip_unchanged``: if the latest version of ``task`` already holds this finetune (the
+        same tensors and side files, :func:`content_sha256`) committed with the same method,
+        configuration, base vector and tuning settings, write nothing and return that version
+        ("nothing to commit", as the CLI does). It costs one more read of the finetune, and
+        records the hash in the new version, so only versions committed with it can match.
+        Off by default: a script that commits the same finetune twice gets two versions, as it
+        always did, and pays nothing."""
         check_name("task", task)
         compressor = get_compressor(method, dict(config or {}))
         if method == "lossless":
@@ -344,6 +220,21 @@ class Registry:
         plan = _plan(reference, source)
         lossy = [ft for ft in source.names() if ft in plan.lossy]
         seeds = {name: derive_seed(seed, name) for name in lossy}
+
+        # Nothing to commit when the latest version already holds this finetune with these
+        # settings (specs/format.md §5.5). Hashing reads the whole finetune once more (seconds
+        # for a 7B model), so only commits that ask for the check pay for it, and record the
+        # hash for later checks.
+        fingerprint: dict[str, Any] = {}
+        if skip_unchanged:
+            settings = _commit_settings(tune, calibration, per_layer, tune_options, seed)
+            fingerprint = {"sha256": content_sha256(source), "settings": settings}
+            if settings is not None and self._task_ref(task).versions:
+                _, latest = self.version(task)
+                if (latest.source.get("sha256"), latest.source.get("settings"), latest.method, latest.config,
+                        latest.base, latest.reference) == (fingerprint["sha256"], settings, method,
+                                                           compressor.config.to_dict(), base_digest, ref_digest):
+                    return latest
 
         device = resolve_device(device)
         reader = DeviceReader(self.objects, device, verify=True)
@@ -445,7 +336,7 @@ class Registry:
                 "label": str(source.label), "bytes": source.nbytes(), "params": n_params,
                 "fp16_bytes": 2 * n_params, "relative_delta": relative,
                 "skipped_files": dict(sorted(source.skipped.items())),  # name-keyed: code point order
-                "missing_buffers": plan.missing_buffers,
+                "missing_buffers": plan.missing_buffers, **fingerprint,
             }
             with self.backend.lock("refs"):
                 ref = self._task_ref(task)
@@ -464,15 +355,20 @@ class Registry:
         return record
 
     def remove(self, task: str, version: int | None = None) -> list[int]:
-        """Drop one version (or, with ``version=None``, the whole task) from the refs.
+        """Drop one version (or, with ``version=None``, the whole task) from the refs;
+        ``TASK@N`` and ``TASK@latest`` name one version.
 
         The objects stay on disk until the next :meth:`gc`. Returns the version numbers removed.
         The task's ref stays, even with no version left, to keep the highest number issued.
         """
+        one_version = "@" in task
+        task, version = split_spec(task, version)
         # A writer like any other (shared registry lock): gc must not collect the temp file of
         # the ref update before it is renamed into place.
         with self.backend.lock("registry", shared=True), self.backend.lock("refs"):
-            versions = self.versions(task)
+            versions = self.version_hashes(task)
+            if one_version and version is None:  # TASK@latest
+                version = versions[-1][0]
             keep = [] if version is None else [(n, d) for n, d in versions if n != version]
             if len(keep) == len(versions):
                 raise NotFoundError(f"{self.path}: task {task!r} has no version {version}")
@@ -510,6 +406,7 @@ class Registry:
         fused decode kernels (:func:`deltastore.engine.materialize.iter_materialize`, whose
         tuning knobs ``pipeline`` passes on: ``workers``, ``read_ahead_bytes``, ``staging_bytes``).
         """
+        task, version = split_spec(task, version)
         _, record = self.version(task, version)
         yield from iter_materialize(self.objects, record, where=str(self.path), device=device, dtype=dtype,
                                     verify=verify, progress=progress, **pipeline)
@@ -523,6 +420,7 @@ class Registry:
         out = Path(out_dir)
         if out.exists() and any(out.iterdir()):
             raise AlreadyExistsError(f"{out}: output directory is not empty; give a new or empty directory")
+        task, version = split_spec(task, version)
         _, record = self.version(task, version)
         state = {n: t.cpu().contiguous() for n, t in
                  self.iter_materialize(task, version, device=device, dtype=dtype, verify=verify, progress=progress)}
@@ -542,38 +440,7 @@ class Registry:
         """A ready ``transformers`` model of the class named in the task's stored config.json."""
         from .hf import load_model
 
-        return load_model(self, task, version, device=device, dtype=dtype)
-
-    # -- accounting -------------------------------------------------------------------------
-    def stats(self, task: str, version: int | None = None) -> VersionStats:
-        """Real bytes on disk that this version owns (specs/format.md §10, "Counting bytes").
-
-        ``own_bytes`` counts every object the version references beyond the reference and
-        the base vector in full: what the task costs on its own. ``amortized_bytes`` splits
-        each of those objects between the tasks whose latest versions use it (tokenizer
-        files every finetune re-saves identically are stored once, so each pays a share).
-        """
-        digest, record = self.version(task, version)
-        reference = self.objects.get_record(record.reference, ReferenceRecord)
-        shared = reference.array_hashes() | set(reference.files.values())
-        mine = [("records", digest)] + [("arrays", h) for h in record.array_hashes() - shared] + [
-            ("blobs", h) for h in set(record.files.values()) - shared]
-        sizes = {obj: self.objects.size(*obj) for obj in mine}
-        latest = {t: self.version(t)[1] for t in self.tasks() if t != task}
-        users = dict.fromkeys(mine, 1)
-        for other in latest.values():
-            for obj in {("arrays", h) for h in other.array_hashes()} | {("blobs", h) for h in other.files.values()}:
-                if obj in users:
-                    users[obj] += 1
-        base_bytes = base_users = 0
-        if record.base:
-            base = self.objects.get_record(record.base, BaseRecord)
-            base_bytes = self.objects.size("records", record.base) + sum(
-                self.objects.size("arrays", h) for h in base.array_hashes())
-            base_users = 1 + sum(1 for r in latest.values() if r.base == record.base)
-        return VersionStats(sum(sizes.values()), sum(sizes[o] / users[o] for o in mine), base_bytes, base_users,
-                            int(record.source["bytes"]), int(record.source["fp16_bytes"]),
-                            sum(size for (kind, _), size in sizes.items() if kind == "blobs"))
+        return load_model(self, *split_spec(task, version), device=device, dtype=dtype)
 
     # -- integrity --------------------------------------------------------------------------
     def verify(self, *, progress: bool | None = None) -> list[dict[str, str]]:
@@ -715,6 +582,46 @@ def _store_lossless(objects: ObjectStore, tensor: torch.Tensor, txn: str, *, com
     arrays = {role: objects.put_array(a, txn, compress=compress) for role, a in encoded.arrays.items()}
     return TensorEntry(shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype), codec=Lossless.name, config={},
                        arrays=arrays, attrs=dict(encoded.attrs))
+
+
+def content_sha256(source: TensorSource) -> str:
+    """SHA-256 of what a finetune holds (specs/format.md §5.5, ``source.sha256``): every tensor
+    in name order (name, dtype, shape, little-endian bytes), then every side file stored with
+    it in path order. The same weights give the same hash however they are sharded or saved."""
+    digest = hashlib.sha256()
+    for name in sorted(source.names()):
+        tensor = source.get(name).contiguous().reshape(-1)
+        shape = ",".join(str(d) for d in source.shape(name))
+        digest.update(f"tensor\0{name}\0{dtype_name(tensor.dtype)}\0{shape}\0".encode())
+        digest.update(tensor.view(torch.uint8).numpy())
+    for rel in sorted(source.files):
+        data = source.files[rel].read_bytes()
+        digest.update(f"file\0{rel}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def _commit_settings(tune, calibration, per_layer: bool, tune_options, seed: int) -> dict[str, Any] | None:
+    """The commit arguments not in a version's other fields (``source.settings``), or None
+    when they cannot be compared with an earlier commit's: a tuner given as a function,
+    calibration inputs that hashing would consume (an iterator), tuner options holding
+    objects (a model)."""
+    if (callable(tune) or (calibration is not None and not isinstance(calibration, (list, tuple)))
+            or not _is_plain(dict(tune_options or {}))):
+        return None
+    from .calibration import calibration_sha256
+
+    return _plain({"tune": tune or "l2", "per_layer": per_layer, "tune_options": dict(tune_options or {}),
+                   "seed": seed, "calibration": None if calibration is None else calibration_sha256(calibration)})
+
+
+def _is_plain(value: Any) -> bool:
+    """Scalars, strings and lists and maps of them: what a record can hold and compare."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _store_files(objects: ObjectStore, source: TensorSource, txn: str) -> dict[str, str]:

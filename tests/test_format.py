@@ -500,7 +500,8 @@ FIELD_ORDER = {
     "pointer": ["format", "kind", "record"],
     "task_ref": ["format", "kind", "versions", "issued"],
     "entry": ["shape", "dtype", "codec", "config", "arrays", "attrs", "ref", "rows", "changed_rows", "lam1", "lam2"],
-    "source": ["label", "bytes", "params", "fp16_bytes", "relative_delta", "skipped_files", "missing_buffers"],
+    "source": ["label", "bytes", "params", "fp16_bytes", "relative_delta", "skipped_files", "missing_buffers",
+               "sha256", "settings"],
 }
 # The compressor pages' tables, in order: configuration fields, array roles, attrs.
 PAGE_ORDER = {
@@ -746,7 +747,7 @@ def test_writer_sorts_names_and_writes_floats(reference_copy):
     shuffled = {name: state[name] for name in sorted(state, reverse=True)}
     reg = Registry(reference_copy)
     reg.commit("omega", shuffled, method="dare", config={"drop_rate": 0}, seed=5, progress=False)
-    digest = reg.versions("omega")[0][1]
+    digest = reg.version_hashes("omega")[0][1]
     data = _object_path(reference_copy, "records", digest).read_bytes()
     obj = msgpack.unpackb(data, raw=False)
     assert key_order_problems(obj, "task_version") == [] and encode_canonical(obj) == data
@@ -775,7 +776,7 @@ def test_parent_keeps_nothing_alive(reference_copy):
     from deltastore import Registry
 
     reg = Registry(reference_copy)
-    (first, old), _ = reg.versions("alpha")
+    (first, old), _ = reg.version_hashes("alpha")
     assert reg.version("alpha", 2)[1].parent == old
     reg.remove("alpha", first)
     reg.gc()

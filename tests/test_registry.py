@@ -125,7 +125,7 @@ def test_versions_history_and_remove(example, registry_copy):
     v1 = reg.commit("t", example.finetunes["has_top"], method="bitdelta", base="all", message="first")
     v2 = reg.commit("t", example.finetunes["has_small"], method="dare", base="all", message="second")
     assert (v1.version, v2.version) == (1, 2)
-    assert v2.parent == reg.versions("t")[0][1] and v1.parent is None
+    assert v2.parent == reg.version_hashes("t")[0][1] and v1.parent is None
     assert [r.message for r in reg.log("t")] == ["second", "first"]
     old = reg.materialize("t", 1)
     assert "classifier.weight" in old and old["classifier.weight"].shape[0] == 2
@@ -253,8 +253,12 @@ def test_verify_finds_flipped_byte_in_any_array(example, registry_copy):
     assert reg.verify() == []
 
 
-def test_bf16_finetune_round_trips_in_its_dtype(example, registry_copy):
-    ft = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in _finetune(example).items()}
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bf16_finetune_round_trips_in_its_dtype(example, registry_copy, dtype):
+    """A half-precision finetune of the float32 reference is accepted (docs/guarantees.md) and
+    materializes in its own dtype."""
+    assert {e.dtype for e in registry_copy.reference().tensors.values()} >= {"float32"}
+    ft = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in _finetune(example).items()}
     registry_copy.commit("bf16", ft, method="bitdelta", base="all")
     state = registry_copy.materialize("bf16")
     assert all(state[k].dtype == v.dtype for k, v in ft.items())
@@ -323,3 +327,51 @@ def test_safetensors_read_into_any_range(example):
             assert bytes(out) == whole[start:start + length].numpy().tobytes()
     with pytest.raises(ValueError, match="outside tensor"):
         source.read_into(name, memoryview(bytearray(2)), whole.numel() - 1)
+
+
+def test_api_names_a_version_as_task_at_n(example, registry_copy):
+    """`TASK@N` and `TASK@latest` work wherever the API names a task, like the CLI; giving the
+    version twice, differently, is refused with a message naming both."""
+    reg = registry_copy
+    reg.commit("t", example.finetunes["has_top"], method="bitdelta", base="all")
+    v2 = reg.commit("t", example.finetunes["has_small"], method="bitdelta", base="all")
+    assert reg.version("t@1")[1].version == 1 and reg.version("t@latest")[1].version == 2
+    for name, want in reg.materialize("t@1").items():
+        assert torch.equal(want, reg.materialize("t", 1)[name])
+    assert reg.stats("t@1").own_bytes == reg.stats("t", 1).own_bytes
+    assert reg.load_model("t@1").config.num_labels == 2
+    assert reg.version("t@2", 2)[1] == v2
+    with pytest.raises(InvalidInputError, match=r"names version 1 but version=2"):
+        reg.materialize("t@1", 2)
+    with pytest.raises(InvalidInputError, match="TASK@latest"):
+        reg.version("t@first")
+    assert reg.remove("t@latest") == [2]  # one version, not the whole task
+    assert [n for n, _ in reg.version_hashes("t")] == [1]
+
+
+def test_versions_give_numbers_and_records_and_reprs_are_one_line(example, registry_copy):
+    reg = registry_copy
+    first = reg.commit("t", example.finetunes["has_top"], method="bitdelta", base="all", message="first")
+    second = reg.commit("t", example.finetunes["has_top"], method="dare", message="second")
+    assert reg.versions("t") == [(1, first), (2, second)]
+    assert reg.log("t") == [second, first]
+    for record in (first, reg.reference(), reg.base("all")[1]):
+        text = repr(record)
+        assert "\n" not in text and len(text) < 300, text
+    assert repr(first).startswith("TaskVersion(task='t', version=1, method='bitdelta'")
+
+
+def test_skip_unchanged_returns_the_latest_version(example, registry_copy):
+    """The API commits the same finetune twice as two versions unless asked to skip."""
+    from deltastore.tuning import l2
+
+    reg = registry_copy
+    first = reg.commit("t", example.finetunes["has_top"], base="all", skip_unchanged=True)
+    assert len(first.source["sha256"]) == 64 and first.source["settings"]["tune"] == "l2"
+    assert reg.commit("t", example.finetunes["has_top"], base="all", skip_unchanged=True) == first
+    second = reg.commit("t", example.finetunes["has_top"], base="all")
+    assert second.version == 2 and "sha256" not in second.source  # unchecked commits pay nothing, record nothing
+    assert reg.commit("t", example.finetunes["has_top"], base="all", skip_unchanged=True).version == 3
+    assert reg.commit("t", example.finetunes["has_top"], base="all", per_layer=True, skip_unchanged=True).version == 4
+    assert reg.commit("t", example.finetunes["has_top"], base="all", per_layer=True, tune=l2,
+                      skip_unchanged=True).version == 5  # a tuner given as a function is never comparable

@@ -3,23 +3,33 @@
 Every user error is one line on stderr and a non-zero exit code (see EXIT_CODES), never a
 traceback unless ``--debug``. Read commands take ``--json``; long work shows progress on
 stderr when it is a terminal, never with ``--quiet``.
+
+torch and transformers take seconds to import: commands that only read refs and records
+(``--help``, ``ls``, ``log``, ``show``, ``base ls|show``) use :class:`deltastore.catalog.Catalog`
+and never import them; the others import :class:`deltastore.Registry` when they run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from deltastore import (CorruptObjectError, DeltastoreError, FormatVersionError, LockTimeoutError, NotFoundError,
-                        Registry, parse_spec)
+from deltastore.catalog import Catalog, parse_spec
+from deltastore.errors import (CorruptObjectError, DeltastoreError, FormatVersionError, LockTimeoutError,
+                               NotFoundError)
+
+if TYPE_CHECKING:
+    from deltastore import Registry
 
 EXIT_CODES = {NotFoundError: 3, CorruptObjectError: 4, FormatVersionError: 5, LockTimeoutError: 6}
 EXIT_VERIFY_FAILED = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells expect of a command stopped by Ctrl-C
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -35,6 +45,13 @@ class Group(click.Group):
             code = next((c for cls, c in EXIT_CODES.items() if isinstance(exc, cls)), 1)
             click.echo(f"error: {exc}", err=True)
             ctx.exit(code)
+        except KeyboardInterrupt:
+            # Writes are staged and published whole (docs/guarantees.md): nothing stored is
+            # damaged, but staged leftovers stay until gc.
+            registry = ctx.obj.get("registry") if ctx.obj else None
+            click.echo(f"\ninterrupted: nothing stored changed half-way; `deltastore gc {registry or 'REGISTRY'}` "
+                       "removes what the interrupted command left", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
 
 
 def _emit(data: Any, as_json: bool, text: str) -> None:
@@ -58,10 +75,74 @@ def _times(ratio: float) -> str:
     return f"{ratio:.3g}x"
 
 
+def _catalog(path: Path) -> Catalog:
+    """Open REGISTRY for reading: refs and records only, no torch."""
+    _remember(path)
+    return Catalog(path)
+
+
+def _registry(path: Path) -> "Registry":
+    """Open REGISTRY for work on tensors (imports torch)."""
+    from deltastore.registry import Registry
+
+    _remember(path)
+    return Registry(path)
+
+
+def _remember(path: Path) -> None:
+    # For the Ctrl-C message, which names the registry to gc.
+    click.get_current_context().find_root().obj["registry"] = str(path)
+
+
 def _torch_dtype(name: str | None):
     import torch
 
     return None if name is None else getattr(torch, name)
+
+
+# A Hugging Face repo ID: ORG/NAME, as the hub spells them.
+HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# What a model directory needs, no more: weights deltastore reads, configs and tokenizer files.
+# (Pickle checkpoints, ONNX and other exports in the same repo are never downloaded.)
+HF_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken"]
+
+
+class ModelPath(click.ParamType):
+    """A local model (directory or .safetensors file) or a Hugging Face repo ID (ORG/NAME),
+    fetched through huggingface_hub's cache: downloaded once, offline with HF_HUB_OFFLINE=1."""
+
+    name = "PATH|ORG/NAME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+        path = Path(value)
+        if path.exists():
+            return path
+        if ".." in str(value) or not HF_REPO_ID.fullmatch(str(value)):
+            self.fail(f"{value}: no such file or directory (nor a Hugging Face repo ID ORG/NAME)", param, ctx)
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(str(value), allow_patterns=HF_PATTERNS))
+        except (HfHubHTTPError, LocalEntryNotFoundError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NotFoundError(f"{value}: no such local path, and the Hugging Face repo {value!r} could not be "
+                                f"fetched ({reason}); check the path or repo ID, or fill the cache first (with "
+                                "HF_HUB_OFFLINE=1 only the cache is read)") from None
+
+
+def _complete(kind: str):
+    """Shell completion of task or base names from the REGISTRY argument typed before them."""
+
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+        try:
+            catalog = Catalog(ctx.params["registry"])
+            names = catalog.tasks() if kind == "task" else catalog.bases()
+        except (DeltastoreError, OSError, KeyError, TypeError):  # no registry (yet): nothing to offer
+            return []
+        return sorted(n for n in names if n.startswith(incomplete))
+
+    return complete
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -97,8 +178,8 @@ def _quiet_transformers() -> None:
 
 @cli.command()
 @registry_arg
-@click.option("--reference", required=True, type=click.Path(exists=True, path_type=Path),
-              help="Pretrained model: Hugging Face directory or .safetensors file.")
+@click.option("--reference", required=True, type=ModelPath(),
+              help="Pretrained model: Hugging Face directory, .safetensors file or hub repo ID (ORG/NAME).")
 @click.option("--compress-reference", is_flag=True,
               help="Store the reference's arrays with zstd: about 20% less disk for bf16 weights, but every "
                    "materialize without a resident reference decodes them (slower).")
@@ -106,6 +187,9 @@ def _quiet_transformers() -> None:
 @click.pass_context
 def init(ctx: click.Context, registry: Path, reference: Path, compress_reference: bool, as_json: bool) -> None:
     """Create REGISTRY holding the pretrained reference."""
+    from deltastore.registry import Registry
+
+    _remember(registry)
     reg = Registry.init(registry, reference, compress_reference=compress_reference, progress=_progress(ctx))
     ref = reg.reference()
     data = {"registry": str(registry), "reference": reg.reference_hash(), "tensors": len(ref.tensors),
@@ -122,25 +206,68 @@ def base() -> None:
 @base.command("build")
 @registry_arg
 @click.option("--name", required=True, help="Name of the new base vector.")
-@click.argument("finetunes", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("finetunes", nargs=-1, required=True, type=ModelPath())
 @json_option
 @click.pass_context
 def base_build(ctx: click.Context, registry: Path, name: str, finetunes: tuple[Path, ...], as_json: bool) -> None:
     """Build tau_base = BitDelta(mean(W_t) - W_pre) from FINETUNES."""
-    reg = Registry(registry)
+    reg = _registry(registry)
     record = reg.build_base(name, list(finetunes), progress=_progress(ctx))
-    digest, _ = reg.base(name)
-    size = reg.objects.size("records", digest) + sum(reg.objects.size("arrays", h) for h in record.array_hashes())
-    data = {"name": name, "record": digest, "tensors": len(record.tensors), "sources": record.sources,
-            "bytes_on_disk": size}
+    data = _base_summary(reg, name)
     _emit(data, as_json, f"base {name}: {len(record.tensors)} tensors from {len(finetunes)} finetunes, "
-                         f"{_human(size)} on disk")
+                         f"{_human(data['bytes_on_disk'])} on disk")
+
+
+def _base_summary(reg: Catalog, name: str) -> dict[str, Any]:
+    digest, record = reg.base(name)
+    size = reg.objects.size("records", digest) + sum(reg.objects.size("arrays", h) for h in record.array_hashes())
+    return {"name": name, "record": digest, "created": record.created, "reference": record.reference,
+            "tensors": len(record.tensors), "sources": record.sources, "bytes_on_disk": size,
+            "used_by": reg.base_users(name)}
+
+
+@base.command("ls")
+@registry_arg
+@json_option
+def base_ls(registry: Path, as_json: bool) -> None:
+    """List base vectors: bytes on disk and the task versions built on each."""
+    reg = _catalog(registry)
+    data = [_base_summary(reg, name) for name in sorted(reg.bases())]
+    rows = [["BASE", "TENSORS", "ON DISK", "FINETUNES", "USED BY"]] + [
+        [b["name"], str(b["tensors"]), _human(b["bytes_on_disk"]), str(len(b["sources"])),
+         ", ".join(b["used_by"]) or "-"] for b in data]
+    _emit(data, as_json, _table(rows, right=frozenset({1, 2, 3})) if data else "(no base vectors)")
+
+
+@base.command("show")
+@registry_arg
+@click.argument("name", shell_complete=_complete("base"))
+@json_option
+def base_show(registry: Path, name: str, as_json: bool) -> None:
+    """Show one base vector: what it was built from and who uses it."""
+    data = _base_summary(_catalog(registry), name)
+    _emit(data, as_json, "\n".join([
+        f"base {name}  {data['created']}  record {data['record'][:12]}",
+        f"  tensors    {data['tensors']}, {_human(data['bytes_on_disk'])} on disk",
+        f"  built from {', '.join(data['sources'])}",
+        f"  used by    {', '.join(data['used_by']) or 'no task version (`base rm` may remove it)'}",
+    ]))
+
+
+@base.command("rm")
+@registry_arg
+@click.argument("name", shell_complete=_complete("base"))
+@json_option
+def base_rm(registry: Path, name: str, as_json: bool) -> None:
+    """Remove base vector NAME (refused while a task version uses it); `gc` then frees its bytes."""
+    digest = _registry(registry).remove_base(name)
+    _emit({"name": name, "record": digest}, as_json, f"removed base vector {name}; run gc to free space")
 
 
 @cli.command()
 @registry_arg
-@click.argument("task")
-@click.argument("finetune", type=click.Path(exists=True, path_type=Path))
+@click.argument("task", shell_complete=_complete("task"))
+@click.argument("finetune", type=ModelPath())
 @click.option("--method", type=click.Choice(["bitdelta", "dare", "deltadq"]), default="bitdelta", show_default=True)
 @click.option("--drop-rate", type=float, help="DARE: fraction of delta values dropped (default 0.99).")
 @click.option("--value-bits", type=click.Choice(["16", "8"]), help="DARE: bits per kept value (default 16).")
@@ -187,7 +314,7 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
         raise click.UsageError("--calib is only read by a data-driven tuner; add --tune dbms")
     if tune_options and tune != "dbms":
         raise click.UsageError("--tune-steps and --tune-lr apply to --tune dbms only")
-    reg = Registry(registry)
+    reg = _registry(registry)
     calibration = None
     if calib is not None:
         from deltastore.calibration import load_calibration
@@ -195,11 +322,17 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
         # The finetune's own tokenizer: a task's vocabulary may differ from the reference's.
         calibration = load_calibration(calib, finetune if finetune.is_dir() else None, max_length=calib_max_length,
                                        batch_size=calib_batch_size)
+    latest = reg.version_hashes(task)[-1][0] if task in reg.tasks() else None
     record = reg.commit(task, finetune, method=method, config=config, base=base_name, message=message, tune=tune,
                         calibration=calibration, per_layer=per_layer, tune_options=tune_options or None, seed=seed,
                         allow_unrelated=allow_unrelated, follow_links=follow_links, device=device,
-                        progress=_progress(ctx))
+                        progress=_progress(ctx), skip_unchanged=True)
     data = _version_summary(reg, record)
+    if record.version == latest:
+        _emit({**data, "committed": False}, as_json, f"nothing to commit: {task}@{latest} already holds {finetune} "
+                                                     "with these settings")
+        return
+    data["committed"] = True
     fit = record.tuning or {}
     fitted = ""
     if "loss_initial" in fit:
@@ -213,13 +346,23 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
     ratio = data["ratio_fp16"]
     versus = f"{_times(ratio)} smaller than fp16" if ratio >= 1 else f"{_times(1 / ratio)} larger than fp16"
     _emit(data, as_json, f"{task}@{record.version}: {method}, lam1={record.lam1:.4g} lam2={record.lam2:.4g}, "
-                         f"{_human(data['own_bytes'])} on disk{files}, {versus}{fitted}")
+                         f"{_human(data['own_bytes'])} on disk{files}, {versus}{fitted}\n"
+                         f"  rows: {_rows_summary(data)}")
+    if data["delta_rows"] and data["unchanged_rows"] == data["delta_rows"]:
+        click.echo(f"warning: {finetune} equals the reference in every compressed weight: nothing was finetuned "
+                   "(the ratio above reflects that, not compression)", err=True)
 
 
-def _tuning_summary(tuning: dict[str, Any] | None) -> str:
+def _tuning_summary(record) -> str:
     """The fit record in one line; `show --json` has all of it (loss curve, per-tensor pairs)."""
+    tuning = record.tuning
     if not tuning:
         return "-"
+    if tuning.get("tuner") == "l2":  # the default: nothing is fitted (specs/format.md §5.5)
+        if record.base is None:
+            return "none: no base vector, so lam1=0 and lam2=1"
+        return "none: closed form lam1 = <delta, tau_base>/<tau_base, tau_base>, lam2=1" + (
+            ", per tensor" if tuning.get("per_layer") else "")
     keys = ("tuner", "per_layer", "loss_initial", "loss_final", "steps", "lr", "seed", "fell_back", "reason",
             "seconds")
     parts = [f"{k}={tuning[k]:.4g}" if isinstance(tuning[k], float) else f"{k}={tuning[k]}"
@@ -230,7 +373,27 @@ def _tuning_summary(tuning: dict[str, Any] | None) -> str:
     return ", ".join(parts)
 
 
-def _version_summary(reg: Registry, record) -> dict[str, Any]:
+def _row_counts(record) -> dict[str, int]:
+    """Rows of the delta matrices, and how many the finetune left exactly as in the reference:
+    those cost one mask bit each (specs/format.md §5.2), the others a compressed row."""
+    deltas = [e for e in record.tensors.values() if e.is_delta]
+    total = sum(e.shape[0] for e in deltas)
+    changed = sum(e.shape[0] if e.rows is None else (e.changed_rows or 0) for e in deltas)
+    return {"delta_rows": total, "unchanged_rows": total - changed}
+
+
+def _rows_summary(data: dict[str, Any]) -> str:
+    total, unchanged = data["delta_rows"], data["unchanged_rows"]
+    if not total:
+        return "no delta matrices"
+    if not unchanged:
+        return (f"all {total} rows of the delta matrices changed: each is compressed (a finetune that leaves rows "
+                "untouched, such as embeddings of unseen tokens without weight decay, stores them as a bit)")
+    return (f"{unchanged} of {total} rows of the delta matrices unchanged ({unchanged / total:.0%}): stored as one "
+            "mask bit each, only the changed rows are compressed")
+
+
+def _version_summary(reg: Catalog, record) -> dict[str, Any]:
     stats = reg.stats(record.task, record.version).to_dict()
     base_name = None
     if record.base:
@@ -241,13 +404,13 @@ def _version_summary(reg: Registry, record) -> dict[str, Any]:
         "base": record.base, "base_name": base_name, "reference": record.reference, "parent": record.parent,
         "tuning": record.tuning, "tensors": len(record.tensors),
         "delta_tensors": sum(1 for e in record.tensors.values() if e.is_delta), "files": sorted(record.files),
-        **stats,
+        **_row_counts(record), **stats,
     }
 
 
 @cli.command()
 @registry_arg
-@click.argument("spec", metavar="TASK[@VERSION]")
+@click.argument("spec", metavar="TASK[@VERSION]", shell_complete=_complete("task"))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to write.")
 @click.option("--device", default="cpu", show_default=True, help="Where to decode: cpu, cuda, cuda:1...")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Cast floating weights (default: the finetune's dtypes).")
@@ -257,7 +420,7 @@ def _version_summary(reg: Registry, record) -> dict[str, Any]:
 def materialize(ctx, registry: Path, spec: str, out: Path, device: str, dtype, no_verify: bool, as_json) -> None:
     """Rebuild TASK's weights as a Hugging Face directory at --out."""
     task, version = parse_spec(spec)
-    reg = Registry(registry)
+    reg = _registry(registry)
     path = reg.save_pretrained(task, out, version, device=device, dtype=_torch_dtype(dtype), verify=not no_verify,
                                progress=_progress(ctx))
     _, record = reg.version(task, version)
@@ -265,32 +428,50 @@ def materialize(ctx, registry: Path, spec: str, out: Path, device: str, dtype, n
     _emit(data, as_json, f"wrote {task}@{record.version} to {path}")
 
 
+def _table(rows: list[list[str]], right: frozenset[int] = frozenset()) -> str:
+    """Rows as aligned columns; columns in ``right`` (numbers) aligned right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))] if rows else []
+    return "\n".join("  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))).rstrip() for row in rows)
+
+
+def _ratio(source_fp16_bytes: int, own_bytes: int) -> float | None:
+    return source_fp16_bytes / own_bytes if own_bytes else None
+
+
 @cli.command("ls")
 @registry_arg
 @json_option
 def ls(registry: Path, as_json: bool) -> None:
-    """List tasks (latest version) and base vectors."""
-    reg = Registry(registry)
+    """List tasks (latest version, its bytes on disk) and base vectors."""
+    reg = _catalog(registry)
     tasks = []
-    for task in reg.tasks():
-        versions = reg.versions(task)
+    for task in sorted(reg.tasks()):
+        versions = reg.version_hashes(task)
         _, record = reg.version(task)
+        own = reg.own_bytes(task)
         tasks.append({"task": task, "latest": record.version, "versions": len(versions), "method": record.method,
+                      "own_bytes": own, "ratio_fp16": _ratio(record.source["fp16_bytes"], own),
                       "created": record.created, "message": record.message})
-    data = {"registry": str(registry), "tasks": tasks, "bases": reg.bases()}
-    lines = [f"{t['task']}@{t['latest']}  {t['method']:<8}  {t['versions']} version(s)  {t['message']}" for t in tasks]
-    lines += [f"base {b}" for b in reg.bases()]
-    _emit(data, as_json, "\n".join(lines) or "(empty registry)")
+    bases = sorted(reg.bases())
+    data = {"registry": str(registry), "tasks": tasks, "bases": bases}
+    rows = [["TASK", "VERSIONS", "METHOD", "ON DISK", "VS FP16", "CREATED", "MESSAGE"]] + [
+        [f"{t['task']}@{t['latest']}", str(t["versions"]), t["method"], _human(t["own_bytes"]),
+         f"{t['ratio_fp16']:.1f}x", t["created"], t["message"]] for t in tasks]
+    text = _table(rows, right=frozenset({1, 3, 4})) if tasks else "(no tasks)"
+    if bases:
+        text += "\nbase vectors: " + ", ".join(bases)
+    _emit(data, as_json, text)
 
 
 @cli.command()
 @registry_arg
-@click.argument("spec", metavar="TASK[@VERSION]")
+@click.argument("spec", metavar="TASK[@VERSION]", shell_complete=_complete("task"))
 @json_option
 def show(registry: Path, spec: str, as_json: bool) -> None:
     """Show one task version: method, lambdas, base, bytes and ratios."""
     task, version = parse_spec(spec)
-    reg = Registry(registry)
+    reg = _catalog(registry)
     _, record = reg.version(task, version)
     data = _version_summary(reg, record)
     text = "\n".join([
@@ -299,27 +480,90 @@ def show(registry: Path, spec: str, as_json: bool) -> None:
         f"  lambdas    lam1={record.lam1:.6g}  lam2={record.lam2:.6g}",
         f"  base       {data['base_name'] or '-'} {(record.base or '')[:12]}",
         f"  tensors    {data['tensors']} ({data['delta_tensors']} as deltas)",
+        f"  rows       {_rows_summary(data)}",
         f"  on disk    {_human(data['own_bytes'])} own ({_human(data['amortized_bytes'])} amortized over tasks "
         f"sharing objects) + {_human(data['base_share_bytes'])} base share",
         f"  ratio      {_times(data['ratio_fp16'])} vs fp16, {_times(data['ratio_source_dtype'])} vs the finetune's "
         f"dtype, {_times(data['ratio_fp16_with_base_share'])} vs fp16 with the base share, "
         f"{_times(data['ratio_fp16_amortized'])} amortized",
-        f"  tuning     {_tuning_summary(record.tuning)}",
+        f"  tuning     {_tuning_summary(record)}",
     ])
     _emit(data, as_json, text)
 
 
 @cli.command()
 @registry_arg
-@click.argument("task")
+@click.argument("task", shell_complete=_complete("task"))
 @json_option
 def log(registry: Path, task: str, as_json: bool) -> None:
-    """History of TASK, newest first."""
-    reg = Registry(registry)
-    records = reg.log(task)
-    data = [{"version": r.version, "created": r.created, "message": r.message, "method": r.method,
-             "lam1": r.lam1, "lam2": r.lam2, "parent": r.parent} for r in records]
-    _emit(data, as_json, "\n".join(f"{task}@{r.version}  {r.created}  {r.method:<8}  {r.message}" for r in records))
+    """History of TASK, newest first, with each version's bytes on disk."""
+    reg = _catalog(registry)
+    data = []
+    for record in reg.log(task):
+        own = reg.own_bytes(task, record.version)
+        data.append({"version": record.version, "created": record.created, "message": record.message,
+                     "method": record.method, "lam1": record.lam1, "lam2": record.lam2, "parent": record.parent,
+                     "own_bytes": own, "ratio_fp16": _ratio(record.source["fp16_bytes"], own)})
+    rows = [[f"{task}@{v['version']}", v["created"], v["method"], _human(v["own_bytes"]), f"{v['ratio_fp16']:.1f}x",
+             v["message"]] for v in data]
+    _emit(data, as_json, _table(rows, right=frozenset({3, 4})))
+
+
+@cli.command()
+@registry_arg
+@click.argument("spec_a", metavar="TASK@A", shell_complete=_complete("task"))
+@click.argument("spec_b", metavar="TASK@B", shell_complete=_complete("task"))
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Tensors listed, largest relative error first (--json lists all).")
+@json_option
+@click.pass_context
+def diff(ctx: click.Context, registry: Path, spec_a: str, spec_b: str, top: int, as_json: bool) -> None:
+    """Compare two versions (of one task or two): method, lambdas, bytes on disk, and per tensor
+    the relative error ||W_A - W_B|| / ||W_B|| of their materialized weights."""
+    reg = _registry(registry)
+    sides = [_version_summary(reg, reg.version(spec)[1]) for spec in (spec_a, spec_b)]
+    names = [f"{side['task']}@{side['version']}" for side in sides]
+    # B is held whole, A streamed against it: one model in memory, not two.
+    state_b = dict(reg.iter_materialize(names[1], progress=_progress(ctx)))
+    errors: dict[str, float | None] = {}
+    only_a = []
+    for name, w_a in reg.iter_materialize(names[0], progress=_progress(ctx)):
+        w_b = state_b.pop(name, None)
+        if w_b is None:
+            only_a.append(name)
+        elif w_a.shape != w_b.shape:
+            errors[name] = None  # a task-own head of another size: no element-wise difference
+        else:
+            diff_norm = float((w_a.double() - w_b.double()).norm())
+            ref_norm = float(w_b.double().norm())
+            errors[name] = diff_norm / ref_norm if ref_norm else (0.0 if diff_norm == 0 else float("inf"))
+    ranked = sorted(errors.items(), key=lambda item: -1.0 if item[1] is None else item[1], reverse=True)
+    comparable = [e for e in errors.values() if e is not None]
+    data = {"a": sides[0], "b": sides[1], "relative_error": dict(ranked), "only_in_a": only_a,
+            "only_in_b": sorted(state_b), "identical_tensors": sum(1 for e in comparable if e == 0),
+            "max_relative_error": max(comparable, default=None)}
+    rows = [["", names[0], names[1]],
+            ["method", f"{sides[0]['method']} {json.dumps(sides[0]['config'])}",
+             f"{sides[1]['method']} {json.dumps(sides[1]['config'])}"],
+            ["lambdas", *(f"lam1={s['lam1']:.4g} lam2={s['lam2']:.4g}" for s in sides)],
+            ["base", *(s["base_name"] or "-" for s in sides)],
+            ["on disk", *(f"{_human(s['own_bytes'])} ({s['ratio_fp16']:.1f}x vs fp16)" for s in sides)],
+            ["created", *(s["created"] for s in sides)]]
+    lines = [_table(rows), "",
+             f"relative error ||A - B|| / ||B||: {len(comparable)} tensors compared, {data['identical_tensors']} "
+             f"identical, largest {data['max_relative_error'] or 0:.3g}"]
+    lines += [f"  {'shapes differ' if error is None else format(error, '.3g'):>13}  {name}" for name, error in
+              ranked[:top]]
+    lines += [f"only in {names[0]}: {', '.join(only_a)}"] if only_a else []
+    lines += [f"only in {names[1]}: {', '.join(sorted(state_b))}"] if state_b else []
+    _emit(data, as_json, "\n".join(lines))
+
+
+def _readable_versions(reg: Catalog, task: str) -> int:
+    try:
+        return len(reg.version_hashes(task))
+    except DeltastoreError:  # a damaged ref: verify reports it, the count leaves it out
+        return 0
 
 
 @cli.command()
@@ -328,10 +572,18 @@ def log(registry: Path, task: str, as_json: bool) -> None:
 @click.pass_context
 def verify(ctx: click.Context, registry: Path, as_json: bool) -> None:
     """Rehash every object and check every reference; exit 4 if anything is wrong."""
-    reg = Registry(registry)
+    reg = _registry(registry)
+    stored = {kind: len(names) for kind, names in reg.objects.all_objects().items()}
+    tasks = reg.tasks()
+    versions = sum(_readable_versions(reg, t) for t in tasks)
     problems = reg.verify(progress=_progress(ctx))
+    checked = (f"rehashed {stored.get('arrays', 0)} arrays, {stored.get('blobs', 0)} blobs and "
+               f"{stored.get('records', 0)} records; checked the refs of {len(tasks)} task(s) ({versions} versions), "
+               f"{len(reg.bases())} base vector(s) and the reference")
+    # --json keeps its two keys (scripts compare it whole); the counts are for people.
     _emit({"ok": not problems, "problems": problems}, as_json,
-          "\n".join(f"{p['object']}: {p['problem']} (used by {p['used_by']})" for p in problems) or "ok")
+          "\n".join([f"{p['object']}: {p['problem']} (used by {p['used_by']})" for p in problems]
+                    + [f"{len(problems)} problem(s): {checked}" if problems else f"ok: {checked}"]))
     if problems:
         ctx.exit(EXIT_VERIFY_FAILED)
 
@@ -341,19 +593,38 @@ def verify(ctx: click.Context, registry: Path, as_json: bool) -> None:
 @json_option
 def gc(registry: Path, as_json: bool) -> None:
     """Delete objects no task, base or reference uses, and leftovers of killed commits."""
-    removed = Registry(registry).gc()
+    removed = _registry(registry).gc()
     _emit(removed, as_json, f"removed {removed['arrays']} arrays, {removed['blobs']} blobs, {removed['records']} "
                             f"records, {removed['staging']} leftovers: {_human(removed['bytes'])}")
 
 
+def _interactive() -> bool:
+    """Can we ask the user? (A function, so tests can pretend to be a terminal.)"""
+    return sys.stdin.isatty()
+
+
 @cli.command()
 @registry_arg
-@click.argument("spec", metavar="TASK[@VERSION]")
+@click.argument("spec", metavar="TASK[@VERSION]", shell_complete=_complete("task"))
+@click.option("--all", "all_versions", is_flag=True, help="Remove every version of TASK (the whole task).")
+@click.option("-y", "--yes", is_flag=True, help="With --all: do not ask, even on a terminal (for scripts).")
 @json_option
-def rm(registry: Path, spec: str, as_json: bool) -> None:
-    """Remove a task version (or the whole task); `gc` then frees its bytes."""
+def rm(registry: Path, spec: str, all_versions: bool, yes: bool, as_json: bool) -> None:
+    """Remove a task version, or the whole task; `gc` then frees its bytes.
+
+    A whole task (TASK without @) is removed after a yes at the terminal's prompt, or with
+    --all (and --yes to skip the prompt on a terminal)."""
     task, version = parse_spec(spec)
-    removed = Registry(registry).remove(task, version)
+    reg = _registry(registry)
+    if version is None and "@" not in spec:  # TASK alone: every version (TASK@latest is one)
+        count = len(reg.version_hashes(task))
+        if _interactive() and not yes:
+            if not click.confirm(f"remove all {count} version(s) of {task!r}?", err=True):
+                raise click.Abort()
+        elif not all_versions:
+            raise click.UsageError(f"`rm {task}` removes all {count} version(s) of the task: add --all to confirm "
+                                   f"(--all --yes on a terminal), or name one version as {task}@N")
+    removed = reg.remove(spec)
     _emit({"task": task, "removed": removed}, as_json, f"removed {task} version(s) {removed}; run gc to free space")
 
 

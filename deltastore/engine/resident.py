@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..catalog import split_spec
 from ..errors import InvalidInputError, NotFoundError
 from ..tensor.compressors.base import required_array
 from ..tensor.compressors.lossless import dtype_from_name
@@ -164,7 +165,8 @@ class ResidentModel:
 
     def load(self, task: str, version: int | None = None) -> _CachedTask:
         """Read a task's compressed arrays into the cache (the first switch does it anyway)."""
-        number = self.registry.versions(task)[-1][0] if version is None else version
+        task, version = split_spec(task, version)
+        number = self.registry.version_hashes(task)[-1][0] if version is None else version
         key = (task, number)
         if key in self._tasks:
             return self._tasks[key]

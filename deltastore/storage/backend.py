@@ -26,10 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import zarr
 import zstandard
-import zarr.codecs
-from zarr.storage import LocalStore
 
 from ..errors import CorruptObjectError, LockTimeoutError, NotFoundError
 
@@ -180,6 +177,12 @@ class LocalBackend:
     def write_array(self, key: str, data: np.ndarray, *, compress: bool) -> None:
         """Write ``data`` as a zarr v3 array at ``key`` (every chunk written, even all-zero ones,
         so a missing chunk is always an error, never an implicit fill value)."""
+        # Imported here: reads bypass zarr (read_chunk), and importing it costs a read-only
+        # command such as `deltastore ls` a third of its start-up.
+        import zarr
+        import zarr.codecs
+        from zarr.storage import LocalStore
+
         store = LocalStore(self._path(key))
         array = zarr.create_array(
             store,

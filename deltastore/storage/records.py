@@ -266,6 +266,17 @@ class _WithTensors(Record):
     def array_hashes(self) -> set[str]:
         return {h for entry in self.tensors.values() for h in entry.array_hashes()}  # type: ignore[attr-defined]
 
+    # The generated repr prints every tensor entry (49 KB for MiniLM); one line names the record
+    # and counts its tensors. Subclasses are declared with repr=False so this one is used.
+    REPR_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def __repr__(self) -> str:
+        shown = [f"{name}={getattr(self, name)!r}" for name in self.REPR_FIELDS]
+        shown.append(f"tensors={len(self.tensors)}")  # type: ignore[attr-defined]
+        if hasattr(self, "files"):
+            shown.append(f"files={len(self.files)}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
 
 @dataclass(frozen=True)
 class RegistryInfo(Record):
@@ -292,7 +303,7 @@ class RegistryInfo(Record):
         return dataclasses.replace(info, version=tuple(info.version))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ReferenceRecord(_WithTensors):
     """The pretrained reference: every tensor stored losslessly, plus its non-weight files."""
 
@@ -301,10 +312,11 @@ class ReferenceRecord(_WithTensors):
     files: dict[str, str]
 
     KIND: ClassVar[str] = "reference"
+    REPR_FIELDS: ClassVar[tuple[str, ...]] = ("created",)
     SCHEMA: ClassVar[dict[str, Any]] = {"created": str, "tensors": dict, "files": ("map", str)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class BaseRecord(_WithTensors):
     """A DBMS base vector ``tau_base = BitDelta(mean_t(W_t) - W_pre)``, keyed by reference tensor name."""
 
@@ -315,11 +327,12 @@ class BaseRecord(_WithTensors):
     tensors: dict[str, TensorEntry]
 
     KIND: ClassVar[str] = "base"
+    REPR_FIELDS: ClassVar[tuple[str, ...]] = ("name", "created")
     SCHEMA: ClassVar[dict[str, Any]] = {"name": str, "created": str, "reference": str, "sources": [str],
                                         "tensors": dict}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class TaskVersion(_WithTensors):
     """One immutable version of a task: ``W' = W_pre + lam1*tau_base + lam2*C(residual)``."""
 
@@ -340,6 +353,7 @@ class TaskVersion(_WithTensors):
     source: dict[str, Any]
 
     KIND: ClassVar[str] = "task_version"
+    REPR_FIELDS: ClassVar[tuple[str, ...]] = ("task", "version", "method", "lam1", "lam2", "created")
     SCHEMA: ClassVar[dict[str, Any]] = {
         "task": str, "version": int, "parent": (type(None), str), "created": str, "message": str,
         "reference": str, "base": (type(None), str), "method": str, "config": ("map", SCALAR),

@@ -148,7 +148,7 @@ def _fifo_targets(reg: Registry) -> dict[str, Path]:
         "refs/reference": reg.path / "refs/reference",
         "task ref": reg.path / "refs/tasks/t1",
         "base ref": reg.path / "refs/bases/b1",
-        "record": reg.path / object_key("records", reg.versions("t1")[0][1]),
+        "record": reg.path / object_key("records", reg.version_hashes("t1")[0][1]),
         "blob": reg.path / object_key("blobs", record.files["config.json"]),
         "zarr.json": reg.path / object_key("arrays", record.tensors["lin.bias"].arrays["data"]) / "zarr.json",
     }

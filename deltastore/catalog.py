@@ -1,0 +1,244 @@
+"""The read side of a registry: refs, records, history and byte accounting.
+
+Everything here reads msgpack records and ref files only, so it imports neither torch nor
+zarr: ``deltastore ls``, ``log`` and ``show`` answer at once (benchmarks/cli_startup.py).
+:class:`deltastore.Registry` adds the operations that compute with tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CorruptObjectError, DeltastoreError, InvalidInputError, NotFoundError
+from .storage.backend import LocalBackend
+from .storage.objects import ObjectStore
+from .storage.records import BaseRecord, PointerRef, ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, unpack
+
+INFO_KEY = "registry.msgpack"
+REFERENCE_REF = "refs/reference"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Task and base names become file names: refuse anything that could escape the registry."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:  # fullmatch: '$' allows "x\n"
+        raise InvalidInputError(
+            f"invalid {kind} name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit, without '..'"
+        )
+    return name
+
+
+def parse_spec(spec: str) -> tuple[str, int | None]:
+    """``TASK``, ``TASK@latest`` or ``TASK@VERSION`` -> (task, version or None for the latest)."""
+    task, sep, version = spec.partition("@")
+    if not sep or version == "latest":
+        return task, None
+    if not (version.isascii() and version.isdigit()):  # '²'.isdigit() is True, int('²') fails
+        raise InvalidInputError(f"invalid task version {spec!r}: expected TASK@N with N a positive integer, "
+                                "or TASK@latest")
+    return task, int(version)
+
+
+def split_spec(task: str, version: int | None = None) -> tuple[str, int | None]:
+    """The API names a task as ``TASK``, ``TASK@N`` or ``TASK@latest`` (like the CLI), or as
+    ``TASK`` plus ``version=N``: -> (task, version or None for the latest)."""
+    name, number = parse_spec(task)
+    if number is not None and version is not None and number != version:
+        raise InvalidInputError(f"{task!r} names version {number} but version={version} was also given; "
+                                "give the version once")
+    return name, version if number is None else number
+
+
+@dataclass
+class VersionStats:
+    """Bytes a task version owns on disk and the ratios they give (specs/format.md §10)."""
+
+    own_bytes: int            # record + every array and blob not shared with the reference
+    amortized_bytes: float    # the same, with objects other tasks also use split between them
+    base_bytes: int           # the base vector's bytes (0 without one)
+    base_users: int           # tasks whose latest version uses that base vector
+    source_bytes: int         # the finetune's tensors in their original dtype
+    source_fp16_bytes: int    # the finetune's tensors at 2 bytes per element
+    file_bytes: int = 0       # the part of own_bytes that is side files (config, tokenizer...)
+
+    @property
+    def base_share(self) -> float:
+        return self.base_bytes / self.base_users if self.base_users else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        total = self.own_bytes + self.base_share
+        amortized = self.amortized_bytes + self.base_share
+        return {
+            "own_bytes": self.own_bytes,
+            "amortized_bytes": round(self.amortized_bytes),
+            "base_bytes": self.base_bytes,
+            "base_users": self.base_users,
+            "base_share_bytes": round(self.base_share),
+            "source_bytes": self.source_bytes,
+            "source_fp16_bytes": self.source_fp16_bytes,
+            "file_bytes": self.file_bytes,
+            "ratio_fp16": self.source_fp16_bytes / self.own_bytes if self.own_bytes else None,
+            "ratio_source_dtype": self.source_bytes / self.own_bytes if self.own_bytes else None,
+            "ratio_fp16_with_base_share": self.source_fp16_bytes / total if total else None,
+            "ratio_fp16_amortized": self.source_fp16_bytes / amortized if amortized else None,
+        }
+
+class Catalog:
+    """A registry directory opened for reading (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.backend = LocalBackend(self.path)
+        self.objects = ObjectStore(self.backend)
+        if not self.backend.exists(INFO_KEY):
+            raise NotFoundError(
+                f"{self.path}: not a deltastore registry (no {INFO_KEY}); create one with `deltastore init`"
+            )
+        what = f"{self.path}/{INFO_KEY}"
+        self.info = RegistryInfo.from_dict(unpack(self.backend.get(INFO_KEY), what), what)
+        self._reference_objects: dict[str, set[str]] = {}  # reference record -> its arrays and blobs
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.path)!r})"
+    # -- lookups ----------------------------------------------------------------------------
+    def _pointer(self, key: str, what: str) -> str:
+        data = self.backend.get(key)
+        return PointerRef.from_dict(unpack(data, what), what).record
+
+    def reference_hash(self) -> str:
+        return self._pointer(REFERENCE_REF, f"{self.path}/{REFERENCE_REF}")
+
+    def reference(self) -> ReferenceRecord:
+        return self.objects.get_record(self.reference_hash(), ReferenceRecord)
+
+    def bases(self) -> list[str]:
+        # Only valid names: a killed ref update leaves a '.<name>.<uuid>.tmp' file here for gc.
+        return [n for n in self.backend.children("refs/bases") if NAME_RE.fullmatch(n) and ".." not in n]
+
+    def base(self, name: str) -> tuple[str, BaseRecord]:
+        key = f"refs/bases/{check_name('base', name)}"
+        if not self.backend.exists(key):
+            known = ", ".join(self.bases()) or "none yet"
+            raise NotFoundError(f"{self.path}: no base vector named {name!r} (known: {known}); build one with "
+                                "`deltastore base build`")
+        digest = self._pointer(key, f"{self.path}/{key}")
+        return digest, self.objects.get_record(digest, BaseRecord)
+
+    def base_users(self, name: str) -> list[str]:
+        """``TASK@N`` of every task version built on base vector ``name`` (reads every version record)."""
+        digest, _ = self.base(name)
+        return [f"{task}@{number}" for task in sorted(self.tasks()) for number, record in self.versions(task)
+                if record.base == digest]
+
+    def tasks(self) -> list[str]:
+        """Tasks with at least one version (a ref whose versions were all removed is kept, for
+        its highest issued number, but is no task). A ref that cannot be read is listed: using
+        the task reports the damage."""
+        def listed(task: str) -> bool:
+            try:
+                return bool(self._task_ref(task).versions)
+            except DeltastoreError:
+                return True
+
+        return [n for n in self._task_names() if listed(n)]
+
+    def _task_names(self) -> list[str]:
+        # Only valid names: a killed ref update leaves a '.<name>.<uuid>.tmp' file here for gc.
+        return [n for n in self.backend.children("refs/tasks") if NAME_RE.fullmatch(n) and ".." not in n]
+
+    def _task_ref(self, task: str) -> TaskRef:
+        key = f"refs/tasks/{check_name('task', task)}"
+        if not self.backend.exists(key):
+            return TaskRef([])
+        return TaskRef.from_dict(unpack(self.backend.get(key), f"{self.path}/{key}"), f"{self.path}/{key}")
+
+    def version_hashes(self, task: str) -> list[tuple[int, str]]:
+        """``[(version number, record hash)]`` of a task, oldest first: the ref alone, no record read."""
+        ref = self._task_ref(task)
+        if not ref.versions:
+            known = ", ".join(self.tasks()) or "none yet"
+            raise NotFoundError(f"{self.path}: no task named {task!r} (known tasks: {known})")
+        return list(ref.versions)
+
+    def versions(self, task: str) -> list[tuple[int, TaskVersion]]:
+        """``[(version number, record)]`` of a task, oldest first (:meth:`log` is newest first)."""
+        return [(number, self._record(task, number, digest)) for number, digest in self.version_hashes(task)]
+
+    def version(self, task: str, version: int | None = None) -> tuple[str, TaskVersion]:
+        """(record hash, record) of ``task`` at ``version`` (default: the latest); ``task`` may
+        also be ``TASK@N`` or ``TASK@latest``."""
+        task, version = split_spec(task, version)
+        versions = self.version_hashes(task)
+        if version is None:
+            number, digest = versions[-1]
+        else:
+            found = [d for n, d in versions if n == version]
+            if not found:
+                have = ", ".join(str(n) for n, _ in versions)
+                raise NotFoundError(f"{self.path}: task {task!r} has no version {version} (versions: {have})")
+            digest = found[0]
+            number = version
+        return digest, self._record(task, number, digest)
+
+    def _record(self, task: str, number: int, digest: str) -> TaskVersion:
+        """The record a task ref lists as version ``number``, cross-checked against the ref."""
+        try:
+            record = self.objects.get_record(digest, TaskVersion)
+        except DeltastoreError as exc:
+            raise type(exc)(f"{task}@{number}: {exc}") from None
+        if (record.task, record.version) != (task, number):  # refs carry no hash: cross-check them
+            raise CorruptObjectError(f"{self.path}/refs/tasks/{task}: lists version {number} as record {digest[:12]}, "
+                                     f"which is {record.task}@{record.version}; the ref is damaged")
+        return record
+
+    def log(self, task: str) -> list[TaskVersion]:
+        """Every version of ``task``, newest first."""
+        return [record for _, record in reversed(self.versions(task))]
+
+    def own_bytes(self, task: str, version: int | None = None) -> int:
+        """:attr:`VersionStats.own_bytes` alone, without reading the other tasks (``ls``, ``log``)."""
+        digest, record = self.version(task, version)
+        return sum(self.objects.size(*obj) for obj in self._own_objects(digest, record))
+
+    def _own_objects(self, digest: str, record: TaskVersion) -> list[tuple[str, str]]:
+        """(kind, hash) of the record and of every array and blob it uses beyond the reference."""
+        if record.reference not in self._reference_objects:  # a registry holds one reference: read it once
+            reference = self.objects.get_record(record.reference, ReferenceRecord)
+            self._reference_objects[record.reference] = reference.array_hashes() | set(reference.files.values())
+        shared = self._reference_objects[record.reference]
+        return [("records", digest)] + [("arrays", h) for h in record.array_hashes() - shared] + [
+            ("blobs", h) for h in set(record.files.values()) - shared]
+
+    def stats(self, task: str, version: int | None = None) -> VersionStats:
+        """Real bytes on disk that this version owns (specs/format.md §10, "Counting bytes");
+        ``task`` may be ``TASK@N``.
+
+        ``own_bytes`` counts every object the version references beyond the reference and
+        the base vector in full: what the task costs on its own. ``amortized_bytes`` splits
+        each of those objects between the tasks whose latest versions use it (tokenizer
+        files every finetune re-saves identically are stored once, so each pays a share).
+        """
+        task, version = split_spec(task, version)
+        digest, record = self.version(task, version)
+        mine = self._own_objects(digest, record)
+        sizes = {obj: self.objects.size(*obj) for obj in mine}
+        latest = {t: self.version(t)[1] for t in self.tasks() if t != task}
+        users = dict.fromkeys(mine, 1)
+        for other in latest.values():
+            for obj in {("arrays", h) for h in other.array_hashes()} | {("blobs", h) for h in other.files.values()}:
+                if obj in users:
+                    users[obj] += 1
+        base_bytes = base_users = 0
+        if record.base:
+            base = self.objects.get_record(record.base, BaseRecord)
+            base_bytes = self.objects.size("records", record.base) + sum(
+                self.objects.size("arrays", h) for h in base.array_hashes())
+            base_users = 1 + sum(1 for r in latest.values() if r.base == record.base)
+        return VersionStats(sum(sizes.values()), sum(sizes[o] / users[o] for o in mine), base_bytes, base_users,
+                            int(record.source["bytes"]), int(record.source["fp16_bytes"]),
+                            sum(size for (kind, _), size in sizes.items() if kind == "blobs"))
