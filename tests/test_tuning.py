@@ -81,7 +81,8 @@ def test_dbms_lowers_held_back_mse(registry_copy, example, finetuned_outputs, me
 def test_record_fields(registry_copy, example):
     calib = calibration(example)
     record = registry_copy.commit("small_count", example.finetunes["small_count"], base="all", tune="dbms",
-                                  calibration=calib, tune_options={"max_steps": 4, "lr": 0.02, "patience": 3},
+                                  calibration=calib, tune_options={"max_steps": 4, "lr": 0.02, "patience": 3,
+                                                                   "optimizer": "adam"},
                                   seed=11, progress=False).tuning
     assert RECORD_FIELDS <= set(record)
     assert record["tuner"] == "dbms" and record["optimizer"] == "adam" and record["compressor"] == "bitdelta"

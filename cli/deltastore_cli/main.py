@@ -152,7 +152,7 @@ def base_build(ctx: click.Context, registry: Path, name: str, finetunes: tuple[P
                    "({\"text\": ...} or {\"input_ids\": [...]}), tokenized with FINETUNE's tokenizer.")
 @click.option("--calib-max-length", type=click.IntRange(min=1), default=128, show_default=True,
               help="Truncate calibration examples to this many tokens.")
-@click.option("--calib-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--calib-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Calibration examples per batch.")
 @click.option("--tune-steps", type=click.IntRange(min=0), help="dbms: most optimizer steps (default 100).")
 @click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True), help="dbms: Adam learning rate (default 1e-2).")
