@@ -64,7 +64,10 @@ OPTIMIZERS = ("auto", "lm", "adam")
 FD_STEP = 1e-2         # lambda step of the finite differences that give the Jacobian: lambdas are O(1),
                        # and the outputs of float32 models are smooth well below 1e-2 of a lambda
 LM_DAMPING = 1e-3      # Levenberg-Marquardt's starting damping, relative to the Gauss-Newton diagonal
-LM_REJECTS = 2         # stop after this many rejected steps in a row with a fresh Jacobian
+LM_REJECTS = 4         # stop after this many rejected steps in a row with a fresh Jacobian (damping x10 each)
+LM_RADIUS = 0.25       # largest first change of a lambda: far from the optimum the linear model
+                       # over-shoots (DARE at p=0.99 on the demo proposes +1.8); doubled after each
+                       # kept step, quartered after each failed one
 LM_TOLERANCE = 1e-2    # stop once a step gains, or is predicted to gain, less than 1% of the loss: each
                        # further step costs a full pass for less than that (BitDelta's sign flips make
                        # the tail slow), while the first steps take the loss 2-40x down
@@ -383,12 +386,13 @@ def _levenberg_marquardt(fit: _Problem, cfg: DbmsTuneConfig, pairs, fit_lam1: bo
     if not fit.items or loss == 0.0 or cfg.max_steps == 0:
         return curve, ([float(best[0])], [float(best[1])]), 0, 0, None
     jac, fresh = jacobian(theta, resid), True
-    damping, rejected, steps, reason = LM_DAMPING, 0, 0, None
+    damping, radius, rejected, steps, reason = LM_DAMPING, LM_RADIUS, 0, 0, None
     while steps < cfg.max_steps:
         gradient = sum(j.T @ r.double() for j, r in zip(jac, resid))
         gauss_newton = sum(j.T @ j for j in jac)
         system = gauss_newton + damping * torch.diag(gauss_newton.diagonal().clamp_min(1e-30))
         step = torch.linalg.solve(system, -gradient)
+        step = step * min(1.0, radius / float(step.abs().max().clamp_min(1e-30)))
         predicted = -(2 * gradient @ step + step @ gauss_newton @ step)  # the linear model's loss decrease
         if float(predicted) < LM_TOLERANCE * loss:
             break
@@ -403,7 +407,7 @@ def _levenberg_marquardt(fit: _Problem, cfg: DbmsTuneConfig, pairs, fit_lam1: bo
             jac = [j + torch.outer(c - j @ step, step) / float(step @ step) for j, c in zip(jac, change)]
             improved = (loss - new_loss) / loss
             theta, resid, loss, fresh = candidate, new_resid, new_loss, False
-            damping, rejected = damping / 3, 0
+            damping, radius, rejected = damping / 3, 2 * radius, 0
             curve.append((judged(theta, loss), loss))
             if curve[-1][0] < curve[best_step][0]:
                 best_step, best = len(curve) - 1, theta.clone()
@@ -411,7 +415,7 @@ def _levenberg_marquardt(fit: _Problem, cfg: DbmsTuneConfig, pairs, fit_lam1: bo
             if improved < LM_TOLERANCE or loss == 0.0:
                 break
             continue
-        damping *= 10
+        damping, radius = damping * 10, float(step.abs().max()) / 4
         rejected = rejected + 1 if fresh else 1
         progress.update(steps, curve[-1][0])
         if rejected >= LM_REJECTS:
