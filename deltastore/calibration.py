@@ -9,6 +9,10 @@ as is. From the CLI, :func:`load_calibration` reads a file:
   numeric fields (``pixel_values``, ``decoder_input_ids``...) are passed to the model as they are.
 - anything else: plain text, one example per line (blank lines skipped).
 
+Anything that is not one example per line is refused: a ``.json`` file, or a text file that
+holds one JSON document (an array of examples read as text would become one example per line
+of its layout, or a single example).
+
 Examples are grouped in batches of ``batch_size`` consecutive lines, padded to the longest
 example of their batch and truncated to ``max_length`` tokens.
 """
@@ -27,6 +31,11 @@ from .errors import InvalidInputError, NotFoundError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 DEFAULT_MAX_LENGTH = 128
+# Fewer examples than this draw a warning: two lambdas fitted on a handful of inputs follow
+# those inputs, not the task. 64 unlabeled texts are the fewest measured to generalise
+# (benchmarks/results/tuning_heldout.md: held-out error 1.6-11x lower); 32 is half of that,
+# the demo's count, and one batch of the default size.
+MIN_EXAMPLES = 32
 DEFAULT_BATCH_SIZE = 32  # a dbms fit's passes run 1.6x faster on 2 CPU cores than with batches of 8
 
 
@@ -102,6 +111,8 @@ def load_calibration(path: str | os.PathLike, tokenizer: Any = None, *, max_leng
         raise InvalidInputError(f"max_length and batch_size must be positive, got {max_length} and {batch_size}")
     examples: list[tuple[int, dict[str, Any]]] = []
     jsonl = path.suffix.lower() in JSONL_SUFFIXES
+    if not jsonl:
+        _refuse_json_document(path)
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -123,6 +134,32 @@ def load_calibration(path: str | os.PathLike, tokenizer: Any = None, *, max_leng
     state = {"tokenizer": tokenizer}
     return [_batch(path, examples[i:i + batch_size], state, max_length)
             for i in range(0, len(examples), batch_size)]
+
+
+def _refuse_json_document(path: Path) -> None:
+    """A text file must hold one example per line; refuse a JSON document passed as one."""
+    expected = ("expected one example per line: plain text lines, or JSONL (a .jsonl file, one object "
+                "{\"text\": ...} or {\"input_ids\": [...]} per line)")
+    if path.suffix.lower() == ".json":
+        raise InvalidInputError(f"{path}: a .json file is one JSON document; {expected}")
+    with path.open(encoding="utf-8") as handle:
+        first = next((line.strip() for line in handle if line.strip()), "")
+    if not first.startswith(("[", "{")):
+        return
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        document = None
+    if isinstance(document, (list, dict)):
+        found = f"a JSON array of {len(document)} items" if isinstance(document, list) else "a JSON object"
+        raise InvalidInputError(f"{path}: found one JSON document ({found}), not one example per line; {expected}")
+    try:
+        line_is_json = isinstance(json.loads(first), dict)
+    except ValueError:
+        line_is_json = False
+    if line_is_json:
+        raise InvalidInputError(f"{path}: its lines are JSON objects but the file is read as text; rename it to "
+                                f"{path.stem}.jsonl")
 
 
 def _tokenizer(state: dict[str, Any], path: Path, number: int):

@@ -184,11 +184,17 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
     reg = Registry(registry)
     calibration = None
     if calib is not None:
-        from deltastore.calibration import load_calibration
+        from deltastore.calibration import MIN_EXAMPLES, example_count, load_calibration
 
         # The finetune's own tokenizer: a task's vocabulary may differ from the reference's.
         calibration = load_calibration(calib, finetune if finetune.is_dir() else None, max_length=calib_max_length,
                                        batch_size=calib_batch_size)
+        examples = sum(example_count(b) for b in calibration)
+        if not ctx.obj["quiet"]:
+            click.echo(f"calibration: {examples} examples in {len(calibration)} batches from {calib}", err=True)
+        if examples < MIN_EXAMPLES:
+            click.echo(f"warning: only {examples} calibration examples in {calib}; lambdas fitted on so few follow "
+                       f"them rather than the task: give at least {MIN_EXAMPLES}", err=True)
     record = reg.commit(task, finetune, method=method, config=config, base=base_name, message=message, tune=tune,
                         calibration=calibration, per_layer=per_layer, tune_options=tune_options or None, seed=seed,
                         allow_unrelated=allow_unrelated, device=device, progress=_progress(ctx))
