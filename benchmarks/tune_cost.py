@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({
             "code": args.label, "task": args.task, "setting": setting, "device": args.device,
             "fit_seconds": fit.get("seconds"), "commit_seconds": round(commit_seconds, 1),
-            "steps": fit.get("steps"), "passes": fit.get("passes"), "optimizer": fit.get("optimizer"), "fell_back": fit.get("fell_back"),
+            "steps": fit.get("steps"), "passes": fit.get("passes"), "optimizer": fit.get("optimizer"),
+            "fell_back": fit.get("fell_back"),
             "loss_initial": fit.get("loss_initial"), "loss_final": fit.get("loss_final"),
             "lam1_initial": fit.get("lam1_initial"), "lam1": record.lam1, "lam2": record.lam2,
             "heldout_logit_mse": float((got - want).pow(2).mean()),
@@ -102,15 +103,23 @@ def main(argv: list[str] | None = None) -> int:
             "loss_curve": fit.get("loss_curve"),
         })
         print(json.dumps(rows[-1]), flush=True)
+        lines = write(args, rows, len(texts), len(calibration), len(test_x))  # after each fit: a cut run still counts
 
+    print("\n".join(lines))
+    return 0
+
+
+def write(args, rows: list[dict], texts: int, batches: int, test_texts: int) -> list[str]:
+    """Merge this run into results/tune_cost_<cpu|cuda>.json (replacing an earlier run of the same
+    label) and rewrite the .md table from it; returns the table's lines."""
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     machine = (torch.cuda.get_device_name() if kind == "cuda" else
                f"{platform.machine()} CPU, {args.threads} torch threads") + f", torch {torch.__version__}"
     out_json = RESULTS / f"tune_cost_{kind}.json"
     previous = json.loads(out_json.read_text()) if out_json.is_file() else {"runs": []}
     runs = [r for r in previous["runs"] if r["code"] != args.label] + [
-        {"code": args.label, "machine": machine, "texts": len(texts), "batches": len(calibration),
-         "test_texts": len(test_x), "max_steps": args.steps, "rows": rows}]
+        {"code": args.label, "machine": machine, "texts": texts, "batches": batches,
+         "test_texts": test_texts, "max_steps": args.steps, "rows": rows}]
     RESULTS.mkdir(exist_ok=True)
     out_json.write_text(json.dumps({"runs": runs}, indent=1))
     lines = [f"# Cost of a `--tune dbms` fit on all-MiniLM-L6-v2 ({kind})", "",
@@ -118,17 +127,20 @@ def main(argv: list[str] | None = None) -> int:
              f"zoo finetune ({args.task}, 22.7M parameters), lambdas fitted on unlabeled texts in batches of "
              f"{CALIB_BATCH} (max length {zoo.MAX_LEN}); held-out = logits vs the finetune's on test texts the fit "
              "never saw. Base vector from every cached zoo finetune.", "",
-             "| code | machine | setting | texts | fit s | steps | optimizer | calib. loss before -> after | lam1 | "
-             "lam2 | held-out logit MSE | held-out acc (finetuned) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Passes: forward passes over the texts (Adam's steps are forward + backward; the old code did not "
+             "count them).", "",
+             "| code | machine | setting | texts | fit s | steps | passes | optimizer | calib. loss before -> after | "
+             "lam1 | lam2 | held-out logit MSE | held-out acc (finetuned) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         for r in run["rows"]:
             lines.append(f"| {run['code']} | {run['machine']} | {r['setting']} | {run['texts']} | {r['fit_seconds']} | "
-                         f"{r['steps']} | {r['optimizer']} | {r['loss_initial']:.4g} -> {r['loss_final']:.4g} | "
+                         f"{r['steps']} | {r.get('passes') or '-'} | {r['optimizer']} | "
+                         f"{r['loss_initial']:.4g} -> {r['loss_final']:.4g} | "
                          f"{r['lam1']:.3f} | {r['lam2']:.3f} | {r['heldout_logit_mse']:.4g} | "
                          f"{r['heldout_accuracy']:.1%} ({r['finetuned_accuracy']:.1%}) |")
     (RESULTS / f"tune_cost_{kind}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return lines
 
 
 if __name__ == "__main__":

@@ -146,9 +146,12 @@ def base_build(ctx: click.Context, registry: Path, name: str, finetunes: tuple[P
 @click.option("-m", "--message", default="", help="What this version is.")
 @click.option("--tune", default=None,
               help="Tuner for lam1/lam2: l2 (closed form, the default), dbms (fit on --calib inputs) or a "
-                   "registered name.")
+                   "registered name. dbms runs the model over the calibration inputs 5-25 times (--per-layer: "
+                   "Adam, up to 100 forward+backward passes); measured on a 22.7M-parameter MiniLM with 200 "
+                   "texts: 1-2.5 min on 2 busy CPU cores (benchmarks/results/tune_cost_cpu.md), 1-2 s for the "
+                   "demo's models.")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Calibration inputs for --tune dbms: a text file (one example per line) or JSONL "
+              help="Calibration inputs for --tune dbms, one example per line (at least 32): a text file or JSONL "
                    "({\"text\": ...} or {\"input_ids\": [...]}), tokenized with FINETUNE's tokenizer.")
 @click.option("--calib-max-length", type=click.IntRange(min=1), default=128, show_default=True,
               help="Truncate calibration examples to this many tokens.")

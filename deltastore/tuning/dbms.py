@@ -38,7 +38,8 @@ The record (the version's ``tuning`` field, informative): ``tuner``, ``per_layer
 ``per_tensor_final`` for per-layer fits; ``loss_initial``/``loss_final`` (mean squared error
 of ``output`` on the data named by ``judged_on``) and the ``loss_curve``; ``steps`` taken,
 ``best_step``, ``passes`` (forward passes over the calibration inputs: the fit's cost),
-``max_steps``, ``lr``, ``patience``, ``min_delta``, ``optimizer``; ``seed`` (the commit's), ``device``, ``dtype``, ``seconds``; ``calibration``: ``sha256`` of the inputs
+``max_steps``, ``lr``, ``patience``, ``min_delta``, ``optimizer``; ``seed`` (the commit's),
+``device``, ``dtype``, ``seconds``; ``calibration``: ``sha256`` of the inputs
 (:func:`deltastore.calibration.calibration_sha256`), ``batches``, ``holdout_batches``,
 ``examples``; ``tensors_fitted``.
 """
@@ -263,7 +264,8 @@ def _fit(context: TuneContext, cfg: DbmsTuneConfig, start: Lambdas, model: torch
         "loss_initial": initial_loss, "loss_final": initial_loss if fell_back else best_loss,
         "lam1_initial": float(start.lam1), "lam2_initial": float(start.lam2),
         "optimizer": optimizer, "lr": float(cfg.lr), "max_steps": cfg.max_steps, "steps": steps,
-        "passes": round(fit.batch_passes / len(batches), 2), "best_step": best_step, "patience": cfg.patience, "min_delta": float(cfg.min_delta),
+        "passes": round(fit.batch_passes / len(batches), 2), "best_step": best_step, "patience": cfg.patience,
+        "min_delta": float(cfg.min_delta),
         "seed": int(context.seed), "device": str(device), "dtype": cfg.dtype,
         "calibration": {"sha256": digest, "batches": len(batches), "holdout_batches": len(held),
                         "examples": sum(example_count(b) for b in batches)},
@@ -347,8 +349,11 @@ def _levenberg_marquardt(fit: _Problem, cfg: DbmsTuneConfig, pairs, fit_lam1: bo
 
     Each step costs one pass over the calibration batches (the candidate's residuals); the
     Jacobian (columns: residual change per unit of each fitted lambda) is taken by forward
-    differences (one pass per lambda), then kept up to date by Broyden's rank-one update and taken afresh only when a step fails. A
-    step is kept only if it lowers the training loss, so the fit never ends above its start."""
+    differences (one pass per lambda), then kept up to date by Broyden's rank-one update and
+    taken afresh only when a step fails. Steps are damped and bounded by a trust radius
+    (LM_RADIUS); a step is kept only if it lowers the training loss, so the fit never ends
+    above its start. It stops when a step gains, or by the linear model would gain, less than
+    LM_TOLERANCE of the loss, after LM_REJECTS failed steps in a row, or at ``max_steps``."""
     theta = torch.tensor(pairs[0], dtype=torch.float64)  # (lam1, lam2)
     free = [0, 1] if fit_lam1 else [1]
     device = fit.items[0].w_pre.device if fit.items else None
