@@ -148,7 +148,7 @@ def base_build(ctx: click.Context, registry: Path, name: str, finetunes: tuple[P
               help="Tuner for lam1/lam2: l2 (closed form, the default), dbms (fit on --calib inputs) or a "
                    "registered name. dbms runs the model over the calibration inputs 5-25 times (--per-layer: "
                    "Adam, up to 100 forward+backward passes); measured on a 22.7M-parameter MiniLM with 200 "
-                   "texts: 1-2.5 min on 2 busy CPU cores (benchmarks/results/tune_cost_cpu.md), 1-2 s for the "
+                   "texts: 1.4-5 min on 2 busy CPU cores (benchmarks/results/tune_cost_cpu.md), 1-2 s for the "
                    "demo's models.")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Calibration inputs for --tune dbms, one example per line (at least 32): a text file or JSONL "
