@@ -27,6 +27,28 @@ TASKS = {
 }
 
 
+# (method, config, base, tuner) of each commit, in order: each compressor alone, then with DBMS.
+SETTINGS = [("bitdelta", {}, None, None), ("bitdelta", {}, "demo", "l2"), ("bitdelta", {}, "demo", "dbms"),
+            ("dare", {"drop_rate": 0.99}, None, None), ("dare", {"drop_rate": 0.99}, "demo", "dbms")]
+
+EXPLANATION = """
+How to read the table: each row is one committed version of a finetune; 'bytes' is what the
+registry stores for it, 'x fp16' the finetune's fp16 size over that; 'logit MSE' and the
+accuracy (finetune -> rebuilt model, on 256 held-out inputs) say what the compression cost.
+- bitdelta keeps one sign bit per changed weight; 'DBMS l2' first subtracts the shared base
+  vector scaled by the closed-form lam1; 'DBMS dbms' fits lam1/lam2 on 32 unlabeled inputs
+  (a second or two here) and lowers the logit error, on some tasks by orders of magnitude.
+- has_top is the fragile task: its finetune is right on the held-out inputs but by thin
+  margins (its final training loss above is not far below chance's 0.69), so errors that
+  leave the other tasks' answers alone flip many of its answers. Plain bitdelta drops it to
+  about 60%; fitted lambdas bring it back.
+- dare p=0.99 keeps 1 weight change in 100 (rescaled x100): the smallest versions, and the
+  roughest. On finetunes this small that is too little for has_top even with fitted lambdas.
+  On real finetunes of a 22M-parameter model (benchmarks/results/quality.md) p=0.99 keeps
+  98.7% of their accuracy; check accuracy per task before choosing an extreme setting.
+"""
+
+
 @dataclass
 class Example:
     reference: Path
@@ -48,8 +70,10 @@ def _batch(gen: torch.Generator, n: int) -> torch.Tensor:
     return x
 
 
-def make_example(workdir: Path, *, steps: int = 80, seed: int = 0) -> Example:
-    """Write ``reference/`` and ``finetunes/<task>/`` (HF directories) under ``workdir``."""
+def make_example(workdir: Path, *, steps: int = 80, seed: int = 0,
+                 log: Callable[[str], Any] | None = None) -> Example:
+    """Write ``reference/`` and ``finetunes/<task>/`` (HF directories) under ``workdir``;
+    ``log`` is told as each finetune is done."""
     from transformers import BertForSequenceClassification, BertModel
 
     workdir = Path(workdir)
@@ -73,35 +97,48 @@ def make_example(workdir: Path, *, steps: int = 80, seed: int = 0) -> Example:
         model.eval()
         model.save_pretrained(workdir / "finetunes" / task)
         finetunes[task] = workdir / "finetunes" / task
+        if log is not None:
+            log(f"  finetuned {task} ({steps} Adam steps, final loss {loss.item():.3f})")
     return Example(workdir / "reference", finetunes, _batch(gen, 256), _batch(gen, 32))
 
 
 def run_demo(workdir: Path, *, progress: bool | None = None, echo: Callable[[str], Any] | None = print) -> dict:
     """Build the example, init a registry, build a base, commit every task with each method,
     materialize, compare outputs with the finetunes, verify. Returns the report."""
-    from transformers import AutoModelForSequenceClassification
-
-    from .registry import Registry
-
     say = echo or (lambda _msg: None)
     workdir = Path(workdir)
     if (workdir / "registry").exists():
         raise FileExistsError(f"{workdir}/registry exists: give the demo a new directory")
+    # One thread: this model's matmuls are too small to gain from more, and on a busy 2-core
+    # machine two threads made building the example 1.8x slower (89 s against 48 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(workdir, progress, say)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(workdir: Path, progress: bool | None, say: Callable[[str], Any]) -> dict:
+    from transformers import AutoModelForSequenceClassification
+
+    from .registry import Registry
+
     start = time.perf_counter()
     say(f"building a tiny BERT and {len(TASKS)} finetunes in {workdir} ...")
-    example = make_example(workdir)
+    example = make_example(workdir, log=say)
     registry = Registry.init(workdir / "registry", example.reference, progress=progress)
     registry.build_base("demo", list(example.finetunes.values()), progress=progress)
     calibration = [{"input_ids": example.calibration[i:i + 16]} for i in range(0, len(example.calibration), 16)]
+    say(f"built in {time.perf_counter() - start:.0f} s; committing each finetune {len(SETTINGS)} ways:")
     rows = []
-    for method, config, base, tune in [("bitdelta", {}, None, None), ("bitdelta", {}, "demo", "l2"),
-                                       ("bitdelta", {}, "demo", "dbms"), ("dare", {"drop_rate": 0.99}, None, None),
-                                       ("dare", {"drop_rate": 0.99}, "demo", "dbms"),
-                                       ("deltadq", {"group_size": 16, "keep": 1, "bits": 2}, "demo", "dbms")]:
+    for method, config, base, tune in SETTINGS:
         for task, path in example.finetunes.items():
+            began = time.perf_counter()
             record = registry.commit(task, path, method=method, config=config, base=base, tune=tune,
                                      calibration=calibration if tune == "dbms" else None,
                                      message=f"{method} base={base} tune={tune}", progress=progress)
+            seconds = time.perf_counter() - began
             stats = registry.stats(task).to_dict()
             finetuned = AutoModelForSequenceClassification.from_pretrained(path).eval()
             model = registry.load_model(task)
@@ -114,8 +151,10 @@ def run_demo(workdir: Path, *, progress: bool | None = None, echo: Callable[[str
                 "lam1": record.lam1, "lam2": record.lam2, "own_bytes": stats["own_bytes"],
                 "ratio_fp16": stats["ratio_fp16"], "logit_mse": float((got - want).pow(2).mean()),
                 "accuracy_finetuned": float((want.argmax(-1) == labels).float().mean()),
-                "accuracy": float((got.argmax(-1) == labels).float().mean()),
+                "accuracy": float((got.argmax(-1) == labels).float().mean()), "commit_seconds": round(seconds, 2),
             })
+            say(f"  {task} v{record.version}: {method}{'' if base is None else ' + DBMS ' + tune} "
+                f"in {seconds:.1f} s")
     problems = registry.verify(progress=progress)
     report = {"registry": str(workdir / "registry"), "rows": rows, "verify_problems": problems,
               "seconds": round(time.perf_counter() - start, 1)}
@@ -127,4 +166,5 @@ def run_demo(workdir: Path, *, progress: bool | None = None, echo: Callable[[str
             f"{r['own_bytes']:>8}{r['ratio_fp16']:>7.1f}{r['logit_mse']:>10.1e}"
             f"{r['accuracy_finetuned']:>8.0%} ->{r['accuracy']:>4.0%}")
     say(f"verify: {'ok' if not problems else problems}; {report['seconds']} s; registry at {report['registry']}")
+    say(EXPLANATION)
     return report

@@ -81,7 +81,8 @@ def test_dbms_lowers_held_back_mse(registry_copy, example, finetuned_outputs, me
 def test_record_fields(registry_copy, example):
     calib = calibration(example)
     record = registry_copy.commit("small_count", example.finetunes["small_count"], base="all", tune="dbms",
-                                  calibration=calib, tune_options={"max_steps": 4, "lr": 0.02, "patience": 3},
+                                  calibration=calib, tune_options={"max_steps": 4, "lr": 0.02, "patience": 3,
+                                                                   "optimizer": "adam"},
                                   seed=11, progress=False).tuning
     assert RECORD_FIELDS <= set(record)
     assert record["tuner"] == "dbms" and record["optimizer"] == "adam" and record["compressor"] == "bitdelta"
@@ -246,6 +247,39 @@ def test_load_calibration_text_and_jsonl(tmp_path):
         load_calibration(text, None)
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("calib.json", '[{"text": "w5"}, {"text": "w6"}]', "a .json file is one JSON document"),
+    ("calib.txt", '[{"text": "w5"},\n {"text": "w6"},\n {"text": "w7"}]\n', "a JSON array of 3 items"),
+    ("calib.txt", '{"examples": ["w5", "w6"]}', "a JSON object"),
+    ("calib.txt", '{"text": "w5"}\n{"text": "w6"}\n', "rename it to calib.jsonl"),
+])
+def test_calibration_refuses_what_is_not_one_example_per_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(InvalidInputError, match=message) as caught:
+        load_calibration(path, _word_tokenizer(tmp_path))
+    assert "one example per line" in str(caught.value) or "jsonl" in str(caught.value)
+
+
+def test_calibration_text_may_start_with_a_bracket(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("[music] w5 w6\nw7\n")
+    assert load_calibration(path, _word_tokenizer(tmp_path))[0]["input_ids"].shape[0] == 2
+
+
+def test_fit_progress_prints_plain_lines_off_a_terminal(registry_copy, example, capsys, monkeypatch):
+    from deltastore.tuning import dbms
+
+    monkeypatch.setattr(dbms, "PLAIN_PROGRESS_EVERY", 0.0)  # a line per step, not one every few seconds
+    common = dict(base="all", tune="dbms", calibration=calibration(example), tune_options={"max_steps": 3})
+    registry_copy.commit("has_small", example.finetunes["has_small"], progress=None, **common)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tune dbms:")]
+    assert lines and all("loss" in line for line in lines)
+    assert any("s left" in line for line in lines)  # the time left, once a step has been timed
+    registry_copy.commit("has_small", example.finetunes["has_small"], progress=False, **common)
+    assert "tune dbms" not in capsys.readouterr().err
+
+
 def test_calibration_hash_and_batches():
     a = [{"input_ids": torch.arange(6).view(2, 3)}]
     assert calibration_sha256(a) == calibration_sha256(as_batches([{"input_ids": [[0, 1, 2], [3, 4, 5]]}]))
@@ -285,6 +319,8 @@ def test_cli_commit_tune_dbms(registry_copy, example, tmp_path):
                                              "--tune-lr", "0.02", "--calib-max-length", "12"], obj={})
     assert result.exit_code == 0, result.output
     assert "dbms fit: output MSE" in result.output
+    assert f"calibration: 16 examples in 1 batches from {calib}" in result.output  # CliRunner mixes stderr in
+    assert "warning: only 16 calibration examples" in result.output and "at least 32" in result.output
     _, record = registry_copy.version("has_small")
     assert record.tuning["tuner"] == "dbms" and record.tuning["lr"] == 0.02 and record.tuning["max_steps"] == 6
     expected = load_calibration(calib, finetune, max_length=12)
