@@ -31,7 +31,7 @@ from .storage.records import (FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, BaseRecor
                               ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, TensorEntry, pack, unpack)
 from .tensor import dbms
 from .tensor.bitpack import pack_bits
-from .tensor.compressors import get_compressor
+from .tensor.compressors import compressor_class, get_compressor
 from .tensor.compressors.lossless import Lossless, dtype_from_name, dtype_name
 from .tensor.prng import derive_seed
 from .tuning import Lambdas, TuneContext, Tuner, get_tuner
@@ -311,7 +311,9 @@ class Registry:
         are still read one at a time. Reductions (lam1, BitDelta scales) may differ from a CPU
         commit in the last bits; materializing a version is exact whichever device wrote it."""
         check_name("task", task)
-        compressor = get_compressor(method, dict(config or {}))
+        # Fields the caller leaves out take the writer's defaults (the config class's), not what a
+        # reader gives a stored configuration that lacks them (an older page's: dare's 'hash' layout).
+        compressor = get_compressor(method, {**compressor_class(method).config_class().to_dict(), **(config or {})})
         if method == "lossless":
             raise InvalidInputError("method 'lossless' stores whole tensors, not deltas; pick bitdelta, dare or deltadq")
         source = open_source(finetune)
