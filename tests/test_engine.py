@@ -32,6 +32,7 @@ TASKS = {
     "dare16": ("has_small", "dare", {"drop_rate": 0.9, "value_bits": 16}, "all"),
     "dare8": ("has_top", "dare", {"drop_rate": 0.99, "value_bits": 8}, "all"),
     "dare_plain": ("small_count", "dare", {"drop_rate": 0.9}, None),
+    "dare_hash": ("has_small", "dare", {"drop_rate": 0.9, "value_bits": 8, "layout": "hash"}, "all"),  # format 1.0
     "deltadq": ("has_small", "deltadq", {"group_size": 16, "keep": 2, "bits": 4}, "all"),
     "bd_base2": ("has_small", "bitdelta", {}, "all"),
 }
@@ -123,7 +124,7 @@ def test_streaming_reads_ahead_within_budget(registry, monkeypatch):
 
 def test_resident_switch_back_and_forth_cpu(registry):
     resident = ResidentModel(registry, device="cpu")
-    order = ["bd_base", "dare16", "bd_base", "deltadq", "dare8", "bd_base"]
+    order = ["bd_base", "dare16", "bd_base", "deltadq", "dare8", "dare_hash", "bd_base"]
     pointers = None
     for task in order:
         resident.switch(task)
@@ -179,7 +180,7 @@ def test_streaming_corrupt_array_raises_from_reader_thread(registry, tmp_path, d
 
 
 @pytest.mark.skipif(not triton_enabled(torch.device("cpu")), reason="Triton interpreter not enabled")
-@pytest.mark.parametrize("task", ["bd_base", "bd_plain", "dare16", "dare8", "dare_plain"])
+@pytest.mark.parametrize("task", ["bd_base", "bd_plain", "dare16", "dare8", "dare_plain", "dare_hash"])
 def test_kernels_interpreted_equal_materialize(registry, task):
     """The Triton kernels themselves, run on the CPU by Triton's interpreter."""
     want = reference_state(registry, task)
@@ -200,19 +201,21 @@ def test_cuda_streaming_equals_cpu_materialize(registry, task):
 
 
 @pytest.mark.cuda
-def test_cuda_registry_materialize_uses_fused_kernels(registry, monkeypatch):
-    from deltastore.tensor.compressors.dare.fused import DareFused
+@pytest.mark.parametrize(("task", "decoder"), [("dare16", "DareGapsFused"), ("dare_hash", "DareFused")])
+def test_cuda_registry_materialize_uses_fused_kernels(registry, monkeypatch, task, decoder):
+    from deltastore.tensor.compressors.dare import fused, fused_gaps
 
+    cls = getattr(fused_gaps if decoder == "DareGapsFused" else fused, decoder)
     calls = []
-    original = DareFused.run
+    original = cls.run
 
     def spy(*args, **kwargs):
         calls.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(DareFused, "run", spy)
-    want = registry.materialize("dare16", device="cpu")
-    assert_same(registry.materialize("dare16", device="cuda"), want)
+    monkeypatch.setattr(cls, "run", spy)
+    want = registry.materialize(task, device="cpu")
+    assert_same(registry.materialize(task, device="cuda"), want)
     assert calls
 
 
@@ -235,7 +238,7 @@ def test_cuda_resident_switch_back_and_forth(registry, cache, monkeypatch):
     monkeypatch.setattr(residents, "UPLOAD_PIECE_BYTES", 4096)  # many pieces: every per-piece wait is exercised
     resident = ResidentModel(registry, device="cuda", cache=cache)
     pointers = None
-    for task in ["bd_base", "dare16", "dare8", "bd_base", "deltadq", "bd_plain", "bd_base"]:
+    for task in ["bd_base", "dare16", "dare8", "bd_base", "deltadq", "dare_hash", "bd_plain", "bd_base"]:
         resident.switch(task)
         want = registry.materialize(task, device="cpu")
         assert_same({n: resident.tensors[n] for n in want}, want)
