@@ -176,24 +176,31 @@ class DareGapsFused:
         return prepared
 
     def run(self, job: FusedJob, out: torch.Tensor) -> None:
+        self.run_dense(job, out)
+        self.run_kept(job, out)
+
+    def run_dense(self, job: FusedJob, out: torch.Tensor) -> None:
+        """Every element as if dropped (kernel 1 of the module docstring)."""
         blocks = n_blocks(job.cols)
         if job.rows * blocks == 0:
             return
         brow, bsigns = base_pointers(job)
-        consts = job.prepared["consts"]
-        has_base = job.base is not None
-        _dense_kernel[(job.rows * blocks,)](out, job.w_pre, job.trow, brow, bsigns, consts, job.cols, blocks,
-                                            HAS_BASE=has_base, ALIGNED=job.cols % 8 == 0, BLOCK=BLOCK,
-                                            num_warps=8, enable_fp_fusion=False)
-        first = job.prepared["first"]
+        _dense_kernel[(job.rows * blocks,)](out, job.w_pre, job.trow, brow, bsigns, job.prepared["consts"], job.cols,
+                                            blocks, HAS_BASE=job.base is not None, ALIGNED=job.cols % 8 == 0,
+                                            BLOCK=BLOCK, num_warps=8, enable_fp_fusion=False)
+
+    def run_kept(self, job: FusedJob, out: torch.Tensor) -> None:
+        """The kept elements over what :meth:`run_dense` wrote (kernel 2), on the same stream."""
         if not job.arrays["values"].numel():
             return
+        brow, bsigns = base_pointers(job)
+        consts, first = job.prepared["consts"], job.prepared["first"]
         table, table_len, steps, seed_mix, n = self._grid_args(job)
         int8 = self.value_bits == 8
         rowmap = job.prepared.get("rowmap", job.trow)  # all rows changed: the kernel never reads it
         _sparse_kernel[(first.numel(),)](out, job.w_pre, rowmap, first, job.arrays["values"],
                                          job.arrays["scales"] if int8 else consts, brow, bsigns, consts,
                                          table, table_len, steps, seed_mix, n, job.cols,
-                                         HAS_BASE=has_base, ALL_ROWS="rowmap" not in job.prepared, INT8=int8,
-                                         BLOCK_ELEMENTS=gaps.BLOCK_ELEMENTS, DRAWS=DRAWS, num_warps=4,
+                                         HAS_BASE=job.base is not None, ALL_ROWS="rowmap" not in job.prepared,
+                                         INT8=int8, BLOCK_ELEMENTS=gaps.BLOCK_ELEMENTS, DRAWS=DRAWS, num_warps=4,
                                          enable_fp_fusion=False)
