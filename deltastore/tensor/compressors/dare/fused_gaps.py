@@ -4,7 +4,7 @@
    rows the task left unchanged and ``W_pre + (lam2 * 0 + lam1 * tau)`` on its changed rows,
    which is what a dropped element is; the base's sign bits are read a byte per 8 elements in
    one vector load when ``cols % 8 == 0``.
-2. ``_sparse_kernel``, one program per block of the layout (``gaps.BLOCK_ELEMENTS`` elements of
+2. ``_sparse_kernel``, one program per block of the layout (``BLOCK_ELEMENTS`` elements of
    the changed rows), after it on the same stream: draws the block's gaps and overwrites each
    kept element with ``W_pre + (lam2 * C + lam1 * tau)``. Work in proportion to the kept
    elements; no mask is built, no element is hashed.
@@ -24,7 +24,7 @@ import torch
 from ....errors import CorruptObjectError
 from ...fused import BLOCK, HAS_TRITON, FusedJob, base_pointers, lambda_products, n_blocks
 from ...prng import MAX_COUNTER, mix32_int
-from . import gaps
+from .gaps import BLOCK_ELEMENTS, MIN_KEEP_THRESHOLD, gap_table
 
 # Gaps one program draws at a time: about 1.6 rounds a block at p = 0.99 (655 kept of 65536).
 DRAWS = 1024
@@ -127,7 +127,7 @@ if HAS_TRITON:
 def _device_table(keep_threshold: int, device: torch.device) -> torch.Tensor:
     """The layout's gap table on ``device``, uploaded once per threshold (a few KiB at p = 0.99)
     rather than carried in every task's cached code."""
-    return gaps.gap_table(keep_threshold).to(device)
+    return gap_table(keep_threshold).to(device)
 
 
 class DareGapsFused:
@@ -145,7 +145,7 @@ class DareGapsFused:
                 raise CorruptObjectError(f"{job.what}: dare array 'scales' must be float32 ({job.changed_rows},)")
         seed, threshold = job.attrs.get("seed"), job.attrs.get("keep_threshold")
         if (job.changed_rows * job.cols > MAX_COUNTER or type(seed) is not int or not 0 <= seed < MAX_COUNTER
-                or type(threshold) is not int or not gaps.MIN_KEEP_THRESHOLD <= threshold <= MAX_COUNTER):
+                or type(threshold) is not int or not MIN_KEEP_THRESHOLD <= threshold <= MAX_COUNTER):
             raise CorruptObjectError(f"{job.what}: dare layout 'gaps' needs a uint32 'seed', a 'keep_threshold' in "
                                      f"[2**16, 2**32] and at most 2**32 elements")
 
@@ -160,10 +160,10 @@ class DareGapsFused:
         some rows are unchanged, ``rowmap``: int32 ``(changed_rows,)``, each changed row's row."""
         device = job.w_pre.device
         table, table_len, steps, seed_mix, n = self._grid_args(job)
-        counts = torch.zeros(-(-n // gaps.BLOCK_ELEMENTS), dtype=torch.int32, device=device)
+        counts = torch.zeros(-(-n // BLOCK_ELEMENTS), dtype=torch.int32, device=device)
         if counts.numel():
             _count_kernel[(counts.numel(),)](counts, table, table_len, steps, seed_mix, n,
-                                             BLOCK_ELEMENTS=gaps.BLOCK_ELEMENTS, DRAWS=DRAWS)
+                                             BLOCK_ELEMENTS=BLOCK_ELEMENTS, DRAWS=DRAWS)
         ends = torch.cumsum(counts, 0, dtype=torch.int64)
         total = int(ends[-1]) if ends.numel() else 0  # one small sync: a wrong count must be an error, not a bad read
         if total != job.arrays["values"].numel():
@@ -202,5 +202,5 @@ class DareGapsFused:
                                          job.arrays["scales"] if int8 else consts, brow, bsigns, consts,
                                          table, table_len, steps, seed_mix, n, job.cols,
                                          HAS_BASE=job.base is not None, ALL_ROWS="rowmap" not in job.prepared,
-                                         INT8=int8, BLOCK_ELEMENTS=gaps.BLOCK_ELEMENTS, DRAWS=DRAWS, num_warps=4,
+                                         INT8=int8, BLOCK_ELEMENTS=BLOCK_ELEMENTS, DRAWS=DRAWS, num_warps=4,
                                          enable_fp_fusion=False)
