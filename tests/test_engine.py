@@ -190,6 +190,53 @@ def test_kernels_interpreted_equal_materialize(registry, task):
     assert_same({n: resident.tensors[n] for n in want}, want)
 
 
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(not triton_enabled(torch.device("cpu")),
+                                                 reason="Triton interpreter not enabled")),
+    pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize(("rows", "cols", "drop_rate", "value_bits", "base", "changed"), [
+    (40, 64, 0.9, 16, True, 0.6),     # some rows unchanged (row map), base sign bytes loaded as vectors
+    (40, 67, 0.9, 8, True, 0.6),      # cols % 8 != 0: the per-element base path; int8 scales
+    (1100, 128, 0.99, 16, True, 1.0),  # three blocks of the layout
+    (20, 24, 0.0, 8, False, 0.5),     # every element kept: many rounds of draws per block
+])
+def test_dare_gaps_kernels_equal_reference(device, rows, cols, drop_rate, value_bits, base, changed):
+    """The gaps decoder's two kernels against dbms.reconstruct of the reference decode, bit for
+    bit, with a negative lam2 (signed zeros) and a reference holding -0.0."""
+    from deltastore.tensor.bitpack import pack_bits
+    from deltastore.tensor.compressors import get_compressor
+    from deltastore.tensor.fused import BaseTerm, FusedJob
+
+    g = torch.Generator().manual_seed(rows + cols)
+    compressor = get_compressor("dare", {"drop_rate": drop_rate, "value_bits": value_bits, "layout": "gaps"})
+    mask = torch.rand(rows, generator=g) < changed
+    mask[0] = True
+    count = int(mask.sum())
+    encoded = compressor.encode(torch.randn(count, cols, generator=g) * 0.01, seed=77).to(device)
+    w_pre = torch.randn(rows, cols, generator=g).to(torch.float16)
+    w_pre[0, :5] = -0.0
+    trow = torch.where(mask, torch.cumsum(mask.int(), 0) - 1, -1).int()
+    lam1, lam2 = 0.7, -1.3
+    base_term, tau_rows = None, None
+    if base:
+        bmask = torch.rand(rows, generator=g) < 0.7
+        bsigns = torch.rand(int(bmask.sum()) * cols, generator=g) < 0.5
+        brow = torch.where(bmask, torch.cumsum(bmask.int(), 0) - 1, -1).int()
+        base_term = BaseTerm(brow.to(device), pack_bits(bsigns).to(device), 0.0123, int(bmask.sum()))
+        scale = torch.tensor(0.0123)
+        tau_rows = dbms.expand_rows(torch.where(bsigns, scale, -scale).view(-1, cols), bmask)[mask]
+    decoded = compressor.decode(encoded, (count, cols), "cpu")
+    want = dbms.reconstruct(w_pre, mask, decoded, tau_rows, lam1, lam2).to(torch.float16)
+    job = FusedJob("t", rows, cols, count, dict(encoded.attrs), lam1, lam2, w_pre.to(device), trow.to(device),
+                   dict(encoded.arrays), base_term)
+    fused = compressor.fused_decoder()
+    fused.check(job)
+    job.prepared.update(fused.prepare(job))
+    out = torch.empty(rows, cols, dtype=torch.float16, device=device)
+    fused.run(job, out)
+    assert torch.equal(bits(out), bits(want))
+
+
 # -- CUDA ------------------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.parametrize("task", list(TASKS))
