@@ -4,7 +4,9 @@ Builds everything on the machine it runs on: a random bf16 reference of Llama-2-
 (hidden 4096, MLP 11008, vocab 32000; ``--layers`` of the 32 decoder layers), two finetunes
 (reference + small perturbations, some rows left exactly unchanged, as real finetunes leave
 the embedding rows of unseen tokens), the first written as sharded safetensors; a registry
-with a base vector of both; commits of the first with bitdelta+base and dare p=0.99+base.
+with a base vector of both; commits of the first with bitdelta+base, dare p=0.99+base (layout
+gaps, what deltastore writes) and the same dare in the format 1.0 layout hash, so the two dare
+layouts are side by side in one run.
 Then measures, each the median of ``--repeats`` runs:
 
   (a) ``Registry.materialize(task, device="cuda")`` from a warm registry, per method;
@@ -293,29 +295,43 @@ def reference_codec_ab(reg, device: str, work: Path, repeats: int, max_bytes: fl
 
 
 def dare_kernel_profile(item, parts, out, device: str) -> dict:
-    """Where a DARE p=0.99 (+ base) decode of the same matrix spends its time: a plain copy
-    (memory only), the decoder's prepare step (the keep-mask hash of every element to count
-    each block's kept values, their prefix sum, one small sync), and the fused kernel (hash,
-    in-block scan, value gather, base, store)."""
+    """Where a DARE p=0.99 (+ base) decode of the same matrix spends its time, per layout: a
+    plain copy (memory only); layout hash: the decoder's prepare step (the keep-mask hash of
+    every element to count each block's kept values, their prefix sum, one small sync) and the
+    fused kernel (hash, in-block scan, value gather, base, store); layout gaps: its prepare (the
+    gaps drawn once to count each block's kept values), its dense kernel (reference + lam1*tau,
+    what every dropped element is) and its kept kernel (the gaps drawn again, the kept values
+    written), and the two together (what a resident switch runs)."""
     from dataclasses import replace as dc_replace
 
     from deltastore.engine.decode import Parts, TensorPlan, fused_job, prepare_fused
-    from deltastore.tensor.compressors.dare import keep_mask
+    from deltastore.tensor.compressors.dare import gaps, keep_mask
 
     rows, cols = parts.w_pre.shape
     threshold = round(0.01 * 2 ** 32)
-    entry = dc_replace(item.entry, codec="dare", config={"drop_rate": 0.99, "value_bits": 16},
-                       attrs={"seed": 12345, "keep_threshold": threshold})
-    dare_item = TensorPlan("x", entry, None, item.base_entry, item.lam1, item.lam2)
-    kept = int(keep_mask(12345, threshold, 0, rows, cols, "cuda").sum())
-    dare_parts = Parts(w_pre=parts.w_pre, trow=parts.trow, brow=parts.brow, barrays=parts.barrays,
-                       arrays={"values": torch.randn(kept, device="cuda").to(torch.float16)})
-    job = prepare_fused(dare_item, dare_parts)
+    res = {}
     t_copy, _ = timed(lambda: out.copy_(parts.w_pre), 20, device, warmup=3)
-    t_prepare, _ = timed(lambda: dare_item.fused.prepare(fused_job(dare_item, dare_parts)), 20, device, warmup=3)
-    t_dare, _ = timed(lambda: dare_item.fused.run(job, out), 20, device, warmup=3)
-    return {"copy_ms": t_copy * 1e3, "dare_prepare_ms": t_prepare * 1e3, "dare_fused_ms": t_dare * 1e3,
-            "dare_kept": kept}
+    res["copy_ms"] = t_copy * 1e3
+    for layout in ("hash", "gaps"):
+        entry = dc_replace(item.entry, codec="dare", config={"drop_rate": 0.99, "value_bits": 16, "layout": layout},
+                           attrs={"seed": 12345, "keep_threshold": threshold})
+        dare_item = TensorPlan("x", entry, None, item.base_entry, item.lam1, item.lam2)
+        if layout == "hash":
+            kept = int(keep_mask(12345, threshold, 0, rows, cols, "cuda").sum())
+        else:
+            kept = gaps.kept_positions(12345, threshold, rows * cols, 0, rows * cols, "cuda").numel()
+        dare_parts = Parts(w_pre=parts.w_pre, trow=parts.trow, brow=parts.brow, barrays=parts.barrays,
+                           arrays={"values": torch.randn(kept, device="cuda").to(torch.float16)})
+        job = prepare_fused(dare_item, dare_parts)
+        fused = dare_item.fused
+        t_prepare, _ = timed(lambda: fused.prepare(fused_job(dare_item, dare_parts)), 20, device, warmup=3)
+        t_run, _ = timed(lambda: fused.run(job, out), 20, device, warmup=3)
+        res[layout] = {"kept": kept, "prepare_ms": t_prepare * 1e3, "run_ms": t_run * 1e3}
+        if layout == "gaps":
+            t_dense, _ = timed(lambda: fused.run_dense(job, out), 20, device, warmup=3)
+            t_kept, _ = timed(lambda: fused.run_kept(job, out), 20, device, warmup=3)
+            res[layout].update(dense_ms=t_dense * 1e3, kept_ms=t_kept * 1e3)
+    return {"dare": res}
 
 
 def main() -> None:
@@ -382,7 +398,8 @@ def main() -> None:
     reg.build_base("all", [str(ft_dir), Synthetic(cfg, 2, gen_device)], progress=False)
     phase("build_base", t0)
 
-    methods = {"bitdelta_base": ("bitdelta", {}), "dare99_base": ("dare", {"drop_rate": 0.99})}
+    methods = {"bitdelta_base": ("bitdelta", {}), "dare99_base": ("dare", {"drop_rate": 0.99}),
+               "dare99_hash_base": ("dare", {"drop_rate": 0.99, "layout": "hash"})}
     commits = {}
     for task, (method, config) in methods.items():
         r = run_child("--child", "commit", "--registry", str(reg.path), "--task", task, "--finetune", str(ft_dir),
@@ -640,10 +657,15 @@ def report(res: dict) -> str:
         k = res["kernel"]
         lines.append(f"| decode kernel {k['shape']}: Triton / plain torch | {k.get('triton_ms', float('nan')):.3f} ms "
                      f"/ {k['torch_ms']:.3f} ms (Triton equals torch: {k.get('triton_equals_torch')}) |")
-        if "dare_fused_ms" in k:
-            lines.append(f"| same matrix, DARE p=0.99 + base: plain copy / decoder prepare (keep-mask count, "
-                         f"prefix sum) / fused decode | {k['copy_ms']:.3f} ms / {k['dare_prepare_ms']:.3f} ms / "
-                         f"{k['dare_fused_ms']:.3f} ms |")
+        if "dare" in k:
+            d = k["dare"]
+            lines.append(f"| same matrix, plain copy | {d['copy_ms']:.3f} ms |")
+            lines.append(f"| same matrix, DARE p=0.99 + base, layout hash: decoder prepare (keep-mask count, prefix "
+                         f"sum) / fused decode | {d['hash']['prepare_ms']:.3f} ms / {d['hash']['run_ms']:.3f} ms |")
+            lines.append(f"| same matrix, DARE p=0.99 + base, layout gaps: decoder prepare (gap count, prefix sum) / "
+                         f"dense kernel / kept kernel / both (the switch's decode) | {d['gaps']['prepare_ms']:.3f} ms "
+                         f"/ {d['gaps']['dense_ms']:.3f} ms / {d['gaps']['kept_ms']:.3f} ms / "
+                         f"{d['gaps']['run_ms']:.3f} ms |")
     if res.get("reference_codec"):
         r = res["reference_codec"]
         lines.append(f"| reference arrays to {res['device']} ({r['bytes'] / gb:.2f} GB), raw vs zstd | "

@@ -32,7 +32,7 @@ from .storage.records import (FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, BaseRecor
                               ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, TensorEntry, pack)
 from .tensor import dbms
 from .tensor.bitpack import pack_bits
-from .tensor.compressors import get_compressor
+from .tensor.compressors import compressor_class, get_compressor
 from .tensor.compressors.lossless import Lossless, dtype_from_name, dtype_name
 from .tensor.prng import derive_seed
 from .tuning import Lambdas, TuneContext, Tuner, get_tuner
@@ -208,7 +208,9 @@ class Registry(Catalog):
         Off by default: a script that commits the same finetune twice gets two versions, as it
         always did, and pays nothing."""
         check_name("task", task)
-        compressor = get_compressor(method, dict(config or {}))
+        # Fields the caller leaves out take the writer's defaults (the config class's), not what a
+        # reader gives a stored configuration that lacks them (an older page's: dare's 'hash' layout).
+        compressor = get_compressor(method, {**compressor_class(method).config_class().to_dict(), **(config or {})})
         if method == "lossless":
             raise InvalidInputError("method 'lossless' stores whole tensors, not deltas; pick bitdelta, dare or deltadq")
         source = open_source(finetune, follow_links=follow_links)

@@ -45,6 +45,7 @@ def test_full_workflow(example, reg, tmp_path):
     for field in ("method", "lam1", "lam2", "base", "own_bytes", "ratio_fp16"):
         assert field in show, field
     assert show["method"] == "dare" and show["config"]["drop_rate"] == 0.99 and show["lam2"] == 1.0
+    assert show["config"]["layout"] == "gaps"  # what deltastore writes unless asked for the format 1.0 mask
     assert show["ratio_fp16"] > 1
     assert "lam1=" in run("show", reg, "has_top@1").output
 
@@ -72,6 +73,9 @@ def test_errors_are_one_line_with_exit_codes(example, reg, tmp_path):
 
     stray = run("commit", reg, "t", example.finetunes["has_top"], "--drop-rate", "0.9", ok=False)
     assert stray.exit_code == 2 and "--drop-rate does not apply to --method bitdelta" in stray.stderr
+    stray = run("commit", reg, "t", example.finetunes["has_top"], "--method", "deltadq", "--mask-layout", "hash",
+                ok=False)
+    assert stray.exit_code == 2 and "--mask-layout does not apply to --method deltadq" in stray.stderr
 
     bad_name = run("commit", reg, "../evil", example.finetunes["has_top"], ok=False)
     assert bad_name.exit_code == 1 and "invalid task name" in bad_name.stderr

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from deltastore.errors import CorruptObjectError, InvalidInputError
 from deltastore.tensor.compressors import ARRAY_DTYPES, Encoded, available, compressor_class, get_compressor
 from deltastore.tensor.compressors import dare, deltadq
-from deltastore.tensor.compressors.dare import DareConfig
+from deltastore.tensor.compressors.dare import DareConfig, gaps
 from deltastore.tensor.compressors.deltadq import DeltaDQConfig
 
 SEED = 20240613
@@ -46,6 +46,9 @@ CASES = [
     Case("dare", {"drop_rate": 0.9, "value_bits": 8}),
     Case("dare", {"drop_rate": 0.99, "value_bits": 16}),
     Case("dare", {"drop_rate": 0.99, "value_bits": 8}),
+    Case("dare", {"drop_rate": 0.9, "value_bits": 16, "layout": "gaps"}),
+    Case("dare", {"drop_rate": 0.99, "value_bits": 8, "layout": "gaps"}),
+    Case("dare", {"drop_rate": 0.5, "value_bits": 16, "layout": "gaps"}),
     Case("deltadq", {"group_size": 16, "keep": 2, "bits": 4}),
     Case("deltadq", {"group_size": 8, "keep": 1, "bits": 2}),
     Case("deltadq", {"group_size": 16, "keep": 4, "bits": 8}),
@@ -183,15 +186,77 @@ def big() -> torch.Tensor:
 
 
 def dare_kept(config: dict[str, Any], shape: tuple[int, int], seed: int = SEED) -> torch.Tensor:
-    threshold = DareConfig(**config).keep_threshold
-    return dare.keep_mask(seed, threshold, 0, shape[0], shape[1], "cpu")
+    config = DareConfig.from_dict(config)
+    if config.layout == "gaps":
+        return gaps.keep_mask(seed, config.keep_threshold, shape[0], 0, shape[0], shape[1], "cpu")
+    return dare.keep_mask(seed, config.keep_threshold, 0, shape[0], shape[1], "cpu")
 
 
+@pytest.mark.parametrize("layout", ["hash", "gaps"])
 @pytest.mark.parametrize("drop_rate", [0.9, 0.99])
-def test_dare_kept_fraction_is_binomial(drop_rate, big):
+def test_dare_kept_fraction_is_binomial(drop_rate, layout, big):
     n, q = big.numel(), 1 - drop_rate
-    kept = get_compressor("dare", {"drop_rate": drop_rate}).encode(big, seed=SEED).arrays["values"].numel()
+    compressor = get_compressor("dare", {"drop_rate": drop_rate, "layout": layout})
+    kept = compressor.encode(big, seed=SEED).arrays["values"].numel()
     assert abs(kept - n * q) < 5 * math.sqrt(n * q * (1 - q))
+
+
+@pytest.mark.parametrize("drop_rate", [0.5, 0.99])
+def test_dare_gaps_keeps_elements_independently(drop_rate):
+    """Blocks start afresh and gaps are memoryless: the kept fraction is the same at every
+    offset in a block, at block starts and ends, and after a kept element as after a dropped one."""
+    q, n = 1 - drop_rate, 64 * gaps.BLOCK_ELEMENTS
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[gaps.kept_positions(SEED, DareConfig(drop_rate).keep_threshold, n, 0, n, "cpu")] = True
+    blocks = keep.view(-1, gaps.BLOCK_ELEMENTS)
+
+    def near_q(sample: torch.Tensor) -> bool:
+        return abs(float(sample.float().mean()) - q) < 5 * math.sqrt(q * (1 - q) / sample.numel())
+
+    assert near_q(blocks[:, :64]) and near_q(blocks[:, -64:]) and near_q(blocks[:, 1000:5000])
+    assert near_q(keep[1:][keep[:-1]]) and near_q(keep[1:][~keep[:-1]])
+
+
+def test_dare_gaps_test_vectors():
+    """specs/compressors/dare.md, "Test vectors (layout gaps)"."""
+    assert gaps.kept_positions(12345, 429496730, 100, 0, 100, "cpu").tolist() == \
+        [5, 10, 25, 40, 42, 51, 71, 74, 77, 79, 84, 94, 99]
+    kept = gaps.kept_positions(7, 42949673, 66536, 0, 66536, "cpu").tolist()
+    assert len(kept) == 656 and kept[:6] == [110, 273, 318, 389, 653, 758]
+    assert [i for i in kept if i >= gaps.BLOCK_ELEMENTS] == [65598, 65604, 65718, 65845, 66297]
+    assert gaps.kept_positions(3, 2**32, 70000, 0, 70000, "cpu").tolist() == list(range(70000))
+    table = gaps.gap_table(42949673).tolist()  # G[L] .. G[2]
+    assert len(table) + 1 == 1806 and table[-3:] == [4167402471, 4209497446, 4252017623] and table[:2] == [1, 2]
+
+
+def test_dare_gaps_any_range_gives_the_same_positions():
+    n, threshold = 3 * gaps.BLOCK_ELEMENTS + 123, DareConfig(0.9).keep_threshold
+    whole = gaps.kept_positions(SEED, threshold, n, 0, n, "cpu")
+    for first, end in [(0, 10), (gaps.BLOCK_ELEMENTS - 5, gaps.BLOCK_ELEMENTS + 5), (70000, n)]:
+        part = gaps.kept_positions(SEED, threshold, n, first, end, "cpu")
+        assert torch.equal(part, whole[(whole >= first) & (whole < end)])
+
+
+def test_dare_layout_defaults():
+    """Writers write 'gaps'; a stored configuration without 'layout' is the page 1.0 mask, and
+    a 'hash' configuration is written exactly as under page 1.0."""
+    assert DareConfig().layout == "gaps"
+    assert DareConfig.from_dict({"drop_rate": 0.9, "value_bits": 16}).layout == "hash"
+    assert DareConfig(0.9, 16, "hash").to_dict() == {"drop_rate": 0.9, "value_bits": 16}
+    assert DareConfig(0.9).to_dict() == {"drop_rate": 0.9, "value_bits": 16, "layout": "gaps"}
+    with pytest.raises(InvalidInputError, match="layout"):
+        DareConfig(layout="bits")
+    with pytest.raises(InvalidInputError, match="use layout='hash'"):
+        DareConfig(1 - 2**-17)
+    assert DareConfig(1 - 2**-17, layout="hash").keep_threshold == 2**15
+
+
+@pytest.mark.parametrize("attrs", [{"keep_threshold": 2**16 - 1}, {"keep_threshold": 2**32 + 1}, {"seed": 2**32}])
+def test_dare_gaps_refuses_attrs_out_of_range(attrs, x):
+    compressor = get_compressor("dare", {"drop_rate": 0.9, "layout": "gaps"})
+    encoded = compressor.encode(x, seed=SEED)
+    with pytest.raises(CorruptObjectError, match="keep_threshold"):
+        compressor.decode(Encoded(encoded.arrays, {**encoded.attrs, **attrs}), SHAPE, "cpu")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name == "dare"], ids=str)
@@ -378,19 +443,36 @@ def bits_of(packed: np.ndarray, count: int) -> list[int]:
     return [int(b) for b in np.unpackbits(packed, bitorder="little")[:count]]
 
 
-def reference_dare_decode(encoded: Encoded, rows: int, cols: int) -> np.ndarray:
+def reference_dare_kept(seed: int, threshold: int, n: int, layout: str) -> list[int]:
+    """specs/compressors/dare.md, the kept flat indices of each layout, step by step."""
+    if layout == "hash":
+        return [i for i in range(n) if r(seed, i) < threshold]
+    survival = [2**32]
+    while survival[-1] * (2**32 - threshold) // 2**32 > 0:
+        survival.append(survival[-1] * (2**32 - threshold) // 2**32)
+    kept = []
+    for start in range(0, n, 65536):
+        length, pos, t = min(65536, n - start), -1, 0
+        while pos < length - 1:
+            u = r(seed, start + t)
+            pos, t = pos + sum(1 for g in survival if u < g), t + 1
+            if pos < length:
+                kept.append(start + pos)
+    return kept
+
+
+def reference_dare_decode(encoded: Encoded, rows: int, cols: int, layout: str) -> np.ndarray:
     """specs/compressors/dare.md, "Decoding algorithm", step by step in numpy float32."""
     seed, threshold = encoded.attrs["seed"], encoded.attrs["keep_threshold"]
     values = encoded.arrays["values"].numpy()
     scales = encoded.arrays["scales"].numpy() if "scales" in encoded.arrays else None
     out = np.zeros((rows, cols), dtype=np.float32)
     j = 0
-    for i in range(rows * cols):
-        if r(seed, i) < threshold:
-            row, col = divmod(i, cols)
-            value = np.float32(values[j])
-            out[row, col] = value if scales is None else value * scales[row]
-            j += 1
+    for i in reference_dare_kept(seed, threshold, rows * cols, layout):
+        row, col = divmod(i, cols)
+        value = np.float32(values[j])
+        out[row, col] = value if scales is None else value * scales[row]
+        j += 1
     assert j == len(values)
     return out
 
@@ -427,7 +509,7 @@ def test_decode_agrees_with_a_reader_written_from_the_spec(case):
     compressor = case.compressor()
     encoded = compressor.encode(x, seed=SEED)
     if case.name == "dare":
-        expected = reference_dare_decode(encoded, rows, cols)
+        expected = reference_dare_decode(encoded, rows, cols, compressor.config.layout)
     else:
         c = compressor.config
         expected = reference_deltadq_decode(encoded, rows, cols, c.group_size, c.keep, c.bits)

@@ -32,6 +32,7 @@ TASKS = {
     "dare16": ("has_small", "dare", {"drop_rate": 0.9, "value_bits": 16}, "all"),
     "dare8": ("has_top", "dare", {"drop_rate": 0.99, "value_bits": 8}, "all"),
     "dare_plain": ("small_count", "dare", {"drop_rate": 0.9}, None),
+    "dare_hash": ("has_small", "dare", {"drop_rate": 0.9, "value_bits": 8, "layout": "hash"}, "all"),  # format 1.0
     "deltadq": ("has_small", "deltadq", {"group_size": 16, "keep": 2, "bits": 4}, "all"),
     "bd_base2": ("has_small", "bitdelta", {}, "all"),
 }
@@ -123,7 +124,7 @@ def test_streaming_reads_ahead_within_budget(registry, monkeypatch):
 
 def test_resident_switch_back_and_forth_cpu(registry):
     resident = ResidentModel(registry, device="cpu")
-    order = ["bd_base", "dare16", "bd_base", "deltadq", "dare8", "bd_base"]
+    order = ["bd_base", "dare16", "bd_base", "deltadq", "dare8", "dare_hash", "bd_base"]
     pointers = None
     for task in order:
         resident.switch(task)
@@ -179,7 +180,7 @@ def test_streaming_corrupt_array_raises_from_reader_thread(registry, tmp_path, d
 
 
 @pytest.mark.skipif(not triton_enabled(torch.device("cpu")), reason="Triton interpreter not enabled")
-@pytest.mark.parametrize("task", ["bd_base", "bd_plain", "dare16", "dare8", "dare_plain"])
+@pytest.mark.parametrize("task", ["bd_base", "bd_plain", "dare16", "dare8", "dare_plain", "dare_hash"])
 def test_kernels_interpreted_equal_materialize(registry, task):
     """The Triton kernels themselves, run on the CPU by Triton's interpreter."""
     want = reference_state(registry, task)
@@ -187,6 +188,53 @@ def test_kernels_interpreted_equal_materialize(registry, task):
     resident = ResidentModel(registry, device="cpu")
     resident.switch(task)
     assert_same({n: resident.tensors[n] for n in want}, want)
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(not triton_enabled(torch.device("cpu")),
+                                                 reason="Triton interpreter not enabled")),
+    pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize(("rows", "cols", "drop_rate", "value_bits", "base", "changed"), [
+    (40, 64, 0.9, 16, True, 0.6),     # some rows unchanged (row map), base sign bytes loaded as vectors
+    (40, 67, 0.9, 8, True, 0.6),      # cols % 8 != 0: the per-element base path; int8 scales
+    (1100, 128, 0.99, 16, True, 1.0),  # three blocks of the layout
+    (20, 24, 0.0, 8, False, 0.5),     # every element kept: many rounds of draws per block
+])
+def test_dare_gaps_kernels_equal_reference(device, rows, cols, drop_rate, value_bits, base, changed):
+    """The gaps decoder's two kernels against dbms.reconstruct of the reference decode, bit for
+    bit, with a negative lam2 (signed zeros) and a reference holding -0.0."""
+    from deltastore.tensor.bitpack import pack_bits
+    from deltastore.tensor.compressors import get_compressor
+    from deltastore.tensor.fused import BaseTerm, FusedJob
+
+    g = torch.Generator().manual_seed(rows + cols)
+    compressor = get_compressor("dare", {"drop_rate": drop_rate, "value_bits": value_bits, "layout": "gaps"})
+    mask = torch.rand(rows, generator=g) < changed
+    mask[0] = True
+    count = int(mask.sum())
+    encoded = compressor.encode(torch.randn(count, cols, generator=g) * 0.01, seed=77).to(device)
+    w_pre = torch.randn(rows, cols, generator=g).to(torch.float16)
+    w_pre[0, :5] = -0.0
+    trow = torch.where(mask, torch.cumsum(mask.int(), 0) - 1, -1).int()
+    lam1, lam2 = 0.7, -1.3
+    base_term, tau_rows = None, None
+    if base:
+        bmask = torch.rand(rows, generator=g) < 0.7
+        bsigns = torch.rand(int(bmask.sum()) * cols, generator=g) < 0.5
+        brow = torch.where(bmask, torch.cumsum(bmask.int(), 0) - 1, -1).int()
+        base_term = BaseTerm(brow.to(device), pack_bits(bsigns).to(device), 0.0123, int(bmask.sum()))
+        scale = torch.tensor(0.0123)
+        tau_rows = dbms.expand_rows(torch.where(bsigns, scale, -scale).view(-1, cols), bmask)[mask]
+    decoded = compressor.decode(encoded, (count, cols), "cpu")
+    want = dbms.reconstruct(w_pre, mask, decoded, tau_rows, lam1, lam2).to(torch.float16)
+    job = FusedJob("t", rows, cols, count, dict(encoded.attrs), lam1, lam2, w_pre.to(device), trow.to(device),
+                   dict(encoded.arrays), base_term)
+    fused = compressor.fused_decoder()
+    fused.check(job)
+    job.prepared.update(fused.prepare(job))
+    out = torch.empty(rows, cols, dtype=torch.float16, device=device)
+    fused.run(job, out)
+    assert torch.equal(bits(out), bits(want))
 
 
 # -- CUDA ------------------------------------------------------------------------------------
@@ -200,19 +248,21 @@ def test_cuda_streaming_equals_cpu_materialize(registry, task):
 
 
 @pytest.mark.cuda
-def test_cuda_registry_materialize_uses_fused_kernels(registry, monkeypatch):
-    from deltastore.tensor.compressors.dare.fused import DareFused
+@pytest.mark.parametrize(("task", "decoder"), [("dare16", "DareGapsFused"), ("dare_hash", "DareFused")])
+def test_cuda_registry_materialize_uses_fused_kernels(registry, monkeypatch, task, decoder):
+    from deltastore.tensor.compressors.dare import fused, fused_gaps
 
+    cls = getattr(fused_gaps if decoder == "DareGapsFused" else fused, decoder)
     calls = []
-    original = DareFused.run
+    original = cls.run
 
     def spy(*args, **kwargs):
         calls.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(DareFused, "run", spy)
-    want = registry.materialize("dare16", device="cpu")
-    assert_same(registry.materialize("dare16", device="cuda"), want)
+    monkeypatch.setattr(cls, "run", spy)
+    want = registry.materialize(task, device="cpu")
+    assert_same(registry.materialize(task, device="cuda"), want)
     assert calls
 
 
@@ -235,7 +285,7 @@ def test_cuda_resident_switch_back_and_forth(registry, cache, monkeypatch):
     monkeypatch.setattr(residents, "UPLOAD_PIECE_BYTES", 4096)  # many pieces: every per-piece wait is exercised
     resident = ResidentModel(registry, device="cuda", cache=cache)
     pointers = None
-    for task in ["bd_base", "dare16", "dare8", "bd_base", "deltadq", "bd_plain", "bd_base"]:
+    for task in ["bd_base", "dare16", "dare8", "bd_base", "deltadq", "dare_hash", "bd_plain", "bd_base"]:
         resident.switch(task)
         want = registry.materialize(task, device="cpu")
         assert_same({n: resident.tensors[n] for n in want}, want)

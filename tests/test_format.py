@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "specs" / "reference"
 REGISTRY = REFERENCE / "registry"
 EXPECTED = REFERENCE / "expected"
-VERSIONS = [("alpha", 1), ("alpha", 2), ("beta", 1), ("beta", 2), ("gamma", 1), ("gamma", 2)]
+VERSIONS = [("alpha", 1), ("alpha", 2), ("beta", 1), ("beta", 2), ("delta", 1), ("delta", 2), ("gamma", 1),
+            ("gamma", 2)]
 
 
 # ==========================================================================================
@@ -179,10 +180,31 @@ def decode_bitdelta(arrays: dict, attrs: dict, config: dict, rows: int, cols: in
     return np.where(bits, alpha, -alpha).astype(np.float32).reshape(rows, cols)
 
 
+def dare_gaps_kept(seed: int, threshold: int, n: int) -> np.ndarray:
+    """dare.md, layout gaps: the survival table, then each block's gaps, in exact integers."""
+    survival = [2**32]
+    while survival[-1] * (2**32 - threshold) // 2**32 > 0:
+        survival.append(survival[-1] * (2**32 - threshold) // 2**32)
+    table = np.array(survival, dtype=np.uint64)
+    kept = []
+    for start in range(0, n, 65536):
+        length, pos, t = min(65536, n - start), -1, 0
+        while pos < length - 1:
+            u = mix(mix(np.array([start + t], dtype=np.uint32)) ^ mix(np.array([seed], dtype=np.uint32)))[0]
+            pos, t = pos + int(np.count_nonzero(np.uint64(u) < table)), t + 1
+            if pos < length:
+                kept.append(start + pos)
+    return np.array(kept, dtype=np.int64)
+
+
 def decode_dare(arrays: dict, attrs: dict, config: dict, rows: int, cols: int) -> np.ndarray:
-    config = _config(config, {"drop_rate": 0.99, "value_bits": 16}, "dare")
-    if not 0 <= config["drop_rate"] < 1 or config["value_bits"] not in (16, 8):
+    config = _config(config, {"drop_rate": 0.99, "value_bits": 16, "layout": "hash"}, "dare")
+    if not 0 <= config["drop_rate"] < 1 or config["value_bits"] not in (16, 8) or \
+            config["layout"] not in ("hash", "gaps"):
         raise SpecError(f"dare: configuration out of range {config}")
+    seed, threshold = int(attrs["seed"]), int(attrs["keep_threshold"])
+    if not 0 <= seed < 2**32 or not (2**16 if config["layout"] == "gaps" else 0) <= threshold <= 2**32:
+        raise SpecError(f"dare: attrs out of range {attrs}")
     values = arrays["values"]
     bits = config["value_bits"]
     if values.ndim != 1 or values.dtype != (np.float16 if bits == 16 else np.int8):
@@ -191,8 +213,10 @@ def decode_dare(arrays: dict, attrs: dict, config: dict, rows: int, cols: int) -
         scales = arrays["scales"]
         if scales.dtype != np.float32 or scales.shape != (rows,):
             raise SpecError("dare: bad scales")
-    kept = prf(int(attrs["seed"]), rows * cols) < np.uint64(int(attrs["keep_threshold"]))
-    flat = np.nonzero(kept)[0]  # increasing flat index i
+    if config["layout"] == "gaps":
+        flat = dare_gaps_kept(seed, threshold, rows * cols)
+    else:
+        flat = np.nonzero(prf(seed, rows * cols) < np.uint64(threshold))[0]  # increasing flat index i
     if flat.size != values.size:
         raise SpecError(f"dare: the mask keeps {flat.size} values, {values.size} are stored")
     out = np.zeros(rows * cols, dtype=np.float32)
@@ -507,10 +531,18 @@ FIELD_ORDER = {
 PAGE_ORDER = {
     "lossless": ([], ["data"], ["dtype"]),
     "bitdelta": ([], ["signs"], ["scale"]),
-    "dare": (["drop_rate", "value_bits"], ["values", "scales"], ["seed", "keep_threshold"]),
+    "dare": (["drop_rate", "value_bits", "layout"], ["values", "scales"], ["seed", "keep_threshold"]),
     "deltadq": (["group_size", "keep", "bits", "stored_planes"], [f"plane{j}" for j in range(8)] + ["scales"],
                 ["seed"]),
 }
+
+
+def written_config(codec: str, config: dict, fields: list[str]) -> list[str]:
+    """The configuration fields a writer writes: all, except dare's layout when it is 'hash'
+    (dare.md: a hash entry is written exactly as under page 1.0)."""
+    if codec == "dare" and config.get("layout", "hash") == "hash":
+        return [f for f in fields if f != "layout"]
+    return fields
 
 
 def key_order_problems(obj: dict, kind: str) -> list[str]:
@@ -531,12 +563,12 @@ def key_order_problems(obj: dict, kind: str) -> list[str]:
     for name, entry in obj.get("tensors", {}).items():
         check(entry, FIELD_ORDER["entry"], f"tensors[{name!r}]")
         config, roles, attrs = PAGE_ORDER[entry["codec"]]
-        check(entry["config"], config, f"tensors[{name!r}].config")
+        check(entry["config"], written_config(entry["codec"], entry["config"], config), f"tensors[{name!r}].config")
         check(entry["arrays"], roles, f"tensors[{name!r}].arrays", complete=False)  # which roles: the page's rules
         check(entry["attrs"], attrs, f"tensors[{name!r}].attrs")
     if kind == "task_version":
         config = PAGE_ORDER[obj["method"]][0]
-        check(obj["config"], config, "config")
+        check(obj["config"], written_config(obj["method"], obj["config"], config), "config")
         check(obj["source"], FIELD_ORDER["source"], "source", complete=False)  # informative
         skipped = obj["source"].get("skipped_files", {})
         if list(skipped) != sorted(skipped):
@@ -615,10 +647,13 @@ def test_reference_registry_is_complete():
     """The checked-in files match what make.py promises (and stay small)."""
     assert sorted(p.name for p in EXPECTED.iterdir()) == sorted(f"{t}@{n}.safetensors" for t, n in VERSIONS)
     # removed: a task whose only version was removed; its ref keeps the number issued (format.md 5.7)
-    assert sorted(p.name for p in (REGISTRY / "refs" / "tasks").iterdir()) == ["alpha", "beta", "gamma", "removed"]
+    assert sorted(p.name for p in (REGISTRY / "refs" / "tasks").iterdir()) == ["alpha", "beta", "delta", "gamma",
+                                                                              "removed"]
     assert sorted(p.name for p in (REGISTRY / "refs" / "bases").iterdir()) == ["b"]
-    # 275 KB for alpha and beta, 155 KB for gamma's edge cases (specs/reference/README.md)
-    assert sum(p.stat().st_size for p in REFERENCE.rglob("*") if p.is_file() and "__pycache__" not in p.parts) < 480_000
+    # 275 KB for alpha and beta, 155 KB for gamma's edge cases, 105 KB for delta (mostly its two
+    # expected files) (specs/reference/README.md)
+    assert sum(p.stat().st_size for p in REFERENCE.rglob("*") if p.is_file()
+               and "__pycache__" not in p.parts and "v1.0" not in p.parts) < 560_000  # v1.0/ is frozen
 
 
 def test_deltastore_materializes_reference_exactly(readonly_copy):
@@ -627,7 +662,7 @@ def test_deltastore_materializes_reference_exactly(readonly_copy):
     from deltastore import Registry
 
     reg = Registry(readonly_copy)
-    assert sorted(reg.tasks()) == ["alpha", "beta", "gamma"]
+    assert sorted(reg.tasks()) == ["alpha", "beta", "delta", "gamma"]
     assert [(t, n) for t in sorted(reg.tasks()) for n, _ in reg.versions(t)] == VERSIONS
     for task, number in VERSIONS:
         got, expected = reg.materialize(task, number, progress=False), _expected(task, number)
@@ -635,6 +670,29 @@ def test_deltastore_materializes_reference_exactly(readonly_copy):
         for name, tensor in expected.items():
             assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, (task, number, name)
             assert torch.equal(got[name], tensor), f"{task}@{number} {name} differs from the expected file"
+    assert reg.verify(progress=False) == []
+
+
+def test_format_1_0_registry_still_reads_exactly(tmp_path):
+    """specs/reference/v1.0/ is the reference registry as format 1.0 wrote it (before task refs
+    could carry ``issued``, records ``source.sha256`` and DARE the ``gaps`` layout): today's
+    reader materializes every version of it bit for bit and finds nothing to report."""
+    import torch
+    from safetensors.torch import load_file
+
+    from deltastore import Registry
+
+    old = REFERENCE / "v1.0"
+    reg = Registry(shutil.copytree(old / "registry", tmp_path / "registry"))
+    assert reg.info.version == (1, 0)
+    expected_files = sorted(old.glob("expected/*.safetensors"))
+    assert [p.stem for p in expected_files] == [f"{t}@{n}" for t in sorted(reg.tasks())
+                                                for n, _ in reg.version_hashes(t)]
+    for path in expected_files:
+        task, number = path.stem.split("@")
+        got, expected = reg.materialize(task, int(number), progress=False), load_file(str(path))
+        assert sorted(got) == sorted(expected), path.name
+        assert all(torch.equal(got[n], t) and got[n].dtype == t.dtype for n, t in expected.items()), path.name
     assert reg.verify(progress=False) == []
 
 
@@ -653,6 +711,8 @@ def test_reference_covers_the_format(readonly_copy):
                 seen.add(("per-tensor lambdas", entry["codec"]))
             if entry["codec"] == "dare":
                 seen.add(("dare", entry["config"]["value_bits"]))
+                seen.add(("dare", entry["config"].get("layout", "hash"), entry["config"]["value_bits"],
+                          version["base"] is not None))
             if entry["codec"] == "deltadq" and math.prod(entry["shape"][1:]) % entry["config"]["group_size"]:
                 seen.add(("deltadq short group",))
             if entry["codec"] == "deltadq" and "plane0" not in entry["arrays"]:
@@ -674,7 +734,7 @@ def test_reference_covers_the_format(readonly_copy):
             ("deltadq short group",), ("deltadq", True), ("deltadq dropped plane",), ("dare keeps everything",),
             ("chunks", 1, "padded"), ("chunks", 1, "exact"), ("chunks", 2, "padded"), ("array", "empty"),
             ("array", "0-d"), ("negative zero", "float64"), ("negative zero", "float32"),
-            ("negative zero", "float16")} <= seen
+            ("negative zero", "float16"), ("dare", "gaps", 8, True), ("dare", "gaps", 16, False)} <= seen
     assert {("dtype", d) for d in CARRIER} <= seen  # every dtype the lossless page lists
 
 
@@ -722,7 +782,7 @@ def test_records_are_canonically_encoded():
         assert encode_canonical(obj) == data, f"{path.relative_to(REGISTRY)} is not canonically encoded"
         assert key_order_problems(obj, kind) == [], path.relative_to(REGISTRY)
         count += 1
-    assert count == 15  # registry.msgpack, 6 refs (one of the removed task), 8 records
+    assert count == 18  # registry.msgpack, 7 refs (one of the removed task), 10 records
 
 
 def test_canonical_encoding_rules():
@@ -760,12 +820,12 @@ def test_stored_seeds_follow_the_derivation(readonly_copy):
     seed (specs/reference/README.md) and the tensor's name."""
     reader = SpecReader(readonly_copy)
     checked = 0
-    for (task, number), global_seed in zip(VERSIONS, (1, 2, 3, 4, 5, 6)):
+    for (task, number), global_seed in zip(VERSIONS, (1, 2, 3, 4, 7, 8, 5, 6)):
         for name, entry in reader.task_version(task, number)["tensors"].items():
             if "seed" in entry["attrs"]:
                 assert entry["attrs"]["seed"] == seed_for(global_seed, name), (task, number, name)
                 checked += 1
-    assert checked == 15  # three delta tensors in each of the dare and deltadq versions
+    assert checked == 21  # three delta tensors in each of the dare and deltadq versions
 
 
 def test_parent_keeps_nothing_alive(reference_copy):
@@ -1057,3 +1117,20 @@ def test_registry_info_and_refs_fields_are_exact():
     SpecReader(REGISTRY).ref("tasks/removed", "task_ref")
     # Every stored record has exactly its kind's fields (the reader raises otherwise).
     assert SpecReader(REGISTRY).check_all_objects() > 0
+
+
+def test_dare_page_1_0_reader_refuses_gaps_and_reads_hash(readonly_copy):
+    """dare.md 1.1, "Readers of page 1.0": the configuration of a gaps entry has a field page 1.0
+    does not list, so such a reader refuses it; every hash entry is a page 1.0 entry."""
+    reader = SpecReader(readonly_copy)
+    page_1_0 = {"drop_rate": 0.99, "value_bits": 16}
+    for task, number in VERSIONS:
+        for entry in reader.task_version(task, number)["tensors"].values():
+            if entry["codec"] != "dare":
+                continue
+            if task == "delta":
+                assert entry["config"]["layout"] == "gaps"
+                with pytest.raises(SpecError, match="unknown configuration fields.*layout"):
+                    _config(entry["config"], page_1_0, "dare")
+            else:
+                assert _config(entry["config"], page_1_0, "dare").keys() == page_1_0.keys()

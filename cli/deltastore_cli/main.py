@@ -271,6 +271,9 @@ def base_rm(registry: Path, name: str, as_json: bool) -> None:
 @click.option("--method", type=click.Choice(["bitdelta", "dare", "deltadq"]), default="bitdelta", show_default=True)
 @click.option("--drop-rate", type=float, help="DARE: fraction of delta values dropped (default 0.99).")
 @click.option("--value-bits", type=click.Choice(["16", "8"]), help="DARE: bits per kept value (default 16).")
+@click.option("--mask-layout", type=click.Choice(["gaps", "hash"]),
+              help="DARE: how the mask is regenerated: gaps (default; decodes in time proportional to the kept "
+                   "values) or hash (format 1.0, which older readers read).")
 @click.option("--group-size", type=int, help="DeltaDQ: group size g (default 16).")
 @click.option("--keep", type=int, help="DeltaDQ: values kept per group k (default 2).")
 @click.option("--bits", type=int, help="DeltaDQ: quantization bits b (default 4).")
@@ -299,15 +302,16 @@ def base_rm(registry: Path, name: str, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method: str, drop_rate, value_bits,
-           group_size, keep, bits, base_name, message, tune, calib, calib_max_length, calib_batch_size, tune_steps,
-           tune_lr, per_layer, seed, allow_unrelated, follow_links, device, as_json) -> None:
+           mask_layout, group_size, keep, bits, base_name, message, tune, calib, calib_max_length, calib_batch_size,
+           tune_steps, tune_lr, per_layer, seed, allow_unrelated, follow_links, device, as_json) -> None:
     """Compress FINETUNE as the next version of TASK."""
     options = {"drop_rate": drop_rate, "value_bits": None if value_bits is None else int(value_bits),
-               "group_size": group_size, "keep": keep, "bits": bits}
-    allowed = {"bitdelta": (), "dare": ("drop_rate", "value_bits"), "deltadq": ("group_size", "keep", "bits")}
+               "layout": mask_layout, "group_size": group_size, "keep": keep, "bits": bits}
+    allowed = {"bitdelta": (), "dare": ("drop_rate", "value_bits", "layout"), "deltadq": ("group_size", "keep", "bits")}
     stray = [k for k, v in options.items() if v is not None and k not in allowed[method]]
     if stray:
-        raise click.UsageError(f"--{stray[0].replace('_', '-')} does not apply to --method {method}")
+        flag = "mask-layout" if stray[0] == "layout" else stray[0].replace("_", "-")
+        raise click.UsageError(f"--{flag} does not apply to --method {method}")
     config = {k: v for k, v in options.items() if v is not None}
     tune_options = {k: v for k, v in (("max_steps", tune_steps), ("lr", tune_lr)) if v is not None}
     if tune == "dbms" and calib is None:

@@ -141,13 +141,39 @@ if HAS_TRITON:
         # lam1 * tau for one block of a row: +-lam1*alpha_base on the base's changed rows, lam1*0 elsewhere.
         bi = tl.load(brow_ptr + row)
         b_zero = tl.load(const_ptr + 4)
-        b = tl.zeros([BLOCK], dtype=tl.float32) + b_zero
+        b = tl.broadcast_to(b_zero, [BLOCK])  # not zeros + b_zero: that turns a -0.0 into +0.0
         if bi >= 0:
             bflat = bi.to(tl.int64) * cols + c
             bbyte = tl.load(bsign_ptr + (bflat >> 3), mask=inb, other=0).to(tl.int32)
             bbit = (bbyte >> (bflat & 7).to(tl.int32)) & 1
             b = tl.where(bbit != 0, tl.load(const_ptr + 2), tl.load(const_ptr + 3))
         return b
+
+
+    @triton.jit
+    def base_term_bytes(row, c0, cols, brow_ptr, bsign_ptr, const_ptr, BLOCK: tl.constexpr):
+        # base_term for the block of BLOCK columns from c0 when cols % 8 == 0 (every row's bits
+        # start a byte): each sign byte is loaded once, as part of one contiguous vector load,
+        # and its 8 bits spread by shifts, instead of a byte gathered per element.
+        bi = tl.load(brow_ptr + row)
+        b = tl.broadcast_to(tl.load(const_ptr + 4), [BLOCK])
+        if bi >= 0:
+            k = tl.arange(0, BLOCK // 8)
+            byte = tl.load(bsign_ptr + ((bi.to(tl.int64) * cols + c0) >> 3) + k, mask=c0 + 8 * k < cols,
+                           other=0).to(tl.int32)
+            bit = tl.reshape((byte[:, None] >> tl.arange(0, 8)[None, :]) & 1, [BLOCK])
+            b = tl.where(bit != 0, tl.load(const_ptr + 2), tl.load(const_ptr + 3))
+        return b
+
+    @triton.jit
+    def base_term_at(row, col, mask, cols, brow_ptr, bsign_ptr, const_ptr):
+        # base_term for scattered elements (vectors of rows and columns, int64).
+        bi = tl.load(brow_ptr + row, mask=mask, other=-1)
+        bflat = bi.to(tl.int64) * cols + col
+        byte = tl.load(bsign_ptr + (bflat >> 3), mask=mask & (bi >= 0), other=0).to(tl.int32)
+        bit = (byte >> (bflat & 7).to(tl.int32)) & 1
+        signed = tl.where(bit != 0, tl.load(const_ptr + 2), tl.load(const_ptr + 3))
+        return tl.where(bi >= 0, signed, tl.load(const_ptr + 4))
 
 
 def base_pointers(job: FusedJob) -> tuple[torch.Tensor, torch.Tensor]:

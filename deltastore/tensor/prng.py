@@ -46,7 +46,11 @@ def random_u32(seed: int, start: int, count: int, device: torch.device | str = "
     """``r(seed, i)`` for counters ``i = start .. start+count-1``, as int64 in [0, 2**32)."""
     if not (0 <= start and start + count <= MAX_COUNTER):
         raise ValueError(f"counters [{start}, {start + count}) leave the 32-bit range; split the tensor")
-    counters = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    return random_at(seed, torch.arange(start, start + count, dtype=torch.int64, device=device))
+
+
+def random_at(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """``r(seed, i)`` for every counter of an int64 tensor of values in [0, 2**32); same shape."""
     return mix32(mix32(counters) ^ mix32_int(seed))
 
 

@@ -112,16 +112,23 @@ def write_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict) ->
 COMMITS = [
     # task, version's model folder, commit arguments
     ("alpha", "alpha-1", dict(method="bitdelta", base="b", seed=1, message="alpha v1: bitdelta over base b")),
-    ("alpha", "alpha-2", dict(method="dare", config={"drop_rate": 0.9, "value_bits": 8}, base="b", seed=2,
+    # The dare versions of alpha, beta and gamma ask for the hash layout: they are the format 1.0
+    # cases, byte for byte; delta's are of the gaps layout (specs/compressors/dare.md, page 1.1).
+    ("alpha", "alpha-2", dict(method="dare", config={"drop_rate": 0.9, "value_bits": 8, "layout": "hash"}, base="b",
+                              seed=2,
                               message="alpha v2: dare p=0.9, int8 values, over base b")),
     ("beta", "beta-1", dict(method="deltadq", config={"group_size": 8, "keep": 2, "bits": 3}, seed=3,
                             message="beta v1: deltadq g=8 k=2 b=3, no base")),
-    ("beta", "beta-2", dict(method="dare", config={"value_bits": 16}, base="b", per_layer=True, seed=4,
+    ("beta", "beta-2", dict(method="dare", config={"value_bits": 16, "layout": "hash"}, base="b", per_layer=True, seed=4,
                             message="beta v2: dare fp16 values over base b, per-tensor lambdas")),
     ("gamma", "gamma-1", dict(method="deltadq", config={"group_size": 8, "keep": 2, "bits": 3, "stored_planes": 2},
                               base="b", seed=5, message="gamma v1: deltadq b=3 with the lowest plane dropped")),
-    ("gamma", "gamma-2", dict(method="dare", config={"drop_rate": 0.0}, base="b", seed=6,
+    ("gamma", "gamma-2", dict(method="dare", config={"drop_rate": 0.0, "layout": "hash"}, base="b", seed=6,
                               message="gamma v2: dare p=0 (every element kept), 4 KiB chunks")),
+    ("delta", "delta-1", dict(method="dare", config={"drop_rate": 0.9, "value_bits": 8}, base="b", seed=7,
+                              message="delta v1: dare layout gaps p=0.9, int8 values, over base b")),
+    ("delta", "delta-2", dict(method="dare", config={"drop_rate": 0.99}, seed=8,
+                              message="delta v2: dare layout gaps p=0.99, fp16 values, no base")),
 ]
 # gamma@2 is written with chunks of at most this many bytes, so that its arrays span several
 # chunks (the last one padded) as the arrays of a real model do at 8 MiB.
@@ -131,7 +138,8 @@ SMALL_CHUNK_BYTES = 4096
 def build(out: Path, expected: Path) -> None:
     ref = reference()
     shared = shared_direction(ref)
-    seeds = {"alpha-1": 11, "alpha-2": 12, "beta-1": 21, "beta-2": 22, "gamma-1": 31, "gamma-2": 32}
+    seeds = {"alpha-1": 11, "alpha-2": 12, "beta-1": 21, "beta-2": 22, "gamma-1": 31, "gamma-2": 32,
+             "delta-1": 41, "delta-2": 42}
     work = Path(tempfile.mkdtemp(prefix="deltastore-reference-"))
     cwd = os.getcwd()
     try:

@@ -1,9 +1,12 @@
 """DARE (drop and rescale): keep each element with probability ``1 - p``, scaled by ``1/(1 - p)``.
 
-The mask is never stored. Element ``i`` (flat row-major index) is kept iff
-``r(seed, i) < keep_threshold`` with ``r`` the pseudo-random function of specs/format.md, so
-a decoder regenerates the mask from two integers. Only the kept values are stored, already
-rescaled, in flat index order.
+The mask is never stored: a decoder regenerates it from two integers, ``seed`` and
+``keep_threshold``, with the pseudo-random function ``r`` of specs/format.md. Two layouts say
+how (configuration field ``layout``): ``hash`` (page 1.0) keeps element ``i`` (flat row-major
+index) iff ``r(seed, i) < keep_threshold``, which costs a hash of every element to decode;
+``gaps`` (page 1.1, what deltastore writes) draws the distances between kept elements, block
+by block (:mod:`.gaps`), which costs work in proportion to the kept elements only. Only the
+kept values are stored, already rescaled, in flat index order.
 
 Arrays: ``values``, the kept rescaled values ``x[i] / (1 - p)``: float16 ``(K,)`` for
 ``value_bits=16``, or int8 codes ``(K,)`` for ``value_bits=8``, together with ``scales``,
@@ -22,7 +25,11 @@ import torch
 from ....errors import CorruptObjectError, InvalidInputError
 from ...prng import MAX_COUNTER, random_u32
 from ..base import CompressorConfig, Encoded
+from . import gaps
 from .fused import DareFused
+from .fused_gaps import DareGapsFused
+
+LAYOUTS = ("gaps", "hash")
 
 # Elements whose mask is generated at once. The PRNG works on int64 and keeps a few
 # temporaries alive, so this bounds memory to ~100 MiB whatever the matrix size.
@@ -42,6 +49,9 @@ class DareConfig(CompressorConfig):
         "help": "probability p that an element is dropped, in [0, 1); kept values are scaled by 1/(1-p)"})
     value_bits: int = field(default=16, metadata={
         "help": "16: kept values as float16; 8: int8 codes with a float32 scale per row (half the bytes)"})
+    layout: str = field(default="gaps", metadata={
+        "help": "how the mask is regenerated: 'gaps' (decodes in time proportional to the kept values; "
+                "p <= 1 - 2**-16) or 'hash' (format 1.0: a hash of every element)"})
 
     def __post_init__(self) -> None:
         p = self.drop_rate
@@ -50,6 +60,25 @@ class DareConfig(CompressorConfig):
         object.__setattr__(self, "drop_rate", float(p))  # written as a msgpack float even when given as the integer 0
         if type(self.value_bits) is not int or self.value_bits not in (16, 8):
             raise InvalidInputError(f"DareConfig.value_bits must be 16 or 8, got {self.value_bits!r}")
+        if self.layout not in LAYOUTS:
+            raise InvalidInputError(f"DareConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.layout == "gaps" and self.keep_threshold < gaps.MIN_KEEP_THRESHOLD:
+            raise InvalidInputError(f"DareConfig.drop_rate {p} is above 1 - 2**-16, the most layout 'gaps' allows "
+                                    "(its gap table would grow past a million entries); use layout='hash'")
+
+    def to_dict(self) -> dict:
+        # 'layout' is written only when it is 'gaps': a hash entry is byte for byte a page 1.0
+        # entry, which readers of page 1.0 read (specs/compressors/dare.md, "Configuration").
+        data = super().to_dict()
+        if self.layout == "hash":
+            del data["layout"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DareConfig":
+        # A stored configuration without 'layout' was written under page 1.0, which had only
+        # the hash layout (specs/compressors/dare.md: the default of an absent field).
+        return super().from_dict({"layout": "hash", **data})
 
     @property
     def keep_threshold(self) -> int:
@@ -66,7 +95,7 @@ def row_blocks(rows: int, cols: int) -> Iterator[tuple[int, int]]:
 
 def keep_mask(seed: int, keep_threshold: int, first: int, end: int, cols: int,
               device: torch.device | str) -> torch.Tensor:
-    """Bool ``(end - first, cols)``: which elements of rows ``first..end-1`` DARE keeps."""
+    """Bool ``(end - first, cols)``: which elements of rows ``first..end-1`` the hash layout keeps."""
     r = random_u32(seed, first * cols, (end - first) * cols, device)
     return (r < keep_threshold).view(end - first, cols)
 
@@ -86,6 +115,14 @@ def check_input(x: torch.Tensor, seed: int) -> tuple[int, int]:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_COUNTER:
         raise InvalidInputError(f"seed must be an int in [0, 2**32), got {seed!r}")
     return x.shape[0], x.shape[1]
+
+
+def check_attrs(layout: str, seed: int, keep_threshold: int) -> None:
+    """Refuse stored attrs outside the page's ranges (a damaged or crafted record)."""
+    low = gaps.MIN_KEEP_THRESHOLD if layout == "gaps" else 0
+    if not 0 <= seed < MAX_COUNTER or not low <= keep_threshold <= MAX_COUNTER:
+        raise CorruptObjectError(f"dare layout {layout!r}: attrs seed={seed} and keep_threshold={keep_threshold} must "
+                                 f"lie in [0, 2**32) and [{low}, 2**32]; the record is damaged or crafted")
 
 
 def _int8_codes(rescaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,6 +150,13 @@ class Dare:
     def __init__(self, config: DareConfig | None = None):
         self.config = config or DareConfig()
 
+    def _mask(self, seed: int, threshold: int, rows: int, first: int, end: int, cols: int,
+              device: torch.device | str) -> torch.Tensor:
+        """Bool ``(end - first, cols)``: the kept elements of rows ``first..end-1`` of ``(rows, cols)``."""
+        if self.config.layout == "gaps":
+            return gaps.keep_mask(seed, threshold, rows, first, end, cols, device)
+        return keep_mask(seed, threshold, first, end, cols, device)
+
     def _rescale(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         # One expression shared by encode and simulate, so both round identically.
         return torch.where(keep, x * (1.0 / (1.0 - self.config.drop_rate)), 0.0)
@@ -124,7 +168,7 @@ class Dare:
         threshold = self.config.keep_threshold
         values, scales = [], []
         for first, end in row_blocks(rows, cols):
-            keep = keep_mask(seed, threshold, first, end, cols, x.device)
+            keep = self._mask(seed, threshold, rows, first, end, cols, x.device)
             rescaled = self._rescale(x[first:end], keep)
             if self.config.value_bits == 16:
                 values.append(rescaled[keep].to(torch.float16))
@@ -148,6 +192,7 @@ class Dare:
         """Float32 ``shape`` on ``device``: kept positions get their value, the others 0."""
         rows, cols = shape
         seed, threshold = encoded.attr("seed", int), encoded.attr("keep_threshold", int)
+        check_attrs(self.config.layout, seed, threshold)
         values = encoded.array("values").to(device)
         expected = torch.float16 if self.config.value_bits == 16 else torch.int8
         if values.dtype != expected or values.dim() != 1:
@@ -163,7 +208,7 @@ class Dare:
         out = torch.zeros(rows, cols, dtype=torch.float32, device=device)
         offset = 0
         for first, end in row_blocks(rows, cols):
-            keep = keep_mask(seed, threshold, first, end, cols, device)
+            keep = self._mask(seed, threshold, rows, first, end, cols, device)
             count = int(keep.sum())
             if offset + count > values.numel():
                 raise CorruptObjectError(f"dare array 'values' holds {values.numel()} values, the mask keeps more")
@@ -180,7 +225,7 @@ class Dare:
         """``x * mask / (1 - p)`` then quantization passed straight through; float32 like ``x``."""
         rows, cols = check_input(x, seed)
         threshold = self.config.keep_threshold
-        blocks = [keep_mask(seed, threshold, first, end, cols, x.device) for first, end in row_blocks(rows, cols)]
+        blocks = [self._mask(seed, threshold, rows, first, end, cols, x.device) for first, end in row_blocks(rows, cols)]
         keep = torch.cat(blocks) if blocks else torch.zeros(rows, cols, dtype=torch.bool, device=x.device)
         rescaled = self._rescale(x, keep)
         if self.config.value_bits == 16:
@@ -190,7 +235,9 @@ class Dare:
             quantized = codes.float() * scales[:, None]
         return rescaled + (quantized - rescaled).detach()
 
-    def fused_decoder(self) -> DareFused:
+    def fused_decoder(self) -> DareFused | DareGapsFused:
+        if self.config.layout == "gaps":
+            return DareGapsFused(self.config.value_bits)
         return DareFused(self.config.value_bits)
 
 
