@@ -380,9 +380,11 @@ def _levenberg_marquardt(fit: _Problem, cfg: DbmsTuneConfig, pairs, fit_lam1: bo
         return (torch.tensor(float(t[0]), device=device), torch.tensor(float(t[1]), device=device))
 
     def evaluate(t: torch.Tensor, group: list[int] = train) -> list[torch.Tensor]:
+        # float64 on the CPU, where theta lives: the small least-squares algebra of the step
+        # runs there whatever device the model runs on.
         with torch.no_grad():
             updates = [fit.update(it, *lambdas(t)) for it in fit.items]
-        return fit.residuals(fit.weights(updates), group)
+            return [r.double().cpu() for r in fit.residuals(fit.weights(updates), group)]
 
     def jacobian(t: torch.Tensor, resid: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per batch (n, len(free)): d residual / d lambda, by forward differences of the real
