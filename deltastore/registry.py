@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
+from .dtypes import dtype_name, torch_dtype
 from .errors import (AlreadyExistsError, DeltastoreError, IncompatibleFinetuneError,
                      InvalidInputError, NotFoundError)
 from .catalog import INFO_KEY, REFERENCE_REF, Catalog, VersionStats, check_name, parse_spec, split_spec
@@ -33,7 +34,7 @@ from .storage.records import (FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, BaseRecor
 from .tensor import dbms
 from .tensor.bitpack import pack_bits
 from .tensor.compressors import get_compressor
-from .tensor.compressors.lossless import Lossless, dtype_from_name, dtype_name
+from .tensor.compressors.lossless import Lossless
 from .tensor.prng import derive_seed
 from .tuning import Lambdas, TuneContext, Tuner, get_tuner
 
@@ -507,7 +508,7 @@ def _plan(reference: ReferenceRecord, source: TensorSource) -> _Plan:
     mapping = {n: n[len(prefix):] for n in names if n.startswith(prefix) and n[len(prefix):] in ref_names}
     matched = set(mapping.values())
     missing = [r for r in reference.tensors if r not in matched]
-    missing_float = [r for r in missing if dtype_from_name(reference.tensors[r].dtype).is_floating_point]
+    missing_float = [r for r in missing if torch_dtype(reference.tensors[r].dtype).is_floating_point]
     if missing_float:
         shown = ", ".join(repr(prefix + m) for m in missing_float[:5])
         more = f" and {len(missing_float) - 5} more" if len(missing_float) > 5 else ""
@@ -524,7 +525,7 @@ def _plan(reference: ReferenceRecord, source: TensorSource) -> _Plan:
                 f"{source.label}: tensor {name!r} has shape {list(shape)}, the reference's {ref_name!r} has "
                 f"{list(entry.shape)}; resized tensors are not deltas of the reference"
             )
-        ref_dtype = dtype_from_name(entry.dtype)
+        ref_dtype = torch_dtype(entry.dtype)
         if dtype.is_floating_point != ref_dtype.is_floating_point:
             raise IncompatibleFinetuneError(
                 f"{source.label}: tensor {name!r} is {dtype_name(dtype)}, the reference's is {entry.dtype}"

@@ -28,6 +28,7 @@ from typing import Iterator
 import numpy as np
 import zstandard
 
+from ..dtypes import ARRAY_DTYPES
 from ..errors import CorruptObjectError, LockTimeoutError, NotFoundError
 
 # Arrays are chunked so no chunk exceeds this many bytes: big enough that per-chunk overhead
@@ -44,8 +45,6 @@ MAX_ARRAY_BYTES = 16 << 30
 MAX_ARRAY_DIMS = 8
 MAX_ZARR_JSON_BYTES = 1 << 16
 MAX_CHUNK_BYTES = 64 << 20
-# Data types and codecs write_array produces; anything else in a zarr.json was not written by us.
-ARRAY_DATA_TYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32")
 
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -461,7 +460,7 @@ def check_array_metadata(raw: bytes, what: str) -> dict:
     The checks are what keeps a crafted array from doing harm: a declared shape of 10**15
     elements, chunks of a petabyte, a codec that is not ours (zarr would happily allocate or
     load them). Allowed: zarr v3 array, at most MAX_ARRAY_DIMS dimensions, at most
-    MAX_ARRAY_BYTES in all, one of ARRAY_DATA_TYPES, the regular chunk grid that
+    MAX_ARRAY_BYTES in all, one of ARRAY_DTYPES, the regular chunk grid that
     :func:`chunk_shape` gives, codecs ``bytes`` (little-endian) then optionally ``zstd``, fill value 0.
     """
     def bad(problem: str) -> CorruptObjectError:
@@ -479,8 +478,8 @@ def check_array_metadata(raw: bytes, what: str) -> dict:
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape)):
         raise bad(f"has an invalid shape {shape!r:.80}")
     dtype = meta.get("data_type")
-    if dtype not in ARRAY_DATA_TYPES:
-        raise bad(f"has data type {dtype!r:.40}, expected one of {', '.join(ARRAY_DATA_TYPES)}")
+    if dtype not in ARRAY_DTYPES:
+        raise bad(f"has data type {dtype!r:.40}, expected one of {', '.join(ARRAY_DTYPES)}")
     itemsize = np.dtype(dtype).itemsize
     problem = array_shape_problem(tuple(shape), itemsize)
     if problem:

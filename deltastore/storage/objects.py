@@ -7,7 +7,6 @@ complete, so a key under ``objects/`` is always whole. Nothing is ever rewritten
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 import uuid
@@ -16,29 +15,13 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from numcodecs import Zstd
 
+from ..dtypes import array_numpy_dtype, array_torch_dtype
 from ..errors import CorruptObjectError, NotFoundError
 from .backend import LocalBackend, zstd_content_size
 from .records import Record, content_hash, pack, unpack
 
 if TYPE_CHECKING:
     import torch
-
-
-@functools.cache
-def _numpy_dtypes() -> dict:
-    """torch dtype -> zarr/numpy data type of stored arrays (specs/format.md, "Arrays").
-    torch is imported on first use: reading refs and records (``deltastore ls``) needs none."""
-    import torch
-
-    return {
-        torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16, torch.uint16: np.uint16,
-        torch.int32: np.int32, torch.int64: np.int64, torch.float16: np.float16, torch.float32: np.float32,
-    }
-
-
-@functools.cache
-def _torch_dtypes() -> dict:
-    return {np.dtype(v): k for k, v in _numpy_dtypes().items()}
 
 
 R = TypeVar("R", bound=Record)
@@ -73,8 +56,7 @@ def object_key(kind: str, digest: str) -> str:
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    if tensor.dtype not in _numpy_dtypes():
-        raise TypeError(f"arrays of dtype {tensor.dtype} cannot be stored; allowed: {list(_numpy_dtypes())}")
+    array_numpy_dtype(tensor.dtype)  # refuses what no array may hold
     return tensor.detach().cpu().contiguous().numpy()
 
 
@@ -95,7 +77,7 @@ class ArrayReader:
             self.layout = self.backend.open_array(key)
         except (NotFoundError, CorruptObjectError) as exc:
             raise type(exc)(f"{self.label}: {exc}") from None
-        self.dtype = _torch_dtypes()[self.layout.dtype.newbyteorder("=")]
+        self.dtype = array_torch_dtype(self.layout.dtype)
         self.shape = self.layout.shape
         self.nbytes = self.layout.nbytes
         self.chunks = self.layout.chunks()
