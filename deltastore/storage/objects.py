@@ -17,7 +17,8 @@ from numcodecs import Zstd
 
 from ..dtypes import array_numpy_dtype, array_torch_dtype
 from ..errors import CorruptObjectError, NotFoundError
-from .backend import LocalBackend, zstd_content_size
+from .layout import read_chunk, read_layout, write_array, zstd_content_size
+from .protocol import Backend
 from .records import Record, content_hash, pack, unpack
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ class ArrayReader:
         self.label = f"array {digest[:12]}" + (f" ({what})" if what else "")
         key = object_key("arrays", digest)
         try:
-            self.layout = self.backend.open_array(key)
+            self.layout = read_layout(self.backend, key)
         except (NotFoundError, CorruptObjectError) as exc:
             raise type(exc)(f"{self.label}: {exc}") from None
         self.dtype = array_torch_dtype(self.layout.dtype)
@@ -89,7 +90,7 @@ class ArrayReader:
         if index != self._next:
             raise ValueError(f"{self.label}: chunk {index} read out of order (expected {self._next})")
         try:
-            self.backend.read_chunk(self.layout, index, out)
+            read_chunk(self.backend, self.layout, index, out)
         except CorruptObjectError as exc:
             raise CorruptObjectError(f"{self.label}: {exc}") from None
         if self._hash is not None:
@@ -109,7 +110,7 @@ class ArrayReader:
 class ObjectStore:
     """Typed access to the objects of one registry through its backend."""
 
-    def __init__(self, backend: LocalBackend):
+    def __init__(self, backend: Backend):
         self.backend = backend
 
     def new_txn(self) -> str:
@@ -123,7 +124,7 @@ class ObjectStore:
         final = object_key("arrays", digest)
         if not self._reusable("arrays", digest):
             staged = f"{txn}/{digest}"
-            self.backend.write_array(staged, data, compress=compress)
+            write_array(self.backend, staged, data, compress=compress)
             self.backend.publish(staged, final)
         return digest
 
