@@ -10,6 +10,7 @@ the backend's own module.
 
 from __future__ import annotations
 
+import inspect
 import threading
 
 import numpy as np
@@ -26,6 +27,15 @@ class BackendTests:
     @pytest.fixture
     def backend(self) -> Backend:
         raise NotImplementedError("a backend's tests define the 'backend' fixture")
+
+    def test_has_every_protocol_operation(self, backend):
+        """Structural check (the protocol is not an ABC): same operations, same parameters."""
+        for name, member in vars(Backend).items():
+            if name.startswith("_") or not callable(member):
+                continue
+            assert list(inspect.signature(getattr(backend, name)).parameters) == \
+                list(inspect.signature(member).parameters)[1:], name
+        assert str(backend.root)
 
     # -- whole keys -------------------------------------------------------------------------
     def test_put_then_get(self, backend):
