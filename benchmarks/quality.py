@@ -245,7 +245,7 @@ def _state_at(reg, name: str, lam1: float, lam2_values: list[float]):
     from deltastore.engine.decode import decode_code, decode_stored
     from deltastore.storage.records import BaseRecord, ReferenceRecord
     from deltastore.tensor import dbms
-    from deltastore.tensor.compressors.lossless import dtype_from_name
+    from deltastore.dtypes import torch_dtype
 
     def array(digest, what):
         return reg.objects.get_array(digest, verify=False, what=what)
@@ -272,7 +272,7 @@ def _state_at(reg, name: str, lam1: float, lam2_values: list[float]):
             else:
                 _, w_pre, rows, decoded, tau_rows, entry = p
                 value = dbms.reconstruct(w_pre, rows, decoded, tau_rows, lam1, lam2)
-                state[tname] = value.reshape(entry.shape).to(dtype_from_name(entry.dtype))
+                state[tname] = value.reshape(entry.shape).to(torch_dtype(entry.dtype))
         yield lam2, state
 
 

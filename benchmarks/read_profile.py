@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from deltastore.storage.backend import LocalBackend
+    from deltastore.storage.layout import write_array
     from deltastore.storage.objects import ObjectStore
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         backend = LocalBackend(tmp)
         for i, data in enumerate(arrays):
-            backend.write_array(f"z{i}", data, compress=True)
-            backend.write_array(f"u{i}", data, compress=False)
+            write_array(backend, f"z{i}", data, compress=True)
+            write_array(backend, f"u{i}", data, compress=False)
         zstd_bytes = sum(backend.size(f"z{i}") for i in range(len(arrays)))
         chunk_files = [p for i in range(len(arrays)) for p in sorted(Path(tmp, f"z{i}").iterdir())
                        if p.name != "zarr.json"]

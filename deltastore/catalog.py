@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import CorruptObjectError, DeltastoreError, InvalidInputError, NotFoundError
 from .storage.backend import LocalBackend
+from .storage.locks import FileLocks
 from .storage.objects import ObjectStore
 from .storage.records import BaseRecord, PointerRef, ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, unpack
 
@@ -93,7 +94,11 @@ class Catalog:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        # The one place that picks the local filesystem: the code above the backend reaches
+        # bytes through the Backend protocol; the locks, which an object store has no
+        # equivalent of, are held next to the backend, not inside it (storage/locks.py).
         self.backend = LocalBackend(self.path)
+        self.locks = FileLocks(self.path)
         self.objects = ObjectStore(self.backend)
         if not self.backend.exists(INFO_KEY):
             raise NotFoundError(

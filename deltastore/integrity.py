@@ -99,7 +99,7 @@ def _orphaned_ref_folders(registry: "Registry", unreachable: set[tuple[str, str]
     missing = set()
     for folder in kinds.values():
         try:
-            if not registry.backend.folder_exists(folder):
+            if not registry.backend.prefix_exists(folder):
                 missing.add(folder)
         except DeltastoreError:
             pass  # there, but not a folder: _reachable reports that
@@ -149,7 +149,7 @@ def gc(registry: "Registry") -> dict[str, int]:
     backend = registry.backend
     # Exclusive: every writer holds the shared side for its whole operation, so nothing is in
     # flight while we decide what is unreachable.
-    with backend.lock("registry"):
+    with registry.locks.hold("registry"):
         # Everything is decided before anything is deleted: a damaged folder (a ref folder
         # replaced by a file, a symlink out of the registry) raises here, with nothing removed.
         stored = {(kind, d) for kind, names in registry.objects.all_objects().items() for d in names}

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
+from .dtypes import dtype_name, torch_dtype
 from .errors import (AlreadyExistsError, DeltastoreError, IncompatibleFinetuneError,
                      InvalidInputError, NotFoundError)
 from .catalog import INFO_KEY, REFERENCE_REF, Catalog, VersionStats, check_name, parse_spec, split_spec
@@ -26,14 +27,16 @@ from .engine.materialize import iter_materialize, resolve_device
 from .engine.reader import DeviceReader
 from .progress import progress as _progress
 from .sources import TensorSource, open_source
-from .storage.backend import LocalBackend, array_shape_problem
+from .storage.backend import LocalBackend
+from .storage.layout import array_shape_problem
+from .storage.locks import FileLocks
 from .storage.objects import ObjectStore
 from .storage.records import (FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, BaseRecord, PointerRef, Record,
                               ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, TensorEntry, pack)
 from .tensor import dbms
 from .tensor.bitpack import pack_bits
 from .tensor.compressors import compressor_class, get_compressor
-from .tensor.compressors.lossless import Lossless, dtype_from_name, dtype_name
+from .tensor.compressors.lossless import Lossless
 from .tensor.prng import derive_seed
 from .tuning import Lambdas, TuneContext, Tuner, get_tuner
 
@@ -91,7 +94,7 @@ class Registry(Catalog):
             _check_storable(source, name)
         backend = LocalBackend(root)
         objects = ObjectStore(backend)
-        with backend.lock("registry", shared=True):
+        with FileLocks(root).hold("registry", shared=True):
             txn = objects.new_txn()
             tensors = {}
             for name in _progress(source.names(), total=len(source.names()), desc="reference", enabled=progress):
@@ -129,7 +132,7 @@ class Registry(Catalog):
         for source, plan in zip(sources, plans):
             for ref_name in lossy:
                 _check_finite(source, plan.lossy_ref[ref_name], source.get(plan.lossy_ref[ref_name]))
-        with self.backend.lock("registry", shared=True):
+        with self.locks.hold("registry", shared=True):
             txn = self.objects.new_txn()
             tensors = {}
             for ref_name in _progress(lossy, total=len(lossy), desc=f"base {name}", enabled=progress):
@@ -145,10 +148,9 @@ class Registry(Catalog):
             record = BaseRecord(name=name, created=utc_now(), reference=ref_digest,
                                 sources=[s.label for s in sources], tensors=tensors)
             digest = self.objects.put_record(record, txn)
-            with self.backend.lock("refs"):
-                if self.backend.exists(f"refs/bases/{name}"):
-                    raise AlreadyExistsError(f"{self.path}: base vector {name!r} was created meanwhile; pick another name")
-                self.backend.put(f"refs/bases/{name}", pack(PointerRef(digest).to_dict()))
+            # Create-only: a base vector's ref is never replaced, so no lock is needed here.
+            if not self.backend.put_if_absent(f"refs/bases/{name}", pack(PointerRef(digest).to_dict())):
+                raise AlreadyExistsError(f"{self.path}: base vector {name!r} was created meanwhile; pick another name")
             self.backend.delete(txn)
         return record
 
@@ -159,7 +161,7 @@ class Registry(Catalog):
         Refused while a task version uses it: those versions would keep its objects alive
         anyway, and the name is what tells a user which base they were built on. A commit in
         flight on this base still succeeds (its version keeps the objects reachable)."""
-        with self.backend.lock("refs"):
+        with self.locks.hold("refs"):
             users = self.base_users(name)
             if users:
                 shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
@@ -306,7 +308,7 @@ class Registry(Catalog):
         # Pass 2: encode and store every tensor. One writer thread stores each tensor's arrays
         # (device-to-host copy, hash, write, fsync) while the device encodes the next one; one
         # thread, so two identical arrays are never staged at once.
-        with self.backend.lock("registry", shared=True), ThreadPoolExecutor(1, "deltastore-write") as writer:
+        with self.locks.hold("registry", shared=True), ThreadPoolExecutor(1, "deltastore-write") as writer:
             txn = self.objects.new_txn()
             stored: dict[str, Future] = {}
             waiting: deque[Future] = deque()
@@ -340,7 +342,7 @@ class Registry(Catalog):
                 "skipped_files": dict(sorted(source.skipped.items())),  # name-keyed: code point order
                 "missing_buffers": plan.missing_buffers, **fingerprint,
             }
-            with self.backend.lock("refs"):
+            with self.locks.hold("refs"):
                 ref = self._task_ref(task)
                 number = ref.last_issued + 1  # never a removed version's number (format.md §5.7)
                 parent = ref.versions[-1][1] if ref.versions else None
@@ -367,7 +369,7 @@ class Registry(Catalog):
         task, version = split_spec(task, version)
         # A writer like any other (shared registry lock): gc must not collect the temp file of
         # the ref update before it is renamed into place.
-        with self.backend.lock("registry", shared=True), self.backend.lock("refs"):
+        with self.locks.hold("registry", shared=True), self.locks.hold("refs"):
             versions = self.version_hashes(task)
             if one_version and version is None:  # TASK@latest
                 version = versions[-1][0]
@@ -509,7 +511,7 @@ def _plan(reference: ReferenceRecord, source: TensorSource) -> _Plan:
     mapping = {n: n[len(prefix):] for n in names if n.startswith(prefix) and n[len(prefix):] in ref_names}
     matched = set(mapping.values())
     missing = [r for r in reference.tensors if r not in matched]
-    missing_float = [r for r in missing if dtype_from_name(reference.tensors[r].dtype).is_floating_point]
+    missing_float = [r for r in missing if torch_dtype(reference.tensors[r].dtype).is_floating_point]
     if missing_float:
         shown = ", ".join(repr(prefix + m) for m in missing_float[:5])
         more = f" and {len(missing_float) - 5} more" if len(missing_float) > 5 else ""
@@ -526,7 +528,7 @@ def _plan(reference: ReferenceRecord, source: TensorSource) -> _Plan:
                 f"{source.label}: tensor {name!r} has shape {list(shape)}, the reference's {ref_name!r} has "
                 f"{list(entry.shape)}; resized tensors are not deltas of the reference"
             )
-        ref_dtype = dtype_from_name(entry.dtype)
+        ref_dtype = torch_dtype(entry.dtype)
         if dtype.is_floating_point != ref_dtype.is_floating_point:
             raise IncompatibleFinetuneError(
                 f"{source.label}: tensor {name!r} is {dtype_name(dtype)}, the reference's is {entry.dtype}"
@@ -542,7 +544,7 @@ def _on_cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 def _check_storable(source: TensorSource, name: str) -> None:
     """A tensor stored whole (lossless) becomes one array of its shape and item size: refuse
-    what the reader would refuse (storage.backend.array_shape_problem), before any write."""
+    what the reader would refuse (storage.layout.array_shape_problem), before any write."""
     shape = tuple(source.shape(name))
     problem = array_shape_problem(shape, source.dtype(name).itemsize)
     if problem:

@@ -16,6 +16,7 @@ from typing import Iterator, Mapping
 import torch
 from safetensors import safe_open
 
+from .dtypes import SAFETENSORS_DTYPES, torch_dtype
 from .errors import InvalidInputError, NotFoundError
 from .storage.records import check_file_name
 
@@ -93,11 +94,6 @@ class StateDictSource(TensorSource):
         return self._tensors[name].detach().cpu()
 
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 class SafetensorsSource(TensorSource):
@@ -120,13 +116,13 @@ class SafetensorsSource(TensorSource):
                     metas = {}
                     for name in names:
                         sl = handle.get_slice(name)
-                        dtype = _ST_DTYPES.get(sl.get_dtype())
-                        if dtype is None:
+                        code = sl.get_dtype()
+                        if code not in SAFETENSORS_DTYPES:
                             raise InvalidInputError(
-                                f"{path}: tensor {name!r} has dtype {sl.get_dtype()}, which deltastore does not "
-                                f"store; supported: {', '.join(_ST_DTYPES)}"
+                                f"{path}: tensor {name!r} has dtype {code}, which deltastore does not "
+                                f"store; supported: {', '.join(SAFETENSORS_DTYPES)}"
                             )
-                        metas[name] = (tuple(sl.get_shape()), dtype)
+                        metas[name] = (tuple(sl.get_shape()), torch_dtype(SAFETENSORS_DTYPES[code]))
                 offsets = _data_offsets(path)
             except (OSError, ValueError) as exc:
                 if isinstance(exc, InvalidInputError):

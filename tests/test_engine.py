@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from deltastore import Registry
+from deltastore.dtypes import torch_dtype
 from deltastore.engine import reader as readers
 from deltastore.engine import resident as residents
 from deltastore.engine.decode import decode_code, decode_stored
@@ -22,7 +23,6 @@ from deltastore.engine.resident import ResidentModel
 from deltastore.errors import CorruptObjectError, NotFoundError
 from deltastore.storage.records import BaseRecord, ReferenceRecord
 from deltastore.tensor import dbms
-from deltastore.tensor.compressors.lossless import dtype_from_name
 from deltastore.tensor.fused import triton_enabled
 
 # task name -> (finetune of the example, method, config, base)
@@ -70,7 +70,7 @@ def reference_state(registry: Registry, task: str) -> dict[str, torch.Tensor]:
         if base is not None and entry.ref in base.tensors:
             tau_rows = dbms.as_matrix(decode_stored(base.tensors[entry.ref], array, "cpu"))[rows]
         value = dbms.reconstruct(w_pre, rows, decoded, tau_rows, lam1, lam2)
-        out[name] = value.reshape(entry.shape).to(dtype_from_name(entry.dtype))
+        out[name] = value.reshape(entry.shape).to(torch_dtype(entry.dtype))
     return out
 
 

@@ -16,13 +16,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..dtypes import torch_dtype
 from ..errors import CorruptObjectError
 from ..storage.records import BaseRecord, ReferenceRecord, TaskVersion, TensorEntry
 from ..tensor import dbms
 from ..tensor.bitpack import packed_size, unpack_bits
 from ..tensor.compressors import Compressor, Encoded, fused_decoder, get_compressor
 from ..tensor.compressors.base import required_array, required_attr
-from ..tensor.compressors.lossless import Lossless, dtype_from_name
+from ..tensor.compressors.lossless import Lossless
 from ..tensor.fused import BaseTerm, FusedDecoder, FusedJob, triton_enabled
 
 # ``array(digest, what)``: a stored array on the decode device.
@@ -45,7 +46,7 @@ def check_entry(entry: TensorEntry) -> None:
     if entry.codec == Lossless.name and entry.attrs.get("dtype") != entry.dtype:
         raise CorruptObjectError(f"lossless entry of dtype {entry.dtype!r} stores data of dtype "
                                  f"{entry.attrs.get('dtype')!r}")
-    if entry.ref is not None and not dtype_from_name(entry.dtype).is_floating_point:
+    if entry.ref is not None and not torch_dtype(entry.dtype).is_floating_point:
         raise CorruptObjectError(f"delta entry of non-float dtype {entry.dtype!r}")
 
 
@@ -86,7 +87,7 @@ class TensorPlan:
         return int(shape[0]), numel(shape[1:])
 
     def est_bytes(self) -> int:
-        itemsize = torch.empty((), dtype=dtype_from_name(self.entry.dtype)).element_size()
+        itemsize = torch.empty((), dtype=torch_dtype(self.entry.dtype)).element_size()
         return max(1, numel(self.entry.shape)) * itemsize
 
     @cached_property
@@ -135,7 +136,7 @@ def check_delta(entry: TensorEntry, reference: ReferenceRecord, base: BaseRecord
         raise CorruptObjectError(f"inconsistent record: delta entry adds to reference tensor {entry.ref!r}, which "
                                  "the reference does not hold; run `deltastore verify`")
     if (ref_entry.shape != entry.shape or not entry.shape
-            or not dtype_from_name(ref_entry.dtype).is_floating_point):
+            or not torch_dtype(ref_entry.dtype).is_floating_point):
         raise CorruptObjectError(f"inconsistent record: delta entry of shape {list(entry.shape)} adds to reference "
                                  f"tensor {entry.ref!r} of shape {list(ref_entry.shape)} and dtype {ref_entry.dtype}, "
                                  "expected the same shape of 1 or more dimensions and a float dtype; run "
@@ -225,7 +226,7 @@ def reference_decode(item: TensorPlan, parts: Parts, device: torch.device) -> to
         bdecoded = base.decode(Encoded(parts.barrays, dict(item.base_entry.attrs)), (int(bmask.sum()), cols), device)
         tau_rows = dbms.expand_rows(bdecoded, bmask)[mask]
     value = dbms.reconstruct(parts.w_pre.reshape(rows, cols), mask, decoded, tau_rows, item.lam1, item.lam2)
-    return value.reshape(entry.shape).to(dtype_from_name(entry.dtype))
+    return value.reshape(entry.shape).to(torch_dtype(entry.dtype))
 
 
 def decode(item: TensorPlan, parts: Parts, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,7 +237,7 @@ def decode(item: TensorPlan, parts: Parts, device: torch.device, out: torch.Tens
         value = lossless(entry, parts.data, device)
     elif item.fused is not None and triton_enabled(device):
         job = prepare_fused(item, parts)
-        dtype = dtype_from_name(entry.dtype)
+        dtype = torch_dtype(entry.dtype)
         if out is not None and out.dtype == dtype and out.is_contiguous():
             item.fused.run(job, out)
             return out

@@ -22,7 +22,7 @@ import torch
 from ..catalog import split_spec
 from ..errors import InvalidInputError, NotFoundError
 from ..tensor.compressors.base import required_array
-from ..tensor.compressors.lossless import dtype_from_name
+from ..dtypes import torch_dtype
 from ..tensor.fused import triton_enabled
 from .decode import Parts, TensorPlan, decode, lossless, plan, prepare_fused, row_index
 from .reader import READ_AHEAD_HOST_BYTES, DeviceReader, read_ahead_budget
@@ -237,13 +237,13 @@ class ResidentModel:
     def _target(self, item: TensorPlan) -> torch.Tensor:
         target = self.tensors.get(item.name)
         if target is not None and self._allocate and (tuple(target.shape) != tuple(item.entry.shape)
-                                                      or target.dtype != dtype_from_name(item.entry.dtype)):
+                                                      or target.dtype != torch_dtype(item.entry.dtype)):
             target = None  # our own tensor, and this task's head has another shape: replace it
         if target is None:
             if not self._allocate:
                 raise NotFoundError(f"task tensor {item.name!r} has no counterpart in the resident target; "
                                     f"it holds {len(self.tensors)} tensors, e.g. {list(self.tensors)[:3]}")
-            target = torch.empty(item.entry.shape, dtype=dtype_from_name(item.entry.dtype), device=self.device)
+            target = torch.empty(item.entry.shape, dtype=torch_dtype(item.entry.dtype), device=self.device)
             self.tensors[item.name] = target
         if tuple(target.shape) != tuple(item.entry.shape):
             raise InvalidInputError(f"target tensor {item.name!r} has shape {tuple(target.shape)}, the task's is "

@@ -1,68 +1,37 @@
-"""Where bytes live: the local-directory backend over zarr's store abstraction.
+"""``LocalBackend``: a registry in a folder of a local POSIX filesystem, the first
+implementation of :class:`~deltastore.storage.protocol.Backend`.
 
-Every byte of a registry goes through :class:`LocalBackend`: small objects as whole keys
-(records, refs, blobs), tensors as zarr v3 arrays. Arrays are opened through a zarr store
-rooted at the array's own key, so swapping the local directory for an object store means a
-new backend class with the same five operations, not touching the math. What a replacement
-must provide to keep the guarantees (atomic single-key put, put-if-absent for refs, a way to
-publish a staged array) is written in specs/format.md, "Writing safely".
+How it keeps the protocol's guarantees on a filesystem: a whole-key write goes to a temporary
+file in the same folder, is fsynced and renamed into place (atomic on POSIX), then the folder
+is fsynced; a create-only write links the temporary file to its name (``link`` fails if the
+name exists, atomically); a staged array folder is fsynced file by file, then renamed; every
+read opens the file without blocking and checks on the open descriptor that it is a regular
+file; a folder of the layout replaced by a file or a symlink is raised as damage, never
+followed. Its locks are in storage/locks.py; its compare-and-swap holds the ``refs`` lock.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
-import json
-import math
+import hashlib
 import os
 import shutil
 import stat
-import threading
-import time
 import uuid
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-import numpy as np
-import zstandard
+from ..errors import CorruptObjectError, NotFoundError
+from .layout import zstd_content_size
+from .locks import FileLocks
+from .protocol import MAX_KEY_BYTES
 
-from ..errors import CorruptObjectError, LockTimeoutError, NotFoundError
-
-# Arrays are chunked so no chunk exceeds this many bytes: big enough that per-chunk overhead
-# is negligible, small enough to stream a 500 MB embedding without holding it twice.
-CHUNK_BYTES = 8 << 20
-ZSTD_LEVEL = 3
-# Whole-key objects (records, refs, blobs) are small: side files are capped at 64 MiB when
-# committed and records at 64 MiB when read. Reading more than this is a damaged or hostile
-# file, refused before the bytes are read.
-MAX_KEY_BYTES = 64 << 20
-# The largest array one object may declare (16 GiB, 8x a 70B model's embedding in fp16). A
-# zarr.json asking for more is refused before zarr allocates anything.
-MAX_ARRAY_BYTES = 16 << 30
-MAX_ARRAY_DIMS = 8
-MAX_ZARR_JSON_BYTES = 1 << 16
-MAX_CHUNK_BYTES = 64 << 20
-# Data types and codecs write_array produces; anything else in a zarr.json was not written by us.
-ARRAY_DATA_TYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32")
-
-
-def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    """Chunk along the first axis only, at most CHUNK_BYTES per chunk (at least one row)."""
-    if not shape:
-        return ()
-    row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else itemsize
-    rows = max(1, CHUNK_BYTES // max(1, row_bytes))
-    return (max(1, min(shape[0], rows)),) + tuple(shape[1:])
+# zstd_content_size lives in layout.py; it is also importable from here, where it lived before
+# the split and where the reliability suites (tests/reliability/test_hostile.py) import it.
+__all__ = ["LocalBackend", "open_regular", "zstd_content_size"]
 
 
 class LocalBackend:
-    """A registry directory on a local POSIX filesystem.
-
-    Whole-key writes go to a temporary file in the same directory and are renamed into place
-    (atomic on POSIX), so a reader sees the old or the new bytes, never a mix.
-    """
+    """A registry directory on a local POSIX filesystem."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -73,13 +42,13 @@ class LocalBackend:
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*key.split("/"))
 
-    # -- whole keys -------------------------------------------------------------------------
-    def exists(self, key: str) -> bool:
-        return self._path(key).exists()
+    def _where(self, key: str) -> str:
+        return f"{self.root}: object {key!r}"
 
+    # -- reading ----------------------------------------------------------------------------
     def get(self, key: str, *, limit: int = MAX_KEY_BYTES) -> bytes:
         """The bytes of ``key``; more than ``limit`` bytes is an error, raised before reading."""
-        where = f"{self.root}: object {key!r}"
+        where = self._where(key)
         with open_regular(self._path(key), where) as fh:
             size = os.fstat(fh.fileno()).st_size
             if size > limit:
@@ -87,43 +56,44 @@ class LocalBackend:
                                          "have; it is damaged or was not written by deltastore")
             return fh.read(limit)
 
-    def put(self, key: str, data: bytes) -> None:
-        """Write ``data`` under ``key`` atomically (temp file, fsync, rename, fsync of the folder)."""
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    def get_into(self, key: str, out: memoryview, *, start: int = 0) -> int:
+        """Read bytes ``[start, start + len(out))`` of ``key`` into ``out``; return the count."""
+        out = out.cast("B")
+        with open_regular(self._path(key), self._where(key)) as fh:
+            if start:
+                fh.seek(start)
+            pos = 0
+            while pos < len(out):
+                n = fh.readinto(out[pos:])
+                if not n:
+                    break
+                pos += n
+            return pos
+
+    def get_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        """The bytes of ``key`` and their SHA-256 as the version token; ``(None, None)`` if absent.
+
+        A content hash, not the inode or mtime: a rename gives a new inode, but inode numbers
+        are reused and mtimes are coarse, so either could let a stale token match."""
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind (a killed one: gc's job)
-            raise
-        _fsync_dir(path.parent)
+            data = self.get(key)
+        except NotFoundError:
+            return None, None
+        return data, hashlib.sha256(data).hexdigest()
 
-    def delete(self, key: str) -> None:
-        """Remove a key or a whole prefix (an array); missing keys are fine.
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
 
-        A folder is first renamed into ``staging/`` (atomic), then removed: a process killed
-        half-way through leaves debris in staging for gc, never a half-deleted array under
-        ``objects/`` whose surviving zarr.json would make a later commit believe it exists.
-        """
+    def size(self, key: str) -> int:
+        """Apparent bytes of a key, or of every file under a prefix (what ``du -sb`` counts)."""
         path = self._path(key)
-        if path.is_dir() and not path.is_symlink():  # a symlink is unlinked, never followed
-            trash = self._path(f"staging/deleted-{uuid.uuid4().hex}")
-            if self._path("staging") not in path.parents:
-                trash.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.rename(path, trash)
-                except FileNotFoundError:
-                    return
-                path = trash
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        if path.is_file():
+            return path.stat().st_size
+        if not path.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
+    # -- listing ----------------------------------------------------------------------------
     def list(self, prefix: str) -> list[str]:
         """Keys of the files directly or indirectly under ``prefix`` (sorted)."""
         base = self._folder(prefix)
@@ -136,7 +106,7 @@ class LocalBackend:
         base = self._folder(prefix)
         return sorted(p.name for p in base.iterdir()) if base is not None else []
 
-    def folder_exists(self, prefix: str) -> bool:
+    def prefix_exists(self, prefix: str) -> bool:
         """Is ``prefix`` a folder (False when absent; a damaged one raises, see :meth:`children`)."""
         return self._folder(prefix) is not None
 
@@ -161,108 +131,56 @@ class LocalBackend:
                                      "until then)")
         return path
 
-    def size(self, key: str) -> int:
-        """Apparent bytes of a key, or of every file under a prefix (what ``du -sb`` counts)."""
+    # -- writing ----------------------------------------------------------------------------
+    def put(self, key: str, data: bytes) -> None:
+        """Write ``data`` under ``key`` atomically (temp file, fsync, rename, fsync of the folder)."""
         path = self._path(key)
-        if path.is_file():
-            return path.stat().st_size
-        if not path.is_dir():
-            return 0
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-    def mtime(self, key: str) -> float:
-        return self._path(key).stat().st_mtime
-
-    # -- arrays -----------------------------------------------------------------------------
-    def write_array(self, key: str, data: np.ndarray, *, compress: bool) -> None:
-        """Write ``data`` as a zarr v3 array at ``key`` (every chunk written, even all-zero ones,
-        so a missing chunk is always an error, never an implicit fill value)."""
-        # Imported here: reads bypass zarr (read_chunk), and importing it costs a read-only
-        # command such as `deltastore ls` a third of its start-up.
-        import zarr
-        import zarr.codecs
-        from zarr.storage import LocalStore
-
-        store = LocalStore(self._path(key))
-        array = zarr.create_array(
-            store,
-            shape=data.shape,
-            dtype=data.dtype,
-            chunks=chunk_shape(data.shape, data.dtype.itemsize),
-            # "v2" keys put chunks beside zarr.json ("0", "1.0") instead of in a "c/" folder:
-            # one directory less per array, which is most of an array's overhead on disk.
-            chunk_key_encoding={"name": "v2", "separator": "."},
-            compressors=[zarr.codecs.ZstdCodec(level=ZSTD_LEVEL)] if compress else None,
-            fill_value=0,
-            config={"write_empty_chunks": True},
-            zarr_format=3,
-            overwrite=True,
-        )
-        if data.size:
-            array[...] = data
-        # Chunks reach the disk before the array is published under objects/ (a rename), so
-        # a power cut cannot leave a published name pointing at empty chunk files.
-        for file in sorted(self._path(key).rglob("*")):
-            if file.is_file():
-                with open(file, "rb") as fh:
-                    os.fsync(fh.fileno())
-
-    def open_array(self, key: str) -> "ArrayLayout":
-        """The checked layout of the array at ``key`` (its zarr.json), for :meth:`read_chunk`."""
+        tmp = self._temp_copy(path, data)
         try:
-            raw = self.get(f"{key}/zarr.json", limit=MAX_ZARR_JSON_BYTES)
-        except NotFoundError:
-            raise NotFoundError(f"{self.root}: array {key!r} is missing (no zarr.json)") from None
-        meta = check_array_metadata(raw, f"{self.root}: array {key!r}")
-        shape = tuple(meta["shape"])
-        chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
-        return ArrayLayout(key, np.dtype(meta["data_type"]).newbyteorder("<"), shape, chunk[0] if shape else 1,
-                           meta["codecs"][-1]["name"] == "zstd")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind (a killed one: gc's job)
+            raise
+        _fsync_dir(path.parent)
 
-    def read_chunk(self, layout: "ArrayLayout", index: int, out: memoryview) -> None:
-        """Decode chunk ``index`` of an array into ``out``: exactly the chunk's bytes that lie
-        inside the array (specs/format.md §4: the last chunk's padding is dropped).
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Write ``data`` under ``key`` unless it exists: the temp file is hard-linked to the name,
+        which fails atomically when the name is taken (no lock, no window between check and write)."""
+        path = self._path(key)
+        tmp = self._temp_copy(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+        return True
 
-        Reads bypass zarr: ``zstandard`` releases the GIL and decodes straight into the caller's
-        buffer (a pinned staging slot on CUDA), so reader threads decode in parallel and no
-        other host copy of the array is made."""
-        name, _, valid = layout.chunk(index)
-        where = f"{self.root}: array {layout.key!r}, chunk {name}"
-        out = out.cast("B")
-        if len(out) != valid:
-            raise ValueError(f"{where}: buffer of {len(out)} bytes for {valid} bytes of chunk")
+    def put_if_version(self, key: str, data: bytes, version: str | None) -> bool:
+        """Compare-and-swap under the ``refs`` lock, which every ref read-modify-write holds
+        (so it also excludes writers that take the lock instead). Callers must not hold that
+        lock themselves: a ``flock`` taken twice by one process waits for itself."""
+        with FileLocks(self.root).hold("refs"):
+            if self.get_versioned(key)[1] != version:
+                return False
+            self.put(key, data)
+            return True
+
+    def _temp_copy(self, path: Path, data: bytes) -> Path:
+        """``data`` in a fsynced temp file beside ``path`` (named ``.<name>.<uuid>.tmp``, what gc
+        removes when a killed write leaves one)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
-            with open_regular(self._path(f"{layout.key}/{name}"), where) as fh:
-                if not layout.zstd:
-                    size = os.fstat(fh.fileno()).st_size
-                    if size != layout.chunk_nbytes:
-                        raise CorruptObjectError(f"{where}: holds {size} bytes, expected {layout.chunk_nbytes}; "
-                                                 "run `deltastore verify` and restore it from a backup")
-                    _read_exactly(fh, out, where)
-                    return
-                bound = layout.chunk_nbytes + (layout.chunk_nbytes >> 7) + 1024  # above zstd's worst case
-                buffer = _frame_buffer(bound + 1)
-                frame = buffer[:fh.readinto(buffer)]
-                if len(frame) > bound:
-                    raise CorruptObjectError(f"{where}: holds over {bound} bytes, more than a zstd frame of "
-                                             f"{layout.chunk_nbytes} bytes can; restore it from a backup")
-        except NotFoundError:
-            raise CorruptObjectError(f"{where} is missing; the registry is damaged: run `deltastore verify` and "
-                                     "restore this object from a backup") from None
-        declared = zstd_content_size(frame)
-        if declared != layout.chunk_nbytes:
-            raise CorruptObjectError(
-                f"{where}: zstd frame declares {declared if declared is not None else 'no'} decompressed size, "
-                f"expected {layout.chunk_nbytes} bytes; run `deltastore verify` and restore it from a backup")
-        try:
-            with _decompressor().stream_reader(frame, read_across_frames=False) as reader:
-                _read_exactly(reader, out, where)
-                padding = layout.chunk_nbytes - valid
-                if padding and len(reader.read(padding)) != padding or reader.read(1):
-                    raise CorruptObjectError(f"{where}: zstd frame does not hold {layout.chunk_nbytes} bytes")
-        except zstandard.ZstdError as exc:
-            raise CorruptObjectError(f"{where}: not a valid zstd frame ({exc}); run `deltastore verify` and "
-                                     "restore it from a backup") from None
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
 
     def publish(self, staged: str, final: str) -> bool:
         """Move a fully written staged object (file or array folder) to its final key.
@@ -275,6 +193,14 @@ class LocalBackend:
         if dst.exists():
             self.delete(staged)
             return False
+        # A staged array's chunks (written by zarr, not fsynced) reach the disk before the
+        # array is published, so a power cut cannot leave a published name pointing at empty
+        # chunk files. A staged file was fsynced by put.
+        if src.is_dir():
+            for file in sorted(src.rglob("*")):
+                if file.is_file():
+                    with open(file, "rb") as fh:
+                        os.fsync(fh.fileno())
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(src, dst)
@@ -286,101 +212,33 @@ class LocalBackend:
         _fsync_dir(dst.parent)
         return True
 
-    # -- locking ----------------------------------------------------------------------------
-    @contextmanager
-    def lock(self, name: str, *, shared: bool = False, timeout: float = 600.0) -> Iterator[None]:
-        """An advisory ``flock`` on ``locks/<name>``; shared or exclusive; waits up to ``timeout``."""
-        path = self._path(f"locks/{name}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
+    def delete(self, key: str) -> None:
+        """Remove a key or a whole prefix (an array); missing keys are fine.
+
+        A folder is first renamed into ``staging/`` (atomic), then removed: a process killed
+        half-way through leaves debris in staging for gc, never a half-deleted array under
+        ``objects/`` whose surviving zarr.json would make a later commit believe it exists.
+        """
+        path = self._path(key)
+        if path.is_dir() and not path.is_symlink():  # a symlink is unlinked, never followed
+            trash = self._path(f"staging/deleted-{uuid.uuid4().hex}")
+            if self._path("staging") not in path.parents:
+                trash.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise LockTimeoutError(
-                            f"{self.root}: lock {name!r} is held by another process for over {timeout:.0f} s; "
-                            "wait for it to finish, or check for a hung deltastore process"
-                        ) from None
-                    time.sleep(0.05)
-            yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock
+                    os.rename(path, trash)
+                except FileNotFoundError:
+                    return
+                path = trash
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
+    def zarr_store(self, prefix: str):
+        """zarr's LocalStore rooted at ``prefix``'s folder (zarr imported here, on first write:
+        a read-only command never pays for importing it)."""
+        from zarr.storage import LocalStore
 
-@dataclass(frozen=True)
-class ArrayLayout:
-    """Where an array's bytes are (specs/format.md §4): chunks along the first axis."""
-
-    key: str
-    dtype: np.dtype          # little-endian
-    shape: tuple[int, ...]
-    chunk_rows: int          # rows of the first axis per chunk (1 for a 0-d array)
-    zstd: bool               # each chunk file is one zstd frame (else the raw bytes)
-
-    @property
-    def row_nbytes(self) -> int:
-        return self.dtype.itemsize * math.prod(self.shape[1:])
-
-    @property
-    def nbytes(self) -> int:
-        return self.dtype.itemsize * math.prod(self.shape)
-
-    @property
-    def chunk_nbytes(self) -> int:
-        """Bytes of one stored chunk (the full chunk shape, padding included)."""
-        return self.chunk_rows * self.row_nbytes
-
-    @property
-    def n_chunks(self) -> int:
-        if not self.shape:
-            return 1
-        return 0 if self.nbytes == 0 else -(-self.shape[0] // self.chunk_rows)
-
-    def chunk(self, index: int) -> tuple[str, int, int]:
-        """``(file name, offset in the array's bytes, bytes inside the array)`` of chunk ``index``."""
-        if not self.shape:
-            return "0", 0, self.dtype.itemsize
-        row = index * self.chunk_rows
-        rows = min(self.shape[0], row + self.chunk_rows) - row
-        return f"{index}{'.0' * (len(self.shape) - 1)}", row * self.row_nbytes, rows * self.row_nbytes
-
-    def chunks(self) -> list[tuple[str, int, int]]:
-        return [self.chunk(i) for i in range(self.n_chunks)]
-
-
-_local = threading.local()
-
-
-def _decompressor() -> "zstandard.ZstdDecompressor":
-    """One zstd decompression context per thread (a context is not thread-safe)."""
-    dctx = getattr(_local, "dctx", None)
-    if dctx is None:
-        dctx = _local.dctx = zstandard.ZstdDecompressor()
-    return dctx
-
-
-def _frame_buffer(nbytes: int) -> memoryview:
-    """A reusable per-thread buffer of at least ``nbytes`` for compressed chunk files (a fresh
-    8 MB bytes object per chunk costs an allocation and its page faults, a third of the read)."""
-    buf = getattr(_local, "frame", None)
-    if buf is None or len(buf) < nbytes:
-        buf = _local.frame = memoryview(bytearray(nbytes))
-    return buf[:nbytes]
-
-
-def _read_exactly(stream, out: memoryview, where: str) -> None:
-    pos = 0
-    while pos < len(out):
-        n = stream.readinto(out[pos:])
-        if not n:
-            raise CorruptObjectError(f"{where}: ends after {pos} of {len(out)} bytes; run `deltastore verify` and "
-                                     "restore it from a backup")
-        pos += n
+        return LocalStore(self._path(prefix))
 
 
 def open_regular(path: Path, where: str):
@@ -417,95 +275,3 @@ def _fsync_dir(path: Path) -> None:
         pass  # some filesystems refuse fsync on a folder; the rename itself is still atomic
     finally:
         os.close(fd)
-
-
-def zstd_content_size(frame: bytes) -> int | None:
-    """The decompressed size a zstd frame header declares (RFC 8878 §3.1.1.1), or None when
-    the frame does not start with a zstd header or leaves the size out.
-
-    Checked before decompressing, so a 1 KB frame declaring 100 GB (a zstd bomb) is refused
-    instead of allocated.
-    """
-    if len(frame) < 6 or frame[:4] != b"\x28\xb5\x2f\xfd":
-        return None
-    descriptor = frame[4]
-    fcs_flag, single_segment, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
-    pos = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
-    size = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
-    if size == 0 or len(frame) < pos + size:
-        return None
-    value = int.from_bytes(frame[pos:pos + size], "little")
-    return value + 256 if size == 2 else value
-
-
-def array_shape_problem(shape: tuple[int, ...], itemsize: int) -> str | None:
-    """Why an array of ``shape`` and ``itemsize`` cannot be stored, or None when it can.
-
-    The one rule the writer (before the first write of a commit) and the reader
-    (:func:`check_array_metadata`) share, so nothing is accepted that cannot be read back."""
-    if len(shape) > MAX_ARRAY_DIMS:
-        return f"has {len(shape)} dimensions, more than the {MAX_ARRAY_DIMS} an array may have"
-    nbytes = math.prod(shape) * itemsize
-    if nbytes > MAX_ARRAY_BYTES:
-        return f"declares {nbytes} bytes (shape {list(shape)}), more than the {MAX_ARRAY_BYTES} an array may hold"
-    row = math.prod(shape[1:]) * itemsize  # a chunk holds at least one row of the first axis
-    if len(shape) > 1 and row > MAX_CHUNK_BYTES:
-        return (f"has rows of {row} bytes (shape {list(shape)}), more than the {MAX_CHUNK_BYTES} one chunk "
-                "may hold")
-    return None
-
-
-def check_array_metadata(raw: bytes, what: str) -> dict:
-    """Refuse a zarr.json that ``write_array`` could not have written, before zarr reads it.
-
-    The checks are what keeps a crafted array from doing harm: a declared shape of 10**15
-    elements, chunks of a petabyte, a codec that is not ours (zarr would happily allocate or
-    load them). Allowed: zarr v3 array, at most MAX_ARRAY_DIMS dimensions, at most
-    MAX_ARRAY_BYTES in all, one of ARRAY_DATA_TYPES, the regular chunk grid that
-    :func:`chunk_shape` gives, codecs ``bytes`` (little-endian) then optionally ``zstd``, fill value 0.
-    """
-    def bad(problem: str) -> CorruptObjectError:
-        return CorruptObjectError(f"{what}: zarr.json {problem}; the array is damaged or was not written by "
-                                  "deltastore: run `deltastore verify` and restore it from a backup")
-
-    try:
-        meta = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise bad(f"is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
-        raise bad("does not describe a zarr v3 array")
-    shape = meta.get("shape")
-    if (not isinstance(shape, list) or len(shape) > MAX_ARRAY_DIMS
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape)):
-        raise bad(f"has an invalid shape {shape!r:.80}")
-    dtype = meta.get("data_type")
-    if dtype not in ARRAY_DATA_TYPES:
-        raise bad(f"has data type {dtype!r:.40}, expected one of {', '.join(ARRAY_DATA_TYPES)}")
-    itemsize = np.dtype(dtype).itemsize
-    problem = array_shape_problem(tuple(shape), itemsize)
-    if problem:
-        raise bad(problem)
-    grid = meta.get("chunk_grid")
-    chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
-    # specs/format.md §4: regular chunks along the first axis only, of a bounded size.
-    if (not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(chunks, list)
-            or len(chunks) != len(shape) or not all(isinstance(c, int) and not isinstance(c, bool) for c in chunks)
-            or (shape and not (1 <= chunks[0] and chunks[1:] == shape[1:]))
-            or math.prod(chunks) * itemsize > MAX_CHUNK_BYTES):
-        raise bad(f"has chunk grid {grid!r:.80}, expected regular chunks along the first axis of at most "
-                  f"{MAX_CHUNK_BYTES} bytes")
-    codecs = meta.get("codecs")
-    if (not isinstance(codecs, list) or not all(isinstance(c, dict) for c in codecs)
-            or [c.get("name") for c in codecs] not in (["bytes"], ["bytes", "zstd"])):
-        raise bad(f"has codecs {codecs!r:.80}, expected 'bytes', optionally followed by 'zstd'")
-    config = codecs[0].get("configuration") or {}
-    endian = config.get("endian") if isinstance(config, dict) else None
-    if endian != "little" and not (endian is None and itemsize == 1):
-        raise bad(f"has 'bytes' codec configuration {config!r:.80}, expected little-endian")
-    encoding = meta.get("chunk_key_encoding")
-    if (not isinstance(encoding, dict) or encoding.get("name") != "v2"
-            or encoding.get("configuration", {}).get("separator", ".") != "."):
-        raise bad(f"has chunk key encoding {encoding!r:.80}, expected v2 with separator '.'")
-    if meta.get("fill_value") != 0:
-        raise bad(f"has fill value {meta.get('fill_value')!r:.40}, expected 0")
-    return meta

@@ -7,7 +7,6 @@ complete, so a key under ``objects/`` is always whole. Nothing is ever rewritten
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 import uuid
@@ -16,29 +15,14 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from numcodecs import Zstd
 
+from ..dtypes import array_numpy_dtype, array_torch_dtype
 from ..errors import CorruptObjectError, NotFoundError
-from .backend import LocalBackend, zstd_content_size
+from .layout import read_chunk, read_layout, write_array, zstd_content_size
+from .protocol import Backend
 from .records import Record, content_hash, pack, unpack
 
 if TYPE_CHECKING:
     import torch
-
-
-@functools.cache
-def _numpy_dtypes() -> dict:
-    """torch dtype -> zarr/numpy data type of stored arrays (specs/format.md, "Arrays").
-    torch is imported on first use: reading refs and records (``deltastore ls``) needs none."""
-    import torch
-
-    return {
-        torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16, torch.uint16: np.uint16,
-        torch.int32: np.int32, torch.int64: np.int64, torch.float16: np.float16, torch.float32: np.float32,
-    }
-
-
-@functools.cache
-def _torch_dtypes() -> dict:
-    return {np.dtype(v): k for k, v in _numpy_dtypes().items()}
 
 
 R = TypeVar("R", bound=Record)
@@ -73,8 +57,7 @@ def object_key(kind: str, digest: str) -> str:
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    if tensor.dtype not in _numpy_dtypes():
-        raise TypeError(f"arrays of dtype {tensor.dtype} cannot be stored; allowed: {list(_numpy_dtypes())}")
+    array_numpy_dtype(tensor.dtype)  # refuses what no array may hold
     return tensor.detach().cpu().contiguous().numpy()
 
 
@@ -92,10 +75,10 @@ class ArrayReader:
         self.label = f"array {digest[:12]}" + (f" ({what})" if what else "")
         key = object_key("arrays", digest)
         try:
-            self.layout = self.backend.open_array(key)
+            self.layout = read_layout(self.backend, key)
         except (NotFoundError, CorruptObjectError) as exc:
             raise type(exc)(f"{self.label}: {exc}") from None
-        self.dtype = _torch_dtypes()[self.layout.dtype.newbyteorder("=")]
+        self.dtype = array_torch_dtype(self.layout.dtype)
         self.shape = self.layout.shape
         self.nbytes = self.layout.nbytes
         self.chunks = self.layout.chunks()
@@ -107,7 +90,7 @@ class ArrayReader:
         if index != self._next:
             raise ValueError(f"{self.label}: chunk {index} read out of order (expected {self._next})")
         try:
-            self.backend.read_chunk(self.layout, index, out)
+            read_chunk(self.backend, self.layout, index, out)
         except CorruptObjectError as exc:
             raise CorruptObjectError(f"{self.label}: {exc}") from None
         if self._hash is not None:
@@ -127,7 +110,7 @@ class ArrayReader:
 class ObjectStore:
     """Typed access to the objects of one registry through its backend."""
 
-    def __init__(self, backend: LocalBackend):
+    def __init__(self, backend: Backend):
         self.backend = backend
 
     def new_txn(self) -> str:
@@ -141,7 +124,7 @@ class ObjectStore:
         final = object_key("arrays", digest)
         if not self._reusable("arrays", digest):
             staged = f"{txn}/{digest}"
-            self.backend.write_array(staged, data, compress=compress)
+            write_array(self.backend, staged, data, compress=compress)
             self.backend.publish(staged, final)
         return digest
 

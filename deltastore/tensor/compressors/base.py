@@ -18,12 +18,12 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from ...dtypes import array_torch_dtypes
 from ...errors import CorruptObjectError, InvalidInputError
 
-# Array dtypes a compressor may emit. The storage layer maps them 1:1 to zarr data types;
-# bfloat16 is deliberately absent (zarr has no such type: lossless stores bf16 as uint16).
-ARRAY_DTYPES = (torch.uint8, torch.int8, torch.uint16, torch.int16, torch.int32, torch.int64,
-                torch.float16, torch.float32)
+# Array dtypes a compressor may emit, from the package's one dtype table (deltastore/dtypes.py):
+# the storage layer maps them 1:1 to zarr data types.
+ARRAY_DTYPES = array_torch_dtypes()
 
 
 def required_array(arrays: dict, role: str):

@@ -14,30 +14,11 @@ from typing import ClassVar
 
 import torch
 
-from ...errors import CorruptObjectError, InvalidInputError
+from ...dtypes import dtype_name, torch_dtype
+from ...errors import CorruptObjectError
 from .base import CompressorConfig, Encoded
 
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-    "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
-    "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
-}
 _CARRIER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """'float32' for torch.float32; refuses dtypes the format does not define."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise InvalidInputError(f"tensor dtype {name} is not supported; supported: {', '.join(DTYPES)}")
-    return name
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise InvalidInputError(f"unknown dtype {name!r}; known dtypes are {', '.join(DTYPES)}") from None
 
 
 @dataclass(frozen=True)
@@ -63,7 +44,7 @@ class Lossless:
         return Encoded({"data": data}, {"dtype": name})
 
     def decode(self, encoded: Encoded, shape, device: torch.device | str) -> torch.Tensor:
-        dtype = dtype_from_name(encoded.attr("dtype", str))
+        dtype = torch_dtype(encoded.attr("dtype", str))
         data = encoded.array("data")
         carrier = torch.uint8 if dtype == torch.bool else _CARRIER[torch.empty((), dtype=dtype).element_size()]
         if data.dtype != carrier or tuple(data.shape) != tuple(shape):

@@ -1,4 +1,4 @@
-"""The array read path (storage/backend.py, storage/objects.py) against what zarr writes.
+"""The array layout's read path (storage/layout.py, storage/objects.py) against what zarr writes.
 
 Reads bypass zarr (chunks are decoded with zstandard in the caller's threads), so these tests
 hold the reader to every layout the writer produces: many chunks with a padded last one, 0-d
@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from deltastore.errors import CorruptObjectError
-from deltastore.storage import backend as backend_module
+from deltastore.storage import layout
 from deltastore.storage.backend import LocalBackend
 from deltastore.storage.objects import ObjectStore, array_hash, object_key
 
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    monkeypatch.setattr(backend_module, "CHUNK_BYTES", 64)  # many small chunks
+    monkeypatch.setattr(layout, "CHUNK_BYTES", 64)  # many small chunks
     return ObjectStore(LocalBackend(tmp_path))
 
 
