@@ -32,7 +32,7 @@ from .storage.records import (FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, BaseRecor
                               ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, TensorEntry, pack)
 from .tensor import dbms
 from .tensor.bitpack import pack_bits
-from .tensor.compressors import get_compressor
+from .tensor.compressors import DEFAULT_COMPRESSOR, WHOLE_TENSORS, delta_compressors, get_compressor
 from .tensor.compressors.lossless import Lossless, dtype_from_name, dtype_name
 from .tensor.prng import derive_seed
 from .tuning import Lambdas, TuneContext, Tuner, get_tuner
@@ -141,7 +141,7 @@ class Registry(Catalog):
                     mean += tensor.float() - w_pre
                 mean /= len(sources)
                 code = dbms.build_base(dbms.as_matrix(mean))
-                tensors[ref_name] = self._store_code(code, "bitdelta", {}, w_pre.shape, "float32", ref_name, txn)
+                tensors[ref_name] = self._store_code(code, dbms.BASE_CODEC, {}, w_pre.shape, "float32", ref_name, txn)
             record = BaseRecord(name=name, created=utc_now(), reference=ref_digest,
                                 sources=[s.label for s in sources], tensors=tensors)
             digest = self.objects.put_record(record, txn)
@@ -175,7 +175,7 @@ class Registry(Catalog):
         task: str,
         finetune: Any,
         *,
-        method: str = "bitdelta",
+        method: str = DEFAULT_COMPRESSOR,
         config: Mapping[str, Any] | None = None,
         base: str | None = None,
         message: str = "",
@@ -209,8 +209,9 @@ class Registry(Catalog):
         always did, and pays nothing."""
         check_name("task", task)
         compressor = get_compressor(method, dict(config or {}))
-        if method == "lossless":
-            raise InvalidInputError("method 'lossless' stores whole tensors, not deltas; pick bitdelta, dare or deltadq")
+        if method == WHOLE_TENSORS:
+            raise InvalidInputError(f"compressor {method!r} stores whole tensors, not deltas; pick one of "
+                                    f"{', '.join(delta_compressors())}")
         source = open_source(finetune, follow_links=follow_links)
         ref_digest = self.reference_hash()
         reference = self.objects.get_record(ref_digest, ReferenceRecord)

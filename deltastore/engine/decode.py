@@ -40,10 +40,10 @@ def check_entry(entry: TensorEntry) -> None:
     """specs/format.md §5.2/§6: lossless entries are whole tensors, every other codec is a
     delta on a float tensor; a record mixing the two was not written by deltastore."""
     if (entry.codec == Lossless.name) != (entry.ref is None):
-        raise CorruptObjectError(f"tensor entry with codec {entry.codec!r} has ref {entry.ref!r}: lossless entries "
-                                 "have no ref and delta entries need one")
+        raise CorruptObjectError(f"tensor entry with codec {entry.codec!r} has ref {entry.ref!r}: {Lossless.name} "
+                                 "entries have no ref and delta entries need one")
     if entry.codec == Lossless.name and entry.attrs.get("dtype") != entry.dtype:
-        raise CorruptObjectError(f"lossless entry of dtype {entry.dtype!r} stores data of dtype "
+        raise CorruptObjectError(f"{Lossless.name} entry of dtype {entry.dtype!r} stores data of dtype "
                                  f"{entry.attrs.get('dtype')!r}")
     if entry.ref is not None and not dtype_from_name(entry.dtype).is_floating_point:
         raise CorruptObjectError(f"delta entry of non-float dtype {entry.dtype!r}")

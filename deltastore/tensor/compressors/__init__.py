@@ -63,10 +63,22 @@ def fused_decoder(compressor: Compressor) -> FusedDecoder | None:
     return make() if make is not None else None
 
 
+def delta_compressors() -> list[str]:
+    """Names of the compressors a task version's deltas may use (``commit(method=...)``),
+    sorted: every registered one but :data:`WHOLE_TENSORS`, which stores whole tensors."""
+    return [name for name in available() if name != WHOLE_TENSORS]
+
+
 from . import bitdelta, dare, deltadq, lossless  # noqa: E402  (registration needs _REGISTRY)
 
 for _module in (bitdelta, dare, deltadq, lossless):
     register(_module.COMPRESSOR)
 
-__all__ = ["ARRAY_DTYPES", "Compressor", "CompressorConfig", "Encoded", "available", "compressor_class",
-           "fused_decoder", "get_compressor", "register"]
+# The engine names these two roles through the constants, never by the compressors' names:
+# a commit's compressor when none is given, and the one for tensors stored whole (the
+# reference, biases, task-own heads; specs/format.md §5.2).
+DEFAULT_COMPRESSOR: str = bitdelta.COMPRESSOR.name
+WHOLE_TENSORS: str = lossless.COMPRESSOR.name
+
+__all__ = ["ARRAY_DTYPES", "DEFAULT_COMPRESSOR", "WHOLE_TENSORS", "Compressor", "CompressorConfig", "Encoded",
+           "available", "compressor_class", "delta_compressors", "fused_decoder", "get_compressor", "register"]

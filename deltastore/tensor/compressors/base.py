@@ -13,8 +13,11 @@ tensor bit for bit, in its own dtype and shape.
 from __future__ import annotations
 
 import dataclasses
+import json
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
 
 import torch
 
@@ -99,6 +102,42 @@ class CompressorConfig:
                 f"{cls.__name__}: unknown configuration field(s) {unknown}; known fields are {sorted(known)}"
             )
         return cls(**data)
+
+    @classmethod
+    def from_strings(cls, values: Mapping[str, str]):
+        """The configuration from ``field -> text`` (a command line's ``key=value``): each
+        text is parsed by its field's annotation (``int``, ``float``, ``bool``, ``str``, any
+        of them ``| None`` with ``none`` for None; other types as JSON), then checked as
+        :meth:`from_dict` checks a stored one."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        parsed = {key: _parse_text(cls.__name__, key, hints[key], text) if key in known else text
+                  for key, text in values.items()}
+        return cls.from_dict(parsed)
+
+
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def _parse_text(owner: str, key: str, hint: Any, text: str) -> Any:
+    """``text`` as a value of type ``hint`` (see :meth:`CompressorConfig.from_strings`)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        if text.strip().lower() in ("none", "null"):
+            return None
+        rest = [a for a in args if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else Any
+    try:
+        if hint is bool:
+            if text.strip().lower() not in _TRUE + _FALSE:
+                raise ValueError(text)
+            return text.strip().lower() in _TRUE
+        if hint in (int, float, str):
+            return hint(text)
+        return json.loads(text)
+    except ValueError:
+        raise InvalidInputError(f"{owner}.{key}: {text!r} is not a {getattr(hint, '__name__', hint)}; give "
+                                f"{key}=VALUE with a value of that type") from None
 
 
 @runtime_checkable
