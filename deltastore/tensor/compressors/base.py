@@ -87,7 +87,7 @@ class CompressorConfig:
 
     @classmethod
     def describe(cls) -> list[ConfigField]:
-        return [ConfigField(f.name, str(f.type), f.default, f.metadata.get("help", ""))
+        return [ConfigField(f.name, _type_name(f.type), f.default, f.metadata.get("help", ""))
                 for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +116,14 @@ class CompressorConfig:
         return cls.from_dict(parsed)
 
 
+def _type_name(annotation: Any) -> str:
+    """An annotation as written: a string under ``from __future__ import annotations``, else a
+    class (``int``) or a union (``int | None``) that a third-party module evaluated."""
+    if isinstance(annotation, str):
+        return annotation
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 
 
@@ -136,8 +144,8 @@ def _parse_text(owner: str, key: str, hint: Any, text: str) -> Any:
             return hint(text)
         return json.loads(text)
     except ValueError:
-        raise InvalidInputError(f"{owner}.{key}: {text!r} is not a {getattr(hint, '__name__', hint)}; give "
-                                f"{key}=VALUE with a value of that type") from None
+        raise InvalidInputError(f"{owner}.{key}: {text!r} is not of type {_type_name(hint)}; give {key}=VALUE "
+                                "with a value of that type") from None
 
 
 @runtime_checkable
