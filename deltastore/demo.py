@@ -77,7 +77,7 @@ def make_example(workdir: Path, *, steps: int = 80, seed: int = 0) -> Example:
 
 
 def run_demo(workdir: Path, *, progress: bool | None = None, echo: Callable[[str], Any] | None = print) -> dict:
-    """Build the example, init a registry, build a base, commit every task with each method,
+    """Build the example, init a registry, build a base, commit every task with each compressor,
     materialize, compare outputs with the finetunes, verify. Returns the report."""
     from transformers import AutoModelForSequenceClassification
 

@@ -141,7 +141,7 @@ class Registry(Catalog):
                     mean += tensor.float() - w_pre
                 mean /= len(sources)
                 code = dbms.build_base(dbms.as_matrix(mean))
-                tensors[ref_name] = self._store_code(code, dbms.BASE_CODEC, {}, w_pre.shape, "float32", ref_name, txn)
+                tensors[ref_name] = self._store_code(code, dbms.BASE_COMPRESSOR, {}, w_pre.shape, "float32", ref_name, txn)
             record = BaseRecord(name=name, created=utc_now(), reference=ref_digest,
                                 sources=[s.label for s in sources], tensors=tensors)
             digest = self.objects.put_record(record, txn)
@@ -463,14 +463,14 @@ class Registry(Catalog):
     def _reference_tensor(self, reference: ReferenceRecord, name: str) -> torch.Tensor:
         return decode_stored(reference.tensors[name], self._array_getter("cpu"), "cpu")
 
-    def _store_code(self, code: dbms.MatrixCode, codec: str, config: dict, shape, dtype: str, ref_name: str,
+    def _store_code(self, code: dbms.MatrixCode, compressor: str, config: dict, shape, dtype: str, ref_name: str,
                     txn: str, lambdas: tuple[float, float] | None = None) -> TensorEntry:
         arrays = {role: self.objects.put_array(a, txn, compress=_compressible(a)) for role, a in
                   code.encoded.arrays.items()}
         n_changed = int(code.rows.sum())
         rows = None if n_changed == code.rows.numel() else self.objects.put_array(pack_bits(code.rows), txn,
                                                                                   compress=False)
-        entry = TensorEntry(shape=tuple(shape), dtype=dtype, codec=codec, config=dict(config), arrays=arrays,
+        entry = TensorEntry(shape=tuple(shape), dtype=dtype, codec=compressor, config=dict(config), arrays=arrays,
                             attrs=dict(code.encoded.attrs), ref=ref_name, rows=rows, changed_rows=n_changed)
         return entry if lambdas is None else replace(entry, lam1=lambdas[0], lam2=lambdas[1])
 

@@ -1,6 +1,6 @@
 """No compressor name outside its own module and the registration (issue 12): the engine, the
 registry and the CLI reach a compressor through the registry of compressors and the constants
-the compressors package owns (``DEFAULT_COMPRESSOR``, ``WHOLE_TENSORS``, ``dbms.BASE_CODEC``),
+the compressors package owns (``DEFAULT_COMPRESSOR``, ``WHOLE_TENSORS``, ``dbms.BASE_COMPRESSOR``),
 so adding one touches its own module, its spec page and one registration."""
 
 from __future__ import annotations

@@ -496,7 +496,7 @@ def ls(registry: Path, as_json: bool) -> None:
                       "created": record.created, "message": record.message})
     bases = sorted(reg.bases())
     data = {"registry": str(registry), "tasks": tasks, "bases": bases}
-    rows = [["TASK", "VERSIONS", "METHOD", "ON DISK", "VS FP16", "CREATED", "MESSAGE"]] + [
+    rows = [["TASK", "VERSIONS", "COMPRESSOR", "ON DISK", "VS FP16", "CREATED", "MESSAGE"]] + [
         [f"{t['task']}@{t['latest']}", str(t["versions"]), t["method"], _human(t["own_bytes"]),
          f"{t['ratio_fp16']:.1f}x", t["created"], t["message"]] for t in tasks]
     text = _table(rows, right=frozenset({1, 3, 4})) if tasks else "(no tasks)"
@@ -510,14 +510,14 @@ def ls(registry: Path, as_json: bool) -> None:
 @click.argument("spec", metavar="TASK[@VERSION]", shell_complete=_complete("task"))
 @json_option
 def show(registry: Path, spec: str, as_json: bool) -> None:
-    """Show one task version: method, lambdas, base, bytes and ratios."""
+    """Show one task version: compressor and configuration, lambdas, base, bytes and ratios."""
     task, version = parse_spec(spec)
     reg = _catalog(registry)
     _, record = reg.version(task, version)
     data = _version_summary(reg, record)
     text = "\n".join([
         f"{task}@{record.version}  {record.created}  {record.message}",
-        f"  method     {record.method} {json.dumps(record.config)}",
+        f"  compressor {record.method} {json.dumps(record.config)}",
         f"  lambdas    lam1={record.lam1:.6g}  lam2={record.lam2:.6g}",
         f"  base       {data['base_name'] or '-'} {(record.base or '')[:12]}",
         f"  tensors    {data['tensors']} ({data['delta_tensors']} as deltas)",
@@ -559,7 +559,7 @@ def log(registry: Path, task: str, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def diff(ctx: click.Context, registry: Path, spec_a: str, spec_b: str, top: int, as_json: bool) -> None:
-    """Compare two versions (of one task or two): method, lambdas, bytes on disk, and per tensor
+    """Compare two versions (of one task or two): compressor, lambdas, bytes on disk, and per tensor
     the relative error ||W_A - W_B|| / ||W_B|| of their materialized weights."""
     reg = _registry(registry)
     sides = [_version_summary(reg, reg.version(spec)[1]) for spec in (spec_a, spec_b)]
@@ -584,7 +584,7 @@ def diff(ctx: click.Context, registry: Path, spec_a: str, spec_b: str, top: int,
             "only_in_b": sorted(state_b), "identical_tensors": sum(1 for e in comparable if e == 0),
             "max_relative_error": max(comparable, default=None)}
     rows = [["", names[0], names[1]],
-            ["method", f"{sides[0]['method']} {json.dumps(sides[0]['config'])}",
+            ["compressor", f"{sides[0]['method']} {json.dumps(sides[0]['config'])}",
              f"{sides[1]['method']} {json.dumps(sides[1]['config'])}"],
             ["lambdas", *(f"lam1={s['lam1']:.4g} lam2={s['lam2']:.4g}" for s in sides)],
             ["base", *(s["base_name"] or "-" for s in sides)],

@@ -37,7 +37,7 @@ def numel(shape) -> int:
 
 
 def check_entry(entry: TensorEntry) -> None:
-    """specs/format.md §5.2/§6: lossless entries are whole tensors, every other codec is a
+    """specs/format.md §5.2/§6: lossless entries are whole tensors, every other compressor is a
     delta on a float tensor; a record mixing the two was not written by deltastore."""
     if (entry.codec == Lossless.name) != (entry.ref is None):
         raise CorruptObjectError(f"tensor entry with codec {entry.codec!r} has ref {entry.ref!r}: {Lossless.name} "
@@ -99,7 +99,7 @@ class TensorPlan:
         BitDelta base term only)."""
         if not self.entry.is_delta:
             return None
-        if self.base_entry is not None and self.base_entry.codec != dbms.BASE_CODEC:
+        if self.base_entry is not None and self.base_entry.codec != dbms.BASE_COMPRESSOR:
             return None
         return fused_decoder(self.compressor)
 
@@ -141,11 +141,11 @@ def check_delta(entry: TensorEntry, reference: ReferenceRecord, base: BaseRecord
                                  "expected the same shape of 1 or more dimensions and a float dtype; run "
                                  "`deltastore verify`")
     base_entry = base.tensors.get(entry.ref) if base is not None else None
-    if base_entry is not None and (base_entry.codec != dbms.BASE_CODEC or base_entry.dtype != "float32"
+    if base_entry is not None and (base_entry.codec != dbms.BASE_COMPRESSOR or base_entry.dtype != "float32"
                                    or base_entry.shape != entry.shape or base_entry.ref != entry.ref):
         raise CorruptObjectError(
             f"inconsistent base vector: its entry for {entry.ref!r} is {base_entry.codec} {base_entry.dtype} of shape "
-            f"{list(base_entry.shape)} adding to {base_entry.ref!r}; expected {dbms.BASE_CODEC} float32 of shape "
+            f"{list(base_entry.shape)} adding to {base_entry.ref!r}; expected {dbms.BASE_COMPRESSOR} float32 of shape "
             f"{list(entry.shape)} adding to {entry.ref!r}; run `deltastore verify`")
 
 

@@ -6,7 +6,7 @@ caller, and rows that the finetune left unchanged are removed by the caller befo
 :class:`Encoded`: a few named integer/float arrays plus a few scalars. ``decode`` gives the
 lossy reconstruction back as float32 ``(rows, cols)`` on the requested device.
 
-The ``lossless`` codec is the one exception to the float32 2-D contract: it reproduces any
+The ``lossless`` compressor is the one exception to the float32 2-D contract: it reproduces any
 tensor bit for bit, in its own dtype and shape.
 """
 
