@@ -16,8 +16,13 @@ class InvalidInputError(DeltastoreError, ValueError):
     """An argument or an input file is malformed (bad name, NaN weights, pickle file...)."""
 
 
-class UnknownMethodError(DeltastoreError, ValueError):
+class UnknownNameError(DeltastoreError, ValueError):
     """A compressor or tuner name that is not registered."""
+
+
+# The class's name before "method" stopped meaning compressor-or-tuner (README's glossary):
+# the same class, so code that catches it keeps working.
+UnknownMethodError = UnknownNameError
 
 
 class NotFoundError(DeltastoreError, FileNotFoundError):

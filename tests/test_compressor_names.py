@@ -46,3 +46,24 @@ def test_no_compressor_name_in_engine_registry_or_cli():
     assert len(files) > 10
     found = [hit for path in files for hit in _literals_naming(path, names)]
     assert not found, "compressor names outside their modules:\n" + "\n".join(found)
+
+
+def test_the_roles_the_engine_names_through_constants(example, registry_copy):
+    """The default compressor and the whole-tensor one are the compressors package's constants;
+    a commit with the whole-tensor compressor is refused with the ones that store deltas."""
+    import inspect
+
+    import pytest
+
+    from deltastore import InvalidInputError, Registry
+    from deltastore.tensor import dbms
+    from deltastore.tensor.compressors import DEFAULT_COMPRESSOR, WHOLE_TENSORS, delta_compressors
+
+    assert inspect.signature(Registry.commit).parameters["method"].default == DEFAULT_COMPRESSOR
+    assert WHOLE_TENSORS not in delta_compressors() and DEFAULT_COMPRESSOR in delta_compressors()
+    with pytest.raises(InvalidInputError, match=f"compressor '{WHOLE_TENSORS}' stores whole tensors, not deltas; "
+                                                f"pick one of {', '.join(delta_compressors())}"):
+        registry_copy.commit("t", example.finetunes["has_top"], method=WHOLE_TENSORS, progress=False)
+    assert registry_copy.tasks() == []
+    _, base = registry_copy.base("all")
+    assert {e.codec for e in base.tensors.values()} == {dbms.BASE_COMPRESSOR}

@@ -672,9 +672,10 @@ def rm(registry: Path, spec: str, all_versions: bool, yes: bool, as_json: bool) 
 @cli.command("compressors")
 @json_option
 def compressors(as_json: bool) -> None:
-    """List the registered compressors (built in and from the `deltastore.compressors` entry
-    point group): what each stores, and the fields `commit --config KEY=VALUE` sets, with type,
-    default and help. Loads them, so it imports torch."""
+    """List the compressors `commit --method` takes and the fields --config sets.
+
+    Built-in ones and those of the `deltastore.compressors` entry point group: what each
+    stores, and each field's type, default and help. Loads them, so it imports torch."""
     from deltastore.tensor.compressors import DEFAULT_COMPRESSOR, available, compressor_class, delta_compressors
 
     usable = delta_compressors()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Any
 
-from ...errors import AlreadyExistsError, UnknownMethodError
+from ...errors import AlreadyExistsError, UnknownNameError
 from ..fused import FusedDecoder
 from .base import ARRAY_DTYPES, Compressor, CompressorConfig, Encoded
 
@@ -45,7 +45,7 @@ def compressor_class(name: str) -> type:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UnknownMethodError(
+        raise UnknownNameError(
             f"unknown compressor {name!r}; known compressors are {', '.join(available())}"
         ) from None
 
