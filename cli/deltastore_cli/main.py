@@ -288,18 +288,19 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
     if method not in usable:
         raise click.BadParameter(f"{method!r} is not a compressor of deltas; known: {', '.join(usable)} "
                                  "(`deltastore compressors` describes them)", param_hint="--method")
-    given: dict[str, tuple[str, str]] = {}  # field -> (how the user spelled it, text)
+    pairs = []  # (field, how the user spelled it, text)
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE (a field of the compressor and its value)", param_hint="--config")
-        given.setdefault(key.strip(), (f"--config {key.strip()}", text))
-    for name, text in shorthands.items():
-        if text is not None:
-            given.setdefault(name, (f"--{name.replace('_', '-')}", text))
-    if len(given) < len(items) + sum(t is not None for t in shorthands.values()):
-        raise click.UsageError("a configuration field is given twice (in --config or a shorthand flag); give each "
-                               "once")
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE (a field of the compressor and its value)",
+                                     param_hint="--config")
+        pairs.append((key.strip(), f"--config {key.strip()}", text))
+    pairs += [(name, f"--{name.replace('_', '-')}", text) for name, text in shorthands.items() if text is not None]
+    given: dict[str, tuple[str, str]] = {}
+    for key, spelled, text in pairs:
+        if key in given:
+            raise click.UsageError(f"field {key} is given twice ({given[key][0]} and {spelled}); give it once")
+        given[key] = (spelled, text)
     config_class = compressor_class(method).config_class
     fields = [f.name for f in config_class.describe()]
     for key, (spelled, _) in given.items():

@@ -73,7 +73,7 @@ class Encoded:
 
 @dataclass(frozen=True)
 class ConfigField:
-    """One knob of a compressor's configuration, as a CLI or a form presents it."""
+    """One field of a compressor's configuration, as a CLI or a form presents it."""
 
     name: str
     type: str       # the annotation as written: "float", "int", "int | None"
