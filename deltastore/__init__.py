@@ -6,13 +6,13 @@ Start with :class:`Registry`: ``Registry.init(path, reference)``, ``base build``
 
 from .errors import (AlreadyExistsError, CorruptObjectError, DeltastoreError, FormatVersionError,
                      IncompatibleFinetuneError, InvalidInputError, LockTimeoutError, NotFoundError,
-                     UnknownMethodError, UnknownNameError)
+                     PluginError, UnknownMethodError, UnknownNameError)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyExistsError", "CorruptObjectError", "DeltastoreError", "FormatVersionError",
-    "IncompatibleFinetuneError", "InvalidInputError", "LockTimeoutError", "NotFoundError", "Registry",
+    "IncompatibleFinetuneError", "InvalidInputError", "LockTimeoutError", "NotFoundError", "PluginError", "Registry",
     "UnknownMethodError", "UnknownNameError", "VersionStats", "parse_spec", "__version__",
 ]
 

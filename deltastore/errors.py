@@ -37,6 +37,10 @@ class IncompatibleFinetuneError(DeltastoreError, ValueError):
     """A finetune that does not match the reference (missing tensor, other shape or dtype)."""
 
 
+class PluginError(DeltastoreError, ImportError):
+    """An installed plugin (an entry point of a ``deltastore.*`` group) that cannot be used."""
+
+
 class FormatVersionError(DeltastoreError, ValueError):
     """A registry or record written by a newer, incompatible format version."""
 

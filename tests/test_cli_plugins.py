@@ -55,24 +55,28 @@ class Toy:
 '''
 
 
-@pytest.fixture
-def toy_plugin(tmp_path, monkeypatch):
-    """Install the toy as importlib.metadata sees an installed distribution (a dist-info folder
-    with entry_points.txt on sys.path), and forget it after the test."""
+def install_plugin(site, monkeypatch, module: str, source: str, entry_points: str) -> None:
+    """Install ``module`` as importlib.metadata sees an installed distribution (a dist-info
+    folder with entry_points.txt on sys.path); the test's end forgets it and what it registered."""
+    import sys
+
     from deltastore.tensor import compressors
 
-    site = tmp_path / "site"
-    (site / "toy_deltastore_plugin-0.1.dist-info").mkdir(parents=True)
-    (site / "toy_deltastore_plugin.py").write_text(TOY_MODULE)
-    (site / "toy_deltastore_plugin-0.1.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: toy-deltastore-plugin\nVersion: 0.1\n")
-    (site / "toy_deltastore_plugin-0.1.dist-info" / "entry_points.txt").write_text(textwrap.dedent("""\
+    (site / f"{module}-0.1.dist-info").mkdir(parents=True)
+    (site / f"{module}.py").write_text(source)
+    (site / f"{module}-0.1.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (site / f"{module}-0.1.dist-info" / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(compressors, "_REGISTRY", dict(compressors._REGISTRY))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+
+
+@pytest.fixture
+def toy_plugin(tmp_path, monkeypatch):
+    install_plugin(tmp_path / "site", monkeypatch, "toy_deltastore_plugin", TOY_MODULE, """\
         [deltastore.compressors]
         toy = toy_deltastore_plugin:Toy
-        """))
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(compressors, "_REGISTRY", dict(compressors._REGISTRY))  # registrations end with the test
-    monkeypatch.delitem(__import__("sys").modules, "toy_deltastore_plugin", raising=False)
+        """)
     return "toy"
 
 
@@ -145,3 +149,24 @@ def test_method_and_config_errors_name_what_is_known(example, toy_plugin, tmp_pa
     out = json.loads(run("commit", reg, "t", finetune, "--method", "deltadq", "--config", "stored_planes=none",
                          "--bits", "3", "--json").stdout)
     assert out["config"] == {"group_size": 16, "keep": 2, "bits": 3, "stored_planes": None}
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("raise RuntimeError('no GPU library')", "failed to load: RuntimeError: no GPU library; fix or uninstall"),
+    ("class Other:\n    name = 'other'", "named 'other', expected the entry point's name 'broken'"),
+])
+def test_a_broken_plugin_is_named_in_one_line(example, tmp_path, monkeypatch, source, expected):
+    install_plugin(tmp_path / "site", monkeypatch, "broken_deltastore_plugin", source, """\
+        [deltastore.compressors]
+        broken = broken_deltastore_plugin:Other
+        """)
+    result = run("compressors", ok=False)
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "entry point broken = broken_deltastore_plugin:Other (group deltastore.compressors, distribution " \
+           "broken_deltastore_plugin)" in result.stderr and expected in result.stderr
+    # A commit with a compressor found without it does not load the broken plugin.
+    reg = tmp_path / "reg"
+    run("init", reg, "--reference", example.reference)
+    run("commit", reg, "t", example.finetunes["has_top"], "--method", "dare")
+    wanted = run("commit", reg, "t", example.finetunes["has_top"], "--method", "broken", ok=False)
+    assert wanted.exit_code == 1 and expected in wanted.stderr

@@ -23,7 +23,7 @@ import click
 
 from deltastore.catalog import Catalog, parse_spec
 from deltastore.errors import (CorruptObjectError, DeltastoreError, FormatVersionError, LockTimeoutError,
-                               NotFoundError)
+                               NotFoundError, UnknownNameError)
 
 if TYPE_CHECKING:
     from deltastore import Registry
@@ -281,12 +281,17 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
                        shorthands: dict[str, str | None]) -> tuple[str, dict[str, Any]]:
     """The compressor --method names (the default if none) and its configuration from --config
     KEY=VALUE and the shorthand flags, each value parsed by its field's type."""
-    from deltastore.tensor.compressors import DEFAULT_COMPRESSOR, compressor_class, delta_compressors
+    from deltastore.tensor.compressors import DEFAULT_COMPRESSOR, WHOLE_TENSORS, compressor_class, delta_compressors
 
     method = method or DEFAULT_COMPRESSOR
-    usable = delta_compressors()
-    if method not in usable:
-        raise click.BadParameter(f"{method!r} is not a compressor of deltas; known: {', '.join(usable)} "
+    # Looked up by name first: listing every compressor loads every plugin, and one broken
+    # plugin should not stop commits that do not use it.
+    try:
+        config_class = compressor_class(method).config_class
+    except UnknownNameError:
+        config_class = None
+    if config_class is None or method == WHOLE_TENSORS:
+        raise click.BadParameter(f"{method!r} is not a compressor of deltas; known: {', '.join(delta_compressors())} "
                                  "(`deltastore compressors` describes them)", param_hint="--method")
     pairs = []  # (field, how the user spelled it, text)
     for item in items:
@@ -301,7 +306,6 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
         if key in given:
             raise click.UsageError(f"field {key} is given twice ({given[key][0]} and {spelled}); give it once")
         given[key] = (spelled, text)
-    config_class = compressor_class(method).config_class
     fields = [f.name for f in config_class.describe()]
     for key, (spelled, _) in given.items():
         if key not in fields:

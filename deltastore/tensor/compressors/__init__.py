@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Any
 
-from ...errors import AlreadyExistsError, UnknownNameError
+from ...errors import AlreadyExistsError, PluginError, UnknownNameError
 from ..fused import FusedDecoder
 from .base import ARRAY_DTYPES, Compressor, CompressorConfig, Encoded
 
@@ -29,8 +29,20 @@ def register(cls: type) -> type:
 
 def _load_entry_points() -> None:
     for ep in entry_points(group="deltastore.compressors"):
-        if ep.name not in _REGISTRY:
-            register(ep.load())
+        if ep.name in _REGISTRY:
+            continue
+        where = f"entry point {ep.name} = {ep.value} (group deltastore.compressors" + (
+            f", distribution {ep.dist.name})" if ep.dist is not None else ")")
+        try:
+            cls = ep.load()
+        except Exception as exc:  # the plugin's own code failed: say which plugin, not a traceback from importlib
+            raise PluginError(f"{where} failed to load: {type(exc).__name__}: {exc}; fix or uninstall "
+                              "that distribution") from exc
+        if getattr(cls, "name", None) != ep.name:
+            # Lookups go by the entry point's name, registration by the class's: they must agree.
+            raise PluginError(f"{where} loads {cls!r} named {getattr(cls, 'name', None)!r}, expected the "
+                              f"entry point's name {ep.name!r}; make them the same")
+        register(cls)
 
 
 def available() -> list[str]:
