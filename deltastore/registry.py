@@ -141,7 +141,8 @@ class Registry(Catalog):
                     mean += tensor.float() - w_pre
                 mean /= len(sources)
                 code = dbms.build_base(dbms.as_matrix(mean))
-                tensors[ref_name] = self._store_code(code, dbms.BASE_COMPRESSOR, {}, w_pre.shape, "float32", ref_name, txn)
+                tensors[ref_name] = self._store_code(code, dbms.BASE_COMPRESSOR, {}, w_pre.shape, "float32", ref_name,
+                                                     txn)
             record = BaseRecord(name=name, created=utc_now(), reference=ref_digest,
                                 sources=[s.label for s in sources], tensors=tensors)
             digest = self.objects.put_record(record, txn)

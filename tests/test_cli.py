@@ -123,7 +123,7 @@ def test_read_commands_do_not_import_torch(example, reg):
              "try:\n    cli(sys.argv[1:])\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
              "heavy = sorted(m for m in ('torch', 'transformers', 'zarr') if m in sys.modules)\n"
              "assert not heavy, heavy")
-    for args in (["--help"], ["ls", reg], ["log", reg, "has_top"], ["show", reg, "has_top@latest"],
+    for args in (["--help"], ["commit", "--help"], ["ls", reg], ["log", reg, "has_top"], ["show", reg, "has_top@latest"],
                  ["base", "ls", reg], ["base", "show", reg, "all"]):
         done = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True)
         assert done.returncode == 0, (args, done.stderr)

@@ -137,7 +137,8 @@ def test_method_and_config_errors_name_what_is_known(example, toy_plugin, tmp_pa
     assert shape.exit_code == 2 and "'width' is not KEY=VALUE" in shape.stderr
     twice = run("commit", reg, "t", finetune, "--method", "dare", "--config", "drop_rate=0.5", "--drop-rate", "0.6",
                 ok=False)
-    assert twice.exit_code == 2 and "field drop_rate is given twice (--config drop_rate and --drop-rate)" in twice.stderr
+    assert twice.exit_code == 2
+    assert "field drop_rate is given twice (--config drop_rate and --drop-rate)" in twice.stderr
 
     not_int = run("commit", reg, "t", finetune, "--method", "toy", "--config", "width=wide", ok=False)
     assert not_int.exit_code == 1 and "ToyConfig.width: 'wide' is not of type int" in not_int.stderr
