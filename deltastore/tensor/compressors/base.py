@@ -87,7 +87,10 @@ class CompressorConfig:
 
     @classmethod
     def describe(cls) -> list[ConfigField]:
-        return [ConfigField(f.name, _type_name(f.type), f.default, f.metadata.get("help", ""))
+        # Every field has a default (a stored configuration may leave any out, format §1), given
+        # as a value or, for a mutable one, by a factory.
+        defaults = cls()  # type: ignore[call-arg]
+        return [ConfigField(f.name, _type_name(f.type), getattr(defaults, f.name), f.metadata.get("help", ""))
                 for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
