@@ -171,3 +171,14 @@ def test_a_broken_plugin_is_named_in_one_line(example, tmp_path, monkeypatch, so
     run("commit", reg, "t", example.finetunes["has_top"], "--method", "dare")
     wanted = run("commit", reg, "t", example.finetunes["has_top"], "--method", "broken", ok=False)
     assert wanted.exit_code == 1 and expected in wanted.stderr
+
+
+def test_a_plugin_cannot_take_a_built_in_name(tmp_path, monkeypatch):
+    install_plugin(tmp_path / "site", monkeypatch, "rival_deltastore_plugin", TOY_MODULE.replace('"toy"', '"dare"'),
+                   """\
+        [deltastore.compressors]
+        dare = rival_deltastore_plugin:Toy
+        """)
+    result = run("compressors", ok=False)
+    assert result.exit_code == 1 and "compressor name 'dare' is already registered by " \
+        "deltastore.tensor.compressors.dare.Dare; pick another name" in result.stderr

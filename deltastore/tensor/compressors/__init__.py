@@ -29,8 +29,9 @@ def register(cls: type) -> type:
 
 def _load_entry_points() -> None:
     for ep in entry_points(group="deltastore.compressors"):
-        if ep.name in _REGISTRY:
-            continue
+        known = _REGISTRY.get(ep.name)
+        if known is not None and ep.value == f"{known.__module__}:{known.__qualname__}":
+            continue  # loaded before; another class under a taken name is loaded, and refused by register
         where = f"entry point {ep.name} = {ep.value} (group deltastore.compressors" + (
             f", distribution {ep.dist.name})" if ep.dist is not None else ")")
         try:
