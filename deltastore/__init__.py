@@ -6,14 +6,14 @@ Start with :class:`Registry`: ``Registry.init(path, reference)``, ``base build``
 
 from .errors import (AlreadyExistsError, CorruptObjectError, DeltastoreError, FormatVersionError,
                      IncompatibleFinetuneError, InvalidInputError, LockTimeoutError, NotFoundError,
-                     UnknownMethodError)
+                     PluginError, UnknownMethodError, UnknownNameError)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyExistsError", "CorruptObjectError", "DeltastoreError", "FormatVersionError",
-    "IncompatibleFinetuneError", "InvalidInputError", "LockTimeoutError", "NotFoundError", "Registry",
-    "UnknownMethodError", "VersionStats", "parse_spec", "__version__",
+    "IncompatibleFinetuneError", "InvalidInputError", "LockTimeoutError", "NotFoundError", "PluginError", "Registry",
+    "UnknownMethodError", "UnknownNameError", "VersionStats", "parse_spec", "__version__",
 ]
 
 

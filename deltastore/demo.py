@@ -103,7 +103,7 @@ def make_example(workdir: Path, *, steps: int = 80, seed: int = 0,
 
 
 def run_demo(workdir: Path, *, progress: bool | None = None, echo: Callable[[str], Any] | None = print) -> dict:
-    """Build the example, init a registry, build a base, commit every task with each method,
+    """Build the example, init a registry, build a base, commit every task with each compressor,
     materialize, compare outputs with the finetunes, verify. Returns the report."""
     say = echo or (lambda _msg: None)
     workdir = Path(workdir)
@@ -158,11 +158,11 @@ def _run(workdir: Path, progress: bool | None, say: Callable[[str], Any]) -> dic
     problems = registry.verify(progress=progress)
     report = {"registry": str(workdir / "registry"), "rows": rows, "verify_problems": problems,
               "seconds": round(time.perf_counter() - start, 1)}
-    say(f"{'task':<12}{'v':>2}  {'method':<9}{'DBMS':<6}{'lam1':>6}{'lam2':>6}{'bytes':>8}{'x fp16':>7}"
+    say(f"{'task':<12}{'v':>2}  {'compressor':<11}{'DBMS':<6}{'lam1':>6}{'lam2':>6}{'bytes':>8}{'x fp16':>7}"
         f"{'logit MSE':>10}{'accuracy':>16}")
     for r in rows:
         dbms_label = "-" if r["base"] is None else r["tune"]
-        say(f"{r['task']:<12}{r['version']:>2}  {r['method']:<9}{dbms_label:<6}{r['lam1']:>6.2f}{r['lam2']:>6.2f}"
+        say(f"{r['task']:<12}{r['version']:>2}  {r['method']:<11}{dbms_label:<6}{r['lam1']:>6.2f}{r['lam2']:>6.2f}"
             f"{r['own_bytes']:>8}{r['ratio_fp16']:>7.1f}{r['logit_mse']:>10.1e}"
             f"{r['accuracy_finetuned']:>8.0%} ->{r['accuracy']:>4.0%}")
     say(f"verify: {'ok' if not problems else problems}; {report['seconds']} s; registry at {report['registry']}")

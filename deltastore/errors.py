@@ -16,8 +16,13 @@ class InvalidInputError(DeltastoreError, ValueError):
     """An argument or an input file is malformed (bad name, NaN weights, pickle file...)."""
 
 
-class UnknownMethodError(DeltastoreError, ValueError):
+class UnknownNameError(DeltastoreError, ValueError):
     """A compressor or tuner name that is not registered."""
+
+
+# The class's name before "method" stopped meaning compressor-or-tuner (README's glossary):
+# the same class, so code that catches it keeps working.
+UnknownMethodError = UnknownNameError
 
 
 class NotFoundError(DeltastoreError, FileNotFoundError):
@@ -30,6 +35,10 @@ class AlreadyExistsError(DeltastoreError, FileExistsError):
 
 class IncompatibleFinetuneError(DeltastoreError, ValueError):
     """A finetune that does not match the reference (missing tensor, other shape or dtype)."""
+
+
+class PluginError(DeltastoreError, ImportError):
+    """An installed plugin (an entry point of a ``deltastore.*`` group) that cannot be used."""
 
 
 class FormatVersionError(DeltastoreError, ValueError):

@@ -35,7 +35,7 @@ from .storage.records import (FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, BaseRecor
                               ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, TensorEntry, pack)
 from .tensor import dbms
 from .tensor.bitpack import pack_bits
-from .tensor.compressors import compressor_class, get_compressor
+from .tensor.compressors import DEFAULT_COMPRESSOR, WHOLE_TENSORS, compressor_class, delta_compressors, get_compressor
 from .tensor.compressors.lossless import Lossless
 from .tensor.prng import derive_seed
 from .tuning import Lambdas, TuneContext, Tuner, get_tuner
@@ -144,7 +144,8 @@ class Registry(Catalog):
                     mean += tensor.float() - w_pre
                 mean /= len(sources)
                 code = dbms.build_base(dbms.as_matrix(mean))
-                tensors[ref_name] = self._store_code(code, "bitdelta", {}, w_pre.shape, "float32", ref_name, txn)
+                tensors[ref_name] = self._store_code(code, dbms.BASE_COMPRESSOR, {}, w_pre.shape, "float32", ref_name,
+                                                     txn)
             record = BaseRecord(name=name, created=utc_now(), reference=ref_digest,
                                 sources=[s.label for s in sources], tensors=tensors)
             digest = self.objects.put_record(record, txn)
@@ -177,7 +178,7 @@ class Registry(Catalog):
         task: str,
         finetune: Any,
         *,
-        method: str = "bitdelta",
+        method: str = DEFAULT_COMPRESSOR,
         config: Mapping[str, Any] | None = None,
         base: str | None = None,
         message: str = "",
@@ -210,11 +211,12 @@ class Registry(Catalog):
         Off by default: a script that commits the same finetune twice gets two versions, as it
         always did, and pays nothing."""
         check_name("task", task)
+        if method == WHOLE_TENSORS:
+            raise InvalidInputError(f"compressor {method!r} stores whole tensors, not deltas; pick one of "
+                                    f"{', '.join(delta_compressors())}")
         # Fields the caller leaves out take the writer's defaults (the config class's), not what a
         # reader gives a stored configuration that lacks them (an older page's: dare's 'hash' layout).
         compressor = get_compressor(method, {**compressor_class(method).config_class().to_dict(), **(config or {})})
-        if method == "lossless":
-            raise InvalidInputError("method 'lossless' stores whole tensors, not deltas; pick bitdelta, dare or deltadq")
         source = open_source(finetune, follow_links=follow_links)
         ref_digest = self.reference_hash()
         reference = self.objects.get_record(ref_digest, ReferenceRecord)
@@ -466,14 +468,14 @@ class Registry(Catalog):
     def _reference_tensor(self, reference: ReferenceRecord, name: str) -> torch.Tensor:
         return decode_stored(reference.tensors[name], self._array_getter("cpu"), "cpu")
 
-    def _store_code(self, code: dbms.MatrixCode, codec: str, config: dict, shape, dtype: str, ref_name: str,
+    def _store_code(self, code: dbms.MatrixCode, compressor: str, config: dict, shape, dtype: str, ref_name: str,
                     txn: str, lambdas: tuple[float, float] | None = None) -> TensorEntry:
         arrays = {role: self.objects.put_array(a, txn, compress=_compressible(a)) for role, a in
                   code.encoded.arrays.items()}
         n_changed = int(code.rows.sum())
         rows = None if n_changed == code.rows.numel() else self.objects.put_array(pack_bits(code.rows), txn,
                                                                                   compress=False)
-        entry = TensorEntry(shape=tuple(shape), dtype=dtype, codec=codec, config=dict(config), arrays=arrays,
+        entry = TensorEntry(shape=tuple(shape), dtype=dtype, codec=compressor, config=dict(config), arrays=arrays,
                             attrs=dict(code.encoded.attrs), ref=ref_name, rows=rows, changed_rows=n_changed)
         return entry if lambdas is None else replace(entry, lam1=lambdas[0], lam2=lambdas[1])
 

@@ -11,6 +11,7 @@ and never import them; the others import :class:`deltastore.Registry` when they 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import click
 
 from deltastore.catalog import Catalog, parse_spec
 from deltastore.errors import (CorruptObjectError, DeltastoreError, FormatVersionError, LockTimeoutError,
-                               NotFoundError)
+                               NotFoundError, UnknownNameError)
 
 if TYPE_CHECKING:
     from deltastore import Registry
@@ -264,19 +265,66 @@ def base_rm(registry: Path, name: str, as_json: bool) -> None:
     _emit({"name": name, "record": digest}, as_json, f"removed base vector {name}; run gc to free space")
 
 
+# Flags of earlier releases, each a field of one compressor's configuration: kept (hidden) so
+# their scripts still run, as shorthands of --config FIELD=VALUE; new fields get no flag.
+CONFIG_SHORTHANDS = ("drop_rate", "value_bits", "group_size", "keep", "bits")
+
+
+def _config_shorthands(command):
+    for name in reversed(CONFIG_SHORTHANDS):
+        command = click.option(f"--{name.replace('_', '-')}", name, metavar="VALUE", hidden=True,
+                               help=f"Same as --config {name}=VALUE.")(command)
+    return command
+
+
+def _compressor_config(method: str | None, items: tuple[str, ...],
+                       shorthands: dict[str, str | None]) -> tuple[str, dict[str, Any]]:
+    """The compressor --method names (the default if none) and its configuration from --config
+    KEY=VALUE and the shorthand flags, each value parsed by its field's type."""
+    from deltastore.tensor.compressors import DEFAULT_COMPRESSOR, WHOLE_TENSORS, compressor_class, delta_compressors
+
+    method = method or DEFAULT_COMPRESSOR
+    # Looked up by name first: listing every compressor loads every plugin, and one broken
+    # plugin should not stop commits that do not use it.
+    try:
+        config_class = compressor_class(method).config_class
+    except UnknownNameError:
+        config_class = None
+    if config_class is None or method == WHOLE_TENSORS:
+        raise click.BadParameter(f"{method!r} is not a compressor of deltas; known: {', '.join(delta_compressors())} "
+                                 "(`deltastore compressors` describes them)", param_hint="--method")
+    pairs = []  # (field, how the user spelled it, text)
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE (a field of the compressor and its value)",
+                                     param_hint="--config")
+        pairs.append((key.strip(), f"--config {key.strip()}", text))
+    pairs += [(name, f"--{name.replace('_', '-')}", text) for name, text in shorthands.items() if text is not None]
+    given: dict[str, tuple[str, str]] = {}
+    for key, spelled, text in pairs:
+        if key in given:
+            raise click.UsageError(f"field {key} is given twice ({given[key][0]} and {spelled}); give it once")
+        given[key] = (spelled, text)
+    fields = [f.name for f in config_class.describe()]
+    for key, (spelled, _) in given.items():
+        if key not in fields:
+            known = f"its --config fields are {', '.join(fields)}" if fields else "it has no --config fields"
+            raise click.UsageError(f"{spelled} does not apply to --method {method}: {known}")
+    return method, config_class.from_strings({key: text for key, (_, text) in given.items()}).to_dict()
+
+
 @cli.command()
 @registry_arg
 @click.argument("task", shell_complete=_complete("task"))
 @click.argument("finetune", type=ModelPath())
-@click.option("--method", type=click.Choice(["bitdelta", "dare", "deltadq"]), default="bitdelta", show_default=True)
-@click.option("--drop-rate", type=float, help="DARE: fraction of delta values dropped (default 0.99).")
-@click.option("--value-bits", type=click.Choice(["16", "8"]), help="DARE: bits per kept value (default 16).")
-@click.option("--mask-layout", type=click.Choice(["gaps", "hash"]),
-              help="DARE: how the mask is regenerated: gaps (default; decodes in time proportional to the kept "
-                   "values) or hash (format 1.0, which older readers read).")
-@click.option("--group-size", type=int, help="DeltaDQ: group size g (default 16).")
-@click.option("--keep", type=int, help="DeltaDQ: values kept per group k (default 2).")
-@click.option("--bits", type=int, help="DeltaDQ: quantization bits b (default 4).")
+@click.option("--method", metavar="COMPRESSOR",
+              help="Compressor of the deltas, by name: any registered one. `deltastore compressors` lists them, "
+                   "the default and the fields --config sets.")
+@click.option("--config", "config_items", metavar="KEY=VALUE", multiple=True,
+              help="Set field KEY of the compressor's configuration to VALUE, parsed by the field's type "
+                   "(repeatable; `none` for an optional field).")
+@_config_shorthands
 @click.option("--base", "base_name", help="Base vector to shift by (DBMS); without it: plain compression.")
 @click.option("-m", "--message", default="", help="What this version is.")
 @click.option("--tune", default=None,
@@ -295,24 +343,18 @@ def base_rm(registry: Path, name: str, as_json: bool) -> None:
 @click.option("--tune-steps", type=click.IntRange(min=0), help="dbms: most optimizer steps (default 100).")
 @click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True), help="dbms: Adam learning rate (default 1e-2).")
 @click.option("--per-layer", is_flag=True, help="One (lam1, lam2) per tensor instead of one pair per model.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE/DeltaDQ masks.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the compressor's random choices (the masks of those that drop values).")
 @click.option("--allow-unrelated", is_flag=True, help="Store a model even if it looks unrelated to the reference.")
 @click.option("--follow-links", is_flag=True, help="Read files of FINETUNE that are symlinks leading out of it.")
 @click.option("--device", default="cpu", show_default=True, help="Where to compute deltas and encode: cpu, cuda...")
 @json_option
 @click.pass_context
-def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method: str, drop_rate, value_bits,
-           mask_layout, group_size, keep, bits, base_name, message, tune, calib, calib_max_length, calib_batch_size,
-           tune_steps, tune_lr, per_layer, seed, allow_unrelated, follow_links, device, as_json) -> None:
+def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method: str | None, config_items,
+           base_name, message, tune, calib, calib_max_length, calib_batch_size, tune_steps, tune_lr, per_layer, seed,
+           allow_unrelated, follow_links, device, as_json, **shorthands) -> None:
     """Compress FINETUNE as the next version of TASK."""
-    options = {"drop_rate": drop_rate, "value_bits": None if value_bits is None else int(value_bits),
-               "layout": mask_layout, "group_size": group_size, "keep": keep, "bits": bits}
-    allowed = {"bitdelta": (), "dare": ("drop_rate", "value_bits", "layout"), "deltadq": ("group_size", "keep", "bits")}
-    stray = [k for k, v in options.items() if v is not None and k not in allowed[method]]
-    if stray:
-        flag = "mask-layout" if stray[0] == "layout" else stray[0].replace("_", "-")
-        raise click.UsageError(f"--{flag} does not apply to --method {method}")
-    config = {k: v for k, v in options.items() if v is not None}
+    method, config = _compressor_config(method, config_items, shorthands)
     tune_options = {k: v for k, v in (("max_steps", tune_steps), ("lr", tune_lr)) if v is not None}
     if tune == "dbms" and calib is None:
         raise click.UsageError("--tune dbms fits lam1/lam2 on data: give --calib FILE (text, one example per line, "
@@ -468,7 +510,7 @@ def ls(registry: Path, as_json: bool) -> None:
                       "created": record.created, "message": record.message})
     bases = sorted(reg.bases())
     data = {"registry": str(registry), "tasks": tasks, "bases": bases}
-    rows = [["TASK", "VERSIONS", "METHOD", "ON DISK", "VS FP16", "CREATED", "MESSAGE"]] + [
+    rows = [["TASK", "VERSIONS", "COMPRESSOR", "ON DISK", "VS FP16", "CREATED", "MESSAGE"]] + [
         [f"{t['task']}@{t['latest']}", str(t["versions"]), t["method"], _human(t["own_bytes"]),
          f"{t['ratio_fp16']:.1f}x", t["created"], t["message"]] for t in tasks]
     text = _table(rows, right=frozenset({1, 3, 4})) if tasks else "(no tasks)"
@@ -482,14 +524,14 @@ def ls(registry: Path, as_json: bool) -> None:
 @click.argument("spec", metavar="TASK[@VERSION]", shell_complete=_complete("task"))
 @json_option
 def show(registry: Path, spec: str, as_json: bool) -> None:
-    """Show one task version: method, lambdas, base, bytes and ratios."""
+    """Show one task version: compressor and configuration, lambdas, base, bytes and ratios."""
     task, version = parse_spec(spec)
     reg = _catalog(registry)
     _, record = reg.version(task, version)
     data = _version_summary(reg, record)
     text = "\n".join([
         f"{task}@{record.version}  {record.created}  {record.message}",
-        f"  method     {record.method} {json.dumps(record.config)}",
+        f"  compressor {record.method} {json.dumps(record.config)}",
         f"  lambdas    lam1={record.lam1:.6g}  lam2={record.lam2:.6g}",
         f"  base       {data['base_name'] or '-'} {(record.base or '')[:12]}",
         f"  tensors    {data['tensors']} ({data['delta_tensors']} as deltas)",
@@ -531,7 +573,7 @@ def log(registry: Path, task: str, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def diff(ctx: click.Context, registry: Path, spec_a: str, spec_b: str, top: int, as_json: bool) -> None:
-    """Compare two versions (of one task or two): method, lambdas, bytes on disk, and per tensor
+    """Compare two versions (of one task or two): compressor, lambdas, bytes on disk, and per tensor
     the relative error ||W_A - W_B|| / ||W_B|| of their materialized weights."""
     reg = _registry(registry)
     sides = [_version_summary(reg, reg.version(spec)[1]) for spec in (spec_a, spec_b)]
@@ -556,7 +598,7 @@ def diff(ctx: click.Context, registry: Path, spec_a: str, spec_b: str, top: int,
             "only_in_b": sorted(state_b), "identical_tensors": sum(1 for e in comparable if e == 0),
             "max_relative_error": max(comparable, default=None)}
     rows = [["", names[0], names[1]],
-            ["method", f"{sides[0]['method']} {json.dumps(sides[0]['config'])}",
+            ["compressor", f"{sides[0]['method']} {json.dumps(sides[0]['config'])}",
              f"{sides[1]['method']} {json.dumps(sides[1]['config'])}"],
             ["lambdas", *(f"lam1={s['lam1']:.4g} lam2={s['lam2']:.4g}" for s in sides)],
             ["base", *(s["base_name"] or "-" for s in sides)],
@@ -639,6 +681,32 @@ def rm(registry: Path, spec: str, all_versions: bool, yes: bool, as_json: bool) 
                                    f"(--all --yes on a terminal), or name one version as {task}@N")
     removed = reg.remove(spec)
     _emit({"task": task, "removed": removed}, as_json, f"removed {task} version(s) {removed}; run gc to free space")
+
+
+@cli.command("compressors")
+@json_option
+def compressors(as_json: bool) -> None:
+    """List the compressors `commit --method` takes and the fields --config sets.
+
+    Built-in ones and those of the `deltastore.compressors` entry point group: what each
+    stores, and each field's type, default and help. Loads them, so it imports torch."""
+    from deltastore.tensor.compressors import DEFAULT_COMPRESSOR, available, compressor_class, delta_compressors
+
+    usable = delta_compressors()
+    data = []
+    for name in available():
+        cls = compressor_class(name)
+        doc = sys.modules[cls.__module__].__doc__ or cls.__doc__ or ""
+        data.append({"name": name, "default": name == DEFAULT_COMPRESSOR, "deltas": name in usable,
+                     "summary": " ".join(doc.strip().split("\n\n")[0].split()),
+                     "fields": [dataclasses.asdict(f) for f in cls.config_class.describe()]})
+    lines = []
+    for c in data:
+        role = " (the default --method)" if c["default"] else "" if c["deltas"] else " (whole tensors, not a --method)"
+        lines += [f"{c['name']}{role}", f"  {c['summary']}"]
+        lines += [f"  {f['name']} ({f['type']}, default {f['default']}): {f['help']}" for f in c["fields"]]
+        lines += [] if c["fields"] or not c["deltas"] else ["  no --config fields"]
+    _emit(data, as_json, "\n".join(lines))
 
 
 @cli.command()

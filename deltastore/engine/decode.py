@@ -38,13 +38,13 @@ def numel(shape) -> int:
 
 
 def check_entry(entry: TensorEntry) -> None:
-    """specs/format.md §5.2/§6: lossless entries are whole tensors, every other codec is a
+    """specs/format.md §5.2/§6: lossless entries are whole tensors, every other compressor is a
     delta on a float tensor; a record mixing the two was not written by deltastore."""
     if (entry.codec == Lossless.name) != (entry.ref is None):
-        raise CorruptObjectError(f"tensor entry with codec {entry.codec!r} has ref {entry.ref!r}: lossless entries "
-                                 "have no ref and delta entries need one")
+        raise CorruptObjectError(f"tensor entry with codec {entry.codec!r} has ref {entry.ref!r}: {Lossless.name} "
+                                 "entries have no ref and delta entries need one")
     if entry.codec == Lossless.name and entry.attrs.get("dtype") != entry.dtype:
-        raise CorruptObjectError(f"lossless entry of dtype {entry.dtype!r} stores data of dtype "
+        raise CorruptObjectError(f"{Lossless.name} entry of dtype {entry.dtype!r} stores data of dtype "
                                  f"{entry.attrs.get('dtype')!r}")
     if entry.ref is not None and not torch_dtype(entry.dtype).is_floating_point:
         raise CorruptObjectError(f"delta entry of non-float dtype {entry.dtype!r}")
@@ -100,7 +100,7 @@ class TensorPlan:
         BitDelta base term only)."""
         if not self.entry.is_delta:
             return None
-        if self.base_entry is not None and self.base_entry.codec != dbms.BASE_CODEC:
+        if self.base_entry is not None and self.base_entry.codec != dbms.BASE_COMPRESSOR:
             return None
         return fused_decoder(self.compressor)
 
@@ -142,11 +142,11 @@ def check_delta(entry: TensorEntry, reference: ReferenceRecord, base: BaseRecord
                                  "expected the same shape of 1 or more dimensions and a float dtype; run "
                                  "`deltastore verify`")
     base_entry = base.tensors.get(entry.ref) if base is not None else None
-    if base_entry is not None and (base_entry.codec != dbms.BASE_CODEC or base_entry.dtype != "float32"
+    if base_entry is not None and (base_entry.codec != dbms.BASE_COMPRESSOR or base_entry.dtype != "float32"
                                    or base_entry.shape != entry.shape or base_entry.ref != entry.ref):
         raise CorruptObjectError(
             f"inconsistent base vector: its entry for {entry.ref!r} is {base_entry.codec} {base_entry.dtype} of shape "
-            f"{list(base_entry.shape)} adding to {base_entry.ref!r}; expected {dbms.BASE_CODEC} float32 of shape "
+            f"{list(base_entry.shape)} adding to {base_entry.ref!r}; expected {dbms.BASE_COMPRESSOR} float32 of shape "
             f"{list(entry.shape)} adding to {entry.ref!r}; run `deltastore verify`")
 
 

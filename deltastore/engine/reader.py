@@ -219,7 +219,8 @@ class DeviceReader:
         rows, _ = item.matrix
         ref = item.ref_entry
         if ref.codec != Lossless.name:
-            raise CorruptObjectError(f"reference tensor {entry.ref!r} is stored as {ref.codec!r}, expected lossless")
+            raise CorruptObjectError(f"reference tensor {entry.ref!r} is stored as {ref.codec!r}, "
+                                     f"expected {Lossless.name}")
         w_pre = self.array(required_array(ref.arrays, "data"), f"reference {entry.ref}")
         parts = Parts(w_pre=lossless(ref, w_pre, self.device))
         parts.trow = self.put(torch.from_numpy(

@@ -22,7 +22,7 @@ from .compressors import Compressor, Encoded
 from .compressors.bitdelta import BitDelta
 
 # A base vector is BitDelta of the mean delta (specs/format.md §5.4), whatever the tasks use.
-BASE_CODEC = BitDelta.name
+BASE_COMPRESSOR = BitDelta.name
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:

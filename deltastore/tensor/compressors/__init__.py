@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Any
 
-from ...errors import AlreadyExistsError, UnknownMethodError
+from ...errors import AlreadyExistsError, PluginError, UnknownNameError
 from ..fused import FusedDecoder
 from .base import ARRAY_DTYPES, Compressor, CompressorConfig, Encoded
 
@@ -29,8 +29,21 @@ def register(cls: type) -> type:
 
 def _load_entry_points() -> None:
     for ep in entry_points(group="deltastore.compressors"):
-        if ep.name not in _REGISTRY:
-            register(ep.load())
+        known = _REGISTRY.get(ep.name)
+        if known is not None and ep.value == f"{known.__module__}:{known.__qualname__}":
+            continue  # loaded before; another class under a taken name is loaded, and refused by register
+        where = f"entry point {ep.name} = {ep.value} (group deltastore.compressors" + (
+            f", distribution {ep.dist.name})" if ep.dist is not None else ")")
+        try:
+            cls = ep.load()
+        except Exception as exc:  # the plugin's own code failed: say which plugin, not a traceback from importlib
+            raise PluginError(f"{where} failed to load: {type(exc).__name__}: {exc}; fix or uninstall "
+                              "that distribution") from exc
+        if getattr(cls, "name", None) != ep.name:
+            # Lookups go by the entry point's name, registration by the class's: they must agree.
+            raise PluginError(f"{where} loads {cls!r} named {getattr(cls, 'name', None)!r}, expected the "
+                              f"entry point's name {ep.name!r}; make them the same")
+        register(cls)
 
 
 def available() -> list[str]:
@@ -45,7 +58,7 @@ def compressor_class(name: str) -> type:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UnknownMethodError(
+        raise UnknownNameError(
             f"unknown compressor {name!r}; known compressors are {', '.join(available())}"
         ) from None
 
@@ -63,10 +76,22 @@ def fused_decoder(compressor: Compressor) -> FusedDecoder | None:
     return make() if make is not None else None
 
 
+def delta_compressors() -> list[str]:
+    """Names of the compressors a task version's deltas may use (``commit(method=...)``),
+    sorted: every registered one but :data:`WHOLE_TENSORS`, which stores whole tensors."""
+    return [name for name in available() if name != WHOLE_TENSORS]
+
+
 from . import bitdelta, dare, deltadq, lossless  # noqa: E402  (registration needs _REGISTRY)
 
 for _module in (bitdelta, dare, deltadq, lossless):
     register(_module.COMPRESSOR)
 
-__all__ = ["ARRAY_DTYPES", "Compressor", "CompressorConfig", "Encoded", "available", "compressor_class",
-           "fused_decoder", "get_compressor", "register"]
+# The engine names these two roles through the constants, never by the compressors' names:
+# a commit's compressor when none is given, and the one for tensors stored whole (the
+# reference, biases, task-own heads; specs/format.md §5.2).
+DEFAULT_COMPRESSOR: str = bitdelta.COMPRESSOR.name
+WHOLE_TENSORS: str = lossless.COMPRESSOR.name
+
+__all__ = ["ARRAY_DTYPES", "DEFAULT_COMPRESSOR", "WHOLE_TENSORS", "Compressor", "CompressorConfig", "Encoded",
+           "available", "compressor_class", "delta_compressors", "fused_decoder", "get_compressor", "register"]

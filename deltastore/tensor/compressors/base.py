@@ -6,15 +6,18 @@ caller, and rows that the finetune left unchanged are removed by the caller befo
 :class:`Encoded`: a few named integer/float arrays plus a few scalars. ``decode`` gives the
 lossy reconstruction back as float32 ``(rows, cols)`` on the requested device.
 
-The ``lossless`` codec is the one exception to the float32 2-D contract: it reproduces any
+The ``lossless`` compressor is the one exception to the float32 2-D contract: it reproduces any
 tensor bit for bit, in its own dtype and shape.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
 
 import torch
 
@@ -70,7 +73,7 @@ class Encoded:
 
 @dataclass(frozen=True)
 class ConfigField:
-    """One knob of a compressor's configuration, as a CLI or a form presents it."""
+    """One field of a compressor's configuration, as a CLI or a form presents it."""
 
     name: str
     type: str       # the annotation as written: "float", "int", "int | None"
@@ -84,7 +87,10 @@ class CompressorConfig:
 
     @classmethod
     def describe(cls) -> list[ConfigField]:
-        return [ConfigField(f.name, str(f.type), f.default, f.metadata.get("help", ""))
+        # Every field has a default (a stored configuration may leave any out, format §1), given
+        # as a value or, for a mutable one, by a factory.
+        defaults = cls()  # type: ignore[call-arg]
+        return [ConfigField(f.name, _type_name(f.type), getattr(defaults, f.name), f.metadata.get("help", ""))
                 for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,6 +105,50 @@ class CompressorConfig:
                 f"{cls.__name__}: unknown configuration field(s) {unknown}; known fields are {sorted(known)}"
             )
         return cls(**data)
+
+    @classmethod
+    def from_strings(cls, values: Mapping[str, str]):
+        """The configuration from ``field -> text`` (a command line's ``key=value``): each
+        text is parsed by its field's annotation (``int``, ``float``, ``bool``, ``str``, any
+        of them ``| None`` with ``none`` for None; other types as JSON), then checked as
+        :meth:`from_dict` checks a stored one."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        parsed = {key: _parse_text(cls.__name__, key, hints[key], text) if key in known else text
+                  for key, text in values.items()}
+        return cls.from_dict(parsed)
+
+
+def _type_name(annotation: Any) -> str:
+    """An annotation as written: a string under ``from __future__ import annotations``, else a
+    class (``int``) or a union (``int | None``) that a third-party module evaluated."""
+    if isinstance(annotation, str):
+        return annotation
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def _parse_text(owner: str, key: str, hint: Any, text: str) -> Any:
+    """``text`` as a value of type ``hint`` (see :meth:`CompressorConfig.from_strings`)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        if text.strip().lower() in ("none", "null"):
+            return None
+        rest = [a for a in args if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else Any
+    try:
+        if hint is bool:
+            if text.strip().lower() not in _TRUE + _FALSE:
+                raise ValueError(text)
+            return text.strip().lower() in _TRUE
+        if hint in (int, float, str):
+            return hint(text)
+        return json.loads(text)
+    except ValueError:
+        raise InvalidInputError(f"{owner}.{key}: {text!r} is not of type {_type_name(hint)}; give {key}=VALUE "
+                                "with a value of that type") from None
 
 
 @runtime_checkable
