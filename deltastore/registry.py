@@ -7,54 +7,34 @@ are specified in specs/format.md.
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-from .dtypes import dtype_name, torch_dtype
 from .errors import (AlreadyExistsError, DeltastoreError, IncompatibleFinetuneError,
                      InvalidInputError, NotFoundError)
 from .catalog import INFO_KEY, REFERENCE_REF, Catalog, VersionStats, check_name, parse_spec, split_spec
-from .engine.decode import ArrayGetter, decode_stored, numel as _numel
+from .engine.commit import (CommitPipeline, check_finite, check_storable, commit_settings, content_sha256, plain,
+                            plan_finetune, store_code, store_files, store_lossless)
+from .engine.decode import ArrayGetter, decode_stored, numel
 from .engine.materialize import iter_materialize, resolve_device
-from .engine.reader import DeviceReader
 from .progress import progress as _progress
-from .sources import TensorSource, open_source
+from .sources import open_source
 from .storage.backend import LocalBackend
-from .storage.layout import array_shape_problem
 from .storage.locks import FileLocks
 from .storage.objects import ObjectStore
 from .storage.records import (FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, BaseRecord, PointerRef, Record,
-                              ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, TensorEntry, pack)
+                              ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, pack)
 from .tensor import dbms
-from .tensor.bitpack import pack_bits
 from .tensor.compressors import DEFAULT_COMPRESSOR, WHOLE_TENSORS, compressor_class, delta_compressors, get_compressor
-from .tensor.compressors.lossless import Lossless
 from .tensor.prng import derive_seed
 from .tuning import Lambdas, TuneContext, Tuner, get_tuner
 
 INIT_LEFTOVERS = frozenset({"objects", "staging", "refs", "locks"})  # all a registry holds but INFO_KEY
-
-# Matrices smaller than this are stored losslessly: a few KB of exact bytes beat a lossy code
-# whose per-array overhead (metadata, scale) would be a large part of its size anyway.
-MIN_LOSSY_NUMEL = 4096
-# A "finetune" whose deltas are this large relative to the reference weights (Frobenius
-# norms over all compressed matrices) is almost surely another model: real finetunes move
-# weights by well under 10%.
-MAX_RELATIVE_DELTA = 0.5
-# Commit reads the next tensors (reference and finetune) in threads, up to this many bytes
-# ahead, while the device works; and lets this many encoded tensors wait for the writer thread.
-# (GPU memory on CUDA; a quarter of it on the host otherwise, where the arithmetic is the limit.)
-COMMIT_READ_AHEAD_BYTES = 2 << 30
-COMMIT_WRITE_BEHIND = 4
-
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -91,7 +71,7 @@ class Registry(Catalog):
         if not source.names():
             raise InvalidInputError(f"{source.label}: the reference holds no tensors")
         for name in source.names():
-            _check_storable(source, name)
+            check_storable(source, name)
         backend = LocalBackend(root)
         objects = ObjectStore(backend)
         with FileLocks(root).hold("registry", shared=True):
@@ -99,9 +79,9 @@ class Registry(Catalog):
             tensors = {}
             for name in _progress(source.names(), total=len(source.names()), desc="reference", enabled=progress):
                 tensor = source.get(name)
-                _check_finite(source, name, tensor)
-                tensors[name] = _store_lossless(objects, tensor, txn, compress=compress_reference)
-            files = _store_files(objects, source, txn)
+                check_finite(source, name, tensor)
+                tensors[name] = store_lossless(objects, tensor, txn, compress=compress_reference)
+            files = store_files(objects, source, txn)
             record = ReferenceRecord(created=utc_now(), tensors=tensors, files=files)
             digest = objects.put_record(record, txn)
             backend.put(REFERENCE_REF, pack(PointerRef(digest).to_dict()))
@@ -126,12 +106,12 @@ class Registry(Catalog):
             raise InvalidInputError("a base vector needs at least one finetune")
         ref_digest = self.reference_hash()
         reference = self.objects.get_record(ref_digest, ReferenceRecord)
-        plans = [_plan(reference, s) for s in sources]
+        plans = [plan_finetune(reference, s) for s in sources]
         lossy = [r for r in reference.tensors if all(r in p.lossy_ref for p in plans)]
         # Refuse NaN/Inf before the first write, so a refused build changes nothing on disk.
         for source, plan in zip(sources, plans):
             for ref_name in lossy:
-                _check_finite(source, plan.lossy_ref[ref_name], source.get(plan.lossy_ref[ref_name]))
+                check_finite(source, plan.lossy_ref[ref_name], source.get(plan.lossy_ref[ref_name]))
         with self.locks.hold("registry", shared=True):
             txn = self.objects.new_txn()
             tensors = {}
@@ -140,11 +120,11 @@ class Registry(Catalog):
                 mean = torch.zeros_like(w_pre)
                 for source, plan in zip(sources, plans):
                     tensor = source.get(plan.lossy_ref[ref_name])
-                    _check_finite(source, plan.lossy_ref[ref_name], tensor)
+                    check_finite(source, plan.lossy_ref[ref_name], tensor)
                     mean += tensor.float() - w_pre
                 mean /= len(sources)
                 code = dbms.build_base(dbms.as_matrix(mean))
-                tensors[ref_name] = self._store_code(code, dbms.BASE_COMPRESSOR, {}, w_pre.shape, "float32", ref_name,
+                tensors[ref_name] = store_code(self.objects, code, dbms.BASE_COMPRESSOR, {}, w_pre.shape, "float32", ref_name,
                                                      txn)
             record = BaseRecord(name=name, created=utc_now(), reference=ref_digest,
                                 sources=[s.label for s in sources], tensors=tensors)
@@ -223,9 +203,7 @@ class Registry(Catalog):
         base_digest, base_record = self.base(base) if base else (None, None)
         if base_record is not None and base_record.reference != ref_digest:
             raise IncompatibleFinetuneError(f"base vector {base!r} was built against another reference")
-        plan = _plan(reference, source)
-        lossy = [ft for ft in source.names() if ft in plan.lossy]
-        seeds = {name: derive_seed(seed, name) for name in lossy}
+        plan = plan_finetune(reference, source)
 
         # Nothing to commit when the latest version already holds this finetune with these
         # settings (specs/format.md §5.5). Hashing reads the whole finetune once more (seconds
@@ -233,7 +211,7 @@ class Registry(Catalog):
         # hash for later checks.
         fingerprint: dict[str, Any] = {}
         if skip_unchanged:
-            settings = _commit_settings(tune, calibration, per_layer, tune_options, seed)
+            settings = commit_settings(tune, calibration, per_layer, tune_options, seed)
             fingerprint = {"sha256": content_sha256(source), "settings": settings}
             if settings is not None and self._task_ref(task).versions:
                 _, latest = self.version(task)
@@ -242,105 +220,37 @@ class Registry(Catalog):
                                                            compressor.config.to_dict(), base_digest, ref_digest):
                     return latest
 
-        device = resolve_device(device)
-        reader = DeviceReader(self.objects, device, verify=True)
-
-        def tau(ref_name: str, array: ArrayGetter | None = None) -> torch.Tensor | None:
-            if base_record is None or ref_name not in base_record.tensors:
-                return None
-            return decode_stored(base_record.tensors[ref_name], array or self._array_getter(device), device)
-
         # Every check that can refuse the input runs before the first write: a refused commit
         # changes nothing on disk. Lossy tensors are checked for NaN/Inf in pass 1, the rest here.
         for name in source.names():
             if name not in plan.lossy:
-                _check_storable(source, name)
-                _check_finite(source, name, source.get(name))
+                check_storable(source, name)
+                check_finite(source, name, source.get(name))
+        pipeline = CommitPipeline(self.objects, reference, base_record, source, plan, resolve_device(device), progress)
+        acc = pipeline.analyse(task, allow_unrelated)
 
-        def read(name: str) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-            """In a reader thread, on the device: the finetune's tensor and, for a delta, its
-            reference tensor and base vector (on CUDA through pinned staging, no host copy)."""
-            ref_name = plan.lossy.get(name)
-            if ref_name is None:
-                return None, reader.source(source, name), None
-            w_ref = decode_stored(reference.tensors[ref_name], reader.array, device)
-            return w_ref, reader.source(source, name), tau(ref_name, reader.array)
-
-        def read_all(names: list[str]):
-            def nbytes(name: str) -> int:  # reference and finetune in the finetune's dtype, float32 base
-                return (2 * source.dtype(name).itemsize + (4 if base_record is not None else 0)) * _numel(
-                    source.shape(name))
-
-            return reader.read_ahead(read, names, nbytes=nbytes,
-                                     budget=COMMIT_READ_AHEAD_BYTES if device.type == "cuda" else
-                                     COMMIT_READ_AHEAD_BYTES // 4)
-
-        # Pass 1: closed-form lam1 and the sanity check that this is a finetune of the reference.
-        acc = dbms.Lam1Accumulator()
-        delta_sq = ref_sq = 0.0
-        for name, (w_ref, tensor, t) in _progress(read_all(lossy), total=len(lossy), desc=f"{task}: analyse",
-                                                  enabled=progress):
-            w_pre = dbms.as_matrix(w_ref.float())
-            _check_finite(source, name, tensor)
-            delta = dbms.as_matrix(tensor.float()) - w_pre
-            delta_sq += float(delta.double().pow(2).sum())
-            ref_sq += float(w_pre.double().pow(2).sum())
-            if t is not None:
-                acc.add(name, delta, dbms.as_matrix(t), dbms.changed_rows(delta))
-        relative = (delta_sq / ref_sq) ** 0.5 if ref_sq else 0.0
-        if relative > MAX_RELATIVE_DELTA and not allow_unrelated:
-            raise IncompatibleFinetuneError(
-                f"{source.label}: its weights differ from the reference by {relative:.0%} (relative Frobenius norm); "
-                f"a finetune of this reference moves them by far less than {MAX_RELATIVE_DELTA:.0%}, so this is "
-                "probably another model. Pass allow_unrelated=True (--allow-unrelated) to store it anyway"
-            )
-
+        seeds = {name: derive_seed(seed, name) for name in pipeline.lossy}
         context = TuneContext(
-            compressor=compressor, lossy=lossy, ref_name=dict(plan.lossy),
+            compressor=compressor, lossy=pipeline.lossy, ref_name=dict(plan.lossy),
             reference=lambda n: self._reference_tensor(reference, n).float(),
-            finetune=lambda n: source.get(n).float(), tau=lambda n: _on_cpu(tau(n)), seeds=seeds, lam1_l2=acc.lam1,
-            lam1_l2_per_tensor=acc.per_tensor, has_base=base_record is not None, calibration=calibration,
-            per_layer=per_layer, options=dict(tune_options or {}), source=source, seed=seed, progress=progress,
+            finetune=lambda n: source.get(n).float(), tau=lambda n: _on_cpu(pipeline.tau(n)), seeds=seeds,
+            lam1_l2=acc.lam1, lam1_l2_per_tensor=acc.per_tensor, has_base=base_record is not None,
+            calibration=calibration, per_layer=per_layer, options=dict(tune_options or {}), source=source, seed=seed,
+            progress=progress,
         )
         lambdas: Lambdas = get_tuner(tune or "l2")(context)
         if base_record is None and (lambdas.lam1 != 0.0 or lambdas.per_tensor):
             lambdas = replace(lambdas, lam1=0.0, per_tensor={n: (0.0, l2) for n, (_, l2) in
                                                               (lambdas.per_tensor or {}).items()} or None)
 
-        # Pass 2: encode and store every tensor. One writer thread stores each tensor's arrays
-        # (device-to-host copy, hash, write, fsync) while the device encodes the next one; one
-        # thread, so two identical arrays are never staged at once.
-        with self.locks.hold("registry", shared=True), ThreadPoolExecutor(1, "deltastore-write") as writer:
+        with self.locks.hold("registry", shared=True):
             txn = self.objects.new_txn()
-            stored: dict[str, Future] = {}
-            waiting: deque[Future] = deque()
-            for name, (w_ref, tensor, t) in _progress(read_all(source.names()), total=len(source.names()),
-                                                      desc=f"{task}: encode", enabled=progress):
-                if len(waiting) >= COMMIT_WRITE_BEHIND:
-                    waiting.popleft().result()  # bound the encoded tensors waiting for the writer
-                if name not in plan.lossy:  # checked for NaN/Inf before pass 1
-                    stored[name] = writer.submit(_store_lossless, self.objects, tensor.cpu(), txn)
-                    waiting.append(stored[name])
-                    continue
-                ref_name = plan.lossy[name]
-                lam1, lam2 = (lambdas.per_tensor or {}).get(name, (lambdas.lam1, lambdas.lam2))
-                w_pre = dbms.as_matrix(w_ref.float())
-                delta = dbms.as_matrix(tensor.float()) - w_pre
-                rows = dbms.changed_rows(delta)
-                tau_rows = None if t is None else dbms.as_matrix(t)[rows]
-                resid = dbms.residual(delta[rows], tau_rows, lam1)
-                code = dbms.MatrixCode(rows, compressor.encode(resid.contiguous(), seed=seeds[name]))
-                per_tensor = (float(lam1), float(lam2)) if lambdas.per_tensor is not None else None
-                encoded = _Ready(device)  # the writer copies the codes to the host once the device made them
-                stored[name] = writer.submit(encoded.then, self._store_code, code, method, compressor.config.to_dict(),
-                                             tensor.shape, dtype_name(tensor.dtype), ref_name, txn, per_tensor)
-                waiting.append(stored[name])
-            tensors = {name: future.result() for name, future in stored.items()}
-            files = _store_files(self.objects, source, txn)
-            n_params = sum(_numel(source.shape(n)) for n in source.names())
+            tensors = pipeline.encode(task, compressor, lambdas, seeds, txn)
+            files = store_files(self.objects, source, txn)
+            n_params = sum(numel(source.shape(n)) for n in source.names())
             record_source = {
                 "label": str(source.label), "bytes": source.nbytes(), "params": n_params,
-                "fp16_bytes": 2 * n_params, "relative_delta": relative,
+                "fp16_bytes": 2 * n_params, "relative_delta": pipeline.relative,
                 "skipped_files": dict(sorted(source.skipped.items())),  # name-keyed: code point order
                 "missing_buffers": plan.missing_buffers, **fingerprint,
             }
@@ -351,7 +261,7 @@ class Registry(Catalog):
                 record = TaskVersion(
                     task=task, version=number, parent=parent, created=utc_now(), message=message,
                     reference=ref_digest, base=base_digest, method=method, config=compressor.config.to_dict(),
-                    lam1=float(lambdas.lam1), lam2=float(lambdas.lam2), tuning=_plain(lambdas.record),
+                    lam1=float(lambdas.lam1), lam2=float(lambdas.lam2), tuning=plain(lambdas.record),
                     tensors=tensors, files=files, source=record_source,
                 )
                 digest = self.objects.put_record(record, txn)
@@ -468,181 +378,14 @@ class Registry(Catalog):
     def _reference_tensor(self, reference: ReferenceRecord, name: str) -> torch.Tensor:
         return decode_stored(reference.tensors[name], self._array_getter("cpu"), "cpu")
 
-    def _store_code(self, code: dbms.MatrixCode, compressor: str, config: dict, shape, dtype: str, ref_name: str,
-                    txn: str, lambdas: tuple[float, float] | None = None) -> TensorEntry:
-        arrays = {role: self.objects.put_array(a, txn, compress=_compressible(a)) for role, a in
-                  code.encoded.arrays.items()}
-        n_changed = int(code.rows.sum())
-        rows = None if n_changed == code.rows.numel() else self.objects.put_array(pack_bits(code.rows), txn,
-                                                                                  compress=False)
-        entry = TensorEntry(shape=tuple(shape), dtype=dtype, codec=compressor, config=dict(config), arrays=arrays,
-                            attrs=dict(code.encoded.attrs), ref=ref_name, rows=rows, changed_rows=n_changed)
-        return entry if lambdas is None else replace(entry, lam1=lambdas[0], lam2=lambdas[1])
-
     def _array_getter(self, device, verify: bool = True) -> ArrayGetter:
         """``array(digest, what)``: a stored array on ``device`` (the plain, one-thread read)."""
         return lambda digest, what: self.objects.get_array(digest, verify=verify, what=what).to(device)
 
 
-@dataclass
-class _Plan:
-    """How a finetune's tensors map onto the reference."""
-
-    lossy: dict[str, str]       # finetune name -> reference name, stored as a DBMS delta
-    lossy_ref: dict[str, str]   # the inverse
-    missing_buffers: list[str]  # non-float reference tensors absent from the finetune
-
-
-def _plan(reference: ReferenceRecord, source: TensorSource) -> _Plan:
-    """Match finetune tensors to reference tensors, allowing one model prefix (``bert.``).
-
-    A classifier finetune saves the encoder under a prefix the bare reference lacks; we find
-    the single prefix that maps the most reference names and use it for all of them.
-    """
-    names = source.names()
-    if not names:
-        raise InvalidInputError(f"{source.label}: the finetune holds no tensors")
-    ref_names = set(reference.tensors)
-    prefixes: dict[str, int] = {}
-    for name in names:
-        for i, ch in enumerate(name):
-            if ch == "." and name[i + 1:] in ref_names:
-                prefixes[name[: i + 1]] = prefixes.get(name[: i + 1], 0) + 1
-    direct = sum(1 for n in names if n in ref_names)
-    prefix = max(prefixes, key=prefixes.get) if prefixes and max(prefixes.values()) > direct else ""
-    mapping = {n: n[len(prefix):] for n in names if n.startswith(prefix) and n[len(prefix):] in ref_names}
-    matched = set(mapping.values())
-    missing = [r for r in reference.tensors if r not in matched]
-    missing_float = [r for r in missing if torch_dtype(reference.tensors[r].dtype).is_floating_point]
-    if missing_float:
-        shown = ", ".join(repr(prefix + m) for m in missing_float[:5])
-        more = f" and {len(missing_float) - 5} more" if len(missing_float) > 5 else ""
-        raise IncompatibleFinetuneError(
-            f"{source.label}: reference tensor(s) {shown}{more} are missing from the finetune; a finetune must "
-            "hold every weight of the reference (task-own extra tensors are fine)"
-        )
-    lossy = {}
-    for name, ref_name in mapping.items():
-        entry = reference.tensors[ref_name]
-        shape, dtype = source.shape(name), source.dtype(name)
-        if tuple(shape) != tuple(entry.shape):
-            raise IncompatibleFinetuneError(
-                f"{source.label}: tensor {name!r} has shape {list(shape)}, the reference's {ref_name!r} has "
-                f"{list(entry.shape)}; resized tensors are not deltas of the reference"
-            )
-        ref_dtype = torch_dtype(entry.dtype)
-        if dtype.is_floating_point != ref_dtype.is_floating_point:
-            raise IncompatibleFinetuneError(
-                f"{source.label}: tensor {name!r} is {dtype_name(dtype)}, the reference's is {entry.dtype}"
-            )
-        if dtype.is_floating_point and len(shape) >= 2 and _numel(shape) >= MIN_LOSSY_NUMEL:
-            lossy[name] = ref_name
-    return _Plan(lossy, {r: n for n, r in lossy.items()}, missing)
-
 
 def _on_cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.cpu()
-
-
-def _check_storable(source: TensorSource, name: str) -> None:
-    """A tensor stored whole (lossless) becomes one array of its shape and item size: refuse
-    what the reader would refuse (storage.layout.array_shape_problem), before any write."""
-    shape = tuple(source.shape(name))
-    problem = array_shape_problem(shape, source.dtype(name).itemsize)
-    if problem:
-        raise InvalidInputError(f"{source.label}: tensor {name!r} {problem}; deltastore cannot store it, so it "
-                                "could not be read back: drop or reshape it in the checkpoint")
-
-
-def _check_finite(source: TensorSource, name: str, tensor: torch.Tensor) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise InvalidInputError(
-            f"{source.label}: tensor {name!r} holds {bad} NaN or infinite value(s); fix the checkpoint first"
-        )
-
-
-class _Ready:
-    """Marks the work queued so far on ``device``'s current stream; :meth:`then` runs a function
-    (in another thread) once that work is done, so the thread may read tensors it produced."""
-
-    def __init__(self, device: torch.device):
-        self.event = None
-        if device.type == "cuda":
-            self.event = torch.cuda.Event()
-            self.event.record(torch.cuda.current_stream(device))
-
-    def then(self, fn, *args):
-        if self.event is not None:
-            self.event.synchronize()
-        return fn(*args)
-
-
-def _compressible(array: torch.Tensor) -> bool:
-    # Packed bits and quantized codes are close to random bytes: zstd only costs decode time.
-    return array.dtype not in (torch.uint8, torch.int8)
-
-
-def _store_lossless(objects: ObjectStore, tensor: torch.Tensor, txn: str, *, compress: bool = True) -> TensorEntry:
-    encoded = Lossless().encode(tensor)
-    arrays = {role: objects.put_array(a, txn, compress=compress) for role, a in encoded.arrays.items()}
-    return TensorEntry(shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype), codec=Lossless.name, config={},
-                       arrays=arrays, attrs=dict(encoded.attrs))
-
-
-def content_sha256(source: TensorSource) -> str:
-    """SHA-256 of what a finetune holds (specs/format.md §5.5, ``source.sha256``): every tensor
-    in name order (name, dtype, shape, little-endian bytes), then every side file stored with
-    it in path order. The same weights give the same hash however they are sharded or saved."""
-    digest = hashlib.sha256()
-    for name in sorted(source.names()):
-        tensor = source.get(name).contiguous().reshape(-1)
-        shape = ",".join(str(d) for d in source.shape(name))
-        digest.update(f"tensor\0{name}\0{dtype_name(tensor.dtype)}\0{shape}\0".encode())
-        digest.update(tensor.view(torch.uint8).numpy())
-    for rel in sorted(source.files):
-        data = source.files[rel].read_bytes()
-        digest.update(f"file\0{rel}\0{len(data)}\0".encode())
-        digest.update(data)
-    return digest.hexdigest()
-
-
-def _commit_settings(tune, calibration, per_layer: bool, tune_options, seed: int) -> dict[str, Any] | None:
-    """The commit arguments not in a version's other fields (``source.settings``), or None
-    when they cannot be compared with an earlier commit's: a tuner given as a function,
-    calibration inputs that hashing would consume (an iterator), tuner options holding
-    objects (a model)."""
-    if (callable(tune) or (calibration is not None and not isinstance(calibration, (list, tuple)))
-            or not _is_plain(dict(tune_options or {}))):
-        return None
-    from .calibration import calibration_sha256
-
-    return _plain({"tune": tune or "l2", "per_layer": per_layer, "tune_options": dict(tune_options or {}),
-                   "seed": seed, "calibration": None if calibration is None else calibration_sha256(calibration)})
-
-
-def _is_plain(value: Any) -> bool:
-    """Scalars, strings and lists and maps of them: what a record can hold and compare."""
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    return value is None or isinstance(value, (bool, int, float, str))
-
-
-def _store_files(objects: ObjectStore, source: TensorSource, txn: str) -> dict[str, str]:
-    return {rel: objects.put_blob(path.read_bytes(), txn) for rel, path in source.files.items()}
-
-
-def _plain(value: Any) -> Any:
-    """Tuning records may hold tuples or tensors: make them msgpack-plain."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    return value
 
 
 __all__ = ["Registry", "VersionStats", "parse_spec", "check_name", "DeltastoreError", "Record"]

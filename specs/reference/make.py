@@ -40,7 +40,7 @@ OWN_NOISE = 0.5e-2
 def reference() -> dict[str, torch.Tensor]:
     """The pretrained model: every dtype and layout the format distinguishes, kept tiny.
 
-    Matrices of >= 4096 elements (``deltastore.registry.MIN_LOSSY_NUMEL``) are stored as
+    Matrices of >= 4096 elements (``deltastore.engine.commit.MIN_LOSSY_NUMEL``) are stored as
     deltas in task versions: fp16, fp32, and a 3-D bf16 tensor whose 91 columns leave a
     short last DeltaDQ group (91 = 11 * 8 + 3). The rest is stored losslessly.
     """
