@@ -63,19 +63,24 @@ if HAS_TRITON:
         tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=inb)
 
 
+def check_values(job: FusedJob, value_bits: int) -> None:
+    """The kept values' arrays of either layout: 1-D float16, or int8 plus a float32 scale per row."""
+    values = job.arrays.get("values")
+    expected = torch.float16 if value_bits == 16 else torch.int8
+    if values is None or values.dtype != expected or values.dim() != 1:
+        raise CorruptObjectError(f"{job.what}: dare array 'values' must be 1-D {expected}")
+    if value_bits == 8:
+        scales = job.arrays.get("scales")
+        if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) != (job.changed_rows,):
+            raise CorruptObjectError(f"{job.what}: dare array 'scales' must be float32 ({job.changed_rows},)")
+
+
 class DareFused:
     def __init__(self, value_bits: int):
         self.value_bits = value_bits
 
     def check(self, job: FusedJob) -> None:
-        values = job.arrays.get("values")
-        expected = torch.float16 if self.value_bits == 16 else torch.int8
-        if values is None or values.dtype != expected or values.dim() != 1:
-            raise CorruptObjectError(f"{job.what}: dare array 'values' must be 1-D {expected}")
-        if self.value_bits == 8:
-            scales = job.arrays.get("scales")
-            if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) != (job.changed_rows,):
-                raise CorruptObjectError(f"{job.what}: dare array 'scales' must be float32 ({job.changed_rows},)")
+        check_values(job, self.value_bits)
         seed = job.attrs.get("seed")
         if job.changed_rows * job.cols > MAX_COUNTER or type(seed) is not int or not 0 <= seed < MAX_COUNTER:
             raise CorruptObjectError(f"{job.what}: dare needs a uint32 'seed' and at most 2**32 elements")

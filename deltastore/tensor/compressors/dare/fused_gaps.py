@@ -24,6 +24,7 @@ import torch
 from ....errors import CorruptObjectError
 from ...fused import BLOCK, HAS_TRITON, FusedJob, base_pointers, lambda_products, n_blocks
 from ...prng import MAX_COUNTER, mix32_int
+from .fused import check_values
 from .gaps import BLOCK_ELEMENTS, MIN_KEEP_THRESHOLD, gap_table
 
 # Gaps one program draws at a time: about 1.6 rounds a block at p = 0.99 (655 kept of 65536).
@@ -135,14 +136,7 @@ class DareGapsFused:
         self.value_bits = value_bits
 
     def check(self, job: FusedJob) -> None:
-        values = job.arrays.get("values")
-        expected = torch.float16 if self.value_bits == 16 else torch.int8
-        if values is None or values.dtype != expected or values.dim() != 1:
-            raise CorruptObjectError(f"{job.what}: dare array 'values' must be 1-D {expected}")
-        if self.value_bits == 8:
-            scales = job.arrays.get("scales")
-            if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) != (job.changed_rows,):
-                raise CorruptObjectError(f"{job.what}: dare array 'scales' must be float32 ({job.changed_rows},)")
+        check_values(job, self.value_bits)
         seed, threshold = job.attrs.get("seed"), job.attrs.get("keep_threshold")
         if (job.changed_rows * job.cols > MAX_COUNTER or type(seed) is not int or not 0 <= seed < MAX_COUNTER
                 or type(threshold) is not int or not MIN_KEEP_THRESHOLD <= threshold <= MAX_COUNTER):
