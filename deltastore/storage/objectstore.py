@@ -46,10 +46,13 @@ class ObjectStoreBackend:
     """A registry at ``url`` (``s3://bucket/prefix``, ``gs://...``, ``az://...``, ``file:///...``);
     each key is the object ``<prefix>/<key>`` of the bucket."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, check_writes: bool = True):
+        """``check_writes``: probe conditional writes now (False for a registry opened only
+        to read, which may hold read-only credentials)."""
         self.root = url.rstrip("/")
         self._store = from_url(self.root)
-        self.check_conditional_writes()
+        if check_writes:
+            self.check_conditional_writes()
 
     def __repr__(self) -> str:
         return f"ObjectStoreBackend({self.root!r})"
