@@ -13,8 +13,9 @@ or locks:
   the header; older SeaweedFS releases under concurrency) would let two commits overwrite each
   other's refs without an error, so it is refused before anything is written.
 - **Publishing has no rename**: see :meth:`ObjectStoreBackend.publish`.
-- **Listing** is a delimiter listing; an object store has no non-folder in a folder's place,
-  so the protocol's "damage is raised" rule has nothing to catch here.
+- **Listing** is built from the keys themselves (a prefix exists while a key is under it);
+  an object store has no non-folder in a folder's place, so the protocol's "damage is
+  raised" rule has nothing to catch here.
 
 Credentials and endpoints come from the environment (``AWS_ACCESS_KEY_ID``,
 ``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``, ``GOOGLE_SERVICE_ACCOUNT``, ``AZURE_STORAGE_*``...), which
@@ -164,9 +165,14 @@ class ObjectStoreBackend:
         return sorted(meta["path"] for meta in self._metas(prefix))
 
     def children(self, prefix: str) -> list[str]:
-        listing = obstore.list_with_delimiter(self._store, prefix or None)
-        paths = listing["common_prefixes"] + [meta["path"] for meta in listing["objects"]]
-        return sorted(path.rstrip("/").rpartition("/")[2] for path in paths)
+        """The first segment after ``prefix`` of every key under it.
+
+        From the keys themselves, not a delimiter listing's common prefixes: a server with
+        folders (SeaweedFS) keeps listing a folder for a while (over 30 s measured) after its
+        last key was deleted, and ``ObjectStore.all_objects`` would take such a ghost for a
+        missing array. The cost is a listing of every key under ``prefix``, 1000 per request."""
+        start = len(prefix) + 1 if prefix else 0
+        return sorted({meta["path"][start:].partition("/")[0] for meta in self._metas(prefix)})
 
     def prefix_exists(self, prefix: str) -> bool:
         """Is any key under ``prefix`` (one listing request of one entry)?"""

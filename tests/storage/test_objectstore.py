@@ -148,3 +148,18 @@ def test_delete_removes_an_arrays_metadata_first(url, monkeypatch):
     backend.delete("objects/arrays/ab/cd")
     assert [p.rpartition("/")[2] for p in requests[0]] == ["zarr.json"]
     assert backend.list("objects") == []
+
+
+def test_a_prefix_emptied_by_delete_is_no_child(url):
+    """SeaweedFS keeps listing a folder emptied by a delete (for over 30 s): children() must
+    not, or gc and verify would take ``objects/arrays/ab/cd`` for an array that is missing."""
+    backend = ObjectStoreBackend(url)
+    backend.put("objects/arrays/ab/cd/zarr.json", b"{}")
+    backend.put("objects/arrays/ab/cd/0", b"chunk")
+    backend.put("objects/arrays/ab/ef/zarr.json", b"{}")
+    backend.put("refs/tasks/a", b"v")
+    backend.delete("objects/arrays/ab/cd")
+    backend.delete("refs/tasks/a")
+    assert backend.children("objects/arrays/ab") == ["ef"]
+    assert backend.children("refs") == [] and backend.children("") == ["objects"]
+    assert not backend.prefix_exists("refs") and not backend.exists("objects/arrays/ab/cd")
