@@ -28,7 +28,7 @@ import uuid
 
 import obstore
 # obstore raises the builtin FileNotFoundError for a missing key.
-from obstore.exceptions import AlreadyExistsError, BaseError, PreconditionError
+from obstore.exceptions import AlreadyExistsError, BaseError, NotSupportedError, PreconditionError
 from obstore.store import from_url
 
 from ..errors import CorruptObjectError, DeltastoreError, NotFoundError
@@ -77,6 +77,10 @@ class ObjectStoreBackend:
                                              "names it was never given")
             refused_create = not self.put_if_absent(probe, b"2")
             refused_stale = not self.put_if_version(probe, b"3", '"not-the-etag"')
+        except (NotImplementedError, NotSupportedError) as exc:  # a store type without them (file://)
+            raise ConditionalWritesError(
+                f"{self.root}: this kind of store cannot do conditional writes ({str(exc).splitlines()[0]}); "
+                "give a local registry as a folder path, or use a store that can (S3, GCS, Azure)") from None
         finally:
             self.delete(probe)
         if not (refused_create and refused_stale):

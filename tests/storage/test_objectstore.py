@@ -114,6 +114,17 @@ def test_a_store_ignoring_conditional_writes_is_refused_at_open(url, monkeypatch
     assert ObjectStoreBackend(url).list("") == []  # the refused probe left nothing behind
 
 
+def test_a_store_type_without_compare_and_swap_is_refused_at_open(tmp_path):
+    """A real store type that lacks one of them: obstore's local filesystem (``file://``)
+    creates create-only but cannot ``If-Match``. No server needed."""
+    from deltastore.storage.objectstore import ConditionalWritesError
+
+    url = f"file://{tmp_path}"
+    with pytest.raises(ConditionalWritesError, match=f"{url}: this kind of store cannot do conditional writes"):
+        ObjectStoreBackend(url)
+    assert list(tmp_path.iterdir()) == []  # the probe key was removed
+
+
 def test_publish_writes_over_the_chunks_a_killed_publish_left(url):
     """A publish killed after copying chunks leaves them without zarr.json under the final
     name: that reads as absent, and the next publish of the same array completes it."""
