@@ -31,16 +31,12 @@ import obstore
 from obstore.exceptions import AlreadyExistsError, BaseError, NotSupportedError, PreconditionError
 from obstore.store import from_url
 
-from ..errors import CorruptObjectError, DeltastoreError, NotFoundError
+from ..errors import ConditionalWritesError, CorruptObjectError, NotFoundError
 from .protocol import MAX_KEY_BYTES
 
 # The one name the layout gives an array's metadata (layout.write_array): published last and
 # deleted first, so an array whose zarr.json can be read always has all its chunks.
 ARRAY_METADATA = "zarr.json"
-
-
-class ConditionalWritesError(DeltastoreError, OSError):
-    """An object store that does not honour create-only or compare-and-swap writes."""
 
 
 class ObjectStoreBackend:

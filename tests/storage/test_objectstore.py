@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from deltastore.errors import ConditionalWritesError
 from deltastore.storage.objectstore import ObjectStoreBackend
 
 from .conformance import BackendTests
@@ -107,7 +108,7 @@ def test_a_store_ignoring_conditional_writes_is_refused_at_open(url, monkeypatch
 
     monkeypatch.setattr(objectstore.obstore, "put", put_dropping_mode)
     header = "If-None-Match" if ignored == "create" else "If-Match"
-    with pytest.raises(objectstore.ConditionalWritesError, match=f"{url}: the object store accepted .*{header}") as exc:
+    with pytest.raises(ConditionalWritesError, match=f"{url}: the object store accepted .*{header}") as exc:
         ObjectStoreBackend(url)
     assert isinstance(exc.value, DeltastoreError)
     monkeypatch.setattr(objectstore.obstore, "put", real_put)
@@ -117,8 +118,6 @@ def test_a_store_ignoring_conditional_writes_is_refused_at_open(url, monkeypatch
 def test_a_store_type_without_compare_and_swap_is_refused_at_open(tmp_path):
     """A real store type that lacks one of them: obstore's local filesystem (``file://``)
     creates create-only but cannot ``If-Match``. No server needed."""
-    from deltastore.storage.objectstore import ConditionalWritesError
-
     url = f"file://{tmp_path}"
     with pytest.raises(ConditionalWritesError, match=f"{url}: this kind of store cannot do conditional writes"):
         ObjectStoreBackend(url)
