@@ -27,7 +27,6 @@ from __future__ import annotations
 import uuid
 
 import obstore
-# obstore raises the builtin FileNotFoundError for a missing key.
 from obstore.exceptions import AlreadyExistsError, BaseError, NotSupportedError, PreconditionError
 from obstore.store import from_url
 
@@ -89,8 +88,11 @@ class ObjectStoreBackend:
 
     # -- reading ----------------------------------------------------------------------------
     def get(self, key: str, *, limit: int = MAX_KEY_BYTES) -> bytes:
-        """The bytes of ``key``; the size in the response's headers is checked against ``limit``
-        before the body is read."""
+        return self._get(key, limit)[0]
+
+    def _get(self, key: str, limit: int) -> tuple[bytes, str | None]:
+        """The bytes of ``key`` and the ETag of the same response; the size in the response's
+        headers is checked against ``limit`` before the body is read."""
         try:
             result = obstore.get(self._store, key)
         except FileNotFoundError:
@@ -99,7 +101,7 @@ class ObjectStoreBackend:
         if size > limit:
             raise CorruptObjectError(f"{self._where(key)} holds {size} bytes, more than the {limit} such an object "
                                      "may have; it is damaged or was not written by deltastore")
-        return bytes(result.bytes())
+        return bytes(result.bytes()), result.meta["e_tag"]
 
     def get_into(self, key: str, out: memoryview, *, start: int = 0) -> int:
         """One ranged GET of bytes ``[start, start + len(out))`` copied into ``out``."""
@@ -108,9 +110,7 @@ class ObjectStoreBackend:
             if len(out):
                 try:
                     data = obstore.get_range(self._store, key, start=start, length=len(out))
-                except FileNotFoundError:
-                    raise
-                except BaseError:
+                except BaseError:  # obstore's errors; a missing key is the builtin FileNotFoundError
                     # A range starting at or after the end is an error to the store, an empty
                     # read to the protocol; anything else is re-raised.
                     if start < obstore.head(self._store, key)["size"]:
@@ -129,17 +129,13 @@ class ObjectStoreBackend:
         """The bytes of ``key`` and the ETag of the same response, so the token is the one of
         those bytes (a HEAD then a GET could pair new bytes with an old ETag)."""
         try:
-            result = obstore.get(self._store, key)
-        except FileNotFoundError:
+            data, etag = self._get(key, MAX_KEY_BYTES)
+        except NotFoundError:
             return None, None
-        if result.meta["size"] > MAX_KEY_BYTES:
-            raise CorruptObjectError(f"{self._where(key)} holds {result.meta['size']} bytes, more than the "
-                                     f"{MAX_KEY_BYTES} a ref may have; it is damaged or was not written by deltastore")
-        etag = result.meta["e_tag"]
         if etag is None:
             raise ConditionalWritesError(f"{self._where(key)}: the store gives no ETag, so it cannot compare-and-swap; "
                                          "use a store that does (AWS S3, GCS, Azure, SeaweedFS 4.x, MinIO)")
-        return bytes(result.bytes()), etag
+        return data, etag
 
     def exists(self, key: str) -> bool:
         try:
