@@ -15,13 +15,19 @@ from typing import Any
 
 from .errors import CorruptObjectError, DeltastoreError, InvalidInputError, NotFoundError
 from .storage.backend import LocalBackend
-from .storage.locks import FileLocks
+from .storage.locks import FileLocks, ObjectStoreLocks
 from .storage.objects import ObjectStore
 from .storage.records import BaseRecord, PointerRef, ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, unpack
 
 INFO_KEY = "registry.msgpack"
 REFERENCE_REF = "refs/reference"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """Is ``path`` an object-store URL (``s3://bucket/prefix``, ``gs://``, ``az://``...)
+    rather than a local folder?"""
+    return isinstance(path, str) and "://" in path
 
 
 def check_name(kind: str, name: str) -> str:
@@ -93,12 +99,21 @@ class Catalog:
     """A registry directory opened for reading (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        # The one place that picks the local filesystem: the code above the backend reaches
-        # bytes through the Backend protocol; the locks, which an object store has no
-        # equivalent of, are held next to the backend, not inside it (storage/locks.py).
-        self.backend = LocalBackend(self.path)
-        self.locks = FileLocks(self.path)
+        # The one place that picks the backend: the code above it reaches bytes through the
+        # Backend protocol; the locks, which an object store has no equivalent of, are held
+        # next to the backend, not inside it (storage/locks.py).
+        if is_url(path):
+            from .storage.objectstore import ObjectStoreBackend
+
+            self.path = str(path).rstrip("/")
+            # Opened for reading: no probe of conditional writes (it writes, and read-only
+            # credentials are enough to read); every write is refused by its locks.
+            self.backend = ObjectStoreBackend(self.path, check_writes=False)
+            self.locks = ObjectStoreLocks(self.path)
+        else:
+            self.path = Path(path)
+            self.backend = LocalBackend(self.path)
+            self.locks = FileLocks(self.path)
         self.objects = ObjectStore(self.backend)
         if not self.backend.exists(INFO_KEY):
             raise NotFoundError(

@@ -49,5 +49,10 @@ class CorruptObjectError(DeltastoreError, OSError):
     """Stored bytes that fail their content hash or cannot be decoded."""
 
 
+class ConditionalWritesError(DeltastoreError, OSError):
+    """An object store that does not honour create-only (``If-None-Match``) or compare-and-swap
+    (``If-Match``) writes, without which two writers overwrite each other silently."""
+
+
 class LockTimeoutError(DeltastoreError, TimeoutError):
     """Another process holds the registry lock for longer than we are willing to wait."""

@@ -17,7 +17,7 @@ import torch
 
 from .errors import (AlreadyExistsError, DeltastoreError, IncompatibleFinetuneError,
                      InvalidInputError, NotFoundError)
-from .catalog import INFO_KEY, REFERENCE_REF, Catalog, VersionStats, check_name, parse_spec, split_spec
+from .catalog import INFO_KEY, REFERENCE_REF, Catalog, VersionStats, check_name, is_url, parse_spec, split_spec
 from .engine.commit import (CommitPipeline, check_finite, check_storable, commit_settings, content_sha256, plain,
                             plan_finetune, store_code, store_files, store_lossless)
 from .engine.decode import ArrayGetter, decode_stored, numel
@@ -60,6 +60,9 @@ class Registry(Catalog):
         materialize without a resident reference reads all of them, zstd shrinks float weights
         only ~1.3x, and decoding it was the largest host cost of that read (speed.md); the
         reference is stored once however many tasks the registry holds."""
+        if is_url(path):  # writing takes locks, which an object store lacks (storage/locks.py)
+            raise InvalidInputError(f"{path}: a registry on an object store is read-only in this release; "
+                                    "create it in a local folder and copy it into the bucket")
         root = Path(path)
         if (root / INFO_KEY).exists():
             raise AlreadyExistsError(f"{root}: a registry already exists here; open it instead of running init")

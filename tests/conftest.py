@@ -59,3 +59,27 @@ def registry_copy(base_registry, tmp_path):
 
     shutil.copytree(base_registry.path, tmp_path / "registry")
     return Registry(tmp_path / "registry")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """One S3-compatible server (SeaweedFS on 127.0.0.1, tests/storage/s3_server.py) for the
+    whole session: it takes seconds to start. Stopped for sure at the end."""
+    from storage import s3_server
+
+    try:
+        proc, server = s3_server.start(tmp_path_factory.mktemp("seaweedfs"))
+    except RuntimeError as exc:
+        pytest.skip(f"no S3 server for the object-store tests: {exc}")
+    try:
+        yield server
+    finally:
+        s3_server.stop(proc)
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """The server's endpoint and credentials in the environment, where obstore reads them."""
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    return s3

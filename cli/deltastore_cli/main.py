@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from deltastore.catalog import Catalog, parse_spec
+from deltastore.catalog import Catalog, is_url, parse_spec
 from deltastore.errors import (CorruptObjectError, DeltastoreError, FormatVersionError, LockTimeoutError,
                                NotFoundError, UnknownNameError)
 
@@ -147,7 +147,23 @@ def _complete(kind: str):
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-registry_arg = click.argument("registry", type=click.Path(file_okay=False, path_type=Path))
+
+
+class RegistryLocation(click.Path):
+    """A registry folder (a Path), or an object-store URL such as ``s3://bucket/prefix``, kept
+    as it is (a Path would fold its ``//``); the endpoint and credentials of a URL come from the
+    environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...), never from the command line."""
+
+    name = "registry"
+
+    def __init__(self):
+        super().__init__(file_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        return value if is_url(value) else super().convert(value, param, ctx)
+
+
+registry_arg = click.argument("registry", type=RegistryLocation())
 
 
 @click.group(cls=Group)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import LockTimeoutError
+from ..errors import InvalidInputError, LockTimeoutError
 
 
 class FileLocks:
@@ -56,3 +56,24 @@ class FileLocks:
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock
+
+
+class ObjectStoreLocks:
+    """The locks of a registry on an object store, which has none: every writer of this
+    release needs one, so holding any is refused (reads take no lock, so they all work).
+
+    Writing without locks (commits by compare-and-swap of refs, a gc protocol that needs no
+    lock) is the rest of issue 13."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def __repr__(self) -> str:
+        return f"ObjectStoreLocks({self.root!r})"
+
+    @contextmanager
+    def hold(self, name: str, *, shared: bool = False, timeout: float = 600.0) -> Iterator[None]:
+        raise InvalidInputError(
+            f"{self.root}: a registry on an object store is read-only in this release (writing needs the "
+            f"{name!r} lock, which an object store does not have); copy it to a local folder to change it")
+        yield  # a generator, so hold() is used like FileLocks.hold: the error comes at `with`
