@@ -36,6 +36,7 @@ from .tuning import Lambdas, TuneContext, Tuner, get_tuner
 
 INIT_LEFTOVERS = frozenset({"objects", "staging", "refs", "locks"})  # all a registry holds but INFO_KEY
 
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
