@@ -10,6 +10,7 @@ from .storage.objects import object_key
 from .storage.records import BaseRecord, ReferenceRecord, TaskVersion, content_hash, unpack
 
 if TYPE_CHECKING:
+    from .catalog import Catalog
     from .registry import Registry
 
 
@@ -29,10 +30,12 @@ def _checked(digest: str) -> str:
     return digest
 
 
-def _reachable(registry: "Registry", problems: list[dict[str, str]] | None = None):
+def _reachable(registry: "Catalog", problems: list[dict[str, str]] | None = None, tasks: list[str] | None = None):
     """Objects reachable from the refs, by kind, and for each object who uses it.
 
     With ``problems`` given, unreadable refs and records are reported there instead of raised.
+    With ``tasks`` given, only the reference and those tasks are roots (not the base refs):
+    the closure one needs to copy those tasks (``deltastore copy``).
     """
     used_by: dict[tuple[str, str], set[str]] = {}
 
@@ -59,12 +62,12 @@ def _reachable(registry: "Registry", problems: list[dict[str, str]] | None = Non
     ref_digest = guard("refs/reference", "registry", lambda: _checked(registry.reference_hash()))
     if ref_digest:
         pending.append((ref_digest, "reference", ReferenceRecord))
-    for name in guard("refs/bases", "registry", registry.bases) or []:
+    for name in (guard("refs/bases", "registry", registry.bases) or []) if tasks is None else []:
         digest = guard(f"refs/bases/{name}", f"base {name}", lambda: registry._pointer(
             f"refs/bases/{name}", f"refs/bases/{name}"))
         if digest:
             pending.append((digest, f"base {name}", BaseRecord))
-    for task in guard("refs/tasks", "registry", registry._task_names) or []:
+    for task in (guard("refs/tasks", "registry", registry._task_names) or []) if tasks is None else tasks:
         ref = guard(f"refs/tasks/{task}", f"task {task}", lambda: registry._task_ref(task))
         pending += [(digest, f"{task}@{n}", TaskVersion) for n, digest in (ref.versions if ref else [])]
     followed: set[tuple[str, type]] = set()

@@ -362,6 +362,15 @@ class Registry(Catalog):
 
         return load_model(self, *split_spec(task, version), device=device, dtype=dtype)
 
+    # -- copying ----------------------------------------------------------------------------
+    def copy_to(self, dst: str | os.PathLike, tasks: Iterable[str] | None = None, *,
+                progress: bool | None = None) -> dict[str, Any]:
+        """Copy ``tasks`` (default: all, with every base vector) into registry ``dst``, like
+        ``git push``: see :func:`deltastore.copy.copy`."""
+        from .copy import copy
+
+        return copy(self.path, dst, tasks, progress=progress)
+
     # -- integrity --------------------------------------------------------------------------
     def verify(self, *, progress: bool | None = None) -> list[dict[str, str]]:
         """Rehash every object and check every ref; returns the problems found (empty: clean).

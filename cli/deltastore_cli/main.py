@@ -669,6 +669,27 @@ def gc(registry: Path, as_json: bool) -> None:
                             f"records, {removed['staging']} leftovers: {_human(removed['bytes'])}")
 
 
+@cli.command("copy")
+@click.argument("src", type=RegistryLocation())
+@click.argument("dst", type=RegistryLocation())
+@click.argument("tasks", nargs=-1, metavar="[TASK]...")
+@json_option
+@click.pass_context
+def copy_cmd(ctx: click.Context, src: Path, dst: Path, tasks: tuple[str, ...], as_json: bool) -> None:
+    """Copy TASKs (default: all, with every base vector) from registry SRC to registry DST.
+
+    Like `git push`: only the objects DST lacks are sent, each checked against its hash; refs
+    are written last, so an interrupted copy changes no ref and running it again resumes it.
+    Task refs only fast-forward. DST is a registry of the same reference, or a new folder."""
+    from deltastore.copy import copy
+
+    _remember(dst)
+    data = copy(src, dst, tasks or None, progress=_progress(ctx))
+    copied, skipped = sum(data["copied"].values()), sum(data["skipped"].values())
+    _emit(data, as_json, f"copied {copied} objects ({_human(data['bytes'])}), {skipped} already there; "
+                         f"refs updated: {', '.join(data['refs']) or 'none'}")
+
+
 def _interactive() -> bool:
     """Can we ask the user? (A function, so tests can pretend to be a terminal.)"""
     return sys.stdin.isatty()

@@ -134,15 +134,20 @@ class ObjectStore:
 
     def get_array(self, digest: str, *, verify: bool = True, what: str = "") -> torch.Tensor:
         """The array named ``digest`` as a CPU tensor; ``verify`` rehashes it (default)."""
+        data, _ = self._read_array(digest, verify=verify, what=what)
+        import torch
+
+        return torch.from_numpy(data.astype(data.dtype.newbyteorder("="), copy=False))
+
+    def _read_array(self, digest: str, *, verify: bool, what: str = "") -> tuple[np.ndarray, bool]:
+        """The array named ``digest`` as stored (little-endian numpy), and whether it is zstd-compressed."""
         reader = self.open_array(digest, verify=verify, what=what)
         data = np.empty(reader.shape, dtype=reader.layout.dtype)
         flat = memoryview(data.reshape(-1).view(np.uint8)) if data.size else None
         for index, (_, offset, nbytes) in enumerate(reader.chunks):
             reader.read_chunk(index, flat[offset:offset + nbytes])
         reader.finish()
-        import torch
-
-        return torch.from_numpy(data.astype(data.dtype.newbyteorder("="), copy=False))
+        return data, reader.layout.zstd
 
     # -- blobs ------------------------------------------------------------------------------
     # A blob is stored as one zstd frame of the file's bytes (tokenizer.json shrinks ~3x) and
@@ -215,6 +220,36 @@ class ObjectStore:
         except OSError:  # CorruptObjectError and NotFoundError included
             self.backend.delete(key)
             return False
+
+    # -- copying ----------------------------------------------------------------------------
+    def copy_from(self, source: "ObjectStore", kind: str, digest: str, txn: str) -> bool:
+        """Copy object ``digest`` of ``kind`` from ``source`` unless it is already here; True when copied.
+
+        The object is read from ``source`` with its hash checked, and written here through the
+        same staged writes as a commit's, whose name (the hash of what was written) must be
+        ``digest``: a copy never publishes bytes that do not match their name. An array keeps
+        its compression (the reference's arrays may be stored without zstd)."""
+        key = object_key(kind, digest)
+        if self.backend.exists(key):
+            return False
+        if kind == "arrays":
+            data, compress = source._read_array(digest, verify=True)
+            written = array_hash(data)
+            if written == digest:
+                staged = f"{txn}/{digest}"
+                write_array(self.backend, staged, data, compress=compress)
+                self.backend.publish(staged, key)
+        elif kind == "blobs":
+            written = self.put_blob(source.get_blob(digest, verify=True), txn)
+        else:
+            data = source.backend.get(key)
+            written = content_hash(data)
+            if written == digest:
+                self._put_bytes(kind, data, txn)
+        if written != digest:
+            raise CorruptObjectError(f"{source.backend.root}: {kind[:-1]} {digest[:12]} is corrupt: its content hashes "
+                                     f"to {written[:12]}...; run `deltastore verify` there and restore it from a backup")
+        return True
 
     # -- bookkeeping ------------------------------------------------------------------------
     def size(self, kind: str, digest: str) -> int:
