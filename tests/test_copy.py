@@ -103,6 +103,18 @@ def test_a_diverged_task_is_refused_before_anything_is_copied(source, registry_c
 
 
 def test_a_task_behind_fast_forwards(source, tmp_path):
+    from deltastore.storage.records import TaskRef, pack
+
+    source.copy_to(tmp_path / "dst", progress=False)
+    dst = Registry(tmp_path / "dst")
+    first = source.version_hashes("qa")[:1]
+    dst.backend.put("refs/tasks/qa", pack(TaskRef(first, 1).to_dict()))  # as if copied before qa@2 existed
+    result = source.copy_to(dst.path, ["qa"], progress=False)
+    assert result["refs"] == ["refs/tasks/qa"] and sum(result["copied"].values()) == 0
+    assert dst.version_hashes("qa") == source.version_hashes("qa")
+
+
+def test_a_removed_version_number_is_not_issued_again(source, tmp_path):
     source.copy_to(tmp_path / "dst", progress=False)
     dst = Registry(tmp_path / "dst")
     dst.remove("qa@2")
