@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,17 @@ from .storage.records import BaseRecord, PointerRef, ReferenceRecord, RegistryIn
 INFO_KEY = "registry.msgpack"
 REFERENCE_REF = "refs/reference"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+INIT_LEFTOVERS = frozenset({"objects", "staging", "refs", "locks"})  # all a registry holds but INFO_KEY
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _killed_put(name: str, key: str) -> bool:
+    """Is ``name`` the temp file of an atomic put of ``key`` that was killed (LocalBackend.put)?"""
+    return name.startswith(f".{key}.") and name.endswith(".tmp")
 
 
 def is_url(path: str | os.PathLike) -> bool:

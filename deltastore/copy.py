@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from .catalog import INFO_KEY, REFERENCE_REF, Catalog, check_name, is_url
+from .catalog import INFO_KEY, INIT_LEFTOVERS, REFERENCE_REF, Catalog, _killed_put, check_name, is_url, utc_now
 from .errors import AlreadyExistsError, InvalidInputError
 from .integrity import _reachable
 from .progress import progress as _progress
@@ -66,8 +66,6 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike, tasks: Iterable[str] | 
     reference = source.reference_hash()
     new = not (root / INFO_KEY).exists()
     if new:
-        from .registry import INIT_LEFTOVERS, _killed_put, utc_now
-
         if root.exists() and any(p.name not in INIT_LEFTOVERS and not _killed_put(p.name, INFO_KEY)
                                  for p in root.iterdir()):
             raise AlreadyExistsError(f"{root}: not a registry and not empty; copy into a registry with the same "

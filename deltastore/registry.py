@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -17,7 +16,8 @@ import torch
 
 from .errors import (AlreadyExistsError, DeltastoreError, IncompatibleFinetuneError,
                      InvalidInputError, NotFoundError)
-from .catalog import INFO_KEY, REFERENCE_REF, Catalog, VersionStats, check_name, is_url, parse_spec, split_spec
+from .catalog import (INFO_KEY, INIT_LEFTOVERS, REFERENCE_REF, Catalog, VersionStats, _killed_put, check_name, is_url,
+                      parse_spec, split_spec, utc_now)
 from .engine.commit import (CommitPipeline, check_finite, check_storable, commit_settings, content_sha256, plain,
                             plan_finetune, store_code, store_files, store_lossless)
 from .engine.decode import ArrayGetter, decode_stored, numel
@@ -33,18 +33,6 @@ from .tensor import dbms
 from .tensor.compressors import DEFAULT_COMPRESSOR, WHOLE_TENSORS, compressor_class, delta_compressors, get_compressor
 from .tensor.prng import derive_seed
 from .tuning import Lambdas, TuneContext, Tuner, get_tuner
-
-INIT_LEFTOVERS = frozenset({"objects", "staging", "refs", "locks"})  # all a registry holds but INFO_KEY
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _killed_put(name: str, key: str) -> bool:
-    """Is ``name`` the temp file of an atomic put of ``key`` that was killed (LocalBackend.put)?"""
-    return name.startswith(f".{key}.") and name.endswith(".tmp")
-
 
 class Registry(Catalog):
     """A deltastore registry directory. Open an existing one with ``Registry(path)``,
