@@ -161,3 +161,21 @@ def test_copy_from_a_bucket(source, s3_env, tmp_path):
     copied = Registry(tmp_path / "dst")
     assert copied.verify() == []
     _same(copied, source, "qa", 2)
+
+
+def test_a_damaged_source_object_is_refused_and_never_published(source, tmp_path):
+    from numcodecs import Zstd
+
+    from deltastore.errors import CorruptObjectError
+    from deltastore.storage.objects import object_key
+
+    shutil.copytree(source.path, tmp_path / "src")
+    damaged = Registry(tmp_path / "src")
+    _, record = damaged.version("nli")
+    digest = next(iter(record.files.values()))
+    path = tmp_path / "src" / object_key("blobs", digest)
+    path.write_bytes(bytes(Zstd(level=9).encode(b"{}")))  # a valid blob of the wrong content
+    with pytest.raises(CorruptObjectError, match=digest[:12]):
+        damaged.copy_to(tmp_path / "dst", ["nli"], progress=False)
+    assert not (tmp_path / "dst" / object_key("blobs", digest)).exists()
+    assert not (tmp_path / "dst" / "registry.msgpack").exists()
