@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 import deltastore.registry
-import deltastore.storage.backend
+import deltastore.storage.layout
 from deltastore import Registry
 
 HERE = Path(__file__).resolve().parent
@@ -156,13 +156,13 @@ def build(out: Path, expected: Path) -> None:
         reg = Registry.init(out, "reference", compress_reference=True, progress=False)
         reg.build_base("b", ["alpha-1", "beta-1"], progress=False)
         for task, label, kwargs in COMMITS:
-            chunk_bytes = deltastore.storage.backend.CHUNK_BYTES
+            chunk_bytes = deltastore.storage.layout.CHUNK_BYTES
             if label == "gamma-2":
-                deltastore.storage.backend.CHUNK_BYTES = SMALL_CHUNK_BYTES
+                deltastore.storage.layout.CHUNK_BYTES = SMALL_CHUNK_BYTES
             try:
                 reg.commit(task, label, progress=False, skip_unchanged=True, **kwargs)  # records source.sha256
             finally:
-                deltastore.storage.backend.CHUNK_BYTES = chunk_bytes
+                deltastore.storage.layout.CHUNK_BYTES = chunk_bytes
         # A removed task keeps its ref, for the highest version number issued (format 1.1).
         reg.commit("removed", "alpha-1", message="removed v1", progress=False)
         reg.remove("removed")
