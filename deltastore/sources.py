@@ -11,7 +11,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 from safetensors import safe_open
@@ -287,9 +287,3 @@ def open_source(model: str | os.PathLike | Mapping[str, torch.Tensor] | TensorSo
     source = SafetensorsSource(shards, str(path))
     _side_files(path, source, follow_links)
     return source
-
-
-def iter_tensors(source: TensorSource, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` one at a time in the source's file order."""
-    for name in names if names is not None else source.names():
-        yield name, source.get(name)
