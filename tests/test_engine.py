@@ -296,6 +296,23 @@ def test_cuda_resident_switch_back_and_forth(registry, cache, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("cache", ["pinned", "gpu"])
+def test_cuda_resident_switch_replays_graphs(registry, cache, monkeypatch):
+    """From a task's second switch on, its switch is a CUDA graph replay, with the same bits;
+    a task without a fused decoder (deltadq) keeps switching eagerly. The tasks share one
+    finetune, so the target tensors stay the same and no graph goes stale."""
+    monkeypatch.setattr(residents, "UPLOAD_PIECE_BYTES", 4096)
+    resident = ResidentModel(registry, device="cuda", cache=cache)
+    tasks = ["dare16", "dare_hash", "bd_base2", "deltadq"]
+    wants = {task: registry.materialize(task, device="cpu") for task in tasks}
+    for _ in range(3):
+        for task in tasks:
+            resident.switch(task)
+            assert_same({n: resident.tensors[n] for n in wants[task]}, wants[task])
+    assert [resident.load(t).graph is not None for t in tasks] == [True, True, True, False]
+
+
+@pytest.mark.cuda
 def test_cuda_device_reader_streams_source_tensors_in_tiny_slots(example):
     """DeviceReader.source (commit's finetune reads) with two 8 KiB slots: many pieces per tensor."""
     from deltastore.sources import open_source

@@ -229,26 +229,42 @@ def reference_decode(item: TensorPlan, parts: Parts, device: torch.device) -> to
     return value.reshape(entry.shape).to(torch_dtype(entry.dtype))
 
 
+def _fused_into(item: TensorPlan, out: torch.Tensor | None, device: torch.device) -> bool:
+    """Can the fused decoder write straight into ``out``?"""
+    return (item.entry.is_delta and item.fused is not None and triton_enabled(device) and out is not None
+            and out.dtype == torch_dtype(item.entry.dtype) and out.is_contiguous())
+
+
 def decode(item: TensorPlan, parts: Parts, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
     """``W'`` of one tensor on ``device``, in the finetune's dtype; written into ``out`` (any
     dtype: the value is cast) when given, and returned."""
     entry = item.entry
+    if _fused_into(item, out, device):
+        item.fused.run(prepare_fused(item, parts), out)
+        return out
     if not entry.is_delta:
         value = lossless(entry, parts.data, device)
     elif item.fused is not None and triton_enabled(device):
-        job = prepare_fused(item, parts)
-        dtype = torch_dtype(entry.dtype)
-        if out is not None and out.dtype == dtype and out.is_contiguous():
-            item.fused.run(job, out)
-            return out
-        value = torch.empty(entry.shape, dtype=dtype, device=device)
-        item.fused.run(job, value)
+        value = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype), device=device)
+        item.fused.run(prepare_fused(item, parts), value)
     else:
         value = reference_decode(item, parts, device)
     if out is None:
         return value
     out.copy_(value)
     return out
+
+
+def decode_split(item: TensorPlan, parts: Parts, device: torch.device, out: torch.Tensor) -> Callable[[], None] | None:
+    """:func:`decode` into ``out``, except that the pass over the kept elements of a fused
+    decoder that has one (``run_kept``, see tensor/fused.py) is returned, not run: the caller
+    runs it after the work this call queued, on any stream, before ``out`` is read."""
+    if _fused_into(item, out, device) and hasattr(item.fused, "run_kept"):
+        job = prepare_fused(item, parts)
+        item.fused.run_dense(job, out)
+        return lambda: item.fused.run_kept(job, out)
+    decode(item, parts, device, out=out)
+    return None
 
 
 def decode_stored(entry: TensorEntry, array: ArrayGetter, device) -> torch.Tensor:

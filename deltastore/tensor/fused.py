@@ -109,6 +109,12 @@ class FusedDecoder(Protocol):
         finetune's dtype."""
         ...
 
+    # Optional, for a decode that is a pass over the whole output at copy speed followed by a
+    # latency-bound pass over few of its elements (DARE's kept values): ``run_dense(job, out)``
+    # and ``run_kept(job, out)``, with ``run`` the two in that order. The engine may queue
+    # ``run_kept`` on another stream, after ``run_dense``, where it overlaps the dense passes of
+    # the next tensors instead of waiting behind them (engine/decode.py: decode_split).
+
 
 def lambda_products(head: torch.Tensor, job: FusedJob) -> torch.Tensor:
     """float32 ``(5,)`` on the job's device: the compressor's two ``lam2`` products ``head``

@@ -181,7 +181,7 @@ class DareGapsFused:
         brow, bsigns = base_pointers(job)
         _dense_kernel[(job.rows * blocks,)](out, job.w_pre, job.trow, brow, bsigns, job.prepared["consts"], job.cols,
                                             blocks, HAS_BASE=job.base is not None, ALIGNED=job.cols % 8 == 0,
-                                            BLOCK=BLOCK, num_warps=8, enable_fp_fusion=False)
+                                            BLOCK=BLOCK, num_warps=4, enable_fp_fusion=False)
 
     def run_kept(self, job: FusedJob, out: torch.Tensor) -> None:
         """The kept elements over what :meth:`run_dense` wrote (kernel 2), on the same stream."""
