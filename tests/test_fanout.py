@@ -1,0 +1,216 @@
+"""Commits and base builds fanned out on Dask (deltastore/engine/fanout.py): a local cluster of
+two worker processes commits a dozen tiny finetunes while one job's finetune is corrupt and
+one worker is killed mid-job; every other job lands, the registry verifies, a rerun completes
+only what is missing; a base vector built on the cluster has the bits of one built here.
+
+The S3 variants run once object-store registries are writable (they skip while `init` on the
+test bucket is refused as read-only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+
+import cloudpickle
+import pytest
+import torch
+from click.testing import CliRunner
+from distributed import Client, WorkerPlugin
+
+from deltastore import Registry
+from deltastore.engine.fanout import local_cluster, read_jobs
+from deltastore.errors import InvalidInputError
+from deltastore_cli.main import cli
+from reliability.helpers import finetune_state, reference_state, write_model
+
+TASKS = 12
+METHODS = [("bitdelta", ""), ("dare", "drop_rate=0.5 value_bits=8"), ("deltadq", "bits=4")]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The tiny reference and TASKS finetunes of it (each a folder with its own config.json)."""
+    root = tmp_path_factory.mktemp("fanout")
+    ref = reference_state()
+    finetunes = {f"t{i:02d}": write_model(root / "finetunes" / f"t{i:02d}", finetune_state(i % 10, ref),
+                                           {"task": f"t{i:02d}"}) for i in range(TASKS)}
+    return root, write_model(root / "reference", ref), finetunes
+
+
+@pytest.fixture(scope="module")
+def client():
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    with local_cluster(2) as cluster, Client(cluster) as client:
+        yield client
+
+
+def _jobs_file(root, finetunes, extra=()):
+    lines = []
+    for i, (task, path) in enumerate(finetunes.items()):
+        method, config = METHODS[i % len(METHODS)]
+        job = {"task": task, "path": str(path.relative_to(root)), "method": method, "config": config,
+               "message": f"fanout {task}"}
+        if i % 2:
+            job["base"] = "b"
+        lines.append(json.dumps(job))
+    lines += [json.dumps(job) for job in extra]
+    path = root / f"jobs-{uuid.uuid4().hex[:8]}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class KillOnce(WorkerPlugin):
+    """Kills its worker's process (as SIGKILL would) when a commit stores a side file holding
+    ``needle``, once: after the job's arrays are stored, before its version is published."""
+
+    def __init__(self, marker: str, needle: bytes):
+        self.marker, self.needle = marker, needle
+
+    def setup(self, worker):
+        from deltastore.storage.objects import ObjectStore
+
+        original, marker, needle = ObjectStore.put_blob, self.marker, self.needle
+
+        def put_blob(store, data, txn):
+            if needle in data and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(137)
+            return original(store, data, txn)
+
+        ObjectStore.put_blob = put_blob
+
+
+def test_commit_many_survives_a_corrupt_finetune_and_a_killed_worker(models, client, tmp_path):
+    root, reference, finetunes = models
+    reg = Registry.init(tmp_path / "registry", reference, progress=False)
+    reg.build_base("b", list(finetunes.values())[:3], progress=False)
+    corrupt = root / "corrupt"
+    corrupt.mkdir(exist_ok=True)
+    (corrupt / "model.safetensors").write_bytes((finetunes["t00"] / "model.safetensors").read_bytes()[:300])
+    jobs = read_jobs(_jobs_file(root, finetunes, [{"task": "broken", "path": "corrupt"}]))
+    victim = "t05"
+    marker = tmp_path / "killed"
+    client.register_plugin(KillOnce(str(marker), f'"task": "{victim}"'.encode()), name="kill-once")
+    try:
+        lines = []
+        summary = reg.commit_many(jobs, client, progress=True, echo=lines.append)
+    finally:
+        client.unregister_worker_plugin("kill-once")
+    assert marker.exists(), "the worker was never killed: the test did not test that"
+    by_task = {r["task"]: r for r in summary["results"]}
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (TASKS, 0, 1), summary
+    assert by_task["broken"]["status"] == "failed" and "corrupt" in by_task["broken"]["error"]
+    assert len(lines) == TASKS + 1 and any(line.startswith("[") and "failed broken" in line for line in lines)
+    assert sorted(reg.tasks()) == sorted(finetunes)
+    assert reg.verify() == []
+    assert summary["bytes_on_disk"] == sum(reg.own_bytes(t) for t in finetunes)
+    for i, task in enumerate(finetunes):
+        record = reg.version(task)[1]
+        assert (record.version, record.method, record.message) == (1, METHODS[i % 3][0], f"fanout {task}")
+        assert (record.base is not None) == bool(i % 2)
+    # What a worker committed is what a commit here gives (the killed job's too).
+    here = Registry.init(tmp_path / "here", reference, progress=False)
+    here.build_base("b", list(finetunes.values())[:3], progress=False)
+    job = next(j for j in jobs if j.task == victim)
+    here.commit(victim, job.path, method=job.method, config=job.config, base=job.base, progress=False)
+    got, want = reg.materialize(victim), here.materialize(victim)
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+
+    # The rerun: the corrupt finetune is replaced by a good one; only that job runs.
+    write_model(corrupt, finetune_state(3), {"task": "broken"})
+    again = reg.commit_many(jobs, client)
+    assert (again["done"], again["skipped"], again["failed"]) == (1, TASKS, 0)
+    assert [r["task"] for r in again["results"] if r["status"] == "done"] == ["broken"]
+    assert all(len(reg.version_hashes(t)) == 1 for t in reg.tasks())
+    assert reg.verify() == []
+
+
+def test_base_build_on_the_cluster_has_the_bits_of_one_built_here(models, client, tmp_path):
+    _, reference, finetunes = models
+    reg = Registry.init(tmp_path / "registry", reference, progress=False)
+    here = reg.build_base("here", list(finetunes.values()), progress=False)
+    there = reg.build_base("there", list(finetunes.values()), client=client, progress=False)
+    assert there.tensors == here.tensors and there.sources == here.sources
+    assert reg.verify() == []
+
+
+def test_the_cli_joins_a_cluster_by_its_address(models, client, tmp_path):
+    root, reference, finetunes = models
+    reg = Registry.init(tmp_path / "registry", reference, progress=False)
+    address = client.scheduler.address
+    built = CliRunner().invoke(cli, ["base", "build", str(reg.path), "--name", "b", "--scheduler", address,
+                                     *map(str, list(finetunes.values())[:3])])
+    assert built.exit_code == 0, built.output
+    jobs = _jobs_file(root, dict(list(finetunes.items())[:4]), [{"task": "gone", "path": "no/such/finetune"}])
+    refused = CliRunner().invoke(cli, ["commit-many", str(reg.path), str(jobs), "--scheduler", address])
+    assert refused.exit_code == 1 and f"{jobs}:5: field path" in refused.output and not reg.tasks()
+    jobs.write_text("".join(jobs.read_text().splitlines(keepends=True)[:4]))
+    result = CliRunner().invoke(cli, ["commit-many", str(reg.path), str(jobs), "--scheduler", address, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["done"], summary["failed"]) == (4, 0) and summary["ratio_fp16"] > 1
+    assert sorted(reg.tasks()) == sorted(list(finetunes)[:4])
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"task": "a", "path": "ft"}\n{"task": "a b", "path": "ft"}\n', r"jobs.jsonl:2: invalid task name 'a b'"),
+    ('{"task": "a", "path": "ft"}\n\n{"task": "a", "path": "ft"}\n', r"jobs.jsonl:3: field task: .* line 1"),
+    ('{"task": "a"}\n', r"jobs.jsonl:1: field path is missing"),
+    ('{"task": "a", "path": "ft", "lr": 1}\n', r"jobs.jsonl:1: unknown field\(s\) lr"),
+    ('{"task": "a", "path": "nowhere"}\n', r"jobs.jsonl:1: field path: expected a finetune .* found 'no such path"),
+    ('{"task": "a", "path": "ft", "method": "zip"}\n', r"jobs.jsonl:1: field method: expected a compressor"),
+    ('{"task": "a", "path": "ft", "method": "dare", "config": "drop_rate=lots"}\n',
+     r"jobs.jsonl:1: field config: .*drop_rate"),
+    ('{"task": "a", "path": "ft", "config": "bits=4"}\n', r"jobs.jsonl:1: field config: .*unknown .*bits"),
+    ('{"task": "a", "path": "ft", "tune": "dbms"}\n', r"jobs.jsonl:1: field calib is missing"),
+    ('{"task": "a", "path": "ft", "base": 3}\n', r"jobs.jsonl:1: field base: expected a string, found 3"),
+    ('["a", "ft"]\n', r"jobs.jsonl:1: expected a JSON object, found list"),
+    ("", r"jobs.jsonl: holds no jobs"),
+])
+def test_a_bad_jobs_file_is_refused_naming_line_and_field(tmp_path, text, message):
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "jobs.jsonl").write_text(text)
+    with pytest.raises(InvalidInputError, match=message):
+        read_jobs(tmp_path / "jobs.jsonl")
+
+
+def test_a_csv_jobs_file_reads_like_jsonl(tmp_path):
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "jobs.csv").write_text("task,path,method,config,base\n"
+                                       "a,ft,dare,drop_rate=0.9 value_bits=8,\n\n"
+                                       "b,ft,,,v1\n")
+    a, b = read_jobs(tmp_path / "jobs.csv")
+    assert (a.line, a.task, a.method, a.config["drop_rate"], a.config["value_bits"], a.base) == (2, "a", "dare", 0.9,
+                                                                                                  8, None)
+    assert (b.line, b.method, b.base, b.path) == (4, "bitdelta", "v1", str(tmp_path / "ft"))
+    (tmp_path / "bad.csv").write_text("task,path\na,ft,extra\n")
+    with pytest.raises(InvalidInputError, match=r"bad.csv:2: expected 2 cells"):
+        read_jobs(tmp_path / "bad.csv")
+
+
+@pytest.fixture
+def s3_url(s3_env, models):
+    """A fresh registry in the test bucket, or a skip while object-store registries are read-only."""
+    _, reference, _ = models
+    url = f"s3://{s3_env.bucket}/fanout-{uuid.uuid4().hex}"
+    try:
+        Registry.init(url, reference, progress=False)
+    except InvalidInputError as exc:
+        if "read-only" in str(exc):
+            pytest.skip("registries on an object store are read-only in this release")
+        raise
+    return url
+
+
+def test_commit_many_into_a_bucket(models, client, s3_url):
+    root, _, finetunes = models
+    reg = Registry(s3_url)
+    reg.build_base("b", list(finetunes.values())[:3], client=client, progress=False)
+    jobs = read_jobs(_jobs_file(root, finetunes))
+    summary = reg.commit_many(jobs, client)
+    assert (summary["done"], summary["failed"]) == (TASKS, 0), summary
+    assert sorted(reg.tasks()) == sorted(finetunes) and reg.verify() == []
+    again = reg.commit_many(jobs, client)
+    assert (again["done"], again["skipped"]) == (0, TASKS)
