@@ -284,7 +284,9 @@ class Registry(Catalog):
         stopped here). Returns the summary: done, skipped, failed, bytes, ratios, each job."""
         from .engine.fanout import Job, check_jobs, commit_many, connect
 
-        jobs = [job if isinstance(job, Job) else check_jobs([(n, job)])[0] for n, job in enumerate(jobs, 1)]
+        jobs = list(jobs)
+        checked = iter(check_jobs([(n, job) for n, job in enumerate(jobs, 1) if not isinstance(job, Job)]))
+        jobs = [job if isinstance(job, Job) else next(checked) for job in jobs]
         for job in jobs:  # a missing base vector would fail every job: refuse it once, up front
             if job.base is not None:
                 self.base(job.base)

@@ -21,7 +21,7 @@ from distributed import Client, WorkerPlugin
 
 from deltastore import Registry
 from deltastore.engine.fanout import local_cluster, read_jobs
-from deltastore.errors import InvalidInputError
+from deltastore.errors import InvalidInputError, NotFoundError
 from deltastore_cli.main import cli
 from reliability.helpers import finetune_state, reference_state, write_model
 
@@ -61,6 +61,35 @@ def _jobs_file(root, finetunes, extra=()):
     return path
 
 
+class Environ(WorkerPlugin):
+    """Sets environment variables in every worker, also one started after a kill."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+
+    def setup(self, worker):
+        os.environ.update(self.env)
+
+
+@pytest.fixture(params=["local", "s3"])
+def new_registry(request, models, client, tmp_path):
+    """A function making a new registry of the tiny reference: in a folder, or in the test
+    bucket (skipped while registries on an object store are read-only)."""
+    _, reference, _ = models
+    if request.param == "local":
+        return lambda name: Registry.init(tmp_path / name, reference, progress=False)
+    s3 = request.getfixturevalue("s3_env")
+    try:
+        Registry.init(f"s3://{s3.bucket}/probe-{uuid.uuid4().hex}", reference, progress=False)
+    except InvalidInputError as exc:
+        if "read-only" not in str(exc):
+            raise
+        pytest.skip("registries on an object store are read-only in this release")
+    client.register_plugin(Environ(s3.env), name="s3-environ")  # the workers started before the fixture set it
+    request.addfinalizer(lambda: client.unregister_worker_plugin("s3-environ"))
+    return lambda name: Registry.init(f"s3://{s3.bucket}/{name}-{uuid.uuid4().hex}", reference, progress=False)
+
+
 class KillOnce(WorkerPlugin):
     """Kills its worker's process (as SIGKILL would) when a commit stores a side file holding
     ``needle``, once: after the job's arrays are stored, before its version is published."""
@@ -82,9 +111,9 @@ class KillOnce(WorkerPlugin):
         ObjectStore.put_blob = put_blob
 
 
-def test_commit_many_survives_a_corrupt_finetune_and_a_killed_worker(models, client, tmp_path):
+def test_commit_many_survives_a_corrupt_finetune_and_a_killed_worker(models, client, new_registry, tmp_path):
     root, reference, finetunes = models
-    reg = Registry.init(tmp_path / "registry", reference, progress=False)
+    reg = new_registry("registry")
     reg.build_base("b", list(finetunes.values())[:3], progress=False)
     corrupt = root / "corrupt"
     corrupt.mkdir(exist_ok=True)
@@ -127,9 +156,9 @@ def test_commit_many_survives_a_corrupt_finetune_and_a_killed_worker(models, cli
     assert reg.verify() == []
 
 
-def test_base_build_on_the_cluster_has_the_bits_of_one_built_here(models, client, tmp_path):
-    _, reference, finetunes = models
-    reg = Registry.init(tmp_path / "registry", reference, progress=False)
+def test_base_build_on_the_cluster_has_the_bits_of_one_built_here(models, client, new_registry):
+    _, _, finetunes = models
+    reg = new_registry("registry")
     here = reg.build_base("here", list(finetunes.values()), progress=False)
     there = reg.build_base("there", list(finetunes.values()), client=client, progress=False)
     assert there.tensors == here.tensors and there.sources == here.sources
@@ -190,27 +219,15 @@ def test_a_csv_jobs_file_reads_like_jsonl(tmp_path):
         read_jobs(tmp_path / "bad.csv")
 
 
-@pytest.fixture
-def s3_url(s3_env, models):
-    """A fresh registry in the test bucket, or a skip while object-store registries are read-only."""
-    _, reference, _ = models
-    url = f"s3://{s3_env.bucket}/fanout-{uuid.uuid4().hex}"
-    try:
-        Registry.init(url, reference, progress=False)
-    except InvalidInputError as exc:
-        if "read-only" in str(exc):
-            pytest.skip("registries on an object store are read-only in this release")
-        raise
-    return url
 
 
-def test_commit_many_into_a_bucket(models, client, s3_url):
-    root, _, finetunes = models
-    reg = Registry(s3_url)
-    reg.build_base("b", list(finetunes.values())[:3], client=client, progress=False)
-    jobs = read_jobs(_jobs_file(root, finetunes))
-    summary = reg.commit_many(jobs, client)
-    assert (summary["done"], summary["failed"]) == (TASKS, 0), summary
-    assert sorted(reg.tasks()) == sorted(finetunes) and reg.verify() == []
-    again = reg.commit_many(jobs, client)
-    assert (again["done"], again["skipped"]) == (0, TASKS)
+def test_the_api_takes_mappings_and_refuses_two_jobs_of_one_task(models, client, tmp_path):
+    _, reference, finetunes = models
+    reg = Registry.init(tmp_path / "registry", reference, progress=False)
+    twice = [{"task": "a", "path": str(finetunes["t00"])}, {"task": "a", "path": str(finetunes["t01"])}]
+    with pytest.raises(InvalidInputError, match=r"jobs:2: field task: task 'a' is also the job of line 1"):
+        reg.commit_many(twice, client)
+    with pytest.raises(NotFoundError, match="no base vector named 'nope'"):
+        reg.commit_many([{"task": "a", "path": str(finetunes["t00"]), "base": "nope"}], client)
+    summary = reg.commit_many(twice[:1], client)
+    assert (summary["done"], summary["results"][0]["version"]) == (1, 1) and reg.tasks() == ["a"]

@@ -104,17 +104,21 @@ def check_jobs(rows: Iterable[tuple[int, Mapping[str, Any]]], *, folder: str | o
                where: str = "jobs") -> list[Job]:
     """``(line number, fields)`` rows as jobs, each field checked; the first problem raises
     InvalidInputError naming the line, the field, what was expected and what was found."""
-    jobs: list[Job] = []
-    seen: dict[str, int] = {}
-    for line, row in rows:
-        job = _job(line, row, Path(folder), where)
-        if job.task in seen:
-            raise InvalidInputError(f"{where}:{line}: field task: task {job.task!r} is also the job of line "
-                                    f"{seen[job.task]}; give one job per task (commit further versions in another "
-                                    "run: a rerun compares each finetune with its task's latest version only)")
-        seen[job.task] = line
-        jobs.append(job)
+    jobs = [_job(line, row, Path(folder), where) for line, row in rows]
+    check_one_job_per_task(jobs, where)
     return jobs
+
+
+def check_one_job_per_task(jobs: list[Job], where: str = "jobs") -> None:
+    """Refuse two jobs of one task: their order would be the workers' whim, and a rerun, which
+    compares a finetune with its task's latest version only, would commit one of them again."""
+    seen: dict[str, int] = {}
+    for job in jobs:
+        if job.task in seen:
+            raise InvalidInputError(f"{where}:{job.line}: field task: task {job.task!r} is also the job of line "
+                                    f"{seen[job.task]}; give one job per task (commit further versions in another "
+                                    "run)")
+        seen[job.task] = job.line
 
 
 def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
@@ -313,6 +317,7 @@ def commit_many(registry_class: type, location: str, jobs: list[Job], client: "C
     True, or None and stderr is a terminal."""
     from distributed import as_completed
 
+    check_one_job_per_task(jobs)
     if progress is None:
         progress = sys.stderr.isatty()
     began = time.monotonic()
@@ -329,7 +334,7 @@ def commit_many(registry_class: type, location: str, jobs: list[Job], client: "C
         if echo is not None and progress:
             echo(f"[{len(results)}/{len(jobs)}] {result.line_summary()}")
     results.sort(key=lambda r: r.line)
-    return summarize(location, results, time.monotonic() - began, len(client.scheduler_info()["workers"]))
+    return summarize(location, results, time.monotonic() - began, len(client.nthreads()))
 
 
 @dataclass
