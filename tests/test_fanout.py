@@ -231,3 +231,24 @@ def test_the_api_takes_mappings_and_refuses_two_jobs_of_one_task(models, client,
         reg.commit_many([{"task": "a", "path": str(finetunes["t00"]), "base": "nope"}], client)
     summary = reg.commit_many(twice[:1], client)
     assert (summary["done"], summary["results"][0]["version"]) == (1, 1) and reg.tasks() == ["a"]
+
+
+def test_the_bitdelta_scale_does_not_depend_on_the_thread_count():
+    """What lets a worker with other thread counts than this process build the same base vector:
+    torch's own mean of over 32768 elements changes its last bits with the thread count."""
+    from deltastore.tensor.compressors.bitdelta import SERIAL_SUM, BitDelta
+
+    x = torch.randn(300, 1000, generator=torch.Generator().manual_seed(1)) * 1e-3
+    small = x[: SERIAL_SUM // 1000]
+    threads = torch.get_num_threads()
+    try:
+        scales, means = set(), set()
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            scales.add(BitDelta().encode(x, seed=0).attrs["scale"])
+            means.add(float(x.abs().mean()))
+            assert BitDelta().encode(small, seed=0).attrs["scale"] == float(small.abs().mean())  # as before
+    finally:
+        torch.set_num_threads(threads)
+    assert len(scales) == 1
+    assert len(means) > 1, "torch's mean no longer depends on the thread count: the test proves nothing"
