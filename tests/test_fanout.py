@@ -156,13 +156,19 @@ def test_commit_many_survives_a_corrupt_finetune_and_a_killed_worker(models, cli
     assert reg.verify() == []
 
 
-def test_base_build_on_the_cluster_has_the_bits_of_one_built_here(models, client, new_registry):
+def test_base_build_on_the_cluster_has_the_bits_of_one_built_here(models, client, new_registry, tmp_path):
     _, _, finetunes = models
     reg = new_registry("registry")
     here = reg.build_base("here", list(finetunes.values()), progress=False)
     there = reg.build_base("there", list(finetunes.values()), client=client, progress=False)
     assert there.tensors == here.tensors and there.sources == here.sources
     assert reg.verify() == []
+    state = finetune_state(0)
+    state["lin.weight"][3, 5] = float("nan")
+    broken = write_model(tmp_path / "nan", state)
+    with pytest.raises(InvalidInputError, match="NaN"):
+        reg.build_base("nan", [*list(finetunes.values())[:2], broken], client=client, progress=False)
+    assert sorted(reg.bases()) == ["here", "there"] and reg.verify() == []
 
 
 def test_the_cli_joins_a_cluster_by_its_address(models, client, tmp_path):
