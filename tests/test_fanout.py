@@ -181,12 +181,17 @@ def test_the_cli_joins_a_cluster_by_its_address(models, client, tmp_path):
     jobs = _jobs_file(root, dict(list(finetunes.items())[:4]), [{"task": "gone", "path": "no/such/finetune"}])
     refused = CliRunner().invoke(cli, ["commit-many", str(reg.path), str(jobs), "--scheduler", address])
     assert refused.exit_code == 1 and f"{jobs}:5: field path" in refused.output and not reg.tasks()
-    jobs.write_text("".join(jobs.read_text().splitlines(keepends=True)[:4]))
+    (root / "empty").mkdir(exist_ok=True)  # passes the check (it exists), fails on its worker
+    jobs.write_text("".join(jobs.read_text().splitlines(keepends=True)[:4]) + '{"task": "empty", "path": "empty"}\n')
     result = CliRunner().invoke(cli, ["commit-many", str(reg.path), str(jobs), "--scheduler", address, "--json"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     summary = json.loads(result.stdout)
-    assert (summary["done"], summary["failed"]) == (4, 0) and summary["ratio_fp16"] > 1
+    assert (summary["done"], summary["failed"]) == (4, 1) and summary["ratio_fp16"] > 1
+    assert "no .safetensors weights found" in summary["results"][4]["error"]
     assert sorted(reg.tasks()) == sorted(list(finetunes)[:4])
+    text = CliRunner().invoke(cli, ["commit-many", str(reg.path), str(jobs), "--scheduler", address])
+    assert text.exit_code == 1 and "0 committed, 4 skipped (nothing to commit), 1 failed of 5 jobs" in text.output
+    assert "failed:\n  line 5 empty: " in text.output
 
 
 @pytest.mark.parametrize("text, message", [
@@ -258,3 +263,14 @@ def test_the_bitdelta_scale_does_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     assert len(scales) == 1
     assert len(means) > 1, "torch's mean no longer depends on the thread count: the test proves nothing"
+
+
+@pytest.mark.cuda
+def test_a_local_cluster_encodes_on_the_gpu(models, tmp_path):
+    """On a machine with a GPU, the first worker of a local cluster gets it and encodes there."""
+    root, reference, finetunes = models
+    reg = Registry.init(tmp_path / "registry", reference, progress=False)
+    reg.build_base("b", list(finetunes.values())[:3], progress=False)
+    with local_cluster(1) as cluster, Client(cluster) as gpu_client:
+        summary = reg.commit_many(read_jobs(_jobs_file(root, dict(list(finetunes.items())[:2]))), gpu_client)
+    assert [r["device"] for r in summary["results"]] == ["cuda", "cuda"] and summary["done"] == 2

@@ -251,15 +251,17 @@ def local_cluster(workers: int | None = None) -> "SpecCluster":
     count = workers or max(1, (os.cpu_count() or 1) // THREADS_PER_WORKER)
     if count < 1:
         raise InvalidInputError(f"a local cluster needs at least one worker, got {count}")
-    gpus = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # this process's GPUs, as the workers must name them
+    gpus = visible.split(",") if visible is not None else [str(i) for i in range(torch.cuda.device_count())]
+    gpus = gpus[:torch.cuda.device_count()]
     threads = str(THREADS_PER_WORKER)
 
     def spec(i: int) -> dict[str, Any]:
         env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         options: dict[str, Any] = {"nthreads": 1, "host": "127.0.0.1", "dashboard": False,
                                    "silence_logs": logging.ERROR, "memory_limit": 0}
-        if i < gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i)
+        if i < len(gpus):
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i]
             options["resources"] = {"GPU": 1}
         return {"cls": Nanny, "options": {**options, "env": env}}
 
