@@ -281,15 +281,16 @@ class Registry(Catalog):
         ``jobs``: :class:`~deltastore.engine.fanout.Job` objects (``read_jobs`` reads a file of
         them) or mappings of the same fields; ``client``: a
         ``distributed.Client`` (default: a local cluster sized to this machine, started and
-        stopped here). Returns the summary: done, skipped, failed, bytes, ratios, each job."""
+        stopped here); ``progress``, ``echo``: a line per job as it finishes (see
+        :func:`~deltastore.engine.fanout.commit_many`). Returns the summary: done, skipped,
+        failed, bytes, ratios, each job."""
         from .engine.fanout import Job, check_jobs, commit_many, connect
 
         jobs = list(jobs)
         checked = iter(check_jobs([(n, job) for n, job in enumerate(jobs, 1) if not isinstance(job, Job)]))
         jobs = [job if isinstance(job, Job) else next(checked) for job in jobs]
-        for job in jobs:  # a missing base vector would fail every job: refuse it once, up front
-            if job.base is not None:
-                self.base(job.base)
+        for base in sorted({job.base for job in jobs if job.base is not None}):
+            self.base(base)  # a missing base vector would fail each of its jobs: refuse it once, up front
         if client is not None:
             return commit_many(type(self), self._location(), jobs, client, progress=progress, echo=echo)
         with connect() as local:
