@@ -248,7 +248,7 @@ def local_cluster(workers: int | None = None) -> "SpecCluster":
     import torch
     from distributed import Nanny, Scheduler, SpecCluster
 
-    count = workers or max(1, (os.cpu_count() or 1) // THREADS_PER_WORKER)
+    count = workers if workers is not None else max(1, (os.cpu_count() or 1) // THREADS_PER_WORKER)
     if count < 1:
         raise InvalidInputError(f"a local cluster needs at least one worker, got {count}")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # this process's GPUs, as the workers must name them
