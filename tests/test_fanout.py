@@ -274,3 +274,21 @@ def test_a_local_cluster_encodes_on_the_gpu(models, tmp_path):
     with local_cluster(1) as cluster, Client(cluster) as gpu_client:
         summary = reg.commit_many(read_jobs(_jobs_file(root, dict(list(finetunes.items())[:2]))), gpu_client)
     assert [r["device"] for r in summary["results"]] == ["cuda", "cuda"] and summary["done"] == 2
+
+
+def test_a_job_with_a_calibration_file_fits_its_lambdas_and_is_skipped_when_run_again(example, registry_copy,
+                                                                                     tmp_path, one_thread):
+    """A job's `tune`/`calib` fields, run as a worker runs it (here in this process: cpu)."""
+    from deltastore.engine.fanout import run_job
+
+    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"input_ids": row.tolist()}) + "\n"
+                                                  for row in example.calibration))
+    finetune = next(iter(example.finetunes.values()))
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"task": "fit", "path": str(finetune), "base": "all",
+                                                     "tune": "dbms", "calib": "calib.jsonl"}) + "\n")
+    [job] = read_jobs(tmp_path / "jobs.jsonl")
+    first = run_job(Registry, str(registry_copy.path), job)
+    assert (first.status, first.version, first.device, first.error) == ("done", 1, "cpu", "")
+    record = registry_copy.version("fit")[1]
+    assert record.tuning["tuner"] == "dbms" and record.tuning["calibration"]["examples"] == len(example.calibration)
+    assert run_job(Registry, str(registry_copy.path), job).status == "skipped"
