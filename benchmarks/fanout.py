@@ -8,8 +8,9 @@ moves 90% of the rows of every matrix by ~1% and leaves the others exactly uncha
 finetunes without weight decay leave embedding rows. They are written once into ``--cache``
 (outside the repository; reused by later runs of the same size). For every worker count a
 fresh registry (beside the cache) receives all ``--finetunes`` with a local cluster of that
-many workers (workers get a GPU each while GPUs last: `local_cluster`); the cluster is started
-and its workers have imported deltastore before the clock starts. With ``--s3`` the same runs
+many workers (workers get a GPU each while GPUs last: `local_cluster`; none with
+``--cpu-only``); the cluster is started and its workers have imported deltastore before the
+clock starts. With ``--s3`` the same runs
 go to an S3 server on loopback (SeaweedFS from the dev extra), when registries on an object
 store are writable. Writes benchmarks/results/fanout.{md,json}.
 
@@ -77,12 +78,12 @@ def _warm(client: Client) -> None:
     client.run(lambda: __import__("deltastore.registry"))
 
 
-def run(location_for, reference: Path, finetunes: list[Path], workers: int, method: str) -> dict:
+def run(location_for, reference: Path, finetunes: list[Path], workers: int, method: str, gpus: int | None) -> dict:
     """Commit every finetune with ``workers`` workers into a fresh registry; then a base build
     on the cluster and one here, timed, and compared tensor by tensor."""
     reg = Registry.init(location_for(f"w{workers}"), reference, progress=False)
     jobs = [Job(i + 1, path.name, str(path), method) for i, path in enumerate(finetunes)]
-    with local_cluster(workers) as cluster, Client(cluster) as client:
+    with local_cluster(workers, gpus=gpus) as cluster, Client(cluster) as client:
         _warm(client)
         summary = reg.commit_many(jobs, client, progress=False)
         began = time.perf_counter()
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--method", default="bitdelta")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "deltastore-bench")
     parser.add_argument("--s3", action="store_true", help="also commit into an S3 server on loopback")
+    parser.add_argument("--cpu-only", action="store_true", help="no worker gets a GPU (default: one per GPU)")
     args = parser.parse_args()
     reference, finetunes = build_models(args.cache, args.layers, args.hidden, args.finetunes)
     finetune_bytes = (finetunes[0] / "model.safetensors").stat().st_size
@@ -149,7 +151,8 @@ def main() -> None:
     rows = {}
     try:
         for target, location_for in targets.items():
-            rows[target] = [run(location_for, reference, finetunes, n, args.method) for n in args.workers]
+            rows[target] = [run(location_for, reference, finetunes, n, args.method, 0 if args.cpu_only else None)
+                            for n in args.workers]
             for row in rows[target]:
                 print(f"{target} {row['workers']} workers: {row['finetunes_per_minute']} finetunes/min, "
                       f"{row['source_gb_per_s']} GB/s", flush=True)
@@ -162,7 +165,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     result = {
         "model": {"layers": args.layers, "hidden": args.hidden, "dtype": "float16", "finetune_bytes": finetune_bytes},
-        "finetunes": args.finetunes, "method": args.method, "cpus": os.cpu_count(), "gpu": gpu,
+        "finetunes": args.finetunes, "method": args.method, "cpu_only": args.cpu_only, "cpus": os.cpu_count(), "gpu": gpu,
         "torch_threads_per_worker": THREADS_PER_WORKER, "python": sys.version.split()[0],
         "machine": platform.machine(), "s3": s3_note or ("measured" if "s3" in rows else "not asked (--s3)"),
         "runs": rows,

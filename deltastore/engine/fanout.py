@@ -238,11 +238,12 @@ def _config_pairs(value: Any) -> dict[str, str]:
 
 
 # -- the cluster --------------------------------------------------------------------------------
-def local_cluster(workers: int | None = None) -> "SpecCluster":
+def local_cluster(workers: int | None = None, *, gpus: int | None = None) -> "SpecCluster":
     """A cluster of worker processes on this machine (what ``distributed.LocalCluster`` starts,
     as a ``SpecCluster`` so that workers may differ): ``workers`` of them (default: one per
     THREADS_PER_WORKER cores), one task at a time each; the first ones get one GPU each
-    (resource ``GPU``, ``CUDA_VISIBLE_DEVICES``) while GPUs last."""
+    (resource ``GPU``, ``CUDA_VISIBLE_DEVICES``) while GPUs last, or the first ``gpus`` GPUs
+    (0: every worker on CPUs)."""
     import logging
 
     import torch
@@ -252,16 +253,16 @@ def local_cluster(workers: int | None = None) -> "SpecCluster":
     if count < 1:
         raise InvalidInputError(f"a local cluster needs at least one worker, got {count}")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # this process's GPUs, as the workers must name them
-    gpus = visible.split(",") if visible is not None else [str(i) for i in range(torch.cuda.device_count())]
-    gpus = gpus[:torch.cuda.device_count()]
+    devices = visible.split(",") if visible is not None else [str(i) for i in range(torch.cuda.device_count())]
+    devices = devices[:torch.cuda.device_count() if gpus is None else min(gpus, torch.cuda.device_count())]
     threads = str(THREADS_PER_WORKER)
 
     def spec(i: int) -> dict[str, Any]:
         env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         options: dict[str, Any] = {"nthreads": 1, "host": "127.0.0.1", "dashboard": False,
                                    "silence_logs": logging.ERROR, "memory_limit": 0}
-        if i < len(gpus):
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i]
+        if i < len(devices):
+            env["CUDA_VISIBLE_DEVICES"] = devices[i]
             options["resources"] = {"GPU": 1}
         return {"cls": Nanny, "options": {**options, "env": env}}
 
