@@ -472,7 +472,8 @@ def commit_many(ctx: click.Context, registry: Path, jobs: Path, scheduler: str |
     ratio = f", {_times(summary['ratio_fp16'])} smaller than fp16" if summary["ratio_fp16"] else ""
     _emit(summary, as_json, "\n".join([
         f"{summary['done']} committed, {summary['skipped']} skipped (nothing to commit), {summary['failed']} failed "
-        f"of {summary['jobs']} jobs on {summary['workers']} workers in {summary['seconds']:.1f} s",
+        f"of {summary['jobs']} jobs on {summary['workers']} worker{'s' if summary['workers'] != 1 else ''} in "
+        f"{summary['seconds']:.1f} s",
         f"  {_human(summary['bytes_on_disk'])} on disk for {_human(summary['source_bytes'])} of finetunes{ratio}",
     ] + (["failed:"] + failures if failures else [])))
     if failures:
