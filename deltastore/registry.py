@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -18,8 +18,9 @@ from .errors import (AlreadyExistsError, DeltastoreError, IncompatibleFinetuneEr
                      InvalidInputError, NotFoundError)
 from .catalog import (INFO_KEY, INIT_LEFTOVERS, REFERENCE_REF, Catalog, VersionStats, _killed_put, check_name, is_url,
                       parse_spec, split_spec, utc_now)
+from .engine.base import base_entry, check_base_inputs
 from .engine.commit import (CommitPipeline, check_finite, check_storable, commit_settings, content_sha256, plain,
-                            plan_finetune, store_code, store_files, store_lossless)
+                            plan_finetune, store_files, store_lossless)
 from .engine.decode import ArrayGetter, decode_stored, numel
 from .engine.materialize import iter_materialize, resolve_device
 from .progress import progress as _progress
@@ -29,10 +30,14 @@ from .storage.locks import FileLocks
 from .storage.objects import ObjectStore
 from .storage.records import (FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, BaseRecord, PointerRef, Record,
                               ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, pack)
-from .tensor import dbms
 from .tensor.compressors import DEFAULT_COMPRESSOR, WHOLE_TENSORS, compressor_class, delta_compressors, get_compressor
 from .tensor.prng import derive_seed
 from .tuning import Lambdas, TuneContext, Tuner, get_tuner
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from .engine.fanout import Job
 
 class Registry(Catalog):
     """A deltastore registry directory. Open an existing one with ``Registry(path)``,
@@ -85,14 +90,19 @@ class Registry(Catalog):
         return cls(root)
 
     # -- base vectors -----------------------------------------------------------------------
-    def build_base(self, name: str, finetunes: Iterable[Any], *, progress: bool | None = None) -> BaseRecord:
+    def build_base(self, name: str, finetunes: Iterable[Any], *, progress: bool | None = None,
+                   client: "Client | None" = None) -> BaseRecord:
         """Build and store ``tau_base = BitDelta(mean_t(W_t) - W_pre)`` under ``name``.
 
         Streams tensor by tensor: memory holds one tensor of each finetune, not N models.
+        ``client``: a ``distributed.Client``; each tensor is then computed on a worker, which
+        reads the finetunes itself (so give them as paths every worker can read), with the same
+        bits as without (:mod:`deltastore.engine.base`).
         """
         check_name("base", name)
         if self.backend.exists(f"refs/bases/{name}"):
             raise AlreadyExistsError(f"{self.path}: base vector {name!r} exists; pick another name")
+        finetunes = list(finetunes)
         sources = [open_source(f) for f in finetunes]
         if not sources:
             raise InvalidInputError("a base vector needs at least one finetune")
@@ -101,23 +111,24 @@ class Registry(Catalog):
         plans = [plan_finetune(reference, s) for s in sources]
         lossy = [r for r in reference.tensors if all(r in p.lossy_ref for p in plans)]
         # Refuse NaN/Inf before the first write, so a refused build changes nothing on disk.
-        for source, plan in zip(sources, plans):
+        if client is not None:
+            from .engine.fanout import map_base_tensors
+
+            if not all(isinstance(f, (str, os.PathLike)) for f in finetunes):
+                raise InvalidInputError("a distributed base build reads the finetunes on the workers: give them as "
+                                        "paths, not state dicts")
+            paths = [os.fspath(Path(f).absolute()) for f in finetunes]
+            map_base_tensors(client, self._location(), paths, lossy, "check", progress=progress)
+        else:
             for ref_name in lossy:
-                check_finite(source, plan.lossy_ref[ref_name], source.get(plan.lossy_ref[ref_name]))
+                check_base_inputs(sources, plans, ref_name)
         with self.locks.hold("registry", shared=True):
             txn = self.objects.new_txn()
-            tensors = {}
-            for ref_name in _progress(lossy, total=len(lossy), desc=f"base {name}", enabled=progress):
-                w_pre = self._reference_tensor(reference, ref_name).float()
-                mean = torch.zeros_like(w_pre)
-                for source, plan in zip(sources, plans):
-                    tensor = source.get(plan.lossy_ref[ref_name])
-                    check_finite(source, plan.lossy_ref[ref_name], tensor)
-                    mean += tensor.float() - w_pre
-                mean /= len(sources)
-                code = dbms.build_base(dbms.as_matrix(mean))
-                tensors[ref_name] = store_code(self.objects, code, dbms.BASE_COMPRESSOR, {}, w_pre.shape, "float32", ref_name,
-                                                     txn)
+            if client is not None:
+                tensors = map_base_tensors(client, self._location(), paths, lossy, "build", progress=progress)
+            else:
+                tensors = {ref_name: base_entry(self.objects, reference, sources, plans, ref_name, txn) for ref_name
+                           in _progress(lossy, total=len(lossy), desc=f"base {name}", enabled=progress)}
             record = BaseRecord(name=name, created=utc_now(), reference=ref_digest,
                                 sources=[s.label for s in sources], tensors=tensors)
             digest = self.objects.put_record(record, txn)
@@ -262,6 +273,29 @@ class Registry(Catalog):
             self.backend.delete(txn)
         return record
 
+    def commit_many(self, jobs: Iterable[Job | Mapping[str, Any]], client: "Client | None" = None, *,
+                    progress: bool | None = None, echo=None) -> dict[str, Any]:
+        """Commit many finetunes at once on Dask workers, each job an independent
+        :meth:`commit` with ``skip_unchanged=True``: see :mod:`deltastore.engine.fanout`.
+
+        ``jobs``: :class:`~deltastore.engine.fanout.Job` objects (``read_jobs`` reads a file of
+        them) or mappings of the same fields; ``client``: a
+        ``distributed.Client`` (default: a local cluster sized to this machine, started and
+        stopped here); ``progress``, ``echo``: a line per job as it finishes (see
+        :func:`~deltastore.engine.fanout.commit_many`). Returns the summary: done, skipped,
+        failed, bytes, ratios, each job."""
+        from .engine.fanout import Job, check_jobs, commit_many, connect
+
+        jobs = list(jobs)
+        checked = iter(check_jobs([(n, job) for n, job in enumerate(jobs, 1) if not isinstance(job, Job)]))
+        jobs = [job if isinstance(job, Job) else next(checked) for job in jobs]
+        for base in sorted({job.base for job in jobs if job.base is not None}):
+            self.base(base)  # a missing base vector would fail each of its jobs: refuse it once, up front
+        if client is not None:
+            return commit_many(type(self), self._location(), jobs, client, progress=progress, echo=echo)
+        with connect() as local:
+            return commit_many(type(self), self._location(), jobs, local, progress=progress, echo=echo)
+
     def remove(self, task: str, version: int | None = None) -> list[int]:
         """Drop one version (or, with ``version=None``, the whole task) from the refs;
         ``TASK@N`` and ``TASK@latest`` name one version.
@@ -376,6 +410,10 @@ class Registry(Catalog):
         return gc(self)
 
     # -- internals --------------------------------------------------------------------------
+    def _location(self) -> str:
+        """Where other processes (Dask workers) open this registry: its URL, or its absolute path."""
+        return str(self.path) if is_url(self.path) else str(Path(self.path).absolute())
+
     def _reference_tensor(self, reference: ReferenceRecord, name: str) -> torch.Tensor:
         return decode_stored(reference.tensors[name], self._array_getter("cpu"), "cpu")
 

@@ -220,16 +220,37 @@ def base() -> None:
     """DBMS base vectors."""
 
 
+def _cluster_options(command):
+    """--scheduler / --workers: where a command's work is fanned out (Dask)."""
+    command = click.option("--workers", type=click.IntRange(min=1),
+                           help="Start a local Dask cluster of this many worker processes (the first ones get a "
+                                "GPU each, if any).")(command)
+    return click.option("--scheduler", metavar="ADDRESS",
+                        help="Join the Dask cluster whose scheduler is at ADDRESS (tcp://host:8786); its workers "
+                             "must read the registry and the finetunes at the same paths.")(command)
+
+
 @base.command("build")
 @registry_arg
 @click.option("--name", required=True, help="Name of the new base vector.")
 @click.argument("finetunes", nargs=-1, required=True, type=ModelPath())
+@_cluster_options
 @json_option
 @click.pass_context
-def base_build(ctx: click.Context, registry: Path, name: str, finetunes: tuple[Path, ...], as_json: bool) -> None:
-    """Build tau_base = BitDelta(mean(W_t) - W_pre) from FINETUNES."""
+def base_build(ctx: click.Context, registry: Path, name: str, finetunes: tuple[Path, ...], scheduler: str | None,
+               workers: int | None, as_json: bool) -> None:
+    """Build tau_base = BitDelta(mean(W_t) - W_pre) from FINETUNES.
+
+    With --scheduler or --workers, each tensor's mean is computed on a Dask worker, with the
+    same bits as in one process."""
     reg = _registry(registry)
-    record = reg.build_base(name, list(finetunes), progress=_progress(ctx))
+    if scheduler is None and workers is None:
+        record = reg.build_base(name, list(finetunes), progress=_progress(ctx))
+    else:
+        from deltastore.engine.fanout import connect
+
+        with connect(scheduler, workers) as client:
+            record = reg.build_base(name, list(finetunes), progress=_progress(ctx), client=client)
     data = _base_summary(reg, name)
     _emit(data, as_json, f"base {name}: {len(record.tensors)} tensors from {len(finetunes)} finetunes, "
                          f"{_human(data['bytes_on_disk'])} on disk")
@@ -422,6 +443,41 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
     if data["delta_rows"] and data["unchanged_rows"] == data["delta_rows"]:
         click.echo(f"warning: {finetune} equals the reference in every compressed weight: nothing was finetuned "
                    "(the ratio above reflects that, not compression)", err=True)
+
+
+@cli.command("commit-many")
+@registry_arg
+@click.argument("jobs", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_cluster_options
+@json_option
+@click.pass_context
+def commit_many(ctx: click.Context, registry: Path, jobs: Path, scheduler: str | None, workers: int | None,
+                as_json: bool) -> None:
+    """Commit every finetune JOBS lists, fanned out on Dask workers (default: a local cluster).
+
+    JOBS is a .jsonl file (one object a line) or a .csv file (a header row): fields task, path
+    (relative to JOBS' folder), method, config (KEY=VALUE pairs separated by spaces), base,
+    tune, calib, message; one job per task. The whole file is checked before any job runs. A
+    job whose task already holds its finetune with its settings is skipped, so a rerun does
+    only what is missing; a failed job publishes nothing and the others go on. Exit 1 if any
+    job failed."""
+    from deltastore.engine.fanout import connect, read_jobs
+
+    job_list = read_jobs(jobs)
+    reg = _registry(registry)
+    echo = None if ctx.obj["quiet"] else (lambda line: click.echo(line, err=True))
+    with connect(scheduler, workers) as client:
+        summary = reg.commit_many(job_list, client, progress=_progress(ctx), echo=echo)
+    failures = [f"  line {r['line']} {r['task']}: {r['error']}" for r in summary["results"] if r["status"] == "failed"]
+    ratio = f", {_times(summary['ratio_fp16'])} smaller than fp16" if summary["ratio_fp16"] else ""
+    _emit(summary, as_json, "\n".join([
+        f"{summary['done']} committed, {summary['skipped']} skipped (nothing to commit), {summary['failed']} failed "
+        f"of {summary['jobs']} jobs on {summary['workers']} worker{'s' if summary['workers'] != 1 else ''} in "
+        f"{summary['seconds']:.1f} s",
+        f"  {_human(summary['bytes_on_disk'])} on disk for {_human(summary['source_bytes'])} of finetunes{ratio}",
+    ] + (["failed:"] + failures if failures else [])))
+    if failures:
+        ctx.exit(1)
 
 
 def _tuning_summary(record) -> str:

@@ -16,6 +16,11 @@ from ...bitpack import pack_bits, packed_size, unpack_bits
 from ..base import CompressorConfig, Encoded
 from .fused import BitDeltaFused
 
+# torch sums a CPU tensor of at most this many elements on one thread (at::internal::GRAIN_SIZE),
+# so in an order that does not depend on the number of threads; a longer sum is split between
+# threads, and its last bits change with their number.
+SERIAL_SUM = 32768
+
 
 @dataclass(frozen=True)
 class BitDeltaConfig(CompressorConfig):
@@ -36,7 +41,7 @@ class BitDelta:
 
     def encode(self, x: torch.Tensor, *, seed: int) -> Encoded:
         signs = pack_bits(x > 0)
-        return Encoded({"signs": signs}, {"scale": float(self.scale(x.float()))})
+        return Encoded({"signs": signs}, {"scale": float(_stored_scale(x.float()))})
 
     def decode(self, encoded: Encoded, shape: tuple[int, int], device: torch.device | str) -> torch.Tensor:
         n = shape[0] * shape[1]
@@ -58,3 +63,17 @@ class BitDelta:
 
 
 COMPRESSOR = BitDelta
+
+
+def _stored_scale(x: torch.Tensor) -> torch.Tensor:
+    """alpha as stored: ``mean |x|`` whose bits on a CPU do not depend on torch's thread count,
+    so a process and a Dask worker with other thread counts write the same scale (a base vector
+    built on a cluster has the bits of one built in one process): blocks of SERIAL_SUM
+    consecutive elements are summed one by one, then those sums likewise, until one is left.
+    Equal to ``x.abs().mean()`` up to SERIAL_SUM elements. On a GPU, ``x.abs().mean()``."""
+    sums = x.abs().reshape(-1)
+    if sums.is_cuda or sums.numel() <= SERIAL_SUM:
+        return BitDelta.scale(x)
+    while sums.numel() > SERIAL_SUM:
+        sums = torch.stack([block.sum() for block in sums.split(SERIAL_SUM)])
+    return sums.sum() / x.numel()
