@@ -124,13 +124,11 @@ def test_a_removed_version_number_is_not_issued_again(source, tmp_path):
         source.copy_to(dst.path, ["nli"], progress=False)
 
 
-def test_another_reference_or_a_bucket_destination_is_refused(source, example, tmp_path):
+def test_another_reference_or_a_non_empty_folder_is_refused(source, example, tmp_path):
     other = tmp_path / "other"
     Registry.init(other, list(example.finetunes.values())[0], progress=False)
     with pytest.raises(InvalidInputError, match="reference"):
         source.copy_to(other, progress=False)
-    with pytest.raises(InvalidInputError, match="object store is not supported yet"):
-        source.copy_to("s3://bucket/registry", progress=False)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file").write_text("x")
     with pytest.raises(AlreadyExistsError, match="not empty"):

@@ -19,6 +19,10 @@ What a backend MUST provide to keep docs/guarantees.md and specs/format.md §9:
   array) to its final place whole or not at all, durable before it is visible.
 - **Compare-and-swap** (:meth:`get_versioned`, :meth:`put_if_version`): a ref's
   read-modify-write without a lock. An object store uses its ETag and ``If-Match``.
+- **Modification times** (:meth:`modified`, :meth:`list_modified`): when a key was last
+  written, as the store records it (seconds since the epoch). gc on an object store keeps
+  what was written within its grace period (specs/format.md §9.2), and a writer refreshes
+  an object it reuses when it is older than that.
 - **Damage is raised, never read as absence**: where a backend has folders, a non-folder in
   a folder's place makes :meth:`children`, :meth:`list` and :meth:`prefix_exists` raise
   :class:`~deltastore.errors.CorruptObjectError` (gc would otherwise delete what it protects).
@@ -70,9 +74,17 @@ class Backend(Protocol):
     def size(self, key: str) -> int:
         """Bytes of ``key``, or of every key under a prefix; 0 when nothing is there."""
 
+    def modified(self, key: str) -> float | None:
+        """When ``key`` was last written (the newest key under a prefix), in seconds since the
+        epoch; None when nothing is there."""
+
     # -- listing ----------------------------------------------------------------------------
     def list(self, prefix: str) -> list[str]:
         """Every key under ``prefix`` (at any depth), sorted."""
+
+    def list_modified(self, prefix: str) -> list[tuple[str, float]]:
+        """``(key, last written)`` of every key under ``prefix``, sorted by key: one listing,
+        what gc needs to tell old garbage from what a writer elsewhere has just written."""
 
     def children(self, prefix: str) -> list[str]:
         """Names of the entries directly under ``prefix`` (keys and sub-prefixes), sorted."""

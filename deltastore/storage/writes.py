@@ -1,0 +1,216 @@
+"""How writers and gc keep out of each other's way (specs/format.md §9 invariant 4 and §9.2).
+
+gc deletes what no ref reaches; a writer publishes objects first and its ref last, so in
+between its objects are unreachable. Two ways to keep gc off them, one per kind of backend,
+behind one interface (:class:`LockedWrites`, :class:`GraceWrites`), so that the operations
+(registry.py, copy.py, integrity.py) have one code path for both:
+
+- **A local folder** has ``flock``: every writer holds ``locks/registry`` shared for its whole
+  operation and gc holds it exclusively, so gc never runs beside a writer and deletes at once
+  (grace period 0 by default). Kept because it is exact and costs nothing; an object store
+  cannot have it.
+- **An object store** has no lock: gc deletes only objects unreachable *and* last written
+  before its start minus a grace period, and announces itself with a lease key
+  (``locks/gc-<id>``) while it deletes, for at most a quarter of the grace period (at least
+  MIN_LEASE_S). A writer
+  refreshes every object it reuses that is older than half the grace period (writes it again,
+  same bytes), and before its ref update waits for the gc leases older than its last write,
+  re-checks that every object it names is whole, and gives up if it has run for more than
+  half the grace period. Why that is enough is spelled out in specs/format.md §9.2.
+
+Ref updates are the same for both: compare-and-swap (``Backend.put_if_version``), retried.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
+
+from ..errors import DeltastoreError, LockTimeoutError
+from .locks import FileLocks
+
+if TYPE_CHECKING:
+    from .objects import ObjectStore
+    from .protocol import Backend
+
+T = TypeVar("T")
+
+# The default grace period of gc on an object store: an operation that writes must publish its
+# ref within half of it. An hour covers a commit of a 70B model on a slow link.
+DEFAULT_GRACE_S = 3600.0
+# What clocks may disagree by (writers, gc and the store; S3 keeps whole seconds). gc treats
+# every object as this much younger than its Last-Modified says.
+CLOCK_SLACK_S = 2.0
+GC_LEASE_PREFIX = "locks/gc-"
+# An operation retried from the start when an object it named vanished (a gc that listed it
+# before it was refreshed deleted it), before giving up.
+MAX_ATTEMPTS = 3
+MAX_REF_RETRIES = 1000  # each conflict means another writer's update landed: progress
+
+
+class ObjectVanishedError(DeltastoreError, OSError):
+    """An object an operation named disappeared before its ref was published (a concurrent gc):
+    the operation is run again from the start, and fails with this after MAX_ATTEMPTS."""
+
+
+class GraceExceededError(DeltastoreError, TimeoutError):
+    """A write on an object store ran longer than half gc's grace period: publishing its ref
+    now could name objects a gc has already deleted, so nothing is published."""
+
+
+class Attempt:
+    """One try of a write operation: the objects it wrote or reused, and, on an object store,
+    which objects it must refresh and until when it may publish."""
+
+    def __init__(self, settle: Callable[["Attempt", Iterable[tuple[str, str]]], None] | None = None,
+                 grace: float | None = None):
+        self.started = time.time()
+        # Objects last written before this are written again when reused (None: never needed).
+        self.fresh_after = None if grace is None else self.started - grace / 2
+        self.deadline = None if grace is None else self.started + grace / 2
+        self.objects: set[tuple[str, str]] = set()
+        self._checked: set[tuple[str, str]] = set()
+        self._settle = settle
+
+    def settle(self, extra: Iterable[tuple[str, str]] = ()) -> None:
+        """Call right before a ref update that names the objects of this attempt (and ``extra``):
+        on an object store, waits out any gc that may have listed them stale, re-checks that each
+        is whole (ObjectVanishedError otherwise) and that the attempt is within its deadline."""
+        if self._settle is not None:
+            self._settle(self, extra)
+
+
+class LockedWrites:
+    """A local folder: the ``flock`` of storage/locks.py."""
+
+    default_grace = 0.0  # gc holds the registry exclusively: nothing is in flight beside it
+
+    def __init__(self, backend: "Backend"):
+        self.locks = FileLocks(backend.root)
+
+    def run(self, objects: "ObjectStore", operation: Callable[[Attempt], T]) -> T:
+        """Run a write ``operation`` under the shared registry lock."""
+        with self.locks.hold("registry", shared=True):
+            attempt = Attempt()
+            objects.attempt = attempt
+            try:
+                return operation(attempt)
+            finally:
+                objects.attempt = None
+
+    @contextmanager
+    def collecting(self, grace: float) -> Iterator["Collection"]:
+        with self.locks.hold("registry"):
+            yield Collection(time.time(), grace, None)
+
+
+class GraceWrites:
+    """An object store: no lock; the grace-period protocol of specs/format.md §9.2."""
+
+    default_grace = DEFAULT_GRACE_S
+
+    def __init__(self, backend: "Backend", objects: "ObjectStore", grace: float = DEFAULT_GRACE_S):
+        self.backend = backend
+        self.objects = objects
+        self.grace = grace
+        self._probed = False
+
+    def run(self, objects: "ObjectStore", operation: Callable[[Attempt], T]) -> T:
+        """Run a write ``operation``, again from the start when an object it named vanished."""
+        if not self._probed:  # conditional writes are checked before the first write (§9.2 rule 1)
+            self.backend.check_conditional_writes()
+            self._probed = True
+        for attempt_number in range(1, MAX_ATTEMPTS + 1):
+            attempt = Attempt(self._settle, self.grace)
+            objects.attempt = attempt
+            try:
+                return operation(attempt)
+            except ObjectVanishedError:
+                if attempt_number == MAX_ATTEMPTS:
+                    raise
+            finally:
+                objects.attempt = None
+        raise AssertionError("unreachable")
+
+    def _settle(self, attempt: Attempt, extra: Iterable[tuple[str, str]]) -> None:
+        for kind, digest in extra:
+            self.objects.keep(kind, digest)
+        self._wait_for_gc()
+        for obj in sorted(attempt.objects - attempt._checked):
+            if not self.objects.complete(*obj):
+                raise ObjectVanishedError(f"{self.backend.root}: {obj[0][:-1]} {obj[1][:12]} vanished before the ref "
+                                          "naming it was published (a gc running beside this write)")
+            attempt._checked.add(obj)
+        if time.time() > attempt.deadline:
+            raise GraceExceededError(
+                f"{self.backend.root}: this write ran for {time.time() - attempt.started:.0f} s, more than half the gc "
+                f"grace period ({self.grace:.0f} s): a gc may have deleted what it wrote, so nothing was published; "
+                "run it again (or run gc with a longer --grace)")
+
+    def _wait_for_gc(self) -> None:
+        """Until every gc lease taken before now has ended (its key deleted) or expired: a gc
+        that listed the registry before this write refreshed its objects may still delete them."""
+        for key, taken in self.backend.list_modified("locks"):
+            if key.startswith(GC_LEASE_PREFIX):
+                expires = taken + lease_length(self.grace) + CLOCK_SLACK_S
+                while time.time() < expires and self.backend.modified(key) is not None:
+                    time.sleep(0.05)
+
+    @contextmanager
+    def collecting(self, grace: float) -> Iterator["Collection"]:
+        """A gc lease: its key exists while gc deletes; gc stops deleting a quarter of the grace
+        period after it started (writers wait for it that long at most)."""
+        started = time.time()
+        lease = f"{GC_LEASE_PREFIX}{uuid.uuid4().hex}"
+        self.backend.put(lease, b"")
+        try:
+            yield Collection(started, grace, started + lease_length(grace))
+        finally:
+            self.backend.delete(lease)
+
+
+MIN_LEASE_S = 5.0
+
+
+def lease_length(grace: float) -> float:
+    """How long a gc may delete after it started: a quarter of its grace period, at least
+    MIN_LEASE_S. Writers wait for a gc's lease at most this long (a killed gc's lease expires),
+    so it is kept well under the half grace period a write has to publish in."""
+    return max(grace / 4, MIN_LEASE_S)
+
+
+class Collection:
+    """One gc run: when it started, what it may delete, until when."""
+
+    def __init__(self, started: float, grace: float, deadline: float | None):
+        self.started = started
+        self.grace = grace
+        self.deadline = deadline
+        self.cutoff = started - grace - (CLOCK_SLACK_S if deadline is not None else 0.0)
+        self.stopped = False
+
+    def old(self, modified: float) -> bool:
+        """Was a key last written before the grace period (so no writer in flight wrote it)?"""
+        return modified < self.cutoff or (self.grace == 0 and self.deadline is None)
+
+    def may_delete(self) -> bool:
+        """Is this gc still within its lease (always, under a lock)?"""
+        if self.deadline is not None and time.time() >= self.deadline:
+            self.stopped = True
+        return not self.stopped
+
+
+def update_ref(backend: "Backend", key: str, change: Callable[[bytes | None], bytes]) -> None:
+    """Replace ``key`` by ``change(current bytes or None)``, by compare-and-swap: when another
+    writer updated it in between, read it again and redo the change (which may have side
+    effects, such as writing the record the new ref names)."""
+    for _ in range(MAX_REF_RETRIES):
+        data, token = backend.get_versioned(key)
+        if backend.put_if_version(key, change(data), token):
+            return
+        time.sleep(random.uniform(0.0, 0.02))  # spread the retries of writers that collided
+    raise LockTimeoutError(f"{backend.root}: {key!r} changed under {MAX_REF_RETRIES} attempts to update it; "
+                           "too many writers on one ref")
