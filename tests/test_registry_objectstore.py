@@ -110,6 +110,10 @@ def test_init_refuses_a_used_prefix_and_gc_a_grace_of_zero(example, url):
         Registry.init(url, example.reference)
     with pytest.raises(InvalidInputError, match="more than 0 on an object store"):
         Registry(url).gc(grace=0)
+    refused = CliRunner().invoke(cli, ["gc", url, "--grace", "0"])
+    assert refused.exit_code == 1 and "more than 0 on an object store" in refused.output
+    kept = CliRunner().invoke(cli, ["gc", url, "--json"])  # the default grace: everything here is younger
+    assert kept.exit_code == 0 and json.loads(kept.output)["records"] == 0
 
 
 def test_a_store_without_conditional_writes_is_refused_before_the_first_write(example, url, monkeypatch):

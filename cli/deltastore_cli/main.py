@@ -661,12 +661,16 @@ def verify(ctx: click.Context, registry: Path, as_json: bool) -> None:
 
 @cli.command()
 @registry_arg
+@click.option("--grace", type=float, default=None, metavar="SECONDS",
+              help="keep what was written less than SECONDS ago (default: 0 on a folder, which gc locks; "
+                   "3600 on an object store, where writers beside gc rely on it)")
 @json_option
-def gc(registry: Path, as_json: bool) -> None:
+def gc(registry: Path, grace: float | None, as_json: bool) -> None:
     """Delete objects no task, base or reference uses, and leftovers of killed commits."""
-    removed = _registry(registry).gc()
+    removed = _registry(registry).gc(grace=grace)
+    deferred = f"; {removed['deferred']} left for a next run (its lease ran out)" if removed["deferred"] else ""
     _emit(removed, as_json, f"removed {removed['arrays']} arrays, {removed['blobs']} blobs, {removed['records']} "
-                            f"records, {removed['staging']} leftovers: {_human(removed['bytes'])}")
+                            f"records, {removed['staging']} leftovers: {_human(removed['bytes'])}{deferred}")
 
 
 @cli.command("copy")
