@@ -18,7 +18,7 @@ from .errors import CorruptObjectError, DeltastoreError, InvalidInputError, NotF
 from .storage.backend import LocalBackend
 from .storage.objects import ObjectStore
 from .storage.protocol import Backend
-from .storage.writes import GraceWrites, LockedWrites
+from .storage.writes import PROBE_PREFIX, GraceWrites, LockedWrites
 from .storage.records import BaseRecord, PointerRef, ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, unpack
 
 INFO_KEY = "registry.msgpack"
@@ -35,6 +35,12 @@ def utc_now() -> str:
 def _killed_put(name: str, key: str) -> bool:
     """Is ``name`` the temp file of an atomic put of ``key`` that was killed (LocalBackend.put)?"""
     return name.startswith(f".{key}.") and name.endswith(".tmp")
+
+
+def init_leftover(name: str) -> bool:
+    """Is ``name``, at the root of a location without registry.msgpack, what a killed ``init``
+    (or ``copy`` into a new registry) may have left, which the next one may write over?"""
+    return name in INIT_LEFTOVERS or _killed_put(name, INFO_KEY) or name.startswith(PROBE_PREFIX)
 
 
 def is_url(path: str | os.PathLike) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable
 
-from .catalog import INFO_KEY, INIT_LEFTOVERS, REFERENCE_REF, Catalog, _killed_put, check_name, open_location, utc_now
+from .catalog import INFO_KEY, REFERENCE_REF, Catalog, check_name, init_leftover, open_location, utc_now
 from .errors import AlreadyExistsError, InvalidInputError
 from .integrity import _reachable
 from .progress import progress as _progress
@@ -61,7 +61,7 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike, tasks: Iterable[str] | 
     reference = source.reference_hash()
     new = not backend.exists(INFO_KEY)
     if new:
-        if any(name not in INIT_LEFTOVERS and not _killed_put(name, INFO_KEY) for name in backend.children("")):
+        if not all(map(init_leftover, backend.children(""))):
             raise AlreadyExistsError(f"{where}: not a registry and not empty; copy into a registry with the same "
                                      "reference, or into a new or empty folder")
         target = None

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from .catalog import is_url
 from .errors import CorruptObjectError, DeltastoreError, InvalidInputError
 from .progress import progress
+from .storage.layout import ARRAY_METADATA
 from .storage.objects import object_key
 from .storage.records import BaseRecord, ReferenceRecord, TaskVersion, content_hash, unpack
 from .storage.writes import GC_LEASE_PREFIX
@@ -152,6 +153,9 @@ def verify(registry: "Registry", *, show_progress: bool | None = None) -> list[d
             elif content_hash(registry.backend.get(object_key(kind, digest))) != digest:
                 raise DeltastoreError("content hash mismatch")
         except (DeltastoreError, OSError) as exc:
+            if (kind, digest) not in used_by and kind == "arrays" and is_url(registry.path) and \
+                    not registry.backend.exists(f"{object_key(kind, digest)}/{ARRAY_METADATA}"):
+                continue  # chunks without zarr.json: a killed publish's remains, absent to readers (§9.2)
             problems.append({"object": object_key(kind, digest), "problem": str(exc), "used_by": users})
     return problems
 

@@ -16,8 +16,8 @@ import torch
 
 from .errors import (AlreadyExistsError, DeltastoreError, IncompatibleFinetuneError,
                      InvalidInputError, NotFoundError)
-from .catalog import (INFO_KEY, INIT_LEFTOVERS, REFERENCE_REF, Catalog, VersionStats, _killed_put, check_name,
-                      open_location, parse_spec, split_spec, utc_now)
+from .catalog import (INFO_KEY, REFERENCE_REF, Catalog, VersionStats, check_name,
+                      init_leftover, open_location, parse_spec, split_spec, utc_now)
 from .engine.commit import (CommitPipeline, check_finite, check_storable, commit_settings, content_sha256, plain,
                             plan_finetune, store_code, store_files, store_lossless)
 from .engine.decode import ArrayGetter, decode_stored, numel
@@ -51,7 +51,7 @@ class Registry(Catalog):
         if backend.exists(INFO_KEY):
             raise AlreadyExistsError(f"{where}: a registry already exists here; open it instead of running init")
         # What a killed init leaves (it writes registry.msgpack last) may be initialized over.
-        if any(name not in INIT_LEFTOVERS and not _killed_put(name, INFO_KEY) for name in backend.children("")):
+        if not all(map(init_leftover, backend.children(""))):
             raise AlreadyExistsError(f"{where}: directory is not empty; give a new or empty directory")
         source = open_source(reference)
         if not source.names():

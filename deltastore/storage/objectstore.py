@@ -33,6 +33,7 @@ from obstore.store import from_url
 from ..errors import ConditionalWritesError, CorruptObjectError, NotFoundError
 from .layout import ARRAY_METADATA  # published last and deleted first: see publish and delete
 from .protocol import MAX_KEY_BYTES
+from .writes import PROBE_PREFIX
 
 
 class ObjectStoreBackend:
@@ -62,7 +63,7 @@ class ObjectStoreBackend:
         # Beside the registry's folders, not in one: some servers (SeaweedFS) list a folder
         # emptied by a delete for a while, and a ``staging`` that appears from nowhere would
         # be a surprise in ``children("")``.
-        probe = f".probe-{uuid.uuid4().hex}"
+        probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
         try:
             if not self.put_if_absent(probe, b"1"):
                 raise ConditionalWritesError(f"{self._where(probe)} exists before it was written: the store lists "

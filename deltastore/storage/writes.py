@@ -45,6 +45,9 @@ DEFAULT_GRACE_S = 3600.0
 # every object as this much younger than its Last-Modified says.
 CLOCK_SLACK_S = 2.0
 GC_LEASE_PREFIX = "locks/gc-"
+# The keys of the conditional-writes probe (ObjectStoreBackend.check_conditional_writes), at the
+# root of the registry: one is left behind only by a process killed while probing.
+PROBE_PREFIX = ".probe-"
 # An operation retried from the start when an object it named vanished (a gc that listed it
 # before it was refreshed deleted it), before giving up.
 MAX_ATTEMPTS = 3
