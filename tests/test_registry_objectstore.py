@@ -7,6 +7,7 @@ of refs, gc's grace period: specs/format.md §9.2)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 
@@ -18,7 +19,8 @@ from deltastore import Registry
 from deltastore.catalog import Catalog
 from deltastore.errors import AlreadyExistsError, ConditionalWritesError, InvalidInputError
 from deltastore.storage.objectstore import ObjectStoreBackend
-from deltastore.storage.writes import CLOCK_SLACK_S
+from deltastore.storage.objects import object_key
+from deltastore.storage.writes import CLOCK_SLACK_S, GC_LEASE_PREFIX, GraceExceededError
 from deltastore_cli.main import cli
 
 
@@ -76,7 +78,10 @@ def test_the_cli_takes_a_url(local, url):
 
 
 def _bucket_url(s3_env) -> str:
-    return f"s3://{s3_env.bucket}/registry-{uuid.uuid4().hex}"
+    """A fresh prefix of the test bucket (the probe's put creates the bucket on a fresh server)."""
+    url = f"s3://{s3_env.bucket}/registry-{uuid.uuid4().hex}"
+    ObjectStoreBackend(url)
+    return url
 
 
 def test_a_registry_is_created_and_written_in_a_bucket(example, s3_env):
@@ -148,3 +153,53 @@ def test_copy_into_a_bucket_and_back(local, s3_env, tmp_path):
     for version in (1, 2):
         got, want = Registry(tmp_path / "back").materialize("qa", version), local.materialize("qa", version)
         assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+# -- the grace-period protocol (specs/format.md §9.2 rule 5) ---------------------------------
+@pytest.fixture
+def bucket_registry(local, s3_env):
+    """A bucket copy of ``local`` opened for writing, and its URL."""
+    url = _bucket_url(s3_env)
+    local.copy_to(url, progress=False)
+    return Registry(url), url
+
+
+def test_a_commit_refreshes_an_old_object_it_reuses(example, bucket_registry):
+    """Re-committing a finetune reuses every object of its earlier version: older than half
+    the grace period, each is written again (its Last-Modified moves), so a gc that started
+    before cannot take it; younger ones are left alone."""
+    remote, url = bucket_registry
+    backend = ObjectStoreBackend(url, check_writes=False)
+    _, record = remote.version("qa", 1)
+    config, array = object_key("blobs", record.files["config.json"]), object_key("arrays", next(iter(
+        record.array_hashes())))
+    old = backend.modified(config), backend.modified(array)
+    remote.writes.grace = 5.0  # objects older than 2.5 s are refreshed
+    time.sleep(2.6)
+    remote.commit("again", list(example.finetunes.values())[0], base="all", progress=False)
+    assert backend.modified(config) > old[0] and backend.modified(array) > old[1]
+    fresh = backend.modified(config)
+    remote.writes.grace = 3600.0
+    remote.commit("again", list(example.finetunes.values())[0], base="all", progress=False)
+    assert backend.modified(config) == fresh  # young enough: reused as it is
+
+
+def test_a_write_past_half_the_grace_period_publishes_nothing(example, bucket_registry):
+    remote, url = bucket_registry
+    before = remote.version_hashes("qa")
+    remote.writes.grace = 0.01
+    with pytest.raises(GraceExceededError, match="more than half the gc grace period"):
+        remote.commit("qa", list(example.finetunes.values())[2], progress=False)
+    assert Registry(url).version_hashes("qa") == before
+
+
+def test_a_commit_waits_for_a_gc_lease_taken_before_its_ref_update(example, bucket_registry):
+    """A gc that may have listed the registry before the commit refreshed its objects holds a
+    lease: the commit's ref update waits until the lease is gone."""
+    remote, url = bucket_registry
+    backend = ObjectStoreBackend(url, check_writes=False)
+    backend.put(f"{GC_LEASE_PREFIX}test", b"")
+    threading.Timer(1.5, lambda: backend.delete(f"{GC_LEASE_PREFIX}test")).start()
+    began = time.monotonic()
+    remote.commit("waited", list(example.finetunes.values())[2], progress=False)
+    assert time.monotonic() - began >= 1.5 and backend.modified(f"{GC_LEASE_PREFIX}test") is None
