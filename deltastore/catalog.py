@@ -129,7 +129,8 @@ def open_location(path: str | os.PathLike) -> tuple[str | Path, Backend, ObjectS
         objects = ObjectStore(backend)
         return url, backend, objects, GraceWrites(backend, objects)
     backend = LocalBackend(path)
-    return Path(path), backend, ObjectStore(backend), LockedWrites(backend)
+    objects = ObjectStore(backend)
+    return Path(path), backend, objects, LockedWrites(backend, objects)
 
 
 class Catalog:

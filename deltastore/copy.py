@@ -111,7 +111,7 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike, tasks: Iterable[str] | 
         backend.delete(txn)
         return result
 
-    return writes.run(dest, write)
+    return writes.run(write)
 
 
 def _forwarded(where: Any, key: str, data: bytes | None, want: TaskRef) -> bytes:

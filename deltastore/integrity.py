@@ -170,10 +170,8 @@ def gc(registry: "Registry", *, grace: float | None = None) -> dict[str, int]:
     removed = {"arrays": 0, "blobs": 0, "records": 0, "staging": 0, "bytes": 0, "deferred": 0}
     backend = registry.backend
     grace = registry.writes.default_grace if grace is None else float(grace)
-    if not grace >= 0 or (grace == 0 and registry.writes.default_grace > 0):
-        raise InvalidInputError(f"{registry.path}: gc grace period {grace} s: expected a number of seconds, at least 0 "
-                                "on a local folder and more than 0 on an object store (where it keeps what writers "
-                                "beside gc are writing)")
+    if not grace >= 0 or grace == float("inf"):
+        raise InvalidInputError(f"{registry.path}: gc grace period {grace} s: expected a number of seconds, at least 0")
     # A folder: the exclusive registry lock, so no write is in flight. An object store: a
     # lease, and only what is older than the grace period may go (storage/writes.py).
     with registry.writes.collecting(grace) as run:
@@ -181,7 +179,8 @@ def gc(registry: "Registry", *, grace: float | None = None) -> dict[str, int]:
         # replaced by a file, a symlink out of the registry) raises here, with nothing removed.
         stored = {(kind, d) for kind, names in registry.objects.all_objects().items() for d in names}
         modified: dict[tuple[str, str], float] = {}
-        for key, when in backend.list_modified("objects"):
+        object_keys = backend.list_modified("objects")
+        for key, when in object_keys:
             parts = key.split("/")
             if len(parts) >= 4:
                 obj = (parts[1], parts[2] + parts[3])
@@ -204,7 +203,7 @@ def gc(registry: "Registry", *, grace: float | None = None) -> dict[str, int]:
             txn = "/".join(key.split("/")[:2])
             staged_at[txn] = max(when, staged_at.get(txn, when))
         staged = [txn for txn, when in sorted(staged_at.items()) if run.old(when)]
-        temps = [key for key in backend.list("refs") + backend.list("objects") + backend.children("")
+        temps = [key for key in backend.list("refs") + [k for k, _ in object_keys] + backend.children("")
                  if key.rsplit("/", 1)[-1].startswith(".") and key.endswith(".tmp")]  # a killed atomic put
         leases = [key for key, when in backend.list_modified("locks")
                   if key.startswith(GC_LEASE_PREFIX) and when < run.started - 2 * grace]

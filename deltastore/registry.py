@@ -52,7 +52,8 @@ class Registry(Catalog):
             raise AlreadyExistsError(f"{where}: a registry already exists here; open it instead of running init")
         # What a killed init leaves (it writes registry.msgpack last) may be initialized over.
         if not all(map(init_leftover, backend.children(""))):
-            raise AlreadyExistsError(f"{where}: directory is not empty; give a new or empty directory")
+            raise AlreadyExistsError(f"{where}: directory is not empty; give a new or empty directory (or bucket "
+                                     "prefix)")
         source = open_source(reference)
         if not source.names():
             raise InvalidInputError(f"{source.label}: the reference holds no tensors")
@@ -78,7 +79,7 @@ class Registry(Catalog):
             backend.put(INFO_KEY, pack(info.to_dict()))
             backend.delete(txn)
 
-        writes.run(objects, write)
+        writes.run(write)
         return cls(path)
 
     # -- base vectors -----------------------------------------------------------------------
@@ -101,6 +102,7 @@ class Registry(Catalog):
         for source, plan in zip(sources, plans):
             for ref_name in lossy:
                 check_finite(source, plan.lossy_ref[ref_name], source.get(plan.lossy_ref[ref_name]))
+
         def write(attempt: Attempt) -> BaseRecord:
             txn = self.objects.new_txn()
             tensors = {}
@@ -125,7 +127,7 @@ class Registry(Catalog):
             self.backend.delete(txn)
             return record
 
-        return self.writes.run(self.objects, write)
+        return self.writes.run(write)
 
     def remove_base(self, name: str) -> str:
         """Drop base vector ``name`` from the refs; its objects stay until the next :meth:`gc`.
@@ -141,8 +143,8 @@ class Registry(Catalog):
             raise InvalidInputError(f"base vector {name!r} is used by {shown}; remove those versions first "
                                     "(`deltastore rm`), then the base vector")
         digest, _ = self.base(name)
-        # Under the registry lock on a folder, so a gc never sees a half-done ref deletion.
-        self.writes.run(self.objects, lambda attempt: self.backend.delete(f"refs/bases/{name}"))
+        # A writer like any other (on a folder, under the shared registry lock).
+        self.writes.run(lambda attempt: self.backend.delete(f"refs/bases/{name}"))
         return digest
 
     # -- commit -----------------------------------------------------------------------------
@@ -271,7 +273,7 @@ class Registry(Catalog):
             self.backend.delete(txn)
             return made[0]
 
-        return self.writes.run(self.objects, write)
+        return self.writes.run(write)
 
     def remove(self, task: str, version: int | None = None) -> list[int]:
         """Drop one version (or, with ``version=None``, the whole task) from the refs;
@@ -282,7 +284,6 @@ class Registry(Catalog):
         """
         one_version = "@" in task
         task, version = split_spec(task, version)
-        self.version_hashes(task)  # a task without versions is NotFoundError, named
         removed: list[int] = []
 
         def drop(ref: TaskRef) -> TaskRef:
@@ -297,7 +298,7 @@ class Registry(Catalog):
 
         # A writer like any other: on a folder under the shared registry lock, so gc cannot
         # collect the temp file of the ref update before it is renamed into place.
-        self.writes.run(self.objects, lambda attempt: self._update_task_ref(task, drop))
+        self.writes.run(lambda attempt: self._update_task_ref(task, drop))
         return removed
 
     # -- materialize ------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from deltastore.catalog import Catalog
 from deltastore.errors import AlreadyExistsError, ConditionalWritesError, InvalidInputError
 from deltastore.storage.objectstore import ObjectStoreBackend
 from deltastore.storage.objects import object_key
-from deltastore.storage.writes import CLOCK_SLACK_S, GC_LEASE_PREFIX, GraceExceededError
+from deltastore.storage.writes import CLOCK_SLACK_S, GC_LEASE_PREFIX, GRACE_VARIABLE, GraceExceededError
 from deltastore_cli.main import cli
 
 
@@ -84,7 +84,7 @@ def _bucket_url(s3_env) -> str:
     return url
 
 
-def test_a_registry_is_created_and_written_in_a_bucket(example, s3_env):
+def test_a_registry_is_created_and_written_in_a_bucket(example, s3_env, monkeypatch):
     """init, base build, commit, rm, base rm and gc on s3://, each read back; the registry verifies."""
     url = _bucket_url(s3_env)
     remote = Registry.init(url, example.reference, progress=False)
@@ -103,20 +103,28 @@ def test_a_registry_is_created_and_written_in_a_bucket(example, s3_env):
     # Nothing is old enough for the default grace period (an hour): gc keeps it all.
     assert remote.gc()["records"] == 0
     time.sleep(1.0 + CLOCK_SLACK_S + 0.5)  # older than a grace of 1 s, by what gc allows clocks to differ
-    removed = Registry(url).gc(grace=1.0)
+    monkeypatch.setenv(GRACE_VARIABLE, "1")  # what writers and gc of the registry agree on
+    removed = Registry(url).gc()
     assert removed["records"] >= 2 and removed["arrays"] > 0 and removed["deferred"] == 0
     assert remote.verify() == [] and remote.commit("qa", finetunes[2], progress=False).version == 3
     keys = ObjectStoreBackend(url).list("")
     assert not [k for k in keys if k.startswith(("staging/", "locks/"))], keys
 
 
-def test_init_refuses_a_used_prefix_and_gc_a_grace_of_zero(example, url):
+def test_init_refuses_a_used_prefix_and_gc_a_grace_shorter_than_the_writers(example, url, monkeypatch):
+    """gc with a shorter grace period than writers work within could delete what a commit in
+    flight is about to name: refused, before anything is deleted."""
     with pytest.raises(AlreadyExistsError, match="already exists"):
         Registry.init(url, example.reference)
-    with pytest.raises(InvalidInputError, match="more than 0 on an object store"):
-        Registry(url).gc(grace=0)
+    with pytest.raises(InvalidInputError, match=r"grace period 60 s is shorter than .* \(3600 s, DELTASTORE_GC_GRACE"):
+        Registry(url).gc(grace=60)
     refused = CliRunner().invoke(cli, ["gc", url, "--grace", "0"])
-    assert refused.exit_code == 1 and "more than 0 on an object store" in refused.output
+    assert refused.exit_code == 1 and "is shorter than the one writers" in refused.output
+    monkeypatch.setenv(GRACE_VARIABLE, "0")
+    with pytest.raises(InvalidInputError, match="DELTASTORE_GC_GRACE='0': expected a number of seconds greater than 0"):
+        Registry(url).gc()
+    monkeypatch.setenv(GRACE_VARIABLE, "7200")
+    assert Registry(url).gc()["records"] == 0  # a longer grace, set for writers and gc alike
     kept = CliRunner().invoke(cli, ["gc", url, "--json"])  # the default grace: everything here is younger
     assert kept.exit_code == 0 and json.loads(kept.output)["records"] == 0
 

@@ -662,8 +662,9 @@ def verify(ctx: click.Context, registry: Path, as_json: bool) -> None:
 @cli.command()
 @registry_arg
 @click.option("--grace", type=float, default=None, metavar="SECONDS",
-              help="keep what was written less than SECONDS ago (default: 0 on a folder, which gc locks; "
-                   "3600 on an object store, where writers beside gc rely on it)")
+              help="keep what was written less than SECONDS ago (default: 0 on a folder, which gc locks; on "
+                   "an object store $DELTASTORE_GC_GRACE or 3600, the period writers beside gc keep within, "
+                   "which --grace may only lengthen)")
 @json_option
 def gc(registry: Path, grace: float | None, as_json: bool) -> None:
     """Delete objects no task, base or reference uses, and leftovers of killed commits."""

@@ -27,7 +27,8 @@ What a backend MUST provide to keep docs/guarantees.md and specs/format.md §9:
   a folder's place makes :meth:`children`, :meth:`list` and :meth:`prefix_exists` raise
   :class:`~deltastore.errors.CorruptObjectError` (gc would otherwise delete what it protects).
 
-Locks are not part of the protocol (an object store has none): see ``storage/locks.py``.
+Locks are not part of the protocol (an object store has none): how writers and gc keep out of
+each other's way on each kind of backend is ``storage/writes.py``.
 
 Why a ``typing.Protocol`` and not an ABC: the backends share no code to inherit (a local
 folder and an object store do every operation differently), so the protocol is a contract

@@ -23,13 +23,14 @@ Ref updates are the same for both: compare-and-swap (``Backend.put_if_version``)
 
 from __future__ import annotations
 
+import os
 import random
 import time
 import uuid
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
-from ..errors import DeltastoreError, LockTimeoutError
+from ..errors import DeltastoreError, InvalidInputError, LockTimeoutError, NotFoundError
 from .locks import FileLocks
 
 if TYPE_CHECKING:
@@ -39,8 +40,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 # The default grace period of gc on an object store: an operation that writes must publish its
-# ref within half of it. An hour covers a commit of a 70B model on a slow link.
+# ref within half of it. An hour covers a commit of a 70B model on a slow link. Writers and gc
+# of one registry must agree on it: the variable sets it for every process that reads it.
 DEFAULT_GRACE_S = 3600.0
+GRACE_VARIABLE = "DELTASTORE_GC_GRACE"
 # What clocks may disagree by (writers, gc and the store; S3 keeps whole seconds). gc treats
 # every object as this much younger than its Last-Modified says.
 CLOCK_SLACK_S = 2.0
@@ -91,18 +94,18 @@ class LockedWrites:
 
     default_grace = 0.0  # gc holds the registry exclusively: nothing is in flight beside it
 
-    def __init__(self, backend: "Backend"):
+    def __init__(self, backend: "Backend", objects: "ObjectStore"):
         self.locks = FileLocks(backend.root)
+        self.objects = objects
 
-    def run(self, objects: "ObjectStore", operation: Callable[[Attempt], T]) -> T:
+    def run(self, operation: Callable[[Attempt], T]) -> T:
         """Run a write ``operation`` under the shared registry lock."""
         with self.locks.hold("registry", shared=True):
-            attempt = Attempt()
-            objects.attempt = attempt
+            self.objects.attempt = Attempt()
             try:
-                return operation(attempt)
+                return operation(self.objects.attempt)
             finally:
-                objects.attempt = None
+                self.objects.attempt = None
 
     @contextmanager
     def collecting(self, grace: float) -> Iterator["Collection"]:
@@ -110,32 +113,49 @@ class LockedWrites:
             yield Collection(time.time(), grace, None)
 
 
+def configured_grace() -> float:
+    """The grace period writers and gc on an object store work with: ``$DELTASTORE_GC_GRACE``
+    seconds, or DEFAULT_GRACE_S."""
+    value = os.environ.get(GRACE_VARIABLE)
+    if value is None:
+        return DEFAULT_GRACE_S
+    try:
+        grace = float(value)
+    except ValueError:
+        grace = float("nan")
+    if not grace > 0 or grace == float("inf"):
+        raise InvalidInputError(f"{GRACE_VARIABLE}={value!r}: expected a number of seconds greater than 0")
+    return grace
+
+
 class GraceWrites:
-    """An object store: no lock; the grace-period protocol of specs/format.md §9.2."""
+    """An object store: no lock; the grace-period protocol of specs/format.md §9.2. ``grace``:
+    the period this process's writes keep within, and the shortest its gc accepts."""
 
-    default_grace = DEFAULT_GRACE_S
-
-    def __init__(self, backend: "Backend", objects: "ObjectStore", grace: float = DEFAULT_GRACE_S):
+    def __init__(self, backend: "Backend", objects: "ObjectStore", grace: float | None = None):
         self.backend = backend
         self.objects = objects
-        self.grace = grace
+        self.grace = configured_grace() if grace is None else grace
         self._probed = False
 
-    def run(self, objects: "ObjectStore", operation: Callable[[Attempt], T]) -> T:
+    @property
+    def default_grace(self) -> float:
+        return self.grace
+
+    def run(self, operation: Callable[[Attempt], T]) -> T:
         """Run a write ``operation``, again from the start when an object it named vanished."""
         if not self._probed:  # conditional writes are checked before the first write (§9.2 rule 1)
             self.backend.check_conditional_writes()
             self._probed = True
         for attempt_number in range(1, MAX_ATTEMPTS + 1):
-            attempt = Attempt(self._settle, self.grace)
-            objects.attempt = attempt
+            self.objects.attempt = Attempt(self._settle, self.grace)
             try:
-                return operation(attempt)
+                return operation(self.objects.attempt)
             except ObjectVanishedError:
                 if attempt_number == MAX_ATTEMPTS:
                     raise
             finally:
-                objects.attempt = None
+                self.objects.attempt = None
         raise AssertionError("unreachable")
 
     def _settle(self, attempt: Attempt, extra: Iterable[tuple[str, str]]) -> None:
@@ -150,27 +170,40 @@ class GraceWrites:
         if time.time() > attempt.deadline:
             raise GraceExceededError(
                 f"{self.backend.root}: this write ran for {time.time() - attempt.started:.0f} s, more than half the gc "
-                f"grace period ({self.grace:.0f} s): a gc may have deleted what it wrote, so nothing was published; "
-                "run it again (or run gc with a longer --grace)")
+                f"grace period ({self.grace:g} s): a gc may have deleted what it wrote, so nothing was published; "
+                f"run it again (or set a longer {GRACE_VARIABLE} for every writer and gc of the registry)")
 
     def _wait_for_gc(self) -> None:
-        """Until every gc lease taken before now has ended (its key deleted) or expired: a gc
-        that listed the registry before this write refreshed its objects may still delete them."""
-        for key, taken in self.backend.list_modified("locks"):
+        """Until every gc lease taken before now has ended (its key deleted) or expired (the
+        time it holds): a gc that listed the registry before this write refreshed its objects
+        may still delete them."""
+        for key in self.backend.list("locks"):
             if key.startswith(GC_LEASE_PREFIX):
-                expires = taken + lease_length(self.grace) + CLOCK_SLACK_S
+                try:
+                    expires = float(self.backend.get(key, limit=64)) + CLOCK_SLACK_S
+                except NotFoundError:
+                    continue  # that gc has ended
+                except (ValueError, DeltastoreError):  # not a lease deltastore wrote: wait its longest
+                    expires = time.time() + lease_length(self.grace)
                 while time.time() < expires and self.backend.modified(key) is not None:
                     time.sleep(0.05)
 
     @contextmanager
     def collecting(self, grace: float) -> Iterator["Collection"]:
-        """A gc lease: its key exists while gc deletes; gc stops deleting a quarter of the grace
-        period after it started (writers wait for it that long at most)."""
+        """A gc lease: its key, holding the time gc stops deleting (a quarter of the grace
+        period after it started), exists while gc deletes; writers wait for it until then."""
+        if grace < self.grace:
+            raise InvalidInputError(
+                f"{self.backend.root}: gc grace period {grace:g} s is shorter than the one writers of this registry "
+                f"work within ({self.grace:g} s, {GRACE_VARIABLE} or its default): gc could delete what a commit in "
+                f"flight is about to name. Give a longer --grace, or set {GRACE_VARIABLE} alike for every writer "
+                "and gc of the registry")
         started = time.time()
+        deadline = started + lease_length(grace)
         lease = f"{GC_LEASE_PREFIX}{uuid.uuid4().hex}"
-        self.backend.put(lease, b"")
+        self.backend.put(lease, repr(deadline).encode())
         try:
-            yield Collection(started, grace, started + lease_length(grace))
+            yield Collection(started, grace, deadline)
         finally:
             self.backend.delete(lease)
 

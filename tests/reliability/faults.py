@@ -101,16 +101,18 @@ def run_op(op: str, registry: str, tiny_root: str) -> None:
 
 def collect(reg) -> dict:
     """gc of everything unreachable, now: on a folder the default; on an object store (where a
-    grace period is required) a grace of 1 ms and no clock slack (one machine, and the store's
-    whole-second Last-Modified only makes objects look older)."""
+    grace period is required) a grace of 1 ms, which this registry's writers then keep too, and
+    no clock slack (one machine, and the store's whole-second Last-Modified only makes objects
+    look older)."""
     from deltastore.catalog import is_url
     from deltastore.storage import writes
 
     if not is_url(reg.path):
         return reg.gc()
     slack, writes.CLOCK_SLACK_S = writes.CLOCK_SLACK_S, 0.0
+    reg.writes.grace = 0.001
     try:
-        return reg.gc(grace=0.001)
+        return reg.gc()
     finally:
         writes.CLOCK_SLACK_S = slack
 
@@ -197,16 +199,16 @@ def churn_child(registry: str, tiny_root: str, task: str, rounds: int, start: fl
     os._exit(EXIT_DONE)
 
 
-def gc_child(registry: str, stop_file: str, runs_file: str, grace: float | None = None) -> None:
-    """Run gc (with ``grace``) in a loop until ``stop_file`` exists; write the number of runs
-    and of objects deleted to ``runs_file``."""
+def gc_child(registry: str, stop_file: str, runs_file: str) -> None:
+    """Run gc in a loop until ``stop_file`` exists; write the number of runs and of objects
+    deleted to ``runs_file``."""
     _quiet_child()
     from deltastore import Registry
 
     reg = Registry(registry)
     runs = deleted = 0
     while not os.path.exists(stop_file):
-        removed = reg.gc(grace=grace)
+        removed = reg.gc()
         deleted += removed["arrays"] + removed["blobs"] + removed["records"]
         runs += 1
     Path(runs_file).write_text(f"{runs} {deleted}")

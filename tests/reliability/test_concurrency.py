@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 from deltastore import Registry
+from deltastore.storage.writes import GRACE_VARIABLE
 
 from . import faults
 from .helpers import CLEAN, leftovers, state_hash
@@ -91,13 +92,13 @@ def test_gc_beside_commits_deletes_nothing_in_use(tiny, tiny_registry, tmp_path,
     path = where.place(tiny_registry.path)
     stop, runs = tmp_path / "stop", tmp_path / "runs"
     start = time.time() + 1.0
-    grace, pause = (None, 0.0) if where.kind == "local" else (GRACE_S, 0.6 * GRACE_S)
-    gc = ctx.Process(target=faults.with_env, args=(where.env, "gc_child", str(path), str(stop), str(runs), grace),
-                     name="gc")
-    writers = [ctx.Process(target=faults.with_env, args=(where.env, "commit_child", str(path), str(tiny.root), "busy",
+    # Writers and gc agree on the grace period through the environment, as deployments do.
+    env, pause = ({}, 0.0) if where.kind == "local" else ({**where.env, GRACE_VARIABLE: str(GRACE_S)}, 0.6 * GRACE_S)
+    gc = ctx.Process(target=faults.with_env, args=(env, "gc_child", str(path), str(stop), str(runs)), name="gc")
+    writers = [ctx.Process(target=faults.with_env, args=(env, "commit_child", str(path), str(tiny.root), "busy",
                                                          ["c", "b", "a"], f"busy{i}", start), name=f"busy{i}")
                for i in range(2)]
-    churn = ctx.Process(target=faults.with_env, args=(where.env, "churn_child", str(path), str(tiny.root), "churn", 6,
+    churn = ctx.Process(target=faults.with_env, args=(env, "churn_child", str(path), str(tiny.root), "churn", 6,
                                                       start, pause), name="churn")
     gc.start()
     _start_all(writers + [churn])
