@@ -30,7 +30,8 @@ import uuid
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
-from ..errors import DeltastoreError, InvalidInputError, LockTimeoutError, NotFoundError
+from ..errors import (DeltastoreError, GraceExceededError, InvalidInputError, LockTimeoutError, NotFoundError,
+                      ObjectVanishedError)
 from .locks import FileLocks
 
 if TYPE_CHECKING:
@@ -57,16 +58,6 @@ MAX_ATTEMPTS = 3
 MAX_REF_RETRIES = 1000  # each conflict means another writer's update landed: progress
 
 
-class ObjectVanishedError(DeltastoreError, OSError):
-    """An object an operation named disappeared before its ref was published (a concurrent gc):
-    the operation is run again from the start, and fails with this after MAX_ATTEMPTS."""
-
-
-class GraceExceededError(DeltastoreError, TimeoutError):
-    """A write on an object store ran longer than half gc's grace period: publishing its ref
-    now could name objects a gc has already deleted, so nothing is published."""
-
-
 class Attempt:
     """One try of a write operation: the objects it wrote or reused, and, on an object store,
     which objects it must refresh and until when it may publish."""
@@ -78,7 +69,7 @@ class Attempt:
         self.fresh_after = None if grace is None else self.started - grace / 2
         self.deadline = None if grace is None else self.started + grace / 2
         self.objects: set[tuple[str, str]] = set()
-        self._checked: set[tuple[str, str]] = set()
+        self.checked: set[tuple[str, str]] = set()  # re-checked already (settle checks the rest)
         self._settle = settle
 
     def settle(self, extra: Iterable[tuple[str, str]] = ()) -> None:
@@ -135,8 +126,19 @@ class GraceWrites:
     def __init__(self, backend: "Backend", objects: "ObjectStore", grace: float | None = None):
         self.backend = backend
         self.objects = objects
-        self.grace = configured_grace() if grace is None else grace
+        self._grace = grace
         self._probed = False
+
+    @property
+    def grace(self) -> float:
+        """Read from the environment when first needed (a read-only command never needs it)."""
+        if self._grace is None:
+            self._grace = configured_grace()
+        return self._grace
+
+    @grace.setter
+    def grace(self, seconds: float) -> None:
+        self._grace = seconds
 
     @property
     def default_grace(self) -> float:
@@ -147,26 +149,27 @@ class GraceWrites:
         if not self._probed:  # conditional writes are checked before the first write (§9.2 rule 1)
             self.backend.check_conditional_writes()
             self._probed = True
-        for attempt_number in range(1, MAX_ATTEMPTS + 1):
+        tries = 0
+        while True:
+            tries += 1
             self.objects.attempt = Attempt(self._settle, self.grace)
             try:
                 return operation(self.objects.attempt)
             except ObjectVanishedError:
-                if attempt_number == MAX_ATTEMPTS:
+                if tries == MAX_ATTEMPTS:
                     raise
             finally:
                 self.objects.attempt = None
-        raise AssertionError("unreachable")
 
     def _settle(self, attempt: Attempt, extra: Iterable[tuple[str, str]]) -> None:
         for kind, digest in extra:
             self.objects.keep(kind, digest)
         self._wait_for_gc()
-        for obj in sorted(attempt.objects - attempt._checked):
+        for obj in sorted(attempt.objects - attempt.checked):
             if not self.objects.complete(*obj):
                 raise ObjectVanishedError(f"{self.backend.root}: {obj[0][:-1]} {obj[1][:12]} vanished before the ref "
                                           "naming it was published (a gc running beside this write)")
-            attempt._checked.add(obj)
+            attempt.checked.add(obj)
         if time.time() > attempt.deadline:
             raise GraceExceededError(
                 f"{self.backend.root}: this write ran for {time.time() - attempt.started:.0f} s, more than half the gc "
