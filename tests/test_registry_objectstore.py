@@ -164,12 +164,23 @@ def test_copy_into_a_bucket_and_back(local, s3_env, tmp_path):
 
 
 # -- the grace-period protocol (specs/format.md §9.2 rule 5) ---------------------------------
+@pytest.fixture(scope="module")
+def bucket_copy(local, s3):
+    """One bucket copy of ``local`` for the module (copying it costs seconds); the tests below
+    add tasks of their own names to it, and leave ``qa`` as it is."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in s3.env.items():
+            patch.setenv(name, value)
+        url = _bucket_url(s3)
+        local.copy_to(url, progress=False)
+    return url
+
+
 @pytest.fixture
-def bucket_registry(local, s3_env):
-    """A bucket copy of ``local`` opened for writing, and its URL."""
-    url = _bucket_url(s3_env)
-    local.copy_to(url, progress=False)
-    return Registry(url), url
+def bucket_registry(bucket_copy, s3_env):
+    """The bucket copy opened for writing (a Registry of its own: tests set its grace period),
+    and its URL."""
+    return Registry(bucket_copy), bucket_copy
 
 
 def test_a_commit_refreshes_an_old_object_it_reuses(example, bucket_registry):
@@ -206,7 +217,7 @@ def test_a_commit_waits_for_a_gc_lease_taken_before_its_ref_update(example, buck
     lease: the commit's ref update waits until the lease is gone."""
     remote, url = bucket_registry
     backend = ObjectStoreBackend(url, check_writes=False)
-    backend.put(f"{GC_LEASE_PREFIX}test", b"")
+    backend.put(f"{GC_LEASE_PREFIX}test", repr(time.time() + 60).encode())  # a gc deleting for another minute
     threading.Timer(1.5, lambda: backend.delete(f"{GC_LEASE_PREFIX}test")).start()
     began = time.monotonic()
     remote.commit("waited", list(example.finetunes.values())[2], progress=False)
