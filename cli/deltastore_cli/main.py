@@ -685,7 +685,8 @@ def copy_cmd(ctx: click.Context, src: Path, dst: Path, tasks: tuple[str, ...], a
 
     Like `git push`: only the objects DST lacks are sent, each checked against its hash; refs
     are written last, so an interrupted copy changes no ref and running it again resumes it.
-    Task refs only fast-forward. DST is a registry of the same reference, or a new folder."""
+    Task refs only fast-forward. DST (a folder or a URL) is a registry of the same reference, or a
+    new or empty location."""
     from deltastore.copy import copy
 
     _remember(dst)

@@ -94,7 +94,7 @@ def test_gc_beside_commits_deletes_nothing_in_use(tiny, tiny_registry, tmp_path,
     stop, runs = tmp_path / "stop", tmp_path / "runs"
     start = time.time() + 1.0
     # Writers and gc agree on the grace period through the environment, as deployments do.
-    env, pause = ({}, 0.0) if where.kind == "local" else ({**where.env, GRACE_VARIABLE: str(GRACE_S)}, 0.5 * GRACE_S)
+    env, pause = ({}, 0.0) if where.kind == "local" else ({**where.env, GRACE_VARIABLE: str(GRACE_S)}, 0.4 * GRACE_S)
     gc = ctx.Process(target=faults.with_env, args=(env, "gc_child", str(path), str(stop), str(runs)), name="gc")
     writers = [ctx.Process(target=faults.with_env, args=(env, "commit_child", str(path), str(tiny.root), "busy",
                                                          ["c", "b", "a"], f"busy{i}", start), name=f"busy{i}")
