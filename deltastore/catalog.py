@@ -16,8 +16,9 @@ from typing import Any
 
 from .errors import CorruptObjectError, DeltastoreError, InvalidInputError, NotFoundError
 from .storage.backend import LocalBackend
-from .storage.locks import FileLocks, ObjectStoreLocks
 from .storage.objects import ObjectStore
+from .storage.protocol import Backend
+from .storage.writes import PROBE_PREFIX, GraceWrites, LockedWrites
 from .storage.records import BaseRecord, PointerRef, ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, unpack
 
 INFO_KEY = "registry.msgpack"
@@ -34,6 +35,12 @@ def utc_now() -> str:
 def _killed_put(name: str, key: str) -> bool:
     """Is ``name`` the temp file of an atomic put of ``key`` that was killed (LocalBackend.put)?"""
     return name.startswith(f".{key}.") and name.endswith(".tmp")
+
+
+def init_leftover(name: str) -> bool:
+    """Is ``name``, at the root of a location without registry.msgpack, what a killed ``init``
+    (or ``copy`` into a new registry) may have left, which the next one may write over?"""
+    return name in INIT_LEFTOVERS or _killed_put(name, INFO_KEY) or name.startswith(PROBE_PREFIX)
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -107,26 +114,30 @@ class VersionStats:
             "ratio_fp16_amortized": self.source_fp16_bytes / amortized if amortized else None,
         }
 
+def open_location(path: str | os.PathLike) -> tuple[str | Path, Backend, ObjectStore, LockedWrites | GraceWrites]:
+    """``(path, backend, objects, writes)`` of the registry at ``path``, a folder or an
+    object-store URL: the one place that picks the backend. The code above it reaches bytes
+    through the Backend protocol, and keeps out of gc's way through ``writes``
+    (storage/writes.py: ``flock`` on a folder, gc's grace period on an object store)."""
+    if is_url(path):
+        from .storage.objectstore import ObjectStoreBackend
+
+        url = str(path).rstrip("/")
+        # No probe of conditional writes yet: reading needs none (and read-only credentials
+        # suffice); GraceWrites probes before the first write.
+        backend: Backend = ObjectStoreBackend(url, check_writes=False)
+        objects = ObjectStore(backend)
+        return url, backend, objects, GraceWrites(backend, objects)
+    backend = LocalBackend(path)
+    objects = ObjectStore(backend)
+    return Path(path), backend, objects, LockedWrites(backend, objects)
+
+
 class Catalog:
     """A registry directory opened for reading (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike):
-        # The one place that picks the backend: the code above it reaches bytes through the
-        # Backend protocol; the locks, which an object store has no equivalent of, are held
-        # next to the backend, not inside it (storage/locks.py).
-        if is_url(path):
-            from .storage.objectstore import ObjectStoreBackend
-
-            self.path = str(path).rstrip("/")
-            # Opened for reading: no probe of conditional writes (it writes, and read-only
-            # credentials are enough to read); every write is refused by its locks.
-            self.backend = ObjectStoreBackend(self.path, check_writes=False)
-            self.locks = ObjectStoreLocks(self.path)
-        else:
-            self.path = Path(path)
-            self.backend = LocalBackend(self.path)
-            self.locks = FileLocks(self.path)
-        self.objects = ObjectStore(self.backend)
+        self.path, self.backend, self.objects, self.writes = open_location(path)
         if not self.backend.exists(INFO_KEY):
             raise NotFoundError(
                 f"{self.path}: not a deltastore registry (no {INFO_KEY}); create one with `deltastore init`"

@@ -2,25 +2,24 @@
 
 Only the objects the destination lacks are transferred; each is read from the source with its
 hash checked and written through the destination's staged writes, which check the name again
-(:meth:`ObjectStore.copy_from`). Refs are written last, under the destination's ``refs`` lock,
-once every object they reach is there (specs/format.md §9 invariant 3): a killed copy leaves
-the destination's refs as they were, and running it again resumes it (what is there is skipped).
+(:meth:`ObjectStore.copy_from`). Refs are written last, by compare-and-swap, once every object
+they reach is there (specs/format.md §9 invariant 3; on an object store after the re-check of
+§9.2): a killed copy leaves the destination's refs as they were, and running it again resumes
+it (what is there is skipped). The destination is a folder or an object-store URL.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Iterable
 
-from .catalog import INFO_KEY, INIT_LEFTOVERS, REFERENCE_REF, Catalog, _killed_put, check_name, is_url, utc_now
+from .catalog import INFO_KEY, REFERENCE_REF, Catalog, check_name, init_leftover, open_location, utc_now
 from .errors import AlreadyExistsError, InvalidInputError
 from .integrity import _reachable
 from .progress import progress as _progress
-from .storage.backend import LocalBackend
-from .storage.locks import FileLocks
 from .storage.objects import ObjectStore
-from .storage.records import FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, PointerRef, RegistryInfo, TaskRef, pack
+from .storage.records import FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, PointerRef, RegistryInfo, TaskRef, pack, unpack
+from .storage.writes import Attempt, update_ref
 
 KINDS = ("arrays", "blobs", "records")  # records last: what they name is there before them
 
@@ -52,31 +51,25 @@ def _fast_forward(task: str, have: TaskRef, want: TaskRef, dst: Any) -> bool:
 def copy(src: str | os.PathLike, dst: str | os.PathLike, tasks: Iterable[str] | None = None, *,
          progress: bool | None = None) -> dict[str, Any]:
     """Copy ``tasks`` (default: every task, and every base vector) of registry ``src`` (a folder
-    or an object-store URL) into registry ``dst`` (a folder), with the base vectors and the
+    or an object-store URL) into registry ``dst`` (a folder or a URL), with the base vectors and the
     reference they need. ``dst`` must be a registry with the same reference, or a new or
     empty folder, which becomes one.
 
     Returns ``{"copied": {kind: n}, "skipped": {kind: n}, "bytes": n, "refs": [keys updated]}``."""
-    if is_url(dst):
-        raise InvalidInputError(f"{dst}: copying into an object store is not supported yet (a registry on an "
-                                "object store is read-only in this release); copy into a local folder, then "
-                                "copy that folder into the bucket key by key")
     source = Catalog(src)
-    root = Path(dst)
+    where, backend, dest, writes = open_location(dst)
     reference = source.reference_hash()
-    new = not (root / INFO_KEY).exists()
+    new = not backend.exists(INFO_KEY)
     if new:
-        if root.exists() and any(p.name not in INIT_LEFTOVERS and not _killed_put(p.name, INFO_KEY)
-                                 for p in root.iterdir()):
-            raise AlreadyExistsError(f"{root}: not a registry and not empty; copy into a registry with the same "
+        if not all(map(init_leftover, backend.children(""))):
+            raise AlreadyExistsError(f"{where}: not a registry and not empty; copy into a registry with the same "
                                      "reference, or into a new or empty folder")
-        root.mkdir(parents=True, exist_ok=True)
         target = None
     else:
-        target = Catalog(root)
+        target = Catalog(dst)
         if target.reference_hash() != reference:
             raise InvalidInputError(
-                f"{root}: its reference is record {target.reference_hash()[:12]}, the source's is {reference[:12]}; "
+                f"{where}: its reference is record {target.reference_hash()[:12]}, the source's is {reference[:12]}; "
                 "copy only between registries of one reference (or into a new folder)")
     wanted = source.tasks() if tasks is None else [check_name("task", t) for t in tasks]
     refs = {f"refs/tasks/{t}": TaskRef(source.version_hashes(t), source._task_ref(t).last_issued) for t in wanted}
@@ -85,16 +78,13 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike, tasks: Iterable[str] | 
         digest = source._pointer(f"refs/bases/{name}", f"{source.path}/refs/bases/{name}")
         if tasks is None or ("records", digest) in closure:
             refs[f"refs/bases/{name}"] = digest
-    backend = LocalBackend(root)
-    dest = ObjectStore(backend)
     if target is not None:
-        _check_refs(target, refs)  # refuse before transferring anything; checked again under the lock
-
-    result: dict[str, Any] = {"copied": dict.fromkeys(KINDS, 0), "skipped": dict.fromkeys(KINDS, 0), "bytes": 0,
-                              "refs": []}
+        _check_refs(target, refs)  # refuse before transferring anything; checked again at each ref update
     todo = sorted(closure, key=lambda obj: (KINDS.index(obj[0]), obj[1]))
-    locks = FileLocks(root)
-    with locks.hold("registry", shared=True):
+
+    def write(attempt: Attempt) -> dict[str, Any]:
+        result: dict[str, Any] = {"copied": dict.fromkeys(KINDS, 0), "skipped": dict.fromkeys(KINDS, 0),
+                                  "bytes": 0, "refs": []}
         txn = dest.new_txn()
         for kind, digest in _progress(todo, total=len(todo), desc="copy", enabled=progress, unit="object"):
             if _copy_object(source.objects, dest, kind, digest, txn):
@@ -102,28 +92,33 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike, tasks: Iterable[str] | 
                 result["bytes"] += dest.size(kind, digest)
             else:
                 result["skipped"][kind] += 1
-        with locks.hold("refs"):
-            if new:
-                backend.put(REFERENCE_REF, pack(PointerRef(reference).to_dict()))
-                result["refs"].append(REFERENCE_REF)
-                target = None
-            else:
-                target = Catalog(root)
-            changed = _check_refs(target, refs) if target is not None else list(refs)
-            for key in changed:
-                value = refs[key]
-                if isinstance(value, TaskRef):
-                    have = target._task_ref(key.split("/")[-1]) if target is not None else TaskRef([])
-                    value = TaskRef(value.versions, max(value.last_issued, have.last_issued))
-                    backend.put(key, pack(value.to_dict()))
-                else:
-                    backend.put(key, pack(PointerRef(value).to_dict()))
-                result["refs"].append(key)
-            if new:  # as init: the info file last, so a killed copy leaves no registry behind
-                info = RegistryInfo(FORMAT_NAME, (FORMAT_MAJOR, FORMAT_MINOR), utc_now())
-                backend.put(INFO_KEY, pack(info.to_dict()))
+        if new:
+            # No attempt.settle(): gc refuses a location without registry.msgpack.
+            backend.put(REFERENCE_REF, pack(PointerRef(reference).to_dict()))
+            result["refs"].append(REFERENCE_REF)
+        else:
+            attempt.settle()
+        for key in _check_refs(Catalog(dst), refs) if not new else list(refs):
+            value = refs[key]
+            if isinstance(value, TaskRef):
+                update_ref(backend, key, lambda data, key=key, value=value: _forwarded(where, key, data, value))
+            elif not backend.put_if_absent(key, pack(PointerRef(value).to_dict())):
+                _check_refs(Catalog(dst), {key: value})  # created meanwhile: the same one, or refused
+            result["refs"].append(key)
+        if new:  # as init: the info file last, so a killed copy leaves no registry behind
+            info = RegistryInfo(FORMAT_NAME, (FORMAT_MAJOR, FORMAT_MINOR), utc_now())
+            backend.put(INFO_KEY, pack(info.to_dict()))
         backend.delete(txn)
-    return result
+        return result
+
+    return writes.run(write)
+
+
+def _forwarded(where: Any, key: str, data: bytes | None, want: TaskRef) -> bytes:
+    """The new bytes of task ref ``key``, now ``data``, fast-forwarded to ``want`` (refused if not)."""
+    have = TaskRef.from_dict(unpack(data, f"{where}/{key}"), f"{where}/{key}") if data is not None else TaskRef([])
+    _fast_forward(key.split("/")[-1], have, want, where)
+    return pack(TaskRef(want.versions, max(want.last_issued, have.last_issued)).to_dict())
 
 
 def _check_refs(target: Catalog, refs: dict[str, Any]) -> list[str]:

@@ -56,3 +56,13 @@ class ConditionalWritesError(DeltastoreError, OSError):
 
 class LockTimeoutError(DeltastoreError, TimeoutError):
     """Another process holds the registry lock for longer than we are willing to wait."""
+
+
+class ObjectVanishedError(DeltastoreError, OSError):
+    """An object a write on an object store named disappeared before its ref was published (a
+    gc beside it): the write is run again from the start, and fails with this after 3 tries."""
+
+
+class GraceExceededError(DeltastoreError, TimeoutError):
+    """A write on an object store ran longer than half gc's grace period: publishing its ref
+    then could name objects a gc has already deleted, so nothing is published."""

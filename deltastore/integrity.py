@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import CorruptObjectError, DeltastoreError
+from .catalog import is_url
+from .errors import CorruptObjectError, DeltastoreError, InvalidInputError
 from .progress import progress
+from .storage.layout import ARRAY_METADATA
 from .storage.objects import object_key
 from .storage.records import BaseRecord, ReferenceRecord, TaskVersion, content_hash, unpack
+from .storage.writes import GC_LEASE_PREFIX
 
 if TYPE_CHECKING:
     from .catalog import Catalog
@@ -30,12 +33,14 @@ def _checked(digest: str) -> str:
     return digest
 
 
-def _reachable(registry: "Catalog", problems: list[dict[str, str]] | None = None, tasks: list[str] | None = None):
+def _reachable(registry: "Catalog", problems: list[dict[str, str]] | None = None, tasks: list[str] | None = None,
+               records: list[tuple[str, str, type]] = ()):
     """Objects reachable from the refs, by kind, and for each object who uses it.
 
     With ``problems`` given, unreadable refs and records are reported there instead of raised.
     With ``tasks`` given, only the reference and those tasks are roots (not the base refs):
-    the closure one needs to copy those tasks (``deltastore copy``).
+    the closure one needs to copy those tasks (``deltastore copy``). ``records``: more roots,
+    ``(hash, who, record class)`` (gc's recently written records).
     """
     used_by: dict[tuple[str, str], set[str]] = {}
 
@@ -58,7 +63,7 @@ def _reachable(registry: "Catalog", problems: list[dict[str, str]] | None = None
     # The closure: every record a ref names, and everything each record needs: a version's
     # reference and base records (named by hash, whether or not a ref still names them by
     # name), and the arrays and blobs of every record reached.
-    pending: list[tuple[str, str, type]] = []
+    pending: list[tuple[str, str, type]] = list(records)
     ref_digest = guard("refs/reference", "registry", lambda: _checked(registry.reference_hash()))
     if ref_digest:
         pending.append((ref_digest, "reference", ReferenceRecord))
@@ -97,7 +102,12 @@ def _reachable(registry: "Catalog", problems: list[dict[str, str]] | None = None
 def _orphaned_ref_folders(registry: "Registry", unreachable: set[tuple[str, str]]) -> list[dict[str, str]]:
     """A ref folder that is gone while records of its kind are stored, unreachable: the folder
     was deleted, not emptied by ``rm`` (which keeps a task's ref, see format.md §5.7). gc would
-    delete every task (or base vector) it held, so this is damage, reported by verify and gc."""
+    delete every task (or base vector) it held, so this is damage, reported by verify and gc.
+
+    Only where folders exist: on an object store a prefix is there while a key is under it, so
+    removing the last base vector empties ``refs/bases`` as deleting it would (format.md §9.2)."""
+    if is_url(registry.path):
+        return []
     kinds = {"task_version": "refs/tasks", "base": "refs/bases"}
     missing = set()
     for folder in kinds.values():
@@ -143,31 +153,79 @@ def verify(registry: "Registry", *, show_progress: bool | None = None) -> list[d
             elif content_hash(registry.backend.get(object_key(kind, digest))) != digest:
                 raise DeltastoreError("content hash mismatch")
         except (DeltastoreError, OSError) as exc:
+            if (kind, digest) not in used_by and kind == "arrays" and is_url(registry.path) and \
+                    not registry.backend.exists(f"{object_key(kind, digest)}/{ARRAY_METADATA}"):
+                continue  # chunks without zarr.json: a killed publish's remains, absent to readers (§9.2)
             problems.append({"object": object_key(kind, digest), "problem": str(exc), "used_by": users})
     return problems
 
 
-def gc(registry: "Registry") -> dict[str, int]:
-    removed = {"arrays": 0, "blobs": 0, "records": 0, "staging": 0, "bytes": 0}
+RECORD_CLASSES = {"reference": ReferenceRecord, "base": BaseRecord, "task_version": TaskVersion}
+
+
+def gc(registry: "Registry", *, grace: float | None = None) -> dict[str, int]:
+    """Delete what no root reaches, last written more than ``grace`` seconds ago (specs/format.md
+    §9.1, §9.2). Returns counts by kind, the bytes freed, and ``deferred``: what was left for a
+    next run because this one's lease on an object store ran out."""
+    removed = {"arrays": 0, "blobs": 0, "records": 0, "staging": 0, "bytes": 0, "deferred": 0}
     backend = registry.backend
-    # Exclusive: every writer holds the shared side for its whole operation, so nothing is in
-    # flight while we decide what is unreachable.
-    with registry.locks.hold("registry"):
+    grace = registry.writes.default_grace if grace is None else float(grace)
+    if not grace >= 0 or grace == float("inf"):
+        raise InvalidInputError(f"{registry.path}: gc grace period {grace} s: expected a number of seconds, at least 0")
+    # A folder: the exclusive registry lock, so no write is in flight. An object store: a
+    # lease, and only what is older than the grace period may go (storage/writes.py).
+    with registry.writes.collecting(grace) as run:
         # Everything is decided before anything is deleted: a damaged folder (a ref folder
         # replaced by a file, a symlink out of the registry) raises here, with nothing removed.
         stored = {(kind, d) for kind, names in registry.objects.all_objects().items() for d in names}
-        used = set(_reachable(registry))
+        modified: dict[tuple[str, str], float] = {}
+        object_keys = backend.list_modified("objects")
+        for key, when in object_keys:
+            parts = key.split("/")
+            if len(parts) >= 4:
+                obj = (parts[1], parts[2] + parts[3])
+                modified[obj] = max(when, modified.get(obj, when))
+        # Roots besides the refs: records written within the grace period, by writes that may
+        # be in flight (a commit's refreshed base record keeps the base's arrays alive).
+        recent = [_recent_root(registry, digest) for kind, digest in sorted(stored)
+                  if kind == "records" and not run.old(modified.get((kind, digest), float("inf")))]
+        used = set(_reachable(registry, records=[root for root in recent if root is not None]))
         damaged = _orphaned_ref_folders(registry, stored - used)
         if damaged:
             raise CorruptObjectError(f"{registry.path}: {damaged[0]['object']}: {damaged[0]['problem']}; gc "
                                      "refuses to run, it would delete what that folder named")
-        # Only what gc can prove a killed operation left: staging's entries and temp files.
-        doomed = [object_key(kind, digest) for kind, digest in sorted(stored - used)]
-        staged = [f"staging/{txn}" for txn in backend.children("staging")]
-        temps = [key for key in backend.list("refs") + backend.list("objects") + backend.children("")
+        doomed = [object_key(kind, digest) for kind, digest in sorted(stored - used)
+                  if run.old(modified.get((kind, digest), float("inf")))]
+        # Only what gc can prove a killed operation left: old staging entries, temp files,
+        # leases of killed gc runs.
+        staged_at: dict[str, float] = {f"staging/{txn}": float("-inf") for txn in backend.children("staging")}
+        for key, when in backend.list_modified("staging"):
+            txn = "/".join(key.split("/")[:2])
+            staged_at[txn] = max(when, staged_at.get(txn, when))
+        staged = [txn for txn, when in sorted(staged_at.items()) if run.old(when)]
+        temps = [key for key in backend.list("refs") + [k for k, _ in object_keys] + backend.children("")
                  if key.rsplit("/", 1)[-1].startswith(".") and key.endswith(".tmp")]  # a killed atomic put
-        for key in doomed + staged + temps:
+        leases = [key for key, when in backend.list_modified("locks")
+                  if key.startswith(GC_LEASE_PREFIX) and when < run.started - 2 * grace]
+        todo = doomed + staged + temps + leases
+        for done, key in enumerate(todo):
+            if not run.may_delete():
+                removed["deferred"] = len(todo) - done
+                break
             removed["bytes"] += backend.size(key)
             backend.delete(key)
-            removed[key.split("/")[1] if key.startswith("objects/") else "staging"] += 1
+            if key not in leases:
+                removed[key.split("/")[1] if key.startswith("objects/") else "staging"] += 1
     return removed
+
+
+def _recent_root(registry: "Registry", digest: str) -> tuple[str, str, type] | None:
+    """``(hash, who, class)`` of a stored record, as a root of gc; None for one that cannot be
+    read (it protects nothing: verify reports it)."""
+    try:
+        data = unpack(registry.backend.get(object_key("records", digest)), digest)
+        cls = RECORD_CLASSES[data["kind"]]
+        who = f"{data['task']}@{data['version']}" if cls is TaskVersion else f"recent {data['kind']} record"
+        return digest, who, cls
+    except (DeltastoreError, OSError, KeyError, TypeError):
+        return None

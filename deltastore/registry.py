@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
 from .errors import (AlreadyExistsError, DeltastoreError, IncompatibleFinetuneError,
                      InvalidInputError, NotFoundError)
-from .catalog import (INFO_KEY, INIT_LEFTOVERS, REFERENCE_REF, Catalog, VersionStats, _killed_put, check_name, is_url,
-                      parse_spec, split_spec, utc_now)
+from .catalog import (INFO_KEY, REFERENCE_REF, Catalog, VersionStats, check_name, init_leftover, is_url,
+                      open_location, parse_spec, split_spec, utc_now)
 from .engine.base import base_entry, check_base_inputs
 from .engine.commit import (CommitPipeline, check_finite, check_storable, commit_settings, content_sha256, plain,
                             plan_finetune, store_files, store_lossless)
@@ -25,11 +25,9 @@ from .engine.decode import ArrayGetter, decode_stored, numel
 from .engine.materialize import iter_materialize, resolve_device
 from .progress import progress as _progress
 from .sources import open_source
-from .storage.backend import LocalBackend
-from .storage.locks import FileLocks
-from .storage.objects import ObjectStore
 from .storage.records import (FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, BaseRecord, PointerRef, Record,
-                              ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, pack)
+                              ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, pack, unpack)
+from .storage.writes import Attempt, update_ref
 from .tensor.compressors import DEFAULT_COMPRESSOR, WHOLE_TENSORS, compressor_class, delta_compressors, get_compressor
 from .tensor.prng import derive_seed
 from .tuning import Lambdas, TuneContext, Tuner, get_tuner
@@ -54,24 +52,20 @@ class Registry(Catalog):
         materialize without a resident reference reads all of them, zstd shrinks float weights
         only ~1.3x, and decoding it was the largest host cost of that read (speed.md); the
         reference is stored once however many tasks the registry holds."""
-        if is_url(path):  # writing takes locks, which an object store lacks (storage/locks.py)
-            raise InvalidInputError(f"{path}: a registry on an object store is read-only in this release; "
-                                    "create it in a local folder and copy it into the bucket")
-        root = Path(path)
-        if (root / INFO_KEY).exists():
-            raise AlreadyExistsError(f"{root}: a registry already exists here; open it instead of running init")
+        where, backend, objects, writes = open_location(path)
+        if backend.exists(INFO_KEY):
+            raise AlreadyExistsError(f"{where}: a registry already exists here; open it instead of running init")
         # What a killed init leaves (it writes registry.msgpack last) may be initialized over.
-        if root.exists() and any(p.name not in INIT_LEFTOVERS and not _killed_put(p.name, INFO_KEY)
-                                 for p in root.iterdir()):
-            raise AlreadyExistsError(f"{root}: directory is not empty; give a new or empty directory")
+        if not all(map(init_leftover, backend.children(""))):
+            raise AlreadyExistsError(f"{where}: directory is not empty; give a new or empty directory (or bucket "
+                                     "prefix)")
         source = open_source(reference)
         if not source.names():
             raise InvalidInputError(f"{source.label}: the reference holds no tensors")
         for name in source.names():
             check_storable(source, name)
-        backend = LocalBackend(root)
-        objects = ObjectStore(backend)
-        with FileLocks(root).hold("registry", shared=True):
+
+        def write(attempt: Attempt) -> None:
             txn = objects.new_txn()
             tensors = {}
             for name in _progress(source.names(), total=len(source.names()), desc="reference", enabled=progress):
@@ -81,13 +75,17 @@ class Registry(Catalog):
             files = store_files(objects, source, txn)
             record = ReferenceRecord(created=utc_now(), tensors=tensors, files=files)
             digest = objects.put_record(record, txn)
+            # No attempt.settle(): gc refuses a location without registry.msgpack, so none
+            # runs beside an init.
             backend.put(REFERENCE_REF, pack(PointerRef(digest).to_dict()))
             # The info file goes last: a directory without it is not a registry, so a killed
             # init leaves nothing that could be mistaken for one.
             info = RegistryInfo(FORMAT_NAME, (FORMAT_MAJOR, FORMAT_MINOR), utc_now())
             backend.put(INFO_KEY, pack(info.to_dict()))
             backend.delete(txn)
-        return cls(root)
+
+        writes.run(write)
+        return cls(path)
 
     # -- base vectors -----------------------------------------------------------------------
     def build_base(self, name: str, finetunes: Iterable[Any], *, progress: bool | None = None,
@@ -122,7 +120,8 @@ class Registry(Catalog):
         else:
             for ref_name in lossy:
                 check_base_inputs(sources, plans, ref_name)
-        with self.locks.hold("registry", shared=True):
+
+        def write(attempt: Attempt) -> BaseRecord:
             txn = self.objects.new_txn()
             if client is not None:
                 tensors = map_base_tensors(client, self._location(), paths, lossy, "build", progress=progress)
@@ -132,11 +131,15 @@ class Registry(Catalog):
             record = BaseRecord(name=name, created=utc_now(), reference=ref_digest,
                                 sources=[s.label for s in sources], tensors=tensors)
             digest = self.objects.put_record(record, txn)
-            # Create-only: a base vector's ref is never replaced, so no lock is needed here.
+            # Arrays the workers stored are not this process's writes: refreshed and re-checked here.
+            attempt.settle([("arrays", h) for h in record.array_hashes()] if client is not None else [])
+            # Create-only: a base vector's ref is never replaced.
             if not self.backend.put_if_absent(f"refs/bases/{name}", pack(PointerRef(digest).to_dict())):
                 raise AlreadyExistsError(f"{self.path}: base vector {name!r} was created meanwhile; pick another name")
             self.backend.delete(txn)
-        return record
+            return record
+
+        return self.writes.run(write)
 
     def remove_base(self, name: str) -> str:
         """Drop base vector ``name`` from the refs; its objects stay until the next :meth:`gc`.
@@ -144,15 +147,16 @@ class Registry(Catalog):
 
         Refused while a task version uses it: those versions would keep its objects alive
         anyway, and the name is what tells a user which base they were built on. A commit in
-        flight on this base still succeeds (its version keeps the objects reachable)."""
-        with self.locks.hold("refs"):
-            users = self.base_users(name)
-            if users:
-                shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
-                raise InvalidInputError(f"base vector {name!r} is used by {shown}; remove those versions first "
-                                        "(`deltastore rm`), then the base vector")
-            digest, _ = self.base(name)
-            self.backend.delete(f"refs/bases/{name}")
+        flight on this base still succeeds (its version keeps the objects reachable; on an object
+        store it refreshed the base record, which keeps them from gc, specs/format.md §9.2)."""
+        users = self.base_users(name)
+        if users:
+            shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+            raise InvalidInputError(f"base vector {name!r} is used by {shown}; remove those versions first "
+                                    "(`deltastore rm`), then the base vector")
+        digest, _ = self.base(name)
+        # A writer like any other (on a folder, under the shared registry lock).
+        self.writes.run(lambda attempt: self.backend.delete(f"refs/bases/{name}"))
         return digest
 
     # -- commit -----------------------------------------------------------------------------
@@ -246,7 +250,7 @@ class Registry(Catalog):
             lambdas = replace(lambdas, lam1=0.0, per_tensor={n: (0.0, l2) for n, (_, l2) in
                                                               (lambdas.per_tensor or {}).items()} or None)
 
-        with self.locks.hold("registry", shared=True):
+        def write(attempt: Attempt) -> TaskVersion:
             txn = self.objects.new_txn()
             tensors = pipeline.encode(task, compressor, lambdas, seeds, txn)
             files = store_files(self.objects, source, txn)
@@ -257,8 +261,9 @@ class Registry(Catalog):
                 "skipped_files": dict(sorted(source.skipped.items())),  # name-keyed: code point order
                 "missing_buffers": plan.missing_buffers, **fingerprint,
             }
-            with self.locks.hold("refs"):
-                ref = self._task_ref(task)
+            made: list[TaskVersion] = []
+
+            def add_version(ref: TaskRef) -> TaskRef:
                 number = ref.last_issued + 1  # never a removed version's number (format.md §5.7)
                 parent = ref.versions[-1][1] if ref.versions else None
                 record = TaskVersion(
@@ -268,10 +273,19 @@ class Registry(Catalog):
                     tensors=tensors, files=files, source=record_source,
                 )
                 digest = self.objects.put_record(record, txn)
-                new_ref = TaskRef(ref.versions + [(number, digest)], number)
-                self.backend.put(f"refs/tasks/{task}", pack(new_ref.to_dict()))
+                # The base record too: on an object store it is refreshed, which keeps its
+                # arrays from gc even if its ref is removed meanwhile; they are re-checked.
+                if base_record is not None:
+                    attempt.objects.update(("arrays", h) for h in base_record.array_hashes())
+                attempt.settle([("records", base_digest)] if base_digest else [])
+                made[:] = [record]
+                return TaskRef(ref.versions + [(number, digest)], number)
+
+            self._update_task_ref(task, add_version)
             self.backend.delete(txn)
-        return record
+            return made[0]
+
+        return self.writes.run(write)
 
     def commit_many(self, jobs: Iterable[Job | Mapping[str, Any]], client: "Client | None" = None, *,
                     progress: bool | None = None, echo=None) -> dict[str, Any]:
@@ -305,18 +319,22 @@ class Registry(Catalog):
         """
         one_version = "@" in task
         task, version = split_spec(task, version)
-        # A writer like any other (shared registry lock): gc must not collect the temp file of
-        # the ref update before it is renamed into place.
-        with self.locks.hold("registry", shared=True), self.locks.hold("refs"):
-            versions = self.version_hashes(task)
-            if one_version and version is None:  # TASK@latest
-                version = versions[-1][0]
-            keep = [] if version is None else [(n, d) for n, d in versions if n != version]
-            if len(keep) == len(versions):
-                raise NotFoundError(f"{self.path}: task {task!r} has no version {version}")
-            issued = self._task_ref(task).last_issued
-            self.backend.put(f"refs/tasks/{task}", pack(TaskRef(keep, issued).to_dict()))
-        return [n for n, digest in versions if (n, digest) not in keep]
+        removed: list[int] = []
+
+        def drop(ref: TaskRef) -> TaskRef:
+            if not ref.versions:
+                raise NotFoundError(f"{self.path}: no task named {task!r} (known tasks: {', '.join(self.tasks())})")
+            number = ref.versions[-1][0] if one_version and version is None else version  # TASK@latest
+            keep = [] if number is None else [(n, d) for n, d in ref.versions if n != number]
+            if len(keep) == len(ref.versions):
+                raise NotFoundError(f"{self.path}: task {task!r} has no version {number}")
+            removed[:] = [n for n, digest in ref.versions if (n, digest) not in keep]
+            return TaskRef(keep, ref.last_issued)
+
+        # A writer like any other: on a folder under the shared registry lock, so gc cannot
+        # collect the temp file of the ref update before it is renamed into place.
+        self.writes.run(lambda attempt: self._update_task_ref(task, drop))
+        return removed
 
     # -- materialize ------------------------------------------------------------------------
     def materialize(
@@ -403,16 +421,26 @@ class Registry(Catalog):
 
         return verify(self, show_progress=progress)
 
-    def gc(self) -> dict[str, int]:
-        """Delete every object no ref reaches, and whatever dead operations left in staging."""
+    def gc(self, *, grace: float | None = None) -> dict[str, int]:
+        """Delete every object no ref reaches, and whatever dead operations left in staging,
+        when last written more than ``grace`` seconds ago. Default: 0 on a folder (gc holds
+        the registry lock, no write is in flight beside it), an hour on an object store, where
+        writes beside gc are kept safe by it (specs/format.md §9.2)."""
         from .integrity import gc
 
-        return gc(self)
+        return gc(self, grace=grace)
 
     # -- internals --------------------------------------------------------------------------
     def _location(self) -> str:
         """Where other processes (Dask workers) open this registry: its URL, or its absolute path."""
         return str(self.path) if is_url(self.path) else str(Path(self.path).absolute())
+
+    def _update_task_ref(self, task: str, change: Callable[[TaskRef], TaskRef]) -> None:
+        """Compare-and-swap of ``refs/tasks/<task>`` (storage/writes.py:update_ref), on every backend."""
+        key = f"refs/tasks/{task}"
+        what = f"{self.path}/{key}"
+        update_ref(self.backend, key, lambda data: pack(change(
+            TaskRef.from_dict(unpack(data, what), what) if data is not None else TaskRef([])).to_dict()))
 
     def _reference_tensor(self, reference: ReferenceRecord, name: str) -> torch.Tensor:
         return decode_stored(reference.tensors[name], self._array_getter("cpu"), "cpu")

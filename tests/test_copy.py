@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,7 +65,28 @@ def test_copy_one_task_takes_only_what_it_needs(source, tmp_path):
     assert Registry(tmp_path / "dst").bases() == ["all"] and Registry(tmp_path / "dst").tasks() == ["nli", "qa"]
 
 
-def test_an_interrupted_copy_changes_no_ref_and_a_rerun_completes(source, registry_copy, monkeypatch):
+def _upload(local: Path, url: str) -> str:
+    from deltastore.storage.objectstore import ObjectStoreBackend
+
+    bucket = ObjectStoreBackend(url)
+    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+        key = file.relative_to(local).as_posix()
+        if not key.startswith("locks/"):
+            bucket.put(key, file.read_bytes())
+    return url
+
+
+@pytest.fixture(params=["local", "s3"])
+def destination(request, registry_copy):
+    """A registry of the source's reference with base 'all' and no task: a folder, or a bucket."""
+    if request.param == "local":
+        return registry_copy
+    s3 = request.getfixturevalue("s3_env")
+    return Registry(_upload(registry_copy.path, f"s3://{s3.bucket}/copy-{uuid.uuid4().hex}"))
+
+
+def test_an_interrupted_copy_changes_no_ref_and_a_rerun_completes(source, destination, monkeypatch):
+    registry_copy = destination
     real, calls = copy_module._copy_object, []
 
     def failing(*args):
@@ -124,13 +146,11 @@ def test_a_removed_version_number_is_not_issued_again(source, tmp_path):
         source.copy_to(dst.path, ["nli"], progress=False)
 
 
-def test_another_reference_or_a_bucket_destination_is_refused(source, example, tmp_path):
+def test_another_reference_or_a_non_empty_folder_is_refused(source, example, tmp_path):
     other = tmp_path / "other"
     Registry.init(other, list(example.finetunes.values())[0], progress=False)
     with pytest.raises(InvalidInputError, match="reference"):
         source.copy_to(other, progress=False)
-    with pytest.raises(InvalidInputError, match="object store is not supported yet"):
-        source.copy_to("s3://bucket/registry", progress=False)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file").write_text("x")
     with pytest.raises(AlreadyExistsError, match="not empty"):
@@ -148,14 +168,7 @@ def test_the_cli_copies_and_prints_what_it_did(source, tmp_path):
 
 
 def test_copy_from_a_bucket(source, s3_env, tmp_path):
-    from deltastore.storage.objectstore import ObjectStoreBackend
-
-    url = f"s3://{s3_env.bucket}/registry-{uuid.uuid4().hex}"
-    bucket = ObjectStoreBackend(url)
-    for file in sorted(p for p in source.path.rglob("*") if p.is_file()):
-        key = file.relative_to(source.path).as_posix()
-        if not key.startswith("locks/"):
-            bucket.put(key, file.read_bytes())
+    url = _upload(source.path, f"s3://{s3_env.bucket}/registry-{uuid.uuid4().hex}")
     result = copy_module.copy(url, tmp_path / "dst", ["qa"], progress=False)
     assert "refs/tasks/qa" in result["refs"]
     copied = Registry(tmp_path / "dst")

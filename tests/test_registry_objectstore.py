@@ -1,11 +1,14 @@
-"""A registry on an object store, opened read-only by URL (``s3://bucket/prefix``, endpoint
-and credentials from the environment): a local registry copied into the bucket of the test
-S3 server (SeaweedFS on loopback, the ``s3`` fixture) lists, shows and materializes the same
-as the local one; every write is refused with a clear error."""
+"""A registry on an object store, by URL (``s3://bucket/prefix``, endpoint and credentials from
+the environment), against the test S3 server (SeaweedFS on loopback, the ``s3`` fixture): a
+local registry copied into the bucket lists, shows and materializes the same as the local one;
+init, commit, rm, base build and rm, gc and copy write to it without a lock (compare-and-swap
+of refs, gc's grace period: specs/format.md §9.2)."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 
 import pytest
@@ -14,8 +17,10 @@ from click.testing import CliRunner
 
 from deltastore import Registry
 from deltastore.catalog import Catalog
-from deltastore.errors import InvalidInputError
+from deltastore.errors import AlreadyExistsError, ConditionalWritesError, GraceExceededError, InvalidInputError
 from deltastore.storage.objectstore import ObjectStoreBackend
+from deltastore.storage.objects import object_key
+from deltastore.storage.writes import CLOCK_SLACK_S, GC_LEASE_PREFIX, GRACE_VARIABLE
 from deltastore_cli.main import cli
 
 
@@ -72,13 +77,148 @@ def test_the_cli_takes_a_url(local, url):
     assert shown.exit_code == 0 and "qa" in shown.output
 
 
-def test_writing_to_a_bucket_is_refused_before_anything_is_written(example, url):
+def _bucket_url(s3_env) -> str:
+    """A fresh prefix of the test bucket (the probe's put creates the bucket on a fresh server)."""
+    url = f"s3://{s3_env.bucket}/registry-{uuid.uuid4().hex}"
+    ObjectStoreBackend(url)
+    return url
+
+
+def test_a_registry_is_created_and_written_in_a_bucket(example, s3_env, monkeypatch):
+    """init, base build, commit, rm, base rm and gc on s3://, each read back; the registry verifies."""
+    url = _bucket_url(s3_env)
+    remote = Registry.init(url, example.reference, progress=False)
+    finetunes = list(example.finetunes.values())
+    remote.build_base("all", finetunes[:2], progress=False)
+    first = remote.commit("qa", finetunes[0], base="all", message="one", progress=False)
+    second = remote.commit("qa", finetunes[1], message="two", progress=False)
+    assert (first.version, second.version) == (1, 2) and second.parent == remote.version("qa", 1)[0]
+    assert [r.message for r in remote.log("qa")] == ["two", "one"]
+    assert Registry(url).materialize("qa", 1).keys() == remote.materialize("qa", 2).keys()
+    with pytest.raises(InvalidInputError, match="used by qa@1"):
+        remote.remove_base("all")
+    assert remote.remove("qa@1") == [1]
+    remote.remove_base("all")
+    assert remote.verify() == []
+    # Nothing is old enough for the default grace period (an hour): gc keeps it all.
+    assert remote.gc()["records"] == 0
+    time.sleep(1.0 + CLOCK_SLACK_S + 0.5)  # older than a grace of 1 s, by what gc allows clocks to differ
+    monkeypatch.setenv(GRACE_VARIABLE, "1")  # what writers and gc of the registry agree on
+    removed = Registry(url).gc()
+    assert removed["records"] >= 2 and removed["arrays"] > 0 and removed["deferred"] == 0
+    assert remote.verify() == [] and remote.commit("qa", finetunes[2], progress=False).version == 3
+    keys = ObjectStoreBackend(url).list("")
+    assert not [k for k in keys if k.startswith(("staging/", "locks/"))], keys
+
+
+def test_init_refuses_a_used_prefix_and_gc_a_grace_shorter_than_the_writers(example, url, monkeypatch):
+    """gc with a shorter grace period than writers work within could delete what a commit in
+    flight is about to name: refused, before anything is deleted."""
+    with pytest.raises(AlreadyExistsError, match="already exists"):
+        Registry.init(url, example.reference)
+    with pytest.raises(InvalidInputError, match=r"grace period 60 s is shorter than .* \(3600 s, DELTASTORE_GC_GRACE"):
+        Registry(url).gc(grace=60)
+    refused = CliRunner().invoke(cli, ["gc", url, "--grace", "0"])
+    assert refused.exit_code == 1 and "is shorter than the one writers" in refused.output
+    monkeypatch.setenv(GRACE_VARIABLE, "0")
+    with pytest.raises(InvalidInputError, match="DELTASTORE_GC_GRACE='0': expected a number of seconds greater than 0"):
+        Registry(url).gc()
+    monkeypatch.setenv(GRACE_VARIABLE, "7200")
+    assert Registry(url).gc()["records"] == 0  # a longer grace, set for writers and gc alike
+    kept = CliRunner().invoke(cli, ["gc", url, "--json"])  # the default grace: everything here is younger
+    assert kept.exit_code == 0 and json.loads(kept.output)["records"] == 0
+
+
+def test_a_store_without_conditional_writes_is_refused_before_the_first_write(example, url, monkeypatch):
+    """Opening to read needs no probe; the first write probes, and a store that accepts a
+    second create-only put is refused before anything is written."""
+    import obstore
+
+    from deltastore.storage import objectstore
+
     remote = Registry(url)
     before = ObjectStoreBackend(url).list("")
-    with pytest.raises(InvalidInputError, match=f"{url}: a registry on an object store is read-only"):
-        remote.commit("qa", next(iter(example.finetunes.values())), base="all", progress=False)
-    with pytest.raises(InvalidInputError, match="read-only"):
+    real_put = obstore.put
+    monkeypatch.setattr(objectstore.obstore, "put", lambda store, key, data, *, mode=None, **kw: real_put(
+        store, key, data, mode=None if mode == "create" else mode, **kw))
+    with pytest.raises(ConditionalWritesError, match="If-None-Match"):
         remote.remove("qa", 1)
-    with pytest.raises(InvalidInputError, match="read-only"):
-        Registry.init(url, example.reference)
+    monkeypatch.setattr(objectstore.obstore, "put", real_put)
     assert ObjectStoreBackend(url).list("") == before
+
+
+def test_copy_into_a_bucket_and_back(local, s3_env, tmp_path):
+    """copy SRC s3://...: only missing objects, hashes checked, refs last; copying again sends
+    nothing; the bucket's registry copied back to a folder reads bit for bit the same."""
+    url = _bucket_url(s3_env)
+    first = local.copy_to(url, ["qa"], progress=False)
+    assert first["refs"] == ["refs/reference", "refs/tasks/qa", "refs/bases/all"]
+    assert local.copy_to(url, ["qa"], progress=False)["copied"] == {"arrays": 0, "blobs": 0, "records": 0}
+    remote = Registry(url)
+    assert remote.verify() == [] and remote.version_hashes("qa") == local.version_hashes("qa")
+    back = remote.copy_to(tmp_path / "back", progress=False)
+    assert back["skipped"] == {"arrays": 0, "blobs": 0, "records": 0}
+    for version in (1, 2):
+        got, want = Registry(tmp_path / "back").materialize("qa", version), local.materialize("qa", version)
+        assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+# -- the grace-period protocol (specs/format.md §9.2 rule 5) ---------------------------------
+@pytest.fixture(scope="module")
+def bucket_copy(local, s3):
+    """One bucket copy of ``local`` for the module (copying it costs seconds); the tests below
+    add tasks of their own names to it, and leave ``qa`` as it is."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in s3.env.items():
+            patch.setenv(name, value)
+        url = _bucket_url(s3)
+        local.copy_to(url, progress=False)
+    return url
+
+
+@pytest.fixture
+def bucket_registry(bucket_copy, s3_env):
+    """The bucket copy opened for writing (a Registry of its own: tests set its grace period),
+    and its URL."""
+    return Registry(bucket_copy), bucket_copy
+
+
+def test_a_commit_refreshes_an_old_object_it_reuses(example, bucket_registry):
+    """Re-committing a finetune reuses every object of its earlier version: older than half
+    the grace period, each is written again (its Last-Modified moves), so a gc that started
+    before cannot take it; younger ones are left alone."""
+    remote, url = bucket_registry
+    backend = ObjectStoreBackend(url, check_writes=False)
+    _, record = remote.version("qa", 1)
+    config, array = object_key("blobs", record.files["config.json"]), object_key("arrays", next(iter(
+        record.array_hashes())))
+    old = backend.modified(config), backend.modified(array)
+    remote.writes.grace = 10.0  # objects older than 5 s are refreshed; 5 s to publish, even on a loaded machine
+    time.sleep(5.1)
+    remote.commit("again", list(example.finetunes.values())[0], base="all", progress=False)
+    assert backend.modified(config) > old[0] and backend.modified(array) > old[1]
+    fresh = backend.modified(config)
+    remote.writes.grace = 3600.0
+    remote.commit("again", list(example.finetunes.values())[0], base="all", progress=False)
+    assert backend.modified(config) == fresh  # young enough: reused as it is
+
+
+def test_a_write_past_half_the_grace_period_publishes_nothing(example, bucket_registry):
+    remote, url = bucket_registry
+    before = remote.version_hashes("qa")
+    remote.writes.grace = 0.01
+    with pytest.raises(GraceExceededError, match="more than half the gc grace period"):
+        remote.commit("qa", list(example.finetunes.values())[2], progress=False)
+    assert Registry(url).version_hashes("qa") == before
+
+
+def test_a_commit_waits_for_a_gc_lease_taken_before_its_ref_update(example, bucket_registry):
+    """A gc that may have listed the registry before the commit refreshed its objects holds a
+    lease: the commit's ref update waits until the lease is gone."""
+    remote, url = bucket_registry
+    backend = ObjectStoreBackend(url, check_writes=False)
+    backend.put(f"{GC_LEASE_PREFIX}test", repr(time.time() + 60).encode())  # a gc deleting for another minute
+    threading.Timer(1.5, lambda: backend.delete(f"{GC_LEASE_PREFIX}test")).start()
+    began = time.monotonic()
+    remote.commit("waited", list(example.finetunes.values())[2], progress=False)
+    assert time.monotonic() - began >= 1.5 and backend.modified(f"{GC_LEASE_PREFIX}test") is None

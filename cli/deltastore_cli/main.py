@@ -717,12 +717,17 @@ def verify(ctx: click.Context, registry: Path, as_json: bool) -> None:
 
 @cli.command()
 @registry_arg
+@click.option("--grace", type=float, default=None, metavar="SECONDS",
+              help="keep what was written less than SECONDS ago (default: 0 on a folder, which gc locks; on "
+                   "an object store $DELTASTORE_GC_GRACE or 3600, the period writers beside gc keep within, "
+                   "which --grace may only lengthen)")
 @json_option
-def gc(registry: Path, as_json: bool) -> None:
+def gc(registry: Path, grace: float | None, as_json: bool) -> None:
     """Delete objects no task, base or reference uses, and leftovers of killed commits."""
-    removed = _registry(registry).gc()
+    removed = _registry(registry).gc(grace=grace)
+    deferred = f"; {removed['deferred']} left for a next run (its lease ran out)" if removed["deferred"] else ""
     _emit(removed, as_json, f"removed {removed['arrays']} arrays, {removed['blobs']} blobs, {removed['records']} "
-                            f"records, {removed['staging']} leftovers: {_human(removed['bytes'])}")
+                            f"records, {removed['staging']} leftovers: {_human(removed['bytes'])}{deferred}")
 
 
 @cli.command("copy")
@@ -736,7 +741,8 @@ def copy_cmd(ctx: click.Context, src: Path, dst: Path, tasks: tuple[str, ...], a
 
     Like `git push`: only the objects DST lacks are sent, each checked against its hash; refs
     are written last, so an interrupted copy changes no ref and running it again resumes it.
-    Task refs only fast-forward. DST is a registry of the same reference, or a new folder."""
+    Task refs only fast-forward. DST (a folder or a URL) is a registry of the same reference, or a
+    new or empty location."""
     from deltastore.copy import copy
 
     _remember(dst)

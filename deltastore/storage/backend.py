@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import CorruptObjectError, NotFoundError
-from .layout import zstd_content_size
+from .layout import ARRAY_METADATA, zstd_content_size
 from .locks import FileLocks
 from .protocol import MAX_KEY_BYTES
 
@@ -93,13 +93,31 @@ class LocalBackend:
             return 0
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
+    def modified(self, key: str) -> float | None:
+        """The file's mtime, or the newest under a folder; None when nothing is there."""
+        path = self._path(key)
+        if path.is_file():
+            return path.stat().st_mtime
+        return max((t for _, t in self.list_modified(key)), default=None) if path.is_dir() else None
+
     # -- listing ----------------------------------------------------------------------------
     def list(self, prefix: str) -> list[str]:
         """Keys of the files directly or indirectly under ``prefix`` (sorted)."""
+        return [key for key, _ in self.list_modified(prefix)]
+
+    def list_modified(self, prefix: str) -> list[tuple[str, float]]:
+        """``(key, mtime)`` of the files directly or indirectly under ``prefix`` (sorted by key)."""
         base = self._folder(prefix)
         if base is None:
             return []
-        return sorted(str(p.relative_to(self.root).as_posix()) for p in base.rglob("*") if p.is_file())
+        found = []
+        for path in base.rglob("*"):
+            try:
+                if path.is_file():
+                    found.append((path.relative_to(self.root).as_posix(), path.stat().st_mtime))
+            except FileNotFoundError:
+                continue  # removed while listed (a concurrent gc or publish)
+        return sorted(found)
 
     def children(self, prefix: str) -> list[str]:
         """Names of the entries directly under ``prefix`` (sorted)."""
@@ -187,9 +205,13 @@ class LocalBackend:
 
         Returns False when ``final`` already exists (same content, written by someone else):
         the staged copy is dropped. A rename is atomic on POSIX, so the final key is either
-        absent or complete.
+        absent or complete; an array folder without its metadata there is damage (the writer
+        found it unreadable), removed and replaced, as an object store writes over the chunks
+        of a killed publish.
         """
         src, dst = self._path(staged), self._path(final)
+        if dst.is_dir() and not (dst / ARRAY_METADATA).exists():
+            self.delete(final)
         if dst.exists():
             self.delete(staged)
             return False

@@ -36,6 +36,9 @@ MAX_ARRAY_BYTES = 16 << 30
 MAX_ARRAY_DIMS = 8
 MAX_ZARR_JSON_BYTES = 1 << 16
 MAX_CHUNK_BYTES = 64 << 20
+# The one name of an array's metadata. Readers find an array by it, so a backend that cannot
+# publish a folder at once (an object store) writes it last and deletes it first.
+ARRAY_METADATA = "zarr.json"
 
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:

@@ -5,8 +5,9 @@ operation and exclusively by gc (so nothing is in flight while gc decides what i
 unreachable), and ``refs``, held around a read-modify-write of a ref.
 
 Locks are not part of the :class:`~deltastore.storage.protocol.Backend` protocol: an object
-store has none. Its refs are updated by compare-and-swap (``Backend.put_if_version``); what
-the ``registry`` lock gives gc there is the next issue's work.
+store has none. Refs are updated by compare-and-swap on every backend
+(``Backend.put_if_version``, which LocalBackend implements under ``refs``), and on an object
+store gc's grace period takes the place of ``registry`` (storage/writes.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import InvalidInputError, LockTimeoutError
+from ..errors import LockTimeoutError
 
 
 class FileLocks:
@@ -56,24 +57,3 @@ class FileLocks:
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock
-
-
-class ObjectStoreLocks:
-    """The locks of a registry on an object store, which has none: every writer of this
-    release needs one, so holding any is refused (reads take no lock, so they all work).
-
-    Writing without locks (commits by compare-and-swap of refs, a gc protocol that needs no
-    lock) is the rest of issue 13."""
-
-    def __init__(self, root: str):
-        self.root = root
-
-    def __repr__(self) -> str:
-        return f"ObjectStoreLocks({self.root!r})"
-
-    @contextmanager
-    def hold(self, name: str, *, shared: bool = False, timeout: float = 600.0) -> Iterator[None]:
-        raise InvalidInputError(
-            f"{self.root}: a registry on an object store is read-only in this release (writing needs the "
-            f"{name!r} lock, which an object store does not have); copy it to a local folder to change it")
-        yield  # a generator, so hold() is used like FileLocks.hold: the error comes at `with`

@@ -17,12 +17,14 @@ from numcodecs import Zstd
 
 from ..dtypes import array_numpy_dtype, array_torch_dtype
 from ..errors import CorruptObjectError, NotFoundError
-from .layout import read_chunk, read_layout, write_array, zstd_content_size
+from .layout import ARRAY_METADATA, read_chunk, read_layout, write_array, zstd_content_size
 from .protocol import Backend
 from .records import Record, content_hash, pack, unpack
 
 if TYPE_CHECKING:
     import torch
+
+    from .writes import Attempt
 
 
 R = TypeVar("R", bound=Record)
@@ -112,6 +114,9 @@ class ObjectStore:
 
     def __init__(self, backend: Backend):
         self.backend = backend
+        # The write operation in progress (storage/writes.py), which every object written or
+        # reused joins, so it can re-check them before its ref names them.
+        self.attempt: Attempt | None = None
 
     def new_txn(self) -> str:
         """A fresh staging prefix for one operation's in-flight writes."""
@@ -126,6 +131,7 @@ class ObjectStore:
             staged = f"{txn}/{digest}"
             write_array(self.backend, staged, data, compress=compress)
             self.backend.publish(staged, final)
+        self._joined("arrays", digest)
         return digest
 
     def open_array(self, digest: str, *, verify: bool = True, what: str = "") -> "ArrayReader":
@@ -159,6 +165,7 @@ class ObjectStore:
             staged = f"{txn}/{digest}"
             self.backend.put(staged, bytes(_BLOB_CODEC.encode(data)))
             self.backend.publish(staged, final)
+        self._joined("blobs", digest)
         return digest
 
     def get_blob(self, digest: str, *, verify: bool = True) -> bytes:
@@ -190,6 +197,7 @@ class ObjectStore:
             staged = f"{txn}/{digest}"
             self.backend.put(staged, data)
             self.backend.publish(staged, final)
+        self._joined(kind, digest)
         return digest
 
     def get_record(self, digest: str, cls: type[R]) -> R:
@@ -205,7 +213,12 @@ class ObjectStore:
         Dedup must not trust bytes it has not checked: a damaged object reused by a commit
         that reports success makes the new version unreadable too. So an existing object is
         rehashed (a cost paid only when dedup saves the write); a damaged one is removed, to
-        be written again whole by the caller (same name, same content)."""
+        be written again whole by the caller (same name, same content). An array without its
+        metadata is not removed: it may be another writer's publish in flight, which the
+        caller's publish writes over with the same bytes (storage/protocol.py).
+
+        Within a write on an object store, an object older than half gc's grace period is
+        refreshed (:meth:`keep`) before it is reused, so gc cannot collect it meanwhile."""
         key = object_key(kind, digest)
         if not self.backend.exists(key):
             return False
@@ -216,10 +229,56 @@ class ObjectStore:
                 self.get_blob(digest, verify=True)
             elif content_hash(self.backend.get(key)) != digest:
                 raise CorruptObjectError(f"{key}: content hash mismatch")
-            return True
-        except OSError:  # CorruptObjectError and NotFoundError included
+        except NotFoundError:
+            return False
+        except OSError:  # CorruptObjectError included
             self.backend.delete(key)
             return False
+        return self._refreshed(kind, digest)
+
+    # -- writes beside gc (storage/writes.py) ------------------------------------------------
+    def _joined(self, kind: str, digest: str) -> None:
+        if self.attempt is not None:
+            self.attempt.objects.add((kind, digest))
+
+    def keep(self, kind: str, digest: str) -> None:
+        """Name a stored object the current write did not write (the base record a commit
+        uses): refreshed like a reused object, and re-checked before the write's ref update."""
+        if not self._refreshed(kind, digest):
+            raise NotFoundError(f"{self.backend.root}: {kind[:-1]} {digest[:12]} vanished while in use (a gc "
+                                "ran beside this write after its ref was removed)")
+        self._joined(kind, digest)
+
+    def _refreshed(self, kind: str, digest: str) -> bool:
+        """Write a stored object again (same bytes: for an array only its metadata, which gives
+        the whole array its age) when the current write must not reuse it as old as it is.
+        False when it is gone."""
+        if self.attempt is None or self.attempt.fresh_after is None:
+            return True
+        key = object_key(kind, digest)
+        modified = self.backend.modified(key)
+        if modified is None:
+            return False
+        if modified < self.attempt.fresh_after:
+            target = f"{key}/{ARRAY_METADATA}" if kind == "arrays" else key
+            try:
+                self.backend.put(target, self.backend.get(target))
+            except NotFoundError:
+                return False
+        return True
+
+    def complete(self, kind: str, digest: str) -> bool:
+        """Is object ``digest`` there whole (an array: its metadata and every chunk)? Existence
+        only, not a rehash: what gc could have taken away, checked before a ref names it."""
+        key = object_key(kind, digest)
+        if kind != "arrays":
+            return self.backend.exists(key)
+        try:
+            layout = read_layout(self.backend, key)
+        except (NotFoundError, CorruptObjectError):
+            return False
+        present = set(self.backend.list(key))
+        return all(f"{key}/{name}" in present for name, _, _ in layout.chunks())
 
     # -- copying ----------------------------------------------------------------------------
     def copy_from(self, source: "ObjectStore", kind: str, digest: str, txn: str) -> bool:
@@ -228,9 +287,11 @@ class ObjectStore:
         The object is read from ``source`` with its hash checked, and written here through the
         same staged writes as a commit's, whose name (the hash of what was written) must be
         ``digest``: a copy never publishes bytes that do not match their name. An array keeps
-        its compression (the reference's arrays may be stored without zstd)."""
+        its compression (the reference's arrays may be stored without zstd). An object already
+        here whole is skipped (an array half-published by a killed copy is not whole)."""
         key = object_key(kind, digest)
-        if self.backend.exists(key):
+        if self.complete(kind, digest) and self._refreshed(kind, digest):
+            self._joined(kind, digest)
             return False
         if kind == "arrays":
             data, compress = source._read_array(digest, verify=True)
@@ -239,6 +300,7 @@ class ObjectStore:
                 staged = f"{txn}/{digest}"
                 write_array(self.backend, staged, data, compress=compress)
                 self.backend.publish(staged, key)
+                self._joined(kind, digest)
         elif kind == "blobs":
             written = self.put_blob(source.get_blob(digest, verify=True), txn)
         else:

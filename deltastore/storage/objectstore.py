@@ -31,11 +31,9 @@ from obstore.exceptions import AlreadyExistsError, BaseError, NotSupportedError,
 from obstore.store import from_url
 
 from ..errors import ConditionalWritesError, CorruptObjectError, NotFoundError
+from .layout import ARRAY_METADATA  # published last and deleted first: see publish and delete
 from .protocol import MAX_KEY_BYTES
-
-# The one name the layout gives an array's metadata (layout.write_array): published last and
-# deleted first, so an array whose zarr.json can be read always has all its chunks.
-ARRAY_METADATA = "zarr.json"
+from .writes import PROBE_PREFIX
 
 
 class ObjectStoreBackend:
@@ -65,7 +63,7 @@ class ObjectStoreBackend:
         # Beside the registry's folders, not in one: some servers (SeaweedFS) list a folder
         # emptied by a delete for a while, and a ``staging`` that appears from nowhere would
         # be a surprise in ``children("")``.
-        probe = f".probe-{uuid.uuid4().hex}"
+        probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
         try:
             if not self.put_if_absent(probe, b"1"):
                 raise ConditionalWritesError(f"{self._where(probe)} exists before it was written: the store lists "
@@ -150,7 +148,17 @@ class ObjectStoreBackend:
         except FileNotFoundError:
             return sum(meta["size"] for meta in self._metas(key))
 
+    def modified(self, key: str) -> float | None:
+        try:
+            return obstore.head(self._store, key)["last_modified"].timestamp()
+        except FileNotFoundError:
+            return max((t for _, t in self.list_modified(key)), default=None)
+
     # -- listing ----------------------------------------------------------------------------
+    def list_modified(self, prefix: str) -> list[tuple[str, float]]:
+        """The store's own ``Last-Modified`` of each key (whole seconds on S3)."""
+        return sorted((meta["path"], meta["last_modified"].timestamp()) for meta in self._metas(prefix))
+
     def _metas(self, prefix: str, *, chunk_size: int = 1000):
         """Every object under ``prefix`` (``""``: the whole registry). object_store matches
         whole path segments, so ``refs/t`` never lists ``refs/tasks/...``."""

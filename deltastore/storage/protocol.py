@@ -19,11 +19,16 @@ What a backend MUST provide to keep docs/guarantees.md and specs/format.md §9:
   array) to its final place whole or not at all, durable before it is visible.
 - **Compare-and-swap** (:meth:`get_versioned`, :meth:`put_if_version`): a ref's
   read-modify-write without a lock. An object store uses its ETag and ``If-Match``.
+- **Modification times** (:meth:`modified`, :meth:`list_modified`): when a key was last
+  written, as the store records it (seconds since the epoch). gc on an object store keeps
+  what was written within its grace period (specs/format.md §9.2), and a writer refreshes
+  an object it reuses when it is older than that.
 - **Damage is raised, never read as absence**: where a backend has folders, a non-folder in
   a folder's place makes :meth:`children`, :meth:`list` and :meth:`prefix_exists` raise
   :class:`~deltastore.errors.CorruptObjectError` (gc would otherwise delete what it protects).
 
-Locks are not part of the protocol (an object store has none): see ``storage/locks.py``.
+Locks are not part of the protocol (an object store has none): how writers and gc keep out of
+each other's way on each kind of backend is ``storage/writes.py``.
 
 Why a ``typing.Protocol`` and not an ABC: the backends share no code to inherit (a local
 folder and an object store do every operation differently), so the protocol is a contract
@@ -70,9 +75,17 @@ class Backend(Protocol):
     def size(self, key: str) -> int:
         """Bytes of ``key``, or of every key under a prefix; 0 when nothing is there."""
 
+    def modified(self, key: str) -> float | None:
+        """When ``key`` was last written (the newest key under a prefix), in seconds since the
+        epoch; None when nothing is there."""
+
     # -- listing ----------------------------------------------------------------------------
     def list(self, prefix: str) -> list[str]:
         """Every key under ``prefix`` (at any depth), sorted."""
+
+    def list_modified(self, prefix: str) -> list[tuple[str, float]]:
+        """``(key, last written)`` of every key under ``prefix``, sorted by key: one listing,
+        what gc needs to tell old garbage from what a writer elsewhere has just written."""
 
     def children(self, prefix: str) -> list[str]:
         """Names of the entries directly under ``prefix`` (keys and sub-prefixes), sorted."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
-from .helpers import make_tiny
+from .helpers import Where, copy_registry, make_tiny, upload_registry
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +26,14 @@ def tiny_registry(tiny, tmp_path_factory):
     reg.commit("t2", tiny.finetunes["b"], message="b", progress=False)
     reg.commit("t2", tiny.finetunes["c"], method="deltadq", message="c", progress=False)
     return reg
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path) -> Where:
+    """Run the scenario on a local folder and on the test S3 server (whose environment is set
+    here for this process; child processes get it as ``where.env``)."""
+    if request.param == "local":
+        return Where("local", {}, lambda src: copy_registry(src, tmp_path / "registry"))
+    server = request.getfixturevalue("s3_env")
+    return Where("s3", server.env,
+                 lambda src: upload_registry(src, f"s3://{server.bucket}/reliability-{uuid.uuid4().hex}"))

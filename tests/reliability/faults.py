@@ -8,7 +8,12 @@ gives), or sees that step fail with ``OSError(EIO)``.
 A *write step* is one call of ``os.replace``, ``os.rename``, ``os.unlink`` or ``os.rmdir``:
 every durable change the library makes to a registry goes through one of them (LocalBackend's
 atomic put and publish, zarr's own chunk writes, which are temp file + rename, and every
-deletion, ``shutil.rmtree`` included, which unlinks file by file).
+deletion, ``shutil.rmtree`` included, which unlinks file by file). On an object store it is
+one request that changes the store: obstore's ``put``, ``copy`` and ``delete`` (the backend's)
+and ``put_async`` (zarr's chunk writes).
+
+Children that use the test S3 server are given its environment (``env``): the forkserver was
+started with the environment of the first test that used it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 EXIT_DONE, EXIT_FAILED, EXIT_OTHER, EXIT_KILLED = 0, 3, 4, 137
 WRITE_CALLS = ("replace", "rename", "unlink", "rmdir")
+STORE_WRITE_CALLS = ("put", "put_async", "copy", "delete")
 
 
 def context():
@@ -45,25 +51,29 @@ def install_faults(mode: str, at: int, log: list | None) -> None:
     lock = threading.Lock()
     count = [0]
 
-    def wrap(name):
-        original = getattr(os, name)
+    def wrap(module, name):
+        original = getattr(module, name)
 
         def step(*args, **kwargs):
             with lock:
                 count[0] += 1
                 n = count[0]
                 if log is not None:
-                    log.append(f"{name} {os.fspath(args[0]) if args else ''}")
+                    log.append(f"{name} {args[1] if module is not os else os.fspath(args[0])}")
             if n == at:
                 if mode == "kill":
                     os._exit(EXIT_KILLED)
-                raise OSError(errno.EIO, f"injected write failure at step {n} (os.{name})")
+                raise OSError(errno.EIO, f"injected write failure at step {n} ({module.__name__}.{name})")
             return original(*args, **kwargs)
 
-        setattr(os, name, step)
+        setattr(module, name, step)
 
     for name in WRITE_CALLS:
-        wrap(name)
+        wrap(os, name)
+    import obstore
+
+    for name in STORE_WRITE_CALLS:
+        wrap(obstore, name)
 
 
 def run_op(op: str, registry: str, tiny_root: str) -> None:
@@ -84,9 +94,33 @@ def run_op(op: str, registry: str, tiny_root: str) -> None:
     elif op == "remove":
         Registry(registry).remove("t1", 1)
     elif op == "gc":
-        Registry(registry).gc()
+        collect(Registry(registry))
     else:
         raise ValueError(op)
+
+
+def collect(reg) -> dict:
+    """gc of everything unreachable, now: on a folder the default; on an object store (where a
+    grace period is required) a grace of 1 ms, which this registry's writers then keep too, and
+    no clock slack (one machine, and the store's whole-second Last-Modified only makes objects
+    look older)."""
+    from deltastore.catalog import is_url
+    from deltastore.storage import writes
+
+    if not is_url(reg.path):
+        return reg.gc()
+    slack, writes.CLOCK_SLACK_S = writes.CLOCK_SLACK_S, 0.0
+    reg.writes.grace = 0.001
+    try:
+        return reg.gc()
+    finally:
+        writes.CLOCK_SLACK_S = slack
+
+
+def with_env(env: dict, target: str, *args) -> None:
+    """Run child ``target`` of this module with ``env`` added to the environment."""
+    os.environ.update(env)
+    globals()[target](*args)
 
 
 def fault_child(op: str, registry: str, tiny_root: str, mode: str, at: int, log_path: str | None) -> None:
@@ -133,6 +167,20 @@ def slow_commit_child(registry: str, tiny_root: str, published: str) -> None:
 
 
 # -- concurrency ------------------------------------------------------------------------------
+def _commit(reg, task: str, finetune: Path, message: str) -> None:
+    """Commit, and commit again when a write on an object store outran half the grace period
+    (it published nothing and said so: what a user is told to do), as a loaded machine may."""
+    from deltastore.errors import GraceExceededError
+
+    for tries in range(1, 6):
+        try:
+            reg.commit(task, finetune, message=message, progress=False)
+            return
+        except GraceExceededError:
+            if tries == 5:
+                raise
+
+
 def commit_child(registry: str, tiny_root: str, task: str, finetunes: list[str], tag: str, start: float) -> None:
     """Commit ``finetunes`` one after the other as versions of ``task``; messages ``tag:i``."""
     _quiet_child()
@@ -142,13 +190,14 @@ def commit_child(registry: str, tiny_root: str, task: str, finetunes: list[str],
         time.sleep(0.005)
     reg = Registry(registry)
     for i, name in enumerate(finetunes):
-        reg.commit(task, Path(tiny_root) / "finetunes" / name, message=f"{tag}:{i}", progress=False)
+        _commit(reg, task, Path(tiny_root) / "finetunes" / name, message=f"{tag}:{i}")
     os._exit(EXIT_DONE)
 
 
-def churn_child(registry: str, tiny_root: str, task: str, rounds: int, start: float) -> None:
-    """Commit then remove ``task`` again and again: each round re-creates objects that the
-    previous round left unreferenced, which a concurrent gc is about to delete."""
+def churn_child(registry: str, tiny_root: str, task: str, rounds: int, start: float, pause: float = 0.0) -> None:
+    """Commit then remove ``task`` again and again, ``pause`` seconds apart: each round
+    re-creates objects that the previous round left unreferenced, which a concurrent gc is about
+    to delete."""
     _quiet_child()
     from deltastore import Registry
 
@@ -156,24 +205,26 @@ def churn_child(registry: str, tiny_root: str, task: str, rounds: int, start: fl
         time.sleep(0.005)
     reg = Registry(registry)
     for i in range(rounds):
-        reg.commit(task, Path(tiny_root) / "finetunes" / ("a" if i % 2 else "b"), message=f"churn:{i}",
-                   progress=False)
+        _commit(reg, task, Path(tiny_root) / "finetunes" / ("a" if i % 2 else "b"), message=f"churn:{i}")
         if i < rounds - 1:
             reg.remove(task)
+            time.sleep(pause)
     os._exit(EXIT_DONE)
 
 
 def gc_child(registry: str, stop_file: str, runs_file: str) -> None:
-    """Run gc in a loop until ``stop_file`` exists; write the number of runs to ``runs_file``."""
+    """Run gc in a loop until ``stop_file`` exists; write the number of runs and of objects
+    deleted to ``runs_file``."""
     _quiet_child()
     from deltastore import Registry
 
     reg = Registry(registry)
-    runs = 0
+    runs = deleted = 0
     while not os.path.exists(stop_file):
-        reg.gc()
+        removed = reg.gc()
+        deleted += removed["arrays"] + removed["blobs"] + removed["records"]
         runs += 1
-    Path(runs_file).write_text(str(runs))
+    Path(runs_file).write_text(f"{runs} {deleted}")
     os._exit(EXIT_DONE)
 
 

@@ -11,6 +11,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -96,7 +97,7 @@ def leftovers(reg: Registry) -> dict:
     """Everything gc should have removed: staging, unreachable objects, temp files."""
     used = set(_reachable(reg))
     stored = {(kind, d) for kind, names in reg.objects.all_objects().items() for d in names}
-    files = [p.relative_to(reg.path).as_posix() for p in reg.path.rglob("*") if p.is_file()]
+    files = reg.backend.list("")
     return {
         "staging": reg.backend.children("staging"),
         "unreachable": sorted(stored - used),
@@ -124,3 +125,26 @@ def copy_registry(src: Path, dst: Path) -> Path:
         shutil.rmtree(dst)
     shutil.copytree(src, dst)
     return dst
+
+
+def upload_registry(src: Path, url: str) -> str:
+    """The local registry ``src`` copied key by key to ``url`` (its lock files left out)."""
+    from deltastore.storage.objectstore import ObjectStoreBackend
+
+    bucket = ObjectStoreBackend(url, check_writes=False)
+    for file in sorted(p for p in Path(src).rglob("*") if p.is_file()):
+        key = file.relative_to(src).as_posix()
+        if not key.startswith("locks/"):
+            bucket.put(key, file.read_bytes())
+    return url
+
+
+@dataclass
+class Where:
+    """Where a scenario's registry lives: ``kind`` (``local`` or ``s3``), the environment a
+    child process needs to reach it, and ``place(src)``: a private copy of registry ``src``
+    there (a folder, or a fresh prefix of the test S3 server's bucket)."""
+
+    kind: str
+    env: dict
+    place: Callable[[Path], "str | Path"]

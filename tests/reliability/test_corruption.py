@@ -1,10 +1,13 @@
 """Corruption: damaged bytes give a precise error naming the object and the task, never
-wrong weights; ``verify`` reports every problem in one pass (``--json``, exit 4)."""
+wrong weights; ``verify`` reports every problem in one pass (``--json``, exit 4).
+
+Damage is done through the registry's backend (keys, not files), so the same tests run on a
+local folder and on an object store (the ``where`` fixture); the exhaustive bit-flip sweeps
+run on the local folder only (thousands of rewrites, and the reading code is the same)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -22,18 +25,28 @@ def reg(tiny_registry, tmp_path):
     return Registry(copy_registry(tiny_registry.path, tmp_path / "registry"))
 
 
-def _flip(path: Path, offset: int, bit: int = 0) -> None:
-    data = bytearray(path.read_bytes())
+@pytest.fixture
+def reg_anywhere(tiny_registry, where):
+    """A private copy of the tiny registry in a folder, and in the test S3 server's bucket."""
+    return Registry(where.place(tiny_registry.path))
+
+
+def _flip(reg: Registry, key: str, offset: int, bit: int = 0) -> None:
+    data = bytearray(reg.backend.get(key))
     data[offset % len(data)] ^= 1 << bit
-    path.write_bytes(bytes(data))
+    reg.backend.put(key, bytes(data))
 
 
-def _array_dir(reg: Registry, digest: str) -> Path:
-    return reg.path / object_key("arrays", digest)
+def _edit(reg: Registry, key: str, change) -> None:
+    reg.backend.put(key, change(reg.backend.get(key)))
 
 
-def _chunks(reg: Registry, digest: str) -> list[Path]:
-    return sorted(p for p in _array_dir(reg, digest).rglob("*") if p.is_file() and p.name != "zarr.json")
+def _metadata(digest: str) -> str:
+    return f"{object_key('arrays', digest)}/zarr.json"
+
+
+def _chunks(reg: Registry, digest: str) -> list[str]:
+    return [k for k in reg.backend.list(object_key("arrays", digest)) if not k.endswith("/zarr.json")]
 
 
 def _t1_array(reg: Registry, role: str = "signs") -> str:
@@ -51,20 +64,21 @@ def _materialize_error(reg: Registry, task: str = "t1") -> DeltastoreError:
 
 
 DAMAGE = {
-    "chunk bit flip": lambda reg, d: _flip(_chunks(reg, d)[0], 3),
-    "chunk truncated": lambda reg, d: _chunks(reg, d)[0].write_bytes(_chunks(reg, d)[0].read_bytes()[:5]),
-    "chunk missing": lambda reg, d: _chunks(reg, d)[0].unlink(),
-    "chunk emptied": lambda reg, d: _chunks(reg, d)[0].write_bytes(b""),
-    "zarr.json shape changed": lambda reg, d: (_array_dir(reg, d) / "zarr.json").write_text(
-        (_array_dir(reg, d) / "zarr.json").read_text().replace('"shape": [', '"shape": [1, ', 1)),
-    "zarr.json garbled": lambda reg, d: (_array_dir(reg, d) / "zarr.json").write_bytes(b"{\"zarr_format\": 3, \x00"),
-    "zarr.json missing": lambda reg, d: (_array_dir(reg, d) / "zarr.json").unlink(),
-    "array folder missing": lambda reg, d: __import__("shutil").rmtree(_array_dir(reg, d)),
+    "chunk bit flip": lambda reg, d: _flip(reg, _chunks(reg, d)[0], 3),
+    "chunk truncated": lambda reg, d: _edit(reg, _chunks(reg, d)[0], lambda data: data[:5]),
+    "chunk missing": lambda reg, d: reg.backend.delete(_chunks(reg, d)[0]),
+    "chunk emptied": lambda reg, d: reg.backend.put(_chunks(reg, d)[0], b""),
+    "zarr.json shape changed": lambda reg, d: _edit(reg, _metadata(d), lambda data: data.replace(
+        b'"shape": [', b'"shape": [1, ', 1)),
+    "zarr.json garbled": lambda reg, d: reg.backend.put(_metadata(d), b"{\"zarr_format\": 3, \x00"),
+    "zarr.json missing": lambda reg, d: reg.backend.delete(_metadata(d)),
+    "array folder missing": lambda reg, d: reg.backend.delete(object_key("arrays", d)),
 }
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_damaged_array_names_object_and_task(reg, damage):
+def test_damaged_array_names_object_and_task(reg_anywhere, damage):
+    reg = reg_anywhere
     digest = _t1_array(reg)
     DAMAGE[damage](reg, digest)
     err = _materialize_error(reg)
@@ -76,20 +90,21 @@ def test_damaged_array_names_object_and_task(reg, damage):
     assert "t1@1" in problems[0]["used_by"]
 
 
-def test_damaged_blob_record_and_refs(reg, tmp_path):
+def test_damaged_blob_record_and_refs(reg_anywhere, tmp_path):
+    reg = reg_anywhere
     digest, record = reg.version("t1")
     # a flipped bit in a blob (the stored config.json): save_pretrained refuses it
     blob = record.files["config.json"]
-    _flip(reg.path / object_key("blobs", blob), 2)
+    _flip(reg, object_key("blobs", blob), 2)
     with pytest.raises(CorruptObjectError, match=f"t1@1, file 'config.json'.*{blob[:12]}"):
         reg.save_pretrained("t1", tmp_path / "out")
     # a flipped bit in the version record
-    _flip(reg.path / object_key("records", digest), 40)
+    _flip(reg, object_key("records", digest), 40)
     with pytest.raises(CorruptObjectError, match=f"t1@1: .*{digest[:12]}.*corrupt"):
         reg.materialize("t1")
     # a flipped bit in the base record: every task built on it says so
     base_digest, _ = reg.base("b1")
-    _flip(reg.path / object_key("records", base_digest), 40)
+    _flip(reg, object_key("records", base_digest), 40)
     with pytest.raises(CorruptObjectError, match=base_digest[:12]):
         reg.base("b1")
     problems = {p["object"] for p in reg.verify()}
@@ -130,7 +145,7 @@ def test_every_byte_flip_of_an_array_is_caught(reg, part):
     deltastore error or returns the exact array (its hash is checked), never anything else."""
     _, record = reg.version("t2", 1)
     digest = record.tensors["lin.bias"].arrays["data"]
-    path = _array_dir(reg, digest) / "zarr.json" if part == "zarr.json" else _chunks(reg, digest)[0]
+    path = reg.path / (_metadata(digest) if part == "zarr.json" else _chunks(reg, digest)[0])
     original = path.read_bytes()
     good = reg.objects.get_array(digest)
     caught = 0
@@ -146,8 +161,9 @@ def test_every_byte_flip_of_an_array_is_caught(reg, part):
     assert caught > 0
 
 
-def test_verify_reports_every_problem_in_one_pass(reg, tiny):
+def test_verify_reports_every_problem_in_one_pass(reg_anywhere, tiny):
     """Six kinds of damage at once: verify lists all of them; the CLI exits 4 with JSON."""
+    reg = reg_anywhere
     reference = reg.reference()
     t1 = _t1_array(reg)
     t1_scale = _t1_array(reg, "rows")
@@ -157,9 +173,9 @@ def test_verify_reports_every_problem_in_one_pass(reg, tiny):
     DAMAGE["chunk bit flip"](reg, t1)
     DAMAGE["chunk missing"](reg, t1_scale)
     DAMAGE["zarr.json shape changed"](reg, ref_array)
-    _flip(reg.path / object_key("blobs", t2.files["config.json"]), 1)
-    _flip(reg.path / object_key("records", base_digest), 30)
-    (reg.path / "refs" / "tasks" / "t1").write_bytes(b"\xc1 garbage")
+    _flip(reg, object_key("blobs", t2.files["config.json"]), 1)
+    _flip(reg, object_key("records", base_digest), 30)
+    reg.backend.put("refs/tasks/t1", b"\xc1 garbage")
     expected = {object_key("arrays", t1), object_key("arrays", t1_scale), object_key("arrays", ref_array),
                 object_key("blobs", t2.files["config.json"]), object_key("records", base_digest), "refs/tasks/t1"}
     found = {p["object"] for p in reg.verify()}
@@ -185,13 +201,14 @@ def test_registry_info_damage(reg):
     assert result.exit_code == 4 and "registry.msgpack" in result.output
 
 
-def test_fast_mode_skips_hashes_but_decodes(reg):
+def test_fast_mode_skips_hashes_but_decodes(reg_anywhere):
     """verify=False (--no-verify) is the documented fast mode: it trusts chunk bytes, so a
     flipped bit in an uncompressed chunk can go unnoticed; the default never lets it."""
+    reg = reg_anywhere
     good = state_hash(reg.materialize("t1"))
     assert state_hash(reg.materialize("t1", verify=False)) == good
     digest = _t1_array(reg)  # uint8 signs: stored uncompressed, a flip still decodes
-    _flip(_chunks(reg, digest)[0], 0)
+    _flip(reg, _chunks(reg, digest)[0], 0)
     with pytest.raises(CorruptObjectError):
         reg.materialize("t1")
     assert state_hash(reg.materialize("t1", verify=False)) != good

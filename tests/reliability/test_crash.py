@@ -7,6 +7,10 @@ registry reads exactly as before the operation (or as after it, when the fault c
 its commit point), a retried init succeeds, and one ``gc`` removes every leftover.
 
 CI runs the first and last step and every 5th; ``--run-slow`` runs every step.
+
+On an object store (the test S3 server) a write step is one request that changes the store
+(faults.STORE_WRITE_CALLS); init, commit, rm and gc are killed at a spread of their steps
+(every step with ``--run-slow``): the same checks hold.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from deltastore import NotFoundError, Registry
+from deltastore.catalog import is_url
+from deltastore.storage.objectstore import ObjectStoreBackend
 
 from . import faults
 from .helpers import CLEAN, copy_registry, leftovers, snapshot
@@ -49,17 +55,23 @@ def pristine(tiny, tiny_registry, tmp_path_factory):
     return out
 
 
-def _run(ctx, op, path, tiny, mode="kill", at=0, log_path=None) -> int:
-    p = ctx.Process(target=faults.fault_child, args=(op, str(path), str(tiny.root), mode, at,
-                                                     str(log_path) if log_path else None))
+def _run(ctx, op, path, tiny, mode="kill", at=0, log_path=None, env=None) -> int:
+    p = ctx.Process(target=faults.with_env, args=(env or {}, "fault_child", op, str(path), str(tiny.root), mode, at,
+                                                  str(log_path) if log_path else None))
     p.start()
     p.join(120)
     assert p.exitcode is not None, f"{op}: child hung at step {at}"
     return p.exitcode
 
 
-def _state(path: Path):
-    if not (path / "registry.msgpack").exists():
+def _is_registry(path: str | Path) -> bool:
+    if not is_url(path):
+        return (Path(path) / "registry.msgpack").exists()
+    return ObjectStoreBackend(str(path), check_writes=False).exists("registry.msgpack")
+
+
+def _state(path: str | Path):
+    if not _is_registry(path):
         with pytest.raises(NotFoundError):
             Registry(path)
         return None
@@ -92,7 +104,7 @@ def _selected(n: int, full: bool) -> list[int]:
 
 def _check_after_fault(op, path, tiny, before, after, at, mode, code, steps):
     where = f"{op}, {mode} at write step {at}/{len(steps)} ({steps[at - 1]}), exit {code}"
-    if op == "init" and not (path / "registry.msgpack").exists():
+    if op == "init" and not _is_registry(path):
         # A killed init leaves no registry (registry.msgpack is its last write) ...
         with pytest.raises(NotFoundError):
             Registry(path)
@@ -106,7 +118,7 @@ def _check_after_fault(op, path, tiny, before, after, at, mode, code, steps):
     assert state in (before, after), where
     if code in (faults.EXIT_FAILED, faults.EXIT_OTHER) and mode == "fail":
         assert code == faults.EXIT_FAILED, where  # the OSError surfaced as itself
-    reg.gc()
+    faults.collect(reg)
     assert leftovers(reg) == CLEAN, where
     assert reg.verify() == [], where
     assert snapshot(reg) == state, where
@@ -154,3 +166,53 @@ def test_real_sigkill_mid_commit(ctx, pristine, dry_runs, tiny, tmp_path):
     reg.gc()
     assert leftovers(reg) == CLEAN  # ... that gc removes
     assert snapshot(reg) == before
+
+
+S3_OPS = ["init", "commit", "remove", "gc"]
+
+
+@pytest.fixture(scope="module")
+def s3_dry_runs(ctx, pristine, tiny, s3, tmp_path_factory):
+    """As dry_runs, on the test S3 server: op -> (write steps, state before, state after), and
+    a function placing a fresh copy of the op's starting registry in the bucket."""
+    import uuid
+
+    from .helpers import upload_registry
+
+    def place(op: str) -> str:
+        url = f"s3://{s3.bucket}/crash-{op}-{uuid.uuid4().hex}"
+        if op == "gc":  # the local garbage's killed-put temp file has no counterpart in a bucket
+            upload_registry(pristine[op], url)
+            ObjectStoreBackend(url, check_writes=False).delete("refs/tasks/.t1.0123.tmp")
+        elif op != "init":
+            upload_registry(pristine[op], url)
+        else:
+            ObjectStoreBackend(url)  # its probe's put creates the bucket on a fresh server
+        return url
+
+    root = tmp_path_factory.mktemp("s3dry")
+    out = {}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in s3.env.items():
+            patch.setenv(name, value)
+        for op in S3_OPS:
+            url = place(op)
+            before = _state(url)
+            assert _run(ctx, op, url, tiny, log_path=root / f"{op}.log", env=s3.env) == faults.EXIT_DONE
+            steps = (root / f"{op}.log").read_text().splitlines()
+            out[op] = (steps, before, _state(url))
+    return out, place
+
+
+@pytest.mark.parametrize("op", S3_OPS)
+def test_kill_at_write_steps_on_an_object_store(op, ctx, s3_dry_runs, tiny, s3_env, request):
+    dry, place = s3_dry_runs
+    steps, before, after = dry[op]
+    assert steps, f"{op} made no write step"
+    n = len(steps)
+    chosen = range(1, n + 1) if request.config.getoption("--run-slow") else sorted({1, n // 3, 2 * n // 3, n} - {0})
+    for at in chosen:
+        url = place(op)
+        assert _run(ctx, op, url, tiny, "kill", at, env=s3_env.env) == faults.EXIT_KILLED, f"{op}: step {at}"
+        _check_after_fault(op, url, tiny, before, after, at, "kill", faults.EXIT_KILLED, steps)
+    print(f"\n{op} on S3: {len(chosen)} of {n} write steps killed")

@@ -16,6 +16,7 @@ from deltastore.storage import backend as backend_module
 from deltastore.storage.objects import object_key
 from deltastore.storage.records import TaskRef, pack, unpack
 
+from .faults import collect
 from .helpers import copy_registry, snapshot, state_hash, tree_bytes
 from .test_hostile import CORRUPT, run_cli
 
@@ -25,17 +26,24 @@ def reg(tiny_registry, tmp_path):
     return Registry(copy_registry(tiny_registry.path, tmp_path / "registry"))
 
 
+@pytest.fixture
+def reg_anywhere(tiny_registry, where):
+    """For the scenarios that are not about a filesystem: a folder, and the test S3 server."""
+    return Registry(where.place(tiny_registry.path))
+
+
 def _objects(reg: Registry) -> set[tuple[str, str]]:
     return {(kind, d) for kind, names in reg.objects.all_objects().items() for d in names}
 
 
 # -- gc's closure ----------------------------------------------------------------------------
-def test_gc_keeps_a_base_vector_a_version_uses_after_its_ref_is_removed(reg):
+def test_gc_keeps_a_base_vector_a_version_uses_after_its_ref_is_removed(reg_anywhere):
     """Finding 1: the base's name is gone, the version still names the base record by hash."""
+    reg = reg_anywhere
     before = state_hash(reg.materialize("t1"))
-    (reg.path / "refs/bases/b1").unlink()
+    reg.backend.delete("refs/bases/b1")
     assert reg.verify() == []
-    removed = reg.gc()
+    removed = collect(reg)
     assert removed["arrays"] == removed["records"] == 0, removed
     assert reg.verify() == []
     assert state_hash(reg.materialize("t1")) == before
@@ -260,22 +268,24 @@ def test_damage_leaves_a_clean_registry_readable_as_before(reg, tmp_path):
 
 
 # -- dedup never trusts what it has not checked ----------------------------------------------
-@pytest.mark.parametrize("what", ["chunk", "zarr.json", "blob", "missing chunk"])
-def test_commit_rewrites_a_damaged_object_it_would_reuse(reg, tiny, what, tmp_path):
+@pytest.mark.parametrize("what", ["chunk", "zarr.json", "blob", "missing chunk", "missing zarr.json"])
+def test_commit_rewrites_a_damaged_object_it_would_reuse(reg_anywhere, tiny, what, tmp_path):
     """Finding 5: damage an object of t2@1, commit the same finetune under another name: the
-    commit must not reuse the damaged object (it used to report success, then not read)."""
+    commit must not reuse the damaged object (it used to report success, then not read). An
+    array without zarr.json (on an object store, a killed publish's remains) is written over."""
+    reg = reg_anywhere
     _, record = reg.version("t2", 1)
     if what == "blob":
-        victim = reg.path / object_key("blobs", record.files["config.json"])
+        victim = object_key("blobs", record.files["config.json"])
     else:
-        array = reg.path / object_key("arrays", record.tensors["emb.weight"].arrays["signs"])
-        victim = array / ("zarr.json" if what == "zarr.json" else "0")
-    if what == "missing chunk":
-        victim.unlink()
+        array = object_key("arrays", record.tensors["emb.weight"].arrays["signs"])
+        victim = f"{array}/{'zarr.json' if what.endswith('zarr.json') else '0'}"
+    if what.startswith("missing"):
+        reg.backend.delete(victim)
     else:
-        data = bytearray(victim.read_bytes())
+        data = bytearray(reg.backend.get(victim))
         data[len(data) // 2] ^= 0x10
-        victim.write_bytes(bytes(data))
+        reg.backend.put(victim, bytes(data))
     result = run_cli("commit", reg.path, "again", tiny.finetunes["b"])
     assert result.exit_code == 0, result.output
     assert run_cli("materialize", reg.path, "again", "--out", tmp_path / "out").exit_code == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -179,6 +180,25 @@ class BackendTests:
         backend.put("staging/t/a", b"123")
         backend.put("staging/t/b/c", b"4567")
         assert backend.size("staging/t") == 7
+
+    def test_modification_times(self, backend):
+        """What gc's grace period and a writer's refresh stand on: each key's last write time,
+        in seconds since the epoch (an object store keeps whole seconds, hence the margins),
+        newer once the key is written again."""
+        began = time.time()
+        backend.put("objects/arrays/ab/cd/zarr.json", b"{}")
+        backend.put("objects/arrays/ab/cd/0", b"chunk")
+        backend.put("refs/tasks/a", b"v")
+        listed = backend.list_modified("objects")
+        assert [key for key, _ in listed] == ["objects/arrays/ab/cd/0", "objects/arrays/ab/cd/zarr.json"]
+        assert all(began - 2 <= when <= time.time() + 2 for _, when in listed)
+        assert backend.modified("objects/arrays/ab/cd") == max(when for _, when in listed)
+        first = backend.modified("refs/tasks/a")
+        assert began - 2 <= first <= time.time() + 2
+        assert backend.modified("refs/tasks/nope") is None and backend.list_modified("refs/tasks/nope") == []
+        time.sleep(1.1)
+        backend.put("refs/tasks/a", b"v")
+        assert backend.modified("refs/tasks/a") > first
 
     # -- publish and delete -----------------------------------------------------------------
     def test_publish_moves_a_staged_key(self, backend):
