@@ -72,6 +72,7 @@ def s3(tmp_path_factory):
     except RuntimeError as exc:
         pytest.skip(f"no S3 server for the object-store tests: {exc}")
     try:
+        s3_server.create_bucket(server)
         yield server
     finally:
         s3_server.stop(proc)

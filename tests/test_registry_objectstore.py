@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from deltastore import Registry
 from deltastore.catalog import Catalog
-from deltastore.errors import AlreadyExistsError, ConditionalWritesError, GraceExceededError, InvalidInputError
+from deltastore.errors import AlreadyExistsError, ConditionalWritesError, GraceExceededError, InvalidInputError, NotFoundError
 from deltastore.storage.objectstore import ObjectStoreBackend
 from deltastore.storage.objects import object_key
 from deltastore.storage.writes import CLOCK_SLACK_S, GC_LEASE_PREFIX, GRACE_VARIABLE
@@ -78,10 +78,15 @@ def test_the_cli_takes_a_url(local, url):
 
 
 def _bucket_url(s3_env) -> str:
-    """A fresh prefix of the test bucket (the probe's put creates the bucket on a fresh server)."""
+    """A fresh prefix of the test bucket, its conditional writes probed."""
     url = f"s3://{s3_env.bucket}/registry-{uuid.uuid4().hex}"
     ObjectStoreBackend(url)
     return url
+
+
+def test_init_into_a_missing_bucket_says_so(example, s3_env):
+    with pytest.raises(NotFoundError, match="the bucket does not exist; create it first"):
+        Registry.init(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/registry", example.reference, progress=False)
 
 
 def test_a_registry_is_created_and_written_in_a_bucket(example, s3_env, monkeypatch):

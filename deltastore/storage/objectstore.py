@@ -162,8 +162,14 @@ class ObjectStoreBackend:
     def _metas(self, prefix: str, *, chunk_size: int = 1000):
         """Every object under ``prefix`` (``""``: the whole registry). object_store matches
         whole path segments, so ``refs/t`` never lists ``refs/tasks/...``."""
-        for batch in obstore.list(self._store, prefix or None, chunk_size=chunk_size):
-            yield from batch
+        try:
+            for batch in obstore.list(self._store, prefix or None, chunk_size=chunk_size):
+                yield from batch
+        except BaseError as exc:
+            if "NoSuchBucket" in str(exc):
+                raise NotFoundError(f"{self.root}: the bucket does not exist; create it first (deltastore writes "
+                                    "inside a bucket, it does not create one)") from None
+            raise
 
     def list(self, prefix: str) -> list[str]:
         return sorted(meta["path"] for meta in self._metas(prefix))

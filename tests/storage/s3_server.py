@@ -109,6 +109,17 @@ def start(folder: Path) -> tuple[subprocess.Popen, S3Server]:
     return proc, S3Server(endpoint, BUCKET, time.monotonic() - began)
 
 
+def create_bucket(server: S3Server) -> None:
+    """Create the server's test bucket, as an operator does before pointing deltastore at it
+    (SeaweedFS creates a bucket on its first put; a marker key is that put, and stays)."""
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store(server.bucket, endpoint=server.endpoint, access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY,
+                    region="us-east-1", client_options={"allow_http": True})
+    obstore.put(store, "created-by-tests", b"")
+
+
 def _wait_ready(proc: subprocess.Popen, endpoint: str, folder: Path) -> None:
     """Until the S3 port answers HTTP (an unsigned request gets 403: it is up), bounded."""
     deadline = time.monotonic() + START_TIMEOUT_S
