@@ -22,6 +22,7 @@ from .storage.records import BaseRecord, PointerRef, ReferenceRecord, RegistryIn
 
 INFO_KEY = "registry.msgpack"
 REFERENCE_REF = "refs/reference"
+CACHE_ENV = "DELTASTORE_CACHE"  # the read-through cache's folder for registries on object stores
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 INIT_LEFTOVERS = frozenset({"objects", "staging", "refs", "locks"})  # all a registry holds but INFO_KEY
@@ -110,10 +111,19 @@ class VersionStats:
 class Catalog:
     """A registry directory opened for reading (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, cache: str | os.PathLike | None = None):
+        """``cache``: a local folder to keep the arrays read from a registry on an object store
+        in (default: the ``DELTASTORE_CACHE`` environment variable; none when unset), so the
+        next read of one, the reference above all, which every materialize reads, makes no
+        request. Arrays are named by their content, so a cached one is never stale; each is
+        kept once, published there only after it hashed to its name. The folder holds at most
+        the arrays read through it and is not trimmed: delete it, or any part of it, at any
+        time. A registry in a local folder is read in place, never cached."""
         # The one place that picks the backend: the code above it reaches bytes through the
         # Backend protocol; the locks, which an object store has no equivalent of, are held
         # next to the backend, not inside it (storage/locks.py).
+        if cache is None:
+            cache = os.environ.get(CACHE_ENV) or None
         if is_url(path):
             from .storage.objectstore import ObjectStoreBackend
 
@@ -122,11 +132,12 @@ class Catalog:
             # credentials are enough to read); every write is refused by its locks.
             self.backend = ObjectStoreBackend(self.path, check_writes=False)
             self.locks = ObjectStoreLocks(self.path)
+            self.objects = ObjectStore(self.backend, LocalBackend(cache) if cache else None)
         else:
             self.path = Path(path)
             self.backend = LocalBackend(self.path)
             self.locks = FileLocks(self.path)
-        self.objects = ObjectStore(self.backend)
+            self.objects = ObjectStore(self.backend)
         if not self.backend.exists(INFO_KEY):
             raise NotFoundError(
                 f"{self.path}: not a deltastore registry (no {INFO_KEY}); create one with `deltastore init`"
