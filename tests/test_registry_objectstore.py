@@ -174,6 +174,24 @@ def test_the_cache_holds_only_arrays_that_hashed_to_their_name(local, url, tmp_p
     assert (tmp_path / "cache" / object_key("arrays", digest) / "zarr.json").is_file()
 
 
+def test_a_damaged_copy_in_the_cache_is_refused_and_removed(local, url, tmp_path):
+    """Damage to the cache is named as such, the copy is removed, and the next read fetches
+    the registry's copy again."""
+    cache = tmp_path / "cache"
+    Registry(url, cache=cache).materialize("qa")
+    remote = Registry(url, cache=cache)
+    entry = max(remote.reference().tensors.values(), key=lambda e: torch.Size(e.shape).numel())
+    cached = cache / object_key("arrays", entry.arrays["data"])
+    chunk = next(p for p in cached.iterdir() if p.name != "zarr.json")
+    chunk.write_bytes(bytes(chunk.stat().st_size))
+    with pytest.raises(CorruptObjectError, match="its copy in the read cache .* is damaged .* removed"):
+        remote.materialize("qa")
+    assert not cached.exists()
+    want = local.materialize("qa")
+    assert all(torch.equal(t, want[n]) for n, t in Registry(url, cache=cache).materialize("qa").items())
+    assert cached.exists()
+
+
 def test_a_cache_that_cannot_be_written_only_warns(local, url, tmp_path):
     blocked = tmp_path / "not-a-folder"
     blocked.write_bytes(b"")

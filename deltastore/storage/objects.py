@@ -87,11 +87,14 @@ class ArrayReader:
         self.digest = digest
         self.label = f"array {digest[:12]}" + (f" ({what})" if what else "")
         key = object_key("arrays", digest)
-        cached = store.cache is not None and store.cache.exists(f"{key}/zarr.json")
+        self._cached = cached = store.cache is not None and store.cache.exists(f"{key}/zarr.json")
         self.backend = store.cache if cached else store.backend
+        self._fill = None
         try:
             self.layout = read_layout(self.backend, key)
         except (NotFoundError, CorruptObjectError) as exc:
+            if cached:
+                raise self._damaged(str(exc)) from None
             raise type(exc)(f"{self.label}: {exc}") from None
         self.dtype = array_torch_dtype(self.layout.dtype)
         self.shape = self.layout.shape
@@ -102,10 +105,11 @@ class ArrayReader:
         self._ahead: deque = deque()  # futures of the chunk files from self._next on, in order
         self._request_ahead()
         # Filled only from files read ahead: the only way an object store is read.
-        fill = store.cache is not None and not cached and bool(self._ahead)
-        self._fill = _CacheFill(store.cache, self.layout) if fill else None
+        if store.cache is not None and not cached and self._ahead:
+            self._fill = _CacheFill(store.cache, self.layout)
         self._verify = verify
-        self._hash = hashlib.sha256(array_header(self.layout.dtype, self.shape)) if verify or fill else None
+        hashed = verify or self._fill is not None  # a fill is checked even when the read is not
+        self._hash = hashlib.sha256(array_header(self.layout.dtype, self.shape)) if hashed else None
 
     def _request_ahead(self) -> None:
         """Ask the backend for chunk files up to READ_AHEAD_CHUNK_BYTES ahead of the next one."""
@@ -127,7 +131,7 @@ class ArrayReader:
         try:
             read_chunk(self.backend, self.layout, index, out, fetched)
         except CorruptObjectError as exc:
-            raise CorruptObjectError(f"{self.label}: {exc}") from None
+            raise self._damaged(str(exc)) from None
         if self._hash is not None:
             self._hash.update(out)
         if self._fill is not None:
@@ -138,12 +142,26 @@ class ArrayReader:
         if self._next != len(self.chunks):
             raise ValueError(f"{self.label}: {self._next} of {len(self.chunks)} chunks read")
         intact = self._hash is None or self._hash.hexdigest() == self.digest
+        if self._verify and not intact:
+            raise self._damaged(
+                f"{self.backend.root}: {self.label} is corrupt: its content hash is {self._hash.hexdigest()[:12]}...; "
+                "run `deltastore verify` to list every damaged object and restore them from a backup", named=True)
         if self._fill is not None:
             self._fill.finish(object_key("arrays", self.digest) if intact else None)
-        if self._verify and not intact:
-            raise CorruptObjectError(
-                f"{self.backend.root}: {self.label} is corrupt: its content hash is {self._hash.hexdigest()[:12]}...; "
-                "run `deltastore verify` to list every damaged object and restore them from a backup")
+
+    def _damaged(self, problem: str, *, named: bool = False) -> CorruptObjectError:
+        """The error for damage found in the array (``named``: ``problem`` names it already).
+
+        A copy being put in the cache is dropped. Damage to the cache's own copy is not the
+        registry's: that copy is removed, so the next read fetches the registry's."""
+        if self._fill is not None:
+            self._fill.finish(None)
+        if self._cached:
+            cache = self.backend
+            cache.delete(object_key("arrays", self.digest))
+            return CorruptObjectError(f"{self.label}: its copy in the read cache {cache.root} is damaged ({problem}); "
+                                      "it was removed from the cache: read again to use the registry's copy")
+        return CorruptObjectError(problem if named else f"{self.label}: {problem}")
 
 
 class _CacheFill:
