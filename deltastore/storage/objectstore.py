@@ -13,6 +13,11 @@ or locks:
   the header; older SeaweedFS releases under concurrency) would let two commits overwrite each
   other's refs without an error, so it is refused before anything is written.
 - **Publishing has no rename**: see :meth:`ObjectStoreBackend.publish`.
+- **Reads in parallel**: :meth:`ObjectStoreBackend.fetch` starts a GET on a thread pool of the
+  backend's own, so readers ask for the chunk files they will need next (storage/objects.py)
+  and many requests are in flight at once; each GET is ranged to what the reader can use and
+  its response gives the key's size, so no HEAD is needed beside it.
+- **Requests are counted** per backend (:attr:`ObjectStoreBackend.requests`), by operation.
 - **Listing** is built from the keys themselves (a prefix exists while a key is under it);
   an object store has no non-folder in a folder's place, so the protocol's "damage is
   raised" rule has nothing to catch here.
@@ -175,9 +180,9 @@ class ObjectStoreBackend:
         with self._fetcher_lock:
             if self._fetcher is None:
                 self._fetcher = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="deltastore-fetch")
-        return self._fetcher.submit(self._get_head, key, limit)
+        return self._fetcher.submit(self._fetch_now, key, limit)
 
-    def _get_head(self, key: str, limit: int):
+    def _fetch_now(self, key: str, limit: int):
         """``(the first limit bytes of key, its size)`` from one ranged GET, whose response
         says the whole key's size."""
         try:
