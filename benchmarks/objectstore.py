@@ -261,7 +261,8 @@ def report(res: dict) -> str:
     if c["s3_seconds"]:
         last = c["s3"][-1]["requests"]
         lines.append(f"| bucket | {c['s3_seconds']:.2f} ({r['s3_commit_vs_local']:.2f}x) | "
-                     + ", ".join(f"{n} {k}" for k, n in sorted(last.items())) + " |")
+                     + ", ".join(f"{n} {k}" for k, n in sorted(last.items())) + " (not counting the array "
+                     "writes zarr makes through its own store, ObjectStoreBackend.zarr_store) |")
     else:
         lines.append("| bucket | not measured: this build opens a bucket read-only (its error is in the .json) | - |")
     lines += ["", "Requests are counted by the backend, one per call to the store (a listing: one per page); "
