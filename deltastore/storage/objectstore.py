@@ -44,9 +44,10 @@ from .protocol import MAX_KEY_BYTES
 
 # Reads a backend keeps in flight for those who read ahead (:meth:`ObjectStoreBackend.fetch`):
 # a request on an object store waits on the network and the server, not on this machine's
-# cores, so far more of them than cores are worth having in flight; each holds at most one
-# chunk file (8 MiB), and the callers bound how many they ask for (storage/objects.py).
-FETCH_THREADS = 32
+# cores, so far more of them than cores are worth having in flight. The callers bound how many
+# they ask for (storage/objects.py: 4 chunk files per array reader, 16 reader threads at most),
+# so this is set not to cap them; each request holds at most one chunk file (8 MiB).
+FETCH_THREADS = 64
 
 
 class _CountedCalls:
