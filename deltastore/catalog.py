@@ -23,6 +23,7 @@ from .storage.records import BaseRecord, PointerRef, ReferenceRecord, RegistryIn
 
 INFO_KEY = "registry.msgpack"
 REFERENCE_REF = "refs/reference"
+CACHE_ENV = "DELTASTORE_CACHE"  # the read-through cache's folder for registries on object stores
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 INIT_LEFTOVERS = frozenset({"objects", "staging", "refs", "locks"})  # all a registry holds but INFO_KEY
@@ -114,9 +115,11 @@ class VersionStats:
             "ratio_fp16_amortized": self.source_fp16_bytes / amortized if amortized else None,
         }
 
-def open_location(path: str | os.PathLike) -> tuple[str | Path, Backend, ObjectStore, LockedWrites | GraceWrites]:
+def open_location(path: str | os.PathLike, *, cache: str | os.PathLike | None = None
+                  ) -> tuple[str | Path, Backend, ObjectStore, LockedWrites | GraceWrites]:
     """``(path, backend, objects, writes)`` of the registry at ``path``, a folder or an
-    object-store URL: the one place that picks the backend. The code above it reaches bytes
+    object-store URL: the one place that picks the backend. ``cache``: the read-through array
+    cache of an object-store registry (see :class:`Catalog`; a folder is never cached). The code above it reaches bytes
     through the Backend protocol, and keeps out of gc's way through ``writes``
     (storage/writes.py: ``flock`` on a folder, gc's grace period on an object store)."""
     if is_url(path):
@@ -126,7 +129,7 @@ def open_location(path: str | os.PathLike) -> tuple[str | Path, Backend, ObjectS
         # No probe of conditional writes yet: reading needs none (and read-only credentials
         # suffice); GraceWrites probes before the first write.
         backend: Backend = ObjectStoreBackend(url, check_writes=False)
-        objects = ObjectStore(backend)
+        objects = ObjectStore(backend, LocalBackend(cache) if cache else None)
         return url, backend, objects, GraceWrites(backend, objects)
     backend = LocalBackend(path)
     objects = ObjectStore(backend)
@@ -136,8 +139,17 @@ def open_location(path: str | os.PathLike) -> tuple[str | Path, Backend, ObjectS
 class Catalog:
     """A registry directory opened for reading (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path, self.backend, self.objects, self.writes = open_location(path)
+    def __init__(self, path: str | os.PathLike, *, cache: str | os.PathLike | None = None):
+        """``cache``: a local folder to keep the arrays read from a registry on an object store
+        in (default: the ``DELTASTORE_CACHE`` environment variable; none when unset), so the
+        next read of one, the reference above all, which every materialize reads, makes no
+        request. Arrays are named by their content, so a cached one is never stale; each is
+        kept once, published there only after it hashed to its name. The folder holds at most
+        the arrays read through it and is not trimmed: delete it, or any part of it, at any
+        time. A registry in a local folder is read in place, never cached."""
+        if cache is None:
+            cache = os.environ.get(CACHE_ENV) or None
+        self.path, self.backend, self.objects, self.writes = open_location(path, cache=cache)
         if not self.backend.exists(INFO_KEY):
             raise NotFoundError(
                 f"{self.path}: not a deltastore registry (no {INFO_KEY}); create one with `deltastore init`"

@@ -82,12 +82,19 @@ def _catalog(path: Path) -> Catalog:
     return Catalog(path)
 
 
-def _registry(path: Path) -> "Registry":
-    """Open REGISTRY for work on tensors (imports torch)."""
+def _registry(path: Path, cache: Path | None = None) -> "Registry":
+    """Open REGISTRY for work on tensors (imports torch); ``cache``: see ``cache_option``."""
     from deltastore.registry import Registry
 
     _remember(path)
-    return Registry(path)
+    return Registry(path, cache=cache)
+
+
+cache_option = click.option(
+    "--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Keep the arrays read from a registry on an object store in this local folder (default: "
+         "$DELTASTORE_CACHE), so the next read of one, the reference above all, makes no request. Never stale "
+         "(arrays are named by their content); not trimmed: delete it any time. Ignored for a local registry.")
 
 
 def _remember(path: Path) -> None:
@@ -542,12 +549,14 @@ def _version_summary(reg: Catalog, record) -> dict[str, Any]:
 @click.option("--device", default="cpu", show_default=True, help="Where to decode: cpu, cuda, cuda:1...")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Cast floating weights (default: the finetune's dtypes).")
 @click.option("--no-verify", is_flag=True, help="Skip rehashing the arrays read (faster; trusts the disk).")
+@cache_option
 @json_option
 @click.pass_context
-def materialize(ctx, registry: Path, spec: str, out: Path, device: str, dtype, no_verify: bool, as_json) -> None:
+def materialize(ctx, registry: Path, spec: str, out: Path, device: str, dtype, no_verify: bool, cache: Path | None,
+                as_json) -> None:
     """Rebuild TASK's weights as a Hugging Face directory at --out."""
     task, version = parse_spec(spec)
-    reg = _registry(registry)
+    reg = _registry(registry, cache)
     path = reg.save_pretrained(task, out, version, device=device, dtype=_torch_dtype(dtype), verify=not no_verify,
                                progress=_progress(ctx))
     _, record = reg.version(task, version)
@@ -642,12 +651,14 @@ def log(registry: Path, task: str, as_json: bool) -> None:
 @click.argument("spec_b", metavar="TASK@B", shell_complete=_complete("task"))
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="Tensors listed, largest relative error first (--json lists all).")
+@cache_option
 @json_option
 @click.pass_context
-def diff(ctx: click.Context, registry: Path, spec_a: str, spec_b: str, top: int, as_json: bool) -> None:
+def diff(ctx: click.Context, registry: Path, spec_a: str, spec_b: str, top: int, cache: Path | None,
+         as_json: bool) -> None:
     """Compare two versions (of one task or two): compressor, lambdas, bytes on disk, and per tensor
     the relative error ||W_A - W_B|| / ||W_B|| of their materialized weights."""
-    reg = _registry(registry)
+    reg = _registry(registry, cache)
     sides = [_version_summary(reg, reg.version(spec)[1]) for spec in (spec_a, spec_b)]
     names = [f"{side['task']}@{side['version']}" for side in sides]
     # B is held whole, A streamed against it: one model in memory, not two.

@@ -70,6 +70,11 @@ class LocalBackend:
                 pos += n
             return pos
 
+    def fetch(self, key: str, *, limit: int) -> None:
+        """None: a local file is read in place with :meth:`get_into` (straight into the caller's
+        buffer, no round trip to hide), never ahead into a buffer of its own."""
+        return None
+
     def get_versioned(self, key: str) -> tuple[bytes | None, str | None]:
         """The bytes of ``key`` and their SHA-256 as the version token; ``(None, None)`` if absent.
 

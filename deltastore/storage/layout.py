@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,6 +24,8 @@ from ..dtypes import ARRAY_DTYPES
 from ..errors import CorruptObjectError, NotFoundError
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from .protocol import Backend
 
 # Arrays are chunked so no chunk exceeds this many bytes: big enough that per-chunk overhead
@@ -59,6 +61,7 @@ class ArrayLayout:
     shape: tuple[int, ...]
     chunk_rows: int          # rows of the first axis per chunk (1 for a 0-d array)
     zstd: bool               # each chunk file is one zstd frame (else the raw bytes)
+    metadata: bytes = field(default=b"", repr=False, compare=False)  # the zarr.json read
 
     @property
     def row_nbytes(self) -> int:
@@ -132,42 +135,69 @@ def read_layout(backend: Backend, key: str) -> ArrayLayout:
     shape = tuple(meta["shape"])
     chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
     return ArrayLayout(key, np.dtype(meta["data_type"]).newbyteorder("<"), shape, chunk[0] if shape else 1,
-                       meta["codecs"][-1]["name"] == "zstd")
+                       meta["codecs"][-1]["name"] == "zstd", raw)
 
 
-def read_chunk(backend: Backend, layout: ArrayLayout, index: int, out: memoryview) -> None:
+def chunk_file_limit(layout: ArrayLayout) -> int:
+    """Bytes of a chunk file worth reading: the whole raw chunk, or one byte more than the
+    largest zstd frame of a chunk can be (so a longer file is seen, and refused)."""
+    return _zstd_bound(layout) + 1 if layout.zstd else layout.chunk_nbytes
+
+
+def _zstd_bound(layout: ArrayLayout) -> int:
+    return layout.chunk_nbytes + (layout.chunk_nbytes >> 7) + 1024  # above zstd's worst case
+
+
+def chunk_key(layout: ArrayLayout, index: int) -> str:
+    return f"{layout.key}/{layout.chunk(index)[0]}"
+
+
+def read_chunk(backend: Backend, layout: ArrayLayout, index: int, out: memoryview,
+               fetched: Future | None = None) -> None:
     """Decode chunk ``index`` of an array into ``out``: exactly the chunk's bytes that lie
     inside the array (specs/format.md §4: the last chunk's padding is dropped).
 
+    ``fetched``: the chunk file read ahead (:meth:`Backend.fetch` of :func:`chunk_key` with
+    :func:`chunk_file_limit`); without it the file is read now, a raw one straight into ``out``.
+
     Reads bypass zarr: ``zstandard`` releases the GIL and decodes straight into the caller's
     buffer (a pinned staging slot on CUDA), so reader threads decode in parallel and no
-    other host copy of the array is made; an uncompressed chunk is read straight into it."""
+    other host copy of the array is made."""
     name, _, valid = layout.chunk(index)
     key = f"{layout.key}/{name}"
     where = f"{backend.root}: array {layout.key!r}, chunk {name}"
     out = out.cast("B")
     if len(out) != valid:
         raise ValueError(f"{where}: buffer of {len(out)} bytes for {valid} bytes of chunk")
+    bound = _zstd_bound(layout)
     try:
-        if not layout.zstd:
+        if fetched is not None:
+            data, size = fetched.result()
+            frame = memoryview(data)
+        elif not layout.zstd:
             got = backend.get_into(key, out)
             size = backend.size(key)
-            if size != layout.chunk_nbytes:
-                raise CorruptObjectError(f"{where}: holds {size} bytes, expected {layout.chunk_nbytes}; "
-                                         "run `deltastore verify` and restore it from a backup")
-            if got != valid:
-                raise CorruptObjectError(f"{where}: ends after {got} of {valid} bytes; run `deltastore verify` "
-                                         "and restore it from a backup")
-            return
-        bound = layout.chunk_nbytes + (layout.chunk_nbytes >> 7) + 1024  # above zstd's worst case
-        buffer = _frame_buffer(bound + 1)
-        frame = buffer[:backend.get_into(key, buffer)]
-        if len(frame) > bound:
-            raise CorruptObjectError(f"{where}: holds over {bound} bytes, more than a zstd frame of "
-                                     f"{layout.chunk_nbytes} bytes can; restore it from a backup")
+        else:
+            buffer = _frame_buffer(bound + 1)
+            frame = buffer[:backend.get_into(key, buffer)]
+            size = len(frame)
     except NotFoundError:
         raise CorruptObjectError(f"{where} is missing; the registry is damaged: run `deltastore verify` and "
                                  "restore this object from a backup") from None
+    if not layout.zstd:
+        if size != layout.chunk_nbytes:
+            raise CorruptObjectError(f"{where}: holds {size} bytes, expected {layout.chunk_nbytes}; "
+                                     "run `deltastore verify` and restore it from a backup")
+        if fetched is not None:
+            got = min(len(frame), valid)
+            out[:got] = frame[:got]
+        if got != valid:
+            raise CorruptObjectError(f"{where}: ends after {got} of {valid} bytes; run `deltastore verify` "
+                                     "and restore it from a backup")
+        return
+    if size > bound:
+        raise CorruptObjectError(f"{where}: holds over {bound} bytes, more than a zstd frame of "
+                                 f"{layout.chunk_nbytes} bytes can; restore it from a backup")
     declared = zstd_content_size(frame)
     if declared != layout.chunk_nbytes:
         raise CorruptObjectError(

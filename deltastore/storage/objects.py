@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+import warnings
+from collections import deque
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
@@ -17,7 +19,8 @@ from numcodecs import Zstd
 
 from ..dtypes import array_numpy_dtype, array_torch_dtype
 from ..errors import CorruptObjectError, NotFoundError
-from .layout import ARRAY_METADATA, read_chunk, read_layout, write_array, zstd_content_size
+from .layout import (ARRAY_METADATA, ArrayLayout, chunk_file_limit, chunk_key, read_chunk, read_layout, write_array,
+                     zstd_content_size)
 from .protocol import Backend
 from .records import Record, content_hash, pack, unpack
 
@@ -31,6 +34,11 @@ R = TypeVar("R", bound=Record)
 _BLOB_CODEC = Zstd(level=9)
 # Blobs are side files, which sources.py caps at 64 MiB when committing.
 MAX_BLOB_BYTES = 64 << 20
+# Chunk files one array reader asks for ahead, in bytes, where the backend reads ahead (an
+# object store): four 8 MiB chunks in flight per reader hide the requests' latency (on
+# loopback SeaweedFS, 4-8 concurrent GETs reached its throughput), and the reader threads of
+# a materialize (16 at most) hold at most 512 MiB of chunk files not yet decoded.
+READ_AHEAD_CHUNK_BYTES = 32 << 20
 
 
 def array_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -67,53 +75,154 @@ class ArrayReader:
     """Reads one stored array chunk by chunk, in order, into buffers the caller owns (a pinned
     staging buffer, a slice of a numpy array), and checks its content hash once all is read.
 
+    Where the backend reads ahead (an object store, :meth:`Backend.fetch`), the next chunk
+    files are requested before they are needed, up to READ_AHEAD_CHUNK_BYTES, so an array's
+    chunks arrive in parallel, not one round trip after another. With a read-through cache
+    (:class:`ObjectStore`), an array the cache holds is read from it, and one it lacks is copied
+    into it as it is read, published there only once all of it hashed to its name.
+
     Nothing read may be used before :meth:`finish` returns: it raises CorruptObjectError when
     the bytes do not hash to the array's name.
     """
 
     def __init__(self, store: "ObjectStore", digest: str, *, verify: bool, what: str):
-        self.backend = store.backend
         self.digest = digest
         self.label = f"array {digest[:12]}" + (f" ({what})" if what else "")
         key = object_key("arrays", digest)
+        self._cached = cached = store.cache is not None and store.cache.exists(f"{key}/zarr.json")
+        self.backend = store.cache if cached else store.backend
+        self._fill = None
         try:
             self.layout = read_layout(self.backend, key)
         except (NotFoundError, CorruptObjectError) as exc:
+            if cached:
+                raise self._damaged(str(exc)) from None
             raise type(exc)(f"{self.label}: {exc}") from None
         self.dtype = array_torch_dtype(self.layout.dtype)
         self.shape = self.layout.shape
         self.nbytes = self.layout.nbytes
         self.chunks = self.layout.chunks()
-        self._hash = hashlib.sha256(array_header(self.layout.dtype, self.shape)) if verify else None
         self._next = 0
+        self._limit = chunk_file_limit(self.layout)
+        self._ahead: deque = deque()  # futures of the chunk files from self._next on, in order
+        self._request_ahead()
+        # Filled only from files read ahead: the only way an object store is read.
+        if store.cache is not None and not cached and self._ahead:
+            self._fill = _CacheFill(store.cache, self.layout)
+        self._verify = verify
+        hashed = verify or self._fill is not None  # a fill is checked even when the read is not
+        self._hash = hashlib.sha256(array_header(self.layout.dtype, self.shape)) if hashed else None
+
+    def _request_ahead(self) -> None:
+        """Ask the backend for chunk files up to READ_AHEAD_CHUNK_BYTES ahead of the next one."""
+        window = max(1, READ_AHEAD_CHUNK_BYTES // max(1, self._limit))
+        while self._next + len(self._ahead) < len(self.chunks) and len(self._ahead) < window:
+            index = self._next + len(self._ahead)
+            fetched = self.backend.fetch(chunk_key(self.layout, index), limit=self._limit)
+            if fetched is None:  # a backend read in place (a local folder)
+                return
+            self._ahead.append(fetched)
 
     def read_chunk(self, index: int, out: memoryview) -> None:
         """Decode chunk ``index`` (the next one) into ``out``, of ``self.chunks[index][2]`` bytes."""
         if index != self._next:
             raise ValueError(f"{self.label}: chunk {index} read out of order (expected {self._next})")
+        fetched = self._ahead.popleft() if self._ahead else None
+        self._next += 1
+        self._request_ahead()
         try:
-            read_chunk(self.backend, self.layout, index, out)
+            read_chunk(self.backend, self.layout, index, out, fetched)
         except CorruptObjectError as exc:
-            raise CorruptObjectError(f"{self.label}: {exc}") from None
+            raise self._damaged(str(exc)) from None
         if self._hash is not None:
             self._hash.update(out)
-        self._next += 1
+        if self._fill is not None:
+            self._fill.chunk(self.chunks[index][0], fetched.result()[0])
 
     def finish(self) -> None:
         """Check that every chunk was read and that the bytes hash to the array's name."""
         if self._next != len(self.chunks):
             raise ValueError(f"{self.label}: {self._next} of {len(self.chunks)} chunks read")
-        if self._hash is not None and self._hash.hexdigest() != self.digest:
-            raise CorruptObjectError(
+        intact = self._hash is None or self._hash.hexdigest() == self.digest
+        if self._verify and not intact:
+            raise self._damaged(
                 f"{self.backend.root}: {self.label} is corrupt: its content hash is {self._hash.hexdigest()[:12]}...; "
-                "run `deltastore verify` to list every damaged object and restore them from a backup")
+                "run `deltastore verify` to list every damaged object and restore them from a backup", named=True)
+        if self._fill is not None:
+            self._fill.finish(object_key("arrays", self.digest) if intact else None)
+
+    def _damaged(self, problem: str, *, named: bool = False) -> CorruptObjectError:
+        """The error for damage found in the array (``named``: ``problem`` names it already).
+
+        A copy being put in the cache is dropped. Damage to the cache's own copy is not the
+        registry's: that copy is removed, so the next read fetches the registry's."""
+        if self._fill is not None:
+            self._fill.finish(None)
+        if self._cached:
+            cache = self.backend
+            cache.delete(object_key("arrays", self.digest))
+            return CorruptObjectError(f"{self.label}: its copy in the read cache {cache.root} is damaged ({problem}); "
+                                      "it was removed from the cache: read again to use the registry's copy")
+        return CorruptObjectError(problem if named else f"{self.label}: {problem}")
+
+
+class _CacheFill:
+    """An array being copied into a read-through cache as it is read: its zarr.json and chunk
+    files, exactly as stored, go under a staging prefix of the cache, published under the
+    array's key once the whole array hashed to its name (so the cache only ever holds intact
+    arrays, and a reader killed half-way leaves only ``staging/`` debris, which nothing reads).
+
+    A cache that cannot be written (a full disk, no permission) never fails the read: the
+    fill is dropped with a warning and the array is read from the registry as without a cache."""
+
+    def __init__(self, cache: Backend, layout: ArrayLayout):
+        self.cache = cache
+        self.staged: str | None = f"staging/{uuid.uuid4().hex}"
+        self._write("zarr.json", layout.metadata)
+
+    def _write(self, name: str, data) -> None:
+        if self.staged is None:
+            return
+        try:
+            self.cache.put(f"{self.staged}/{name}", data)
+        except OSError as exc:
+            self._drop(exc)
+
+    def chunk(self, name: str, data) -> None:
+        self._write(name, data)
+
+    def finish(self, final: str | None) -> None:
+        """Publish under ``final``, or drop the copy when None (the array did not hash to its name)."""
+        if self.staged is None:
+            return
+        try:
+            if final is None:
+                self.cache.delete(self.staged)
+            else:
+                self.cache.publish(self.staged, final)
+        except OSError as exc:
+            self._drop(exc)
+        self.staged = None
+
+    def _drop(self, exc: OSError) -> None:
+        warnings.warn(f"{self.cache.root}: cannot write the read cache ({exc}); reading without it", stacklevel=2)
+        staged, self.staged = self.staged, None
+        try:
+            self.cache.delete(staged)
+        except OSError:
+            pass  # debris in the cache's staging/, which nothing reads
 
 
 class ObjectStore:
-    """Typed access to the objects of one registry through its backend."""
+    """Typed access to the objects of one registry through its backend.
 
-    def __init__(self, backend: Backend):
+    ``cache``: a read-through cache of arrays (a local folder, as a Backend, laid out like a
+    registry's ``objects/``) for a registry whose reads cost requests (an object store). Objects
+    are named by their content, so a cached array can never be stale; see :class:`ArrayReader`."""
+
+    def __init__(self, backend: Backend, cache: Backend | None = None):
         self.backend = backend
+        self.cache = cache
         # The write operation in progress (storage/writes.py), which every object written or
         # reused joins, so it can re-check them before its ref names them.
         self.attempt: Attempt | None = None

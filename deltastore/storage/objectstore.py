@@ -13,6 +13,11 @@ or locks:
   the header; older SeaweedFS releases under concurrency) would let two commits overwrite each
   other's refs without an error, so it is refused before anything is written.
 - **Publishing has no rename**: see :meth:`ObjectStoreBackend.publish`.
+- **Reads in parallel**: :meth:`ObjectStoreBackend.fetch` starts a GET on a thread pool of the
+  backend's own, so readers ask for the chunk files they will need next (storage/objects.py)
+  and many requests are in flight at once; each GET is ranged to what the reader can use and
+  its response gives the key's size, so no HEAD is needed beside it.
+- **Requests are counted** per backend (:attr:`ObjectStoreBackend.requests`), by operation.
 - **Listing** is built from the keys themselves (a prefix exists while a key is under it);
   an object store has no non-folder in a folder's place, so the protocol's "damage is
   raised" rule has nothing to catch here.
@@ -24,9 +29,13 @@ obstore reads itself; they are never arguments, so they never reach a command li
 
 from __future__ import annotations
 
+import threading
 import uuid
+import weakref
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 
-import obstore
+import obstore as _obstore
 from obstore.exceptions import AlreadyExistsError, BaseError, NotSupportedError, PreconditionError
 from obstore.store import from_url
 
@@ -34,6 +43,58 @@ from ..errors import ConditionalWritesError, CorruptObjectError, NotFoundError
 from .layout import ARRAY_METADATA  # published last and deleted first: see publish and delete
 from .protocol import MAX_KEY_BYTES
 from .writes import PROBE_PREFIX
+
+# Reads a backend keeps in flight for those who read ahead (:meth:`ObjectStoreBackend.fetch`):
+# a request on an object store waits on the network and the server, not on this machine's
+# cores, so far more of them than cores are worth having in flight. The callers bound how many
+# they ask for (storage/objects.py: 4 chunk files per array reader, 16 reader threads at most),
+# so this is set not to cap them; each request holds at most one chunk file (8 MiB).
+FETCH_THREADS = 64
+
+
+class _CountedCalls:
+    """obstore's functions as this module calls them, each call counted as one request on the
+    :attr:`ObjectStoreBackend.requests` of the backend whose store it is given (a listing: one
+    request per page of keys).
+
+    In place of the module, so every request any method of the backend makes is counted,
+    reads and writes alike, with no counting code at each call. A backend registers its store
+    by identity (obstore's stores cannot be hashed or weakly referenced) and unregisters it
+    when the backend is collected; a store nobody registered (zarr's, see
+    :meth:`ObjectStoreBackend.zarr_store`) is not counted."""
+
+    def __init__(self):
+        self._counters: dict[int, tuple[Counter, threading.Lock]] = {}
+
+    def register(self, backend: "ObjectStoreBackend") -> None:
+        key = id(backend._store)
+        self._counters[key] = (backend.requests, threading.Lock())
+        weakref.finalize(backend, self._counters.pop, key, None)
+
+    def _count(self, store, name: str) -> None:
+        counter = self._counters.get(id(store))
+        if counter is not None:
+            with counter[1]:  # from many reader threads at once
+                counter[0][name] += 1
+
+    def __getattr__(self, name: str):
+        call = getattr(_obstore, name)
+
+        def counted(store, *args, **kwargs):
+            self._count(store, name)
+            result = call(store, *args, **kwargs)
+            return self._pages(store, result) if name == "list" else result
+        return counted
+
+    def _pages(self, store, stream):
+        """The pages of a listing, each after the first counted as one more request."""
+        for number, page in enumerate(stream):
+            if number:
+                self._count(store, "list")
+            yield page
+
+
+obstore = _CountedCalls()
 
 
 class ObjectStoreBackend:
@@ -45,6 +106,12 @@ class ObjectStoreBackend:
         to read, which may hold read-only credentials)."""
         self.root = url.rstrip("/")
         self._store = from_url(self.root)
+        # Requests made so far, by obstore function ("get", "head", "put", "list"...): what the
+        # benchmark reports per commit and per materialize, and tests bound.
+        self.requests: Counter[str] = Counter()
+        obstore.register(self)
+        self._fetcher: ThreadPoolExecutor | None = None
+        self._fetcher_lock = threading.Lock()
         if check_writes:
             self.check_conditional_writes()
 
@@ -100,6 +167,34 @@ class ObjectStoreBackend:
             raise CorruptObjectError(f"{self._where(key)} holds {size} bytes, more than the {limit} such an object "
                                      "may have; it is damaged or was not written by deltastore")
         return bytes(result.bytes()), result.meta["e_tag"]
+
+    def fetch(self, key: str, *, limit: int) -> Future:
+        """Start one GET of the first ``limit`` bytes of ``key`` on a thread of this backend's
+        own; the future's result is ``(bytes read, the key's full size)`` (obstore's buffer:
+        read by the caller in place, no copy here), or NotFoundError.
+
+        Why threads and not obstore's async API: ranged reads of 8 MiB chunks through it ran at
+        70 MB/s against SeaweedFS on loopback, where the same GETs from threads (obstore's
+        blocking calls release the GIL) ran at 1.1 GB/s."""
+        with self._fetcher_lock:
+            if self._fetcher is None:
+                self._fetcher = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="deltastore-fetch")
+        return self._fetcher.submit(self._fetch_now, key, limit)
+
+    def _fetch_now(self, key: str, limit: int):
+        """``(the first limit bytes of key, its size)`` from one ranged GET, whose response
+        says the whole key's size."""
+        try:
+            try:
+                result = obstore.get(self._store, key, options={"range": (0, limit)})
+            except BaseError:  # a range on an empty key is an error to the store: head says
+                size = obstore.head(self._store, key)["size"]
+                if size:
+                    raise
+                return b"", 0
+        except FileNotFoundError:
+            raise NotFoundError(f"{self._where(key)} is missing") from None
+        return result.bytes(), result.meta["size"]
 
     def get_into(self, key: str, out: memoryview, *, start: int = 0) -> int:
         """One ranged GET of bytes ``[start, start + len(out))`` copied into ``out``."""

@@ -13,6 +13,9 @@ What a backend MUST provide to keep docs/guarantees.md and specs/format.md §9:
   registry); a missing key raises :class:`~deltastore.errors.NotFoundError` naming it.
 - **Ranged reads** (:meth:`get_into`) into the caller's buffer, so a chunk lands in pinned
   staging memory without another host copy.
+- **Reads ahead where a request has latency** (:meth:`fetch`): an object store starts many
+  reads at once, so a reader asks for the next chunk files before it needs them; a local
+  folder answers None and is read in place, where a read costs no round trip.
 - **Atomic writes**: :meth:`put` replaces a key whole (a reader sees the old or the new bytes,
   never a mix, and never a torn file after a power cut); :meth:`put_if_absent` does the same
   only when the key does not exist; :meth:`publish` moves a staged key or prefix (a whole
@@ -41,6 +44,8 @@ import os
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from zarr.abc.store import Store
 
 # Whole-key objects (records, refs, blobs) are small: side files are capped at 64 MiB when
@@ -64,6 +69,11 @@ class Backend(Protocol):
     def get_into(self, key: str, out: memoryview, *, start: int = 0) -> int:
         """Read bytes ``[start, start + len(out))`` of ``key`` into ``out``; return how many were
         read (fewer only where the key ends). A missing key is NotFoundError."""
+
+    def fetch(self, key: str, *, limit: int) -> Future | None:
+        """Start reading the first ``limit`` bytes of ``key`` in the background: a future of
+        ``(those bytes as a buffer, the key's full size)``, or NotFoundError; None where reading
+        ahead gains nothing (a local folder), and the caller reads with :meth:`get_into`."""
 
     def get_versioned(self, key: str) -> tuple[bytes | None, str | None]:
         """``(bytes, version token)`` of ``key``, ``(None, None)`` when absent; the token is what

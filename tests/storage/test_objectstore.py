@@ -173,3 +173,17 @@ def test_a_prefix_emptied_by_delete_is_no_child(url):
     assert backend.children("objects/arrays/ab") == ["ef"]
     assert backend.children("refs") == [] and backend.children("") == ["objects"]
     assert not backend.prefix_exists("refs") and not backend.exists("objects/arrays/ab/cd")
+
+
+def test_every_request_is_counted_by_kind_on_its_own_backend(url):
+    """Reads and writes alike, each on the backend that sent it, not on another one."""
+    from collections import Counter
+
+    backend, other = ObjectStoreBackend(url, check_writes=False), ObjectStoreBackend(url, check_writes=False)
+    for i in range(3):
+        backend.put(f"k/{i}", b"x")
+    backend.get("k/0")
+    backend.fetch("k/1", limit=1).result()
+    assert backend.list("k") == ["k/0", "k/1", "k/2"] and backend.exists("k/2")
+    assert backend.requests == Counter({"put": 3, "get": 2, "list": 1, "head": 1})
+    assert other.get("k/0") == b"x" and other.requests == Counter({"get": 1})
