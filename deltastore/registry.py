@@ -237,8 +237,8 @@ class Registry(Catalog):
 
         with self.locks.hold("registry", shared=True):
             txn = self.objects.new_txn()
-            tensors = pipeline.encode(task, compressor, lambdas, seeds, txn)
-            files = store_files(self.objects, source, txn)
+            tensors, packed = pipeline.encode(task, compressor, lambdas, seeds, txn)
+            files = store_files(self.objects, source, txn, reference)
             n_params = sum(numel(source.shape(n)) for n in source.names())
             record_source = {
                 "label": str(source.label), "bytes": source.nbytes(), "params": n_params,
@@ -254,7 +254,7 @@ class Registry(Catalog):
                     task=task, version=number, parent=parent, created=utc_now(), message=message,
                     reference=ref_digest, base=base_digest, method=method, config=compressor.config.to_dict(),
                     lam1=float(lambdas.lam1), lam2=float(lambdas.lam2), tuning=plain(lambdas.record),
-                    tensors=tensors, files=files, source=record_source,
+                    tensors=tensors, files=files, source=record_source, pack=packed,
                 )
                 digest = self.objects.put_record(record, txn)
                 new_ref = TaskRef(ref.versions + [(number, digest)], number)
