@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -189,6 +190,8 @@ def test_ls_log_show_verify_say_what_they_hold(example, reg):
     assert "closed form" in run("show", reg, "has_top@1").stdout
     show = json.loads(run("show", reg, "has_top@1", "--json").stdout)
     assert show["delta_rows"] > show["unchanged_rows"] > 0  # the example leaves unseen tokens' rows alone
+    assert sum(show["parts"].values()) == show["own_bytes"] and show["parts"]["codes"] > 0
+    assert re.search(r"own bytes  codes [0-9.]+ KB \(\d+%\), .*small tensors", run("show", reg, "has_top@1").stdout)
     assert f"{show['unchanged_rows']} of {show['delta_rows']} rows" in run("show", reg, "has_top@1").stdout
 
     text = run("verify", reg).stdout

@@ -464,6 +464,13 @@ def _rows_summary(data: dict[str, Any]) -> str:
             "mask bit each, only the changed rows are compressed")
 
 
+def _parts_summary(parts: dict[str, int]) -> str:
+    """Where a version's own bytes go (specs/format.md §10), largest first."""
+    total = sum(parts.values()) or 1
+    return ", ".join(f"{name.replace('_', ' ')} {_human(size)} ({size / total:.0%})"
+                     for name, size in sorted(parts.items(), key=lambda kv: -kv[1]))
+
+
 def _version_summary(reg: Catalog, record) -> dict[str, Any]:
     stats = reg.stats(record.task, record.version).to_dict()
     base_name = None
@@ -554,6 +561,7 @@ def show(registry: Path, spec: str, as_json: bool) -> None:
         f"  rows       {_rows_summary(data)}",
         f"  on disk    {_human(data['own_bytes'])} own ({_human(data['amortized_bytes'])} amortized over tasks "
         f"sharing objects) + {_human(data['base_share_bytes'])} base share",
+        f"  own bytes  {_parts_summary(data['parts'])}",
         f"  ratio      {_times(data['ratio_fp16'])} vs fp16, {_times(data['ratio_source_dtype'])} vs the finetune's "
         f"dtype, {_times(data['ratio_fp16_with_base_share'])} vs fp16 with the base share, "
         f"{_times(data['ratio_fp16_amortized'])} amortized",
