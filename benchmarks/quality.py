@@ -203,9 +203,10 @@ def bytes_breakdown(reg, name: str) -> dict:
     return out
 
 
-def run_parts(tasks: list[str], settings: list[str]) -> list[dict]:
-    """Commit each task with each setting (plain: no base vector, no fit) into a fresh registry and
-    count its own bytes by part; no evaluation (the bytes do not depend on it)."""
+def run_parts(tasks: list[str], settings: list[str], small_bits: list[int], device: str) -> list[dict]:
+    """Commit each task with each setting (plain: no base vector, no fit) into a fresh registry,
+    small tensors exact and with each of ``small_bits`` (the lossy option), count its own bytes
+    by part and score it on the task's test split."""
     import tempfile
 
     from deltastore.registry import Registry
@@ -216,18 +217,24 @@ def run_parts(tasks: list[str], settings: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="quality-parts-") as tmp:
         reg = Registry.init(Path(tmp) / "registry", zoo.base_model_path(), progress=False)
         for task in tasks:
+            ev = TaskEval(task, device)
             for setting in settings:
-                method, config = SETTINGS[setting]
-                name = f"{task}--{setting}"
-                reg.commit(name, zoo.model_dir(task), method=method, config=config, progress=False)
-                stats = reg.stats(name).to_dict()
-                cell = {"format": f"{FORMAT_MAJOR}.{FORMAT_MINOR}", "task": task, "setting": setting, "row": "plain",
-                        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
-                        "own_bytes": stats["own_bytes"], "ratio_fp16": stats["ratio_fp16"],
-                        **bytes_breakdown(reg, name)}
-                print(f"format {cell['format']} {task:16} {setting:16} {cell['own_bytes']:>10,} bytes own "
-                      f"(x{cell['ratio_fp16']:.1f} fp16)", flush=True)
-                out.append(cell)
+                for bits in [None] + small_bits:
+                    method, config = SETTINGS[setting]
+                    name = f"{task}--{setting}--{bits}"
+                    lossy = {} if bits is None else {"small_tensor_bits": bits}  # a keyword of format 1.2 only
+                    reg.commit(name, zoo.model_dir(task), method=method, config=config, progress=False, **lossy)
+                    stats = reg.stats(name).to_dict()
+                    cell = {"format": f"{FORMAT_MAJOR}.{FORMAT_MINOR}", "task": task, "setting": setting,
+                            "row": "plain", "small_tensor_bits": bits,
+                            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+                            "own_bytes": stats["own_bytes"], "ratio_fp16": stats["ratio_fp16"],
+                            **bytes_breakdown(reg, name), **ev.score(reg.materialize(name, progress=False)),
+                            "finetuned_accuracy": ev.finetuned_accuracy}
+                    print(f"format {cell['format']} {task:16} {setting:16} small bits {bits!s:4} "
+                          f"{cell['own_bytes']:>10,} bytes own (x{cell['ratio_fp16']:.1f} fp16), accuracy "
+                          f"{100 * cell['accuracy']:.1f} (finetuned {100 * ev.finetuned_accuracy:.1f})", flush=True)
+                    out.append(cell)
     return out
 
 
@@ -388,12 +395,18 @@ def parts_markdown(parts: list[dict]) -> list[str]:
              "`python benchmarks/quality.py --parts` on " + ", ".join(sorted({p["machine"] for p in parts})) +
              "; each format measured by the deltastore of that format (this script run on its checkout). Format 1.2 "
              "stores side files as patches against the reference's, packs the small tensors (XOR with the "
-             "reference, byte-shuffled, one array) and leaves repeated fields out of the record.", "",
-             "| setting | task | format | own bytes | x fp16 | record | codes | masks | small tensors | side files |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for p in sorted(parts, key=lambda p: (p["setting"], p["task"], p["format"])):
-        lines.append(f"| {p['setting']} | {p['task']} | {p['format']} | {p['own_bytes']:,} | {p['ratio_fp16']:.0f} | "
-                     + " | ".join(f"{p[k]:,}" for k in PART_COLUMNS) + " |")
+             "reference, byte-shuffled, one array) and leaves repeated fields out of the record. \"small bits\": "
+             "`exact`, or the lossy option `small_tensor_bits=N` (`--small-tensor-bits N`: small tensors keep N "
+             "mantissa bits of their own, the rest the reference's). Accuracy: on the task's test split, against "
+             "the finetune's.", "",
+             "| setting | task | format | small bits | own bytes | x fp16 | accuracy (finetuned) | record | codes | "
+             "masks | small tensors | side files |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in sorted(parts, key=lambda p: (p["setting"], p["task"], p["format"], -(p.get("small_tensor_bits") or 99))):
+        bits = p.get("small_tensor_bits")
+        lines.append(f"| {p['setting']} | {p['task']} | {p['format']} | {'exact' if bits is None else bits} | "
+                     f"{p['own_bytes']:,} | {p['ratio_fp16']:.0f} | {100 * p['accuracy']:.1f} "
+                     f"({100 * p['finetuned_accuracy']:.1f}) | " + " | ".join(f"{p[k]:,}" for k in PART_COLUMNS) + " |")
     return lines + [""]
 
 
@@ -564,8 +577,9 @@ def update_parts(cells: list[dict]) -> int:
     and rewrite the "Bytes per part" section of quality.md, leaving the rest of the page as it is."""
     data_path, page_path = RESULTS / "quality.json", RESULTS / "quality.md"
     data = json.loads(data_path.read_text()) if data_path.exists() else {}
-    new = {(c["format"], c["task"], c["setting"]) for c in cells}
-    data["parts"] = [p for p in data.get("parts", []) if (p["format"], p["task"], p["setting"]) not in new] + cells
+    key = lambda c: (c["format"], c["task"], c["setting"], c.get("small_tensor_bits"))  # noqa: E731
+    new = {key(c) for c in cells}
+    data["parts"] = [p for p in data.get("parts", []) if key(p) not in new] + cells
     data_path.write_text(json.dumps(data, indent=1, default=str))
     page = page_path.read_text() if page_path.exists() else ""
     section = "\n".join(parts_markdown(data["parts"]))
@@ -595,12 +609,14 @@ def main(argv: list[str] | None = None) -> int:
                         "cuda whenever it is available")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from cached cells")
     parser.add_argument("--machine", default=None, help="with --report-only: where the cached cells were computed")
+    parser.add_argument("--small-tensor-bits", type=int, nargs="*", default=[],
+                        help="with --parts: also commit with the lossy option keeping this many mantissa bits")
     parser.add_argument("--parts", action="store_true",
                         help="only count own bytes by part for --tasks x --settings (plain, no evaluation) and update "
                              "the 'Bytes per part' section of quality.md/json, keeping the rest of the page")
     args = parser.parse_args(argv)
     if args.parts:
-        return update_parts(run_parts(args.tasks or _zoo().TASKS, args.settings))
+        return update_parts(run_parts(args.tasks or _zoo().TASKS, args.settings, args.small_tensor_bits, args.device))
 
     import torch
     import transformers

@@ -361,6 +361,10 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
 @click.option("--per-layer", is_flag=True, help="One (lam1, lam2) per tensor instead of one pair per model.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the compressor's random choices (the masks of those that drop values).")
+@click.option("--small-tensor-bits", type=click.IntRange(0, 52), metavar="N",
+              help="Lossy small tensors (biases, norms): keep N mantissa bits of each value, the rest the "
+                   "reference's (relative change < 2^-N); default: stored exactly. Measured in "
+                   "benchmarks/results/quality.md.")
 @click.option("--allow-unrelated", is_flag=True, help="Store a model even if it looks unrelated to the reference.")
 @click.option("--follow-links", is_flag=True, help="Read files of FINETUNE that are symlinks leading out of it.")
 @click.option("--device", default="cpu", show_default=True, help="Where to compute deltas and encode: cpu, cuda...")
@@ -368,7 +372,7 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
 @click.pass_context
 def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method: str | None, config_items,
            base_name, message, tune, calib, calib_max_length, calib_batch_size, tune_steps, tune_lr, per_layer, seed,
-           allow_unrelated, follow_links, device, as_json, **shorthands) -> None:
+           small_tensor_bits, allow_unrelated, follow_links, device, as_json, **shorthands) -> None:
     """Compress FINETUNE as the next version of TASK."""
     method, config = _compressor_config(method, config_items, shorthands)
     tune_options = {k: v for k, v in (("max_steps", tune_steps), ("lr", tune_lr)) if v is not None}
@@ -396,7 +400,7 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
     latest = reg.version_hashes(task)[-1][0] if task in reg.tasks() else None
     record = reg.commit(task, finetune, method=method, config=config, base=base_name, message=message, tune=tune,
                         calibration=calibration, per_layer=per_layer, tune_options=tune_options or None, seed=seed,
-                        allow_unrelated=allow_unrelated, follow_links=follow_links, device=device,
+                        small_tensor_bits=small_tensor_bits, allow_unrelated=allow_unrelated, follow_links=follow_links, device=device,
                         progress=_progress(ctx), skip_unchanged=True)
     data = _version_summary(reg, record)
     if record.version == latest:

@@ -28,7 +28,7 @@ from ..storage.objects import ObjectStore
 from ..storage.records import PACKED, BaseRecord, ReferenceRecord, TensorEntry
 from ..tensor import dbms
 from ..tensor.bitpack import pack_bits
-from ..tensor.pack import pack_tensors
+from ..tensor.pack import keep_mantissa_bits, pack_tensors
 from ..tensor.compressors import Compressor
 from ..tensor.compressors.lossless import Lossless
 from ..tuning import Lambdas
@@ -118,9 +118,11 @@ class CommitPipeline:
         return acc
 
     def encode(self, task: str, compressor: Compressor, lambdas: Lambdas, seeds: dict[str, int],
-               txn: str) -> tuple[dict[str, TensorEntry], str | None]:
+               txn: str, small_tensor_bits: int | None = None) -> tuple[dict[str, TensorEntry], str | None]:
         """Pass 2: every tensor encoded (deltas), packed or kept whole, its arrays staged in
         ``txn``; returns the entries and the pack (None when nothing is packed).
+        ``small_tensor_bits``: the lossy option, packed float tensors keep that many mantissa bits
+        of their own and the rest of the reference's (:func:`keep_mantissa_bits`); None: exact.
 
         One writer thread stores each tensor's arrays (device-to-host copy, hash, write, fsync)
         while the device encodes the next one; one thread, so two identical arrays are never
@@ -136,6 +138,8 @@ class CommitPipeline:
                     waiting.popleft().result()  # bound the encoded tensors waiting for the writer
                 if name not in self.plan.lossy:  # checked for NaN/Inf before pass 1
                     if tensor.numel() * tensor.element_size() <= PACK_MAX_BYTES:
+                        if w_ref is not None and small_tensor_bits is not None:
+                            tensor = keep_mantissa_bits(tensor, w_ref, small_tensor_bits)
                         packed[name] = (tensor.cpu(), None if w_ref is None else w_ref.cpu())
                         continue
                     stored[name] = writer.submit(store_lossless, self.objects, tensor.cpu(), txn)
@@ -297,7 +301,8 @@ def content_sha256(source: TensorSource) -> str:
     return digest.hexdigest()
 
 
-def commit_settings(tune, calibration, per_layer: bool, tune_options, seed: int) -> dict[str, Any] | None:
+def commit_settings(tune, calibration, per_layer: bool, tune_options, seed: int,
+                    small_tensor_bits: int | None = None) -> dict[str, Any] | None:
     """The commit arguments not in a version's other fields (``source.settings``), or None
     when they cannot be compared with an earlier commit's: a tuner given as a function,
     calibration inputs that hashing would consume (an iterator), tuner options holding
@@ -307,8 +312,11 @@ def commit_settings(tune, calibration, per_layer: bool, tune_options, seed: int)
         return None
     from ..calibration import calibration_sha256
 
-    return plain({"tune": tune or "l2", "per_layer": per_layer, "tune_options": dict(tune_options or {}),
-                  "seed": seed, "calibration": None if calibration is None else calibration_sha256(calibration)})
+    settings = {"tune": tune or "l2", "per_layer": per_layer, "tune_options": dict(tune_options or {}), "seed": seed,
+                "calibration": None if calibration is None else calibration_sha256(calibration)}
+    if small_tensor_bits is not None:  # only then: settings of exact commits stay as before format 1.2
+        settings["small_tensor_bits"] = small_tensor_bits
+    return plain(settings)
 
 
 def _is_plain(value: Any) -> bool:

@@ -61,3 +61,22 @@ def unpack_carrier(data: torch.Tensor, shape, dtype: torch.dtype, reference: tor
     if reference is not None:
         values = values ^ reference.reshape(-1)
     return values.reshape(tuple(shape))
+
+
+# Explicit mantissa bits of each float dtype (IEEE 754; bfloat16 is binary32's top half).
+MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+
+
+def keep_mantissa_bits(tensor: torch.Tensor, reference: torch.Tensor, bits: int) -> torch.Tensor:
+    """``tensor`` with all but the top ``bits`` of its mantissa taken from ``reference`` (the lossy
+    option for small tensors): the value moves by less than ``2**-bits`` of itself, and its XOR
+    with the reference, which a pack stores, is zero in those low bits, which zstd then stores for
+    nearly nothing. Sign and exponent are the tensor's own, so no value becomes NaN or infinite.
+    Non-float tensors, and ``bits`` at or above the dtype's mantissa, come back unchanged."""
+    drop = MANTISSA_BITS.get(tensor.dtype, 0) - bits
+    if drop <= 0:
+        return tensor
+    mine, theirs = carrier(tensor), carrier(reference)
+    low = (1 << drop) - 1
+    mixed = (mine & ~low) | (theirs & low)
+    return mixed.view(tensor.dtype).reshape(tensor.shape)
