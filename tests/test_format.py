@@ -736,27 +736,36 @@ def test_deltastore_materializes_reference_exactly(readonly_copy):
     assert reg.verify(progress=False) == []
 
 
-def test_format_1_0_registry_still_reads_exactly(tmp_path):
-    """specs/reference/v1.0/ is the reference registry as format 1.0 wrote it (before task refs
-    could carry ``issued``, records ``source.sha256`` and DARE the ``gaps`` layout): today's
-    reader materializes every version of it bit for bit and finds nothing to report."""
+@pytest.mark.parametrize("minor", [0, 1])
+def test_older_format_registries_still_read_exactly(tmp_path, minor):
+    """specs/reference/v1.0/ and v1.1/ are the reference registry as formats 1.0 and 1.1 wrote it
+    (1.0: before task refs could carry ``issued``, records ``source.sha256`` and DARE the ``gaps``
+    layout; 1.1: before patched blobs, packs and records that leave out absent values): today's
+    reader, and the independent one, materialize every version of each bit for bit, and
+    deltastore's verify finds nothing to report."""
     import torch
     from safetensors.torch import load_file
 
     from deltastore import Registry
 
-    old = REFERENCE / "v1.0"
+    old = REFERENCE / f"v1.{minor}"
     reg = Registry(shutil.copytree(old / "registry", tmp_path / "registry"))
-    assert reg.info.version == (1, 0)
+    assert reg.info.version == (1, minor)
     expected_files = sorted(old.glob("expected/*.safetensors"))
     assert [p.stem for p in expected_files] == [f"{t}@{n}" for t in sorted(reg.tasks())
                                                 for n, _ in reg.version_hashes(t)]
+    reader = SpecReader(reg.path)
     for path in expected_files:
         task, number = path.stem.split("@")
         got, expected = reg.materialize(task, int(number), progress=False), load_file(str(path))
         assert sorted(got) == sorted(expected), path.name
         assert all(torch.equal(got[n], t) and got[n].dtype == t.dtype for n, t in expected.items()), path.name
+        mine = reader.materialize(task, int(number))
+        for name, tensor in expected.items():
+            dtype, want = _torch_as_numpy(tensor)
+            assert (_as_bits(dtype, mine[name][1]) == _as_bits(dtype, want)).all(), (path.name, name)
     assert reg.verify(progress=False) == []
+    assert reader.check_all_objects() > 0
 
 
 def test_reference_covers_the_format(readonly_copy):
@@ -766,6 +775,14 @@ def test_reference_covers_the_format(readonly_copy):
     for task, number in VERSIONS:
         version = reader.task_version(task, number)
         seen.add((version["method"], version["base"] is not None))
+        for digest in version["files"].values():  # format 1.2, section 3.3
+            stored = _object_path(readonly_copy, "blobs", digest).read_bytes()
+            if stored[:4] == bytes.fromhex("502a4d18"):
+                seen.add(("patched blob", stored[8:8 + int.from_bytes(stored[4:8], "little")].split(b"\n")[1]))
+        for name, entry in version["tensors"].items():  # section 5.8
+            if entry["codec"] == "packed":
+                seen.add(("packed", entry["dtype"], entry.get("ref") is not None))
+                seen.add(("packed shape", "0-d" if not entry["shape"] else "empty" if 0 in entry["shape"] else "n-d"))
         for entry in version["tensors"].values():
             seen.add(("dtype", entry["dtype"]))
             if entry.get("rows") is not None:
@@ -797,8 +814,13 @@ def test_reference_covers_the_format(readonly_copy):
             ("deltadq short group",), ("deltadq", True), ("deltadq dropped plane",), ("dare keeps everything",),
             ("chunks", 1, "padded"), ("chunks", 1, "exact"), ("chunks", 2, "padded"), ("array", "empty"),
             ("array", "0-d"), ("negative zero", "float64"), ("negative zero", "float32"),
-            ("negative zero", "float16"), ("dare", "gaps", 8, True), ("dare", "gaps", 16, False)} <= seen
+            ("negative zero", "float16"), ("dare", "gaps", 8, True), ("dare", "gaps", 16, False),
+            ("patched blob", b"json"), ("patched blob", b"raw"), ("packed shape", "0-d"), ("packed shape", "empty"),
+            ("packed", "bool", True), ("packed", "int64", True), ("packed", "float16", True),
+            ("packed", "float32", False)} <= seen
     assert {("dtype", d) for d in CARRIER} <= seen  # every dtype the lossless page lists
+    assert {("packed", d, False) for d in CARRIER} <= seen | {("packed", d, False) for d in  # and packs it whole
+                                                              ("bool", "int64")}  # (the reference has these)
 
 
 def test_prf_and_bits_test_vectors():
