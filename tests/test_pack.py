@@ -161,3 +161,23 @@ def test_lossy_small_tensors_are_asked_for_and_recorded(small):
     assert torch.equal(got["w"], reg.materialize("exact", progress=False)["w"])  # deltas unchanged
     with pytest.raises(Exception, match="small_tensor_bits must be an integer from 0 to 52"):
         reg.commit("bad", ft_dir, small_tensor_bits=-1, progress=False)
+
+
+def test_gc_keeps_a_patch_dictionary_and_copy_keeps_the_patch(small, tmp_path):
+    """format.md 9.1: a patched blob reaches its dictionary (gc keeps it for the patch's sake, not
+    only the reference's); copy sends the patch as stored, and the dictionary with it."""
+    from deltastore.copy import copy
+
+    reg, ft_dir, _ = small
+    record = reg.commit("t", ft_dir, method="bitdelta", progress=False)
+    patched = record.files["tokenizer.json"]
+    dictionary = reg.reference().files["tokenizer.json"]
+    assert reg.objects.blob_dictionary(patched) == dictionary
+    copy(reg.path, tmp_path / "copy", ["t"])
+    there = Registry(tmp_path / "copy")
+    assert there.backend.get(object_key("blobs", patched)) == reg.backend.get(object_key("blobs", patched))
+    assert there.objects.get_blob(patched) == (ft_dir / "tokenizer.json").read_bytes()
+    assert there.verify(progress=False) == []
+    from deltastore.integrity import _reachable
+
+    assert "t@1" in _reachable(reg)[("blobs", dictionary)]  # reached through the patch, not only the reference
