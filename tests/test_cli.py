@@ -331,3 +331,14 @@ def test_shell_completion_offers_task_and_base_names(example, reg):
     assert complete(f"deltastore diff {reg} has_top@1 has_s") == ["has_small"]
     assert complete(f"deltastore base rm {reg} ") == ["all"]
     assert complete(f"deltastore log {reg.parent / 'nowhere'} ") == []
+
+
+def test_small_tensor_bits_is_asked_for_and_shown(example, reg):
+    """Lossy small tensors only when asked (--small-tensor-bits), and show says which."""
+    run("commit", reg, "exact", example.finetunes["has_top"])
+    run("commit", reg, "lossy", example.finetunes["has_top"], "--small-tensor-bits", "6")
+    assert "packed, exact)" in run("show", reg, "exact").stdout
+    assert "small tensors lossy, 6 mantissa bits kept)" in run("show", reg, "lossy").stdout
+    exact, lossy = (json.loads(run("show", reg, t, "--json").stdout) for t in ("exact", "lossy"))
+    assert exact["small_tensor_bits"] is None and lossy["small_tensor_bits"] == 6
+    assert lossy["parts"]["small_tensors"] < exact["parts"]["small_tensors"]

@@ -486,6 +486,8 @@ def _version_summary(reg: Catalog, record) -> dict[str, Any]:
         "base": record.base, "base_name": base_name, "reference": record.reference, "parent": record.parent,
         "tuning": record.tuning, "tensors": len(record.tensors),
         "delta_tensors": sum(1 for e in record.tensors.values() if e.is_delta), "files": sorted(record.files),
+        "packed_tensors": len(record.packed()),
+        "small_tensor_bits": (record.source.get("settings") or {}).get("small_tensor_bits"),
         **_row_counts(record), **stats,
     }
 
@@ -561,7 +563,9 @@ def show(registry: Path, spec: str, as_json: bool) -> None:
         f"  compressor {record.method} {json.dumps(record.config)}",
         f"  lambdas    lam1={record.lam1:.6g}  lam2={record.lam2:.6g}",
         f"  base       {data['base_name'] or '-'} {(record.base or '')[:12]}",
-        f"  tensors    {data['tensors']} ({data['delta_tensors']} as deltas)",
+        f"  tensors    {data['tensors']} ({data['delta_tensors']} as deltas, {data['packed_tensors']} packed"
+        + (f"; small tensors lossy, {bits} mantissa bits kept)" if (bits := data["small_tensor_bits"]) is not None
+           else ", exact)"),
         f"  rows       {_rows_summary(data)}",
         f"  on disk    {_human(data['own_bytes'])} own ({_human(data['amortized_bytes'])} amortized over tasks "
         f"sharing objects) + {_human(data['base_share_bytes'])} base share",
