@@ -4,8 +4,8 @@ measured for format 1.2's pack (specs/format.md §5.8), on one MiniLM zoo finetu
 Every candidate is zstd level 3 (as the pack's array is written) over the same tensors: those a
 commit stores whole (not deltas), with the reference's tensor where it has one. The chosen
 layout, XOR with the reference then byte-shuffled per tensor, is what ``deltastore.tensor.pack``
-writes; the others are the alternatives it was measured against. Also: what one zarr array per
-tensor (format 1.1) costs in metadata alone is in quality.md. Writes ``benchmarks/results/small_tensors.md``.
+writes; the others are the alternatives it was measured against (the bytes format 1.1 spent on
+one zarr array per tensor are in quality.md). Writes ``benchmarks/results/small_tensors.md``.
 
     python benchmarks/small_tensors.py [--task sms_spam]
 """
