@@ -265,7 +265,7 @@ class Registry(Catalog):
                     task=task, version=number, parent=parent, created=utc_now(), message=message,
                     reference=ref_digest, base=base_digest, method=method, config=compressor.config.to_dict(),
                     lam1=float(lambdas.lam1), lam2=float(lambdas.lam2), tuning=plain(lambdas.record),
-                    tensors=tensors, files=files, source=record_source, pack=packed,
+                    tensors=tensors, files=files, source=record_source, pack=packed, ref_prefix=plan.prefix,
                 )
                 digest = self.objects.put_record(record, txn)
                 new_ref = TaskRef(ref.versions + [(number, digest)], number)

@@ -64,7 +64,8 @@ RECORD_FIELDS = {
     "pointer": {"record"},
     "task_ref": {"versions"},
 }
-RECORD_OPTIONAL = {"task_ref": {"issued"}, "task_version": {"pack"}}  # format 1.1, 1.2
+RECORD_OPTIONAL = {"task_ref": {"issued"}, "task_version": {"pack", "ref_prefix"}}  # format 1.1, 1.2
+PACKED_CODECS = ("packed", "xor")  # section 5.8
 INFO_FIELDS = {"name", "version", "created"}
 
 # format.md section 4.
@@ -98,6 +99,19 @@ def file_name_ok(rel: str) -> bool:
     parts = rel.split("/")
     return (all(p not in ("", ".", "..") and len(p.encode()) <= 255 for p in parts) and len(rel.encode()) <= 4096
             and not any(c in "\\:" or ord(c) < 0x20 or ord(c) == 0x7F for c in rel))
+
+
+def absent_values(record: dict, kind: str, name: str, entry: dict) -> dict:
+    """Section 5.2: what the absent optional fields of tensor entry ``name`` of ``record`` mean."""
+    out = {"arrays": {}, "attrs": {}, "config": {}, "ref": None, "rows": None, "changed_rows": None, "lam1": None,
+           "lam2": None}
+    if kind == "task_version":
+        if entry["codec"] == record["method"]:
+            out["config"] = record["config"]
+        if entry["codec"] not in ("lossless", "packed"):
+            prefix = record.get("ref_prefix", "")
+            out["ref"] = name[len(prefix):] if prefix and name.startswith(prefix) else name
+    return out
 
 
 def _fields(obj: dict, required: set, optional: set, what: str) -> None:
@@ -301,14 +315,10 @@ class SpecReader:
         _fields(obj, RECORD_FIELDS[kind] | {"format", "kind"}, RECORD_OPTIONAL.get(kind, set()), what)
         for name, entry in obj.get("tensors", {}).items():
             _fields(entry, *ENTRY_FIELDS, f"{what}.tensors[{name!r}]")
-            if entry["codec"] not in ("lossless", "packed") and entry["codec"] not in DELTA_CODECS:
+            if entry["codec"] != "lossless" and entry["codec"] not in PACKED_CODECS + tuple(DELTA_CODECS):
                 raise SpecError(f"{what}.tensors[{name!r}]: unknown codec {entry['codec']!r}")
-            # Section 5.2: absent config, arrays, attrs; a task version's entries of its method
-            # take its config.
-            for field in ("arrays", "attrs"):
-                entry.setdefault(field, {})
-            absent = obj["config"] if kind == "task_version" and entry["codec"] == obj["method"] else {}
-            entry.setdefault("config", absent)
+            for field, value in absent_values(obj, kind, name, entry).items():  # section 5.2
+                entry.setdefault(field, value)
         return kind
 
     def record(self, digest: str, kind: str) -> dict:
@@ -445,21 +455,22 @@ class SpecReader:
 
     def packed(self, version: dict, reference: dict) -> dict[str, np.ndarray]:
         """Section 5.8: every packed entry's carrier values, un-shuffled and XORed back."""
-        names = sorted(n for n, e in version["tensors"].items() if e["codec"] == "packed")
+        names = sorted(n for n, e in version["tensors"].items() if e["codec"] in PACKED_CODECS)
         if not names:
             return {}
         data, out, start = self.array(version["pack"]), {}, 0
         assert data.dtype == np.uint8 and data.ndim == 1
         for name in names:
             entry = version["tensors"][name]
-            if entry["config"] or entry["arrays"] or entry["attrs"] or entry.get("rows") is not None:
-                raise SpecError(f"packed entry {name!r} with fields of its own arrays")
+            if entry["config"] or entry["arrays"] or entry["attrs"] or entry.get("rows") is not None or \
+                    (entry["codec"] == "xor") != (entry.get("ref") is not None):
+                raise SpecError(f"packed entry {name!r} with fields of its own arrays, or a ref it may not have")
             carrier = np.dtype(CARRIER[entry["dtype"]]).newbyteorder("<")
             n = math.prod(entry["shape"])
             size = n * carrier.itemsize
             values = data[start:start + size].reshape(carrier.itemsize, n).T.copy().view(carrier).reshape(-1)
             start += size
-            if entry.get("ref") is not None:
+            if entry["codec"] == "xor":
                 ref = reference["tensors"].get(entry["ref"])
                 if ref is None or (ref["codec"], ref["dtype"], ref["shape"]) != ("lossless", entry["dtype"],
                                                                                  entry["shape"]):
@@ -574,7 +585,8 @@ FIELD_ORDER = {
     "reference": ["format", "kind", "created", "tensors", "files"],
     "base": ["format", "kind", "name", "created", "reference", "sources", "tensors"],
     "task_version": ["format", "kind", "task", "version", "parent", "created", "message", "reference", "base",
-                     "method", "config", "lam1", "lam2", "tuning", "tensors", "files", "source", "pack"],
+                     "method", "config", "lam1", "lam2", "tuning", "tensors", "files", "source", "pack",
+                     "ref_prefix"],
     "pointer": ["format", "kind", "record"],
     "task_ref": ["format", "kind", "versions", "issued"],
     "entry": ["shape", "dtype", "codec", "config", "arrays", "attrs", "ref", "rows", "changed_rows", "lam1", "lam2"],
@@ -617,12 +629,11 @@ def key_order_problems(obj: dict, kind: str) -> list[str]:
     for name, entry in obj.get("tensors", {}).items():
         # Format 1.2, section 1: the required fields, and an optional one exactly when it is not
         # what its absence means (5.2: nil; empty maps; a version's entries of its method: its config).
-        absent = {"arrays": {}, "attrs": {},
-                  "config": obj["config"] if kind == "task_version" and entry["codec"] == obj["method"] else {}}
+        absent = absent_values(obj, kind, name, entry)
         written = [k for k in FIELD_ORDER["entry"]
                    if k in ("shape", "dtype", "codec") or (k in entry and entry[k] != absent.get(k))]
         check(entry, written, f"tensors[{name!r}]")
-        if entry["codec"] == "packed":
+        if entry["codec"] in PACKED_CODECS:
             continue
         config, roles, attrs = PAGE_ORDER[entry["codec"]]
         entry_config = entry.get("config", absent["config"])
@@ -780,8 +791,8 @@ def test_reference_covers_the_format(readonly_copy):
             if stored[:4] == bytes.fromhex("502a4d18"):
                 seen.add(("patched blob", stored[8:8 + int.from_bytes(stored[4:8], "little")].split(b"\n")[1]))
         for name, entry in version["tensors"].items():  # section 5.8
-            if entry["codec"] == "packed":
-                seen.add(("packed", entry["dtype"], entry.get("ref") is not None))
+            if entry["codec"] in PACKED_CODECS:
+                seen.add(("packed", entry["dtype"], entry["codec"] == "xor"))
                 seen.add(("packed shape", "0-d" if not entry["shape"] else "empty" if 0 in entry["shape"] else "n-d"))
         for entry in version["tensors"].values():
             seen.add(("dtype", entry["dtype"]))
@@ -998,16 +1009,14 @@ def test_optional_fields_written_or_absent_read_alike(reference_copy):
     from deltastore import Registry
 
     def fill(record):  # beta@2: dare with the default drop_rate, fp16 values, small tensors packed
-        assert any(e["codec"] == "packed" for e in record["tensors"].values())
-        for entry in record["tensors"].values():
-            for name in ("ref", "rows", "changed_rows", "lam1", "lam2"):
-                entry.setdefault(name, None)
-            entry.setdefault("arrays", {})
-            entry.setdefault("attrs", {})
+        assert {e["codec"] for e in record["tensors"].values()} == {"dare", "xor", "packed"}
+        assert not any("ref" in e for e in record["tensors"].values() if e["codec"] == "dare")  # derived
+        for name, entry in record["tensors"].items():
             if entry["codec"] == "dare":
                 assert "config" not in entry  # the version's: {"drop_rate": 0.99, "value_bits": 16}
                 entry["config"] = {}  # page defaults: the same configuration
-            entry.setdefault("config", {})
+            for field, value in absent_values(record, "task_version", name, entry).items():
+                entry.setdefault(field, value)
 
     _rewrite_version(reference_copy, "beta", 2, fill, rehash=True)
     expected = _expected("beta", 2)
@@ -1072,7 +1081,7 @@ def test_overflow_when_narrowing_gives_infinities(reference_copy):
 
     def huge_lam2(record):
         for entry in record["tensors"].values():
-            if entry["codec"] not in ("lossless", "packed"):
+            if entry["codec"] not in ("lossless",) + PACKED_CODECS:
                 entry["lam2"] = 1e30
 
     _rewrite_version(reference_copy, "alpha", 1, huge_lam2, rehash=True)

@@ -97,7 +97,7 @@ def test_small_tensors_are_packed_and_side_files_patched(small):
     reg, ft_dir, _ = small
     record = reg.commit("t", ft_dir, method="bitdelta", progress=False)
     assert {n: (e.codec, e.ref) for n, e in record.tensors.items() if n != "w"} == {
-        "b": ("packed", "b"), "n": ("packed", "n"), "steps": ("packed", "steps"), "head": ("packed", None)}
+        "b": ("xor", "b"), "n": ("xor", "n"), "steps": ("xor", "steps"), "head": ("packed", None)}
     assert record.pack is not None and record.tensors["w"].codec == "bitdelta"
     got, want = reg.materialize("t", progress=False), load_file(str(ft_dir / "model.safetensors"))
     assert all(torch.equal(got[n], want[n]) for n in ("b", "n", "steps", "head"))
@@ -181,3 +181,26 @@ def test_gc_keeps_a_patch_dictionary_and_copy_keeps_the_patch(small, tmp_path):
     from deltastore.integrity import _reachable
 
     assert "t@1" in _reachable(reg)[("blobs", dictionary)]  # reached through the patch, not only the reference
+
+
+def test_a_prefixed_finetune_says_its_prefix_once(small, tmp_path):
+    """format.md 5.2, 5.5: a classifier's encoder names carry a prefix the reference lacks; the
+    version says it once (ref_prefix) and its delta and xor entries leave their ref out."""
+    import msgpack
+    from safetensors.torch import load_file, save_file
+
+    reg, ft_dir, _ = small
+    tensors = {f"enc.{name}": t for name, t in load_file(str(ft_dir / "model.safetensors")).items() if name != "head"}
+    tensors["head"] = torch.randn(3, 8)
+    prefixed = tmp_path / "prefixed"
+    prefixed.mkdir()
+    save_file(tensors, str(prefixed / "model.safetensors"))
+    record = reg.commit("p", prefixed, method="bitdelta", progress=False)
+    assert record.ref_prefix == "enc."
+    assert {n: (e.codec, e.ref) for n, e in record.tensors.items()} == {
+        "enc.w": ("bitdelta", "w"), "enc.b": ("xor", "b"), "enc.n": ("xor", "n"), "enc.steps": ("xor", "steps"),
+        "head": ("packed", None)}
+    raw = msgpack.unpackb(reg.backend.get(object_key("records", reg.version("p")[0])))
+    assert raw["ref_prefix"] == "enc." and not any("ref" in e for e in raw["tensors"].values())
+    got = reg.materialize("p", progress=False)
+    assert all(torch.equal(got[n], tensors[n]) for n in ("enc.b", "enc.n", "enc.steps", "head"))

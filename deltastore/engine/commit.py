@@ -25,7 +25,7 @@ from ..progress import progress as progress_bar
 from ..sources import TensorSource
 from ..storage.layout import array_shape_problem
 from ..storage.objects import ObjectStore
-from ..storage.records import PACKED, BaseRecord, ReferenceRecord, TensorEntry
+from ..storage.records import PACKED, XOR, BaseRecord, ReferenceRecord, TensorEntry
 from ..tensor import dbms
 from ..tensor.bitpack import pack_bits
 from ..tensor.pack import keep_mantissa_bits, pack_tensors
@@ -163,8 +163,9 @@ class CommitPipeline:
         pack = self.objects.put_array(pack_tensors([packed[n] for n in order]), txn) if order else None
         for name in order:
             tensor, _ = packed[name]
-            entries[name] = TensorEntry(shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype), codec=PACKED,
-                                        ref=self.plan.xor.get(name))
+            ref_name = self.plan.xor.get(name)
+            entries[name] = TensorEntry(shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype),
+                                        codec=PACKED if ref_name is None else XOR, ref=ref_name)
         return entries, pack
 
 
@@ -187,6 +188,7 @@ class Plan:
     lossy_ref: dict[str, str]   # the inverse
     missing_buffers: list[str]  # non-float reference tensors absent from the finetune
     xor: dict[str, str]         # whole tensors -> reference tensor of the same dtype and shape (packs XOR them)
+    prefix: str                 # what finetune names have before the reference's ("bert." of a classifier)
 
 
 def plan_finetune(reference: ReferenceRecord, source: TensorSource) -> Plan:
@@ -235,7 +237,7 @@ def plan_finetune(reference: ReferenceRecord, source: TensorSource) -> Plan:
             lossy[name] = ref_name
         elif dtype_name(dtype) == entry.dtype:
             xor[name] = ref_name
-    return Plan(lossy, {r: n for n, r in lossy.items()}, missing, xor)
+    return Plan(lossy, {r: n for n, r in lossy.items()}, missing, xor, prefix)
 
 
 def check_storable(source: TensorSource, name: str) -> None:

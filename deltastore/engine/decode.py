@@ -18,7 +18,7 @@ import torch
 
 from ..dtypes import torch_dtype
 from ..errors import CorruptObjectError
-from ..storage.records import PACKED, BaseRecord, ReferenceRecord, TaskVersion, TensorEntry
+from ..storage.records import PACKED_CODECS, XOR, BaseRecord, ReferenceRecord, TaskVersion, TensorEntry
 from ..tensor import dbms
 from ..tensor.bitpack import packed_size, unpack_bits
 from ..tensor.compressors import Compressor, Encoded, fused_decoder, get_compressor
@@ -41,11 +41,12 @@ def numel(shape) -> int:
 def check_entry(entry: TensorEntry) -> None:
     """specs/format.md §5.2/§6: lossless entries are whole tensors, every other compressor is a
     delta on a float tensor; a record mixing the two was not written by deltastore."""
-    if entry.codec == PACKED:
+    if entry.codec in PACKED_CODECS:
         if entry.config or entry.arrays or entry.attrs or entry.rows or entry.changed_rows is not None \
-                or entry.lam1 is not None or entry.lam2 is not None:
-            raise CorruptObjectError(f"{PACKED} entry with fields of a stored array or a delta: only shape, dtype "
-                                     "and ref may be set (specs/format.md §5.8)")
+                or entry.lam1 is not None or entry.lam2 is not None or (entry.codec == XOR) != (entry.ref is not None):
+            raise CorruptObjectError(f"{entry.codec} entry with fields of a stored array or a delta, or a ref where "
+                                     f"it may have none: only shape, dtype and ({XOR}) ref may be set "
+                                     "(specs/format.md §5.8)")
         torch_dtype(entry.dtype)  # one of the lossless page's dtypes, or refused
         return
     if (entry.codec == Lossless.name) != (entry.ref is None):
@@ -181,7 +182,7 @@ def unpack(objects, record: TaskVersion, reference: ReferenceRecord) -> dict[str
     if not names:
         return {}
     if record.pack is None:
-        raise CorruptObjectError(f"{len(names)} tensor(s) are {PACKED}, e.g. {names[0]!r}, but the record names no pack")
+        raise CorruptObjectError(f"{len(names)} tensor(s) are packed, e.g. {names[0]!r}, but the record names no pack")
     sizes = [packed_nbytes(record.tensors[n].shape, torch_dtype(record.tensors[n].dtype)) for n in names]
     data = objects.get_array(record.pack, what="pack")
     if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() != sum(sizes):
@@ -191,7 +192,7 @@ def unpack(objects, record: TaskVersion, reference: ReferenceRecord) -> dict[str
     for name, size in zip(names, sizes):
         entry = record.tensors[name]
         xor = None
-        if entry.ref is not None:
+        if entry.codec == XOR:
             ref_entry = reference.tensors.get(entry.ref)
             if ref_entry is None or (ref_entry.codec, ref_entry.dtype, ref_entry.shape) != (
                     Lossless.name, entry.dtype, entry.shape):

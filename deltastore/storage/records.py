@@ -20,8 +20,14 @@ from ..errors import CorruptObjectError, DeltastoreError, FormatVersionError
 FORMAT_NAME = "deltastore"
 FORMAT_MAJOR = 1
 FORMAT_MINOR = 2
-# The codec of a task version's small whole tensors stored in its pack (specs/format.md §5.8).
+# The codecs of a task version's small whole tensors stored in its pack (specs/format.md §5.8):
+# the tensor's bits as they are, or XORed with those of the reference tensor ``ref``.
 PACKED = "packed"
+XOR = "xor"
+PACKED_CODECS = (PACKED, XOR)
+# Entries that never have a ``ref``: in a task version the others, when they leave it out, have
+# the one derived from their name (TaskVersion.ref_prefix).
+_NO_REF_CODECS = ("lossless", PACKED)
 
 # Records are small; anything bigger is a damaged or hostile file, refused before allocation.
 MAX_RECORD_BYTES = 64 << 20
@@ -222,11 +228,12 @@ class TensorEntry(Record):
     OPTIONAL: ClassVar[frozenset[str]] = frozenset({"config", "arrays", "attrs", "ref", "rows", "changed_rows",
                                                     "lam1", "lam2"})
 
-    def to_dict(self, absent_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    def to_dict(self, absent_config: dict[str, Any] | None = None, absent_ref: str | None = None) -> dict[str, Any]:
         """The entry as written since format 1.2: optional fields that equal what their absence
-        means are left out (specs/format.md §1); ``absent_config`` is what an absent ``config``
-        means for this entry (a task version's own config for entries of its method)."""
-        absent = {"config": absent_config or {}, "arrays": {}, "attrs": {}}
+        means are left out (specs/format.md §1); ``absent_config`` and ``absent_ref`` are what an
+        absent ``config`` and ``ref`` mean for this entry in its record (a task version's own
+        config for entries of its method, the reference name derived from the tensor's)."""
+        absent = {"config": absent_config or {}, "arrays": {}, "attrs": {}, "ref": absent_ref}
         return {key: value for key, value in super().to_dict().items()
                 if key not in self.OPTIONAL or value != absent.get(key)}
 
@@ -247,7 +254,7 @@ class TensorEntry(Record):
 
     @property
     def is_delta(self) -> bool:
-        return self.ref is not None and self.codec != PACKED
+        return self.ref is not None and self.codec not in PACKED_CODECS
 
     def array_hashes(self) -> list[str]:
         return list(self.arrays.values()) + ([self.rows] if self.rows else [])
@@ -263,7 +270,7 @@ class _WithTensors(Record):
         out = super().to_dict()
         # specs/format.md §5.0: maps keyed by names are written in code point order, so two
         # writers storing the same content give the same bytes, hence the same record name.
-        out["tensors"] = {name: entry.to_dict(self._absent_config(entry))
+        out["tensors"] = {name: entry.to_dict(self._absent_config(entry), self._absent_ref(name, entry))
                           for name, entry in sorted(self.tensors.items())}  # type: ignore[attr-defined]
         if "files" in out:
             out["files"] = dict(sorted(out["files"].items()))
@@ -272,6 +279,10 @@ class _WithTensors(Record):
     def _absent_config(self, entry: TensorEntry) -> dict[str, Any]:
         """What an absent ``config`` means for ``entry`` in this record (specs/format.md §5.2)."""
         return {}
+
+    def _absent_ref(self, name: str, entry: TensorEntry) -> str | None:
+        """What an absent ``ref`` means for entry ``name`` in this record (specs/format.md §5.2)."""
+        return None
 
     @classmethod
     def _convert(cls, name, value, expected, what):
@@ -286,7 +297,7 @@ class _WithTensors(Record):
 
     def packed(self) -> list[str]:
         """Names of the packed entries in the order of the pack (specs/format.md §5.8)."""
-        return sorted(n for n, e in self.tensors.items() if e.codec == PACKED)  # type: ignore[attr-defined]
+        return sorted(n for n, e in self.tensors.items() if e.codec in PACKED_CODECS)  # type: ignore[attr-defined]
 
     # The generated repr prints every tensor entry (49 KB for MiniLM); one line names the record
     # and counts its tensors. Subclasses are declared with repr=False so this one is used.
@@ -374,6 +385,7 @@ class TaskVersion(_WithTensors):
     files: dict[str, str]
     source: dict[str, Any]
     pack: str | None = None  # format 1.2: the uint8 array holding the packed entries' bytes
+    ref_prefix: str = ""     # format 1.2: an entry's name minus this prefix is its default ref
 
     KIND: ClassVar[str] = "task_version"
     REPR_FIELDS: ClassVar[tuple[str, ...]] = ("task", "version", "method", "lam1", "lam2", "created")
@@ -381,31 +393,52 @@ class TaskVersion(_WithTensors):
         "task": str, "version": int, "parent": (type(None), str), "created": str, "message": str,
         "reference": str, "base": (type(None), str), "method": str, "config": ("map", SCALAR),
         "lam1": float, "lam2": float, "tuning": (type(None), dict), "tensors": dict, "files": ("map", str),
-        "source": dict, "pack": (type(None), str),
+        "source": dict, "pack": (type(None), str), "ref_prefix": str,
     }
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"pack"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"pack", "ref_prefix"})
 
     def _absent_config(self, entry: TensorEntry) -> dict[str, Any]:
         return self.config if entry.codec == self.method else {}
 
+    def _absent_ref(self, name: str, entry: TensorEntry) -> str | None:
+        return None if entry.codec in _NO_REF_CODECS else derived_ref(name, self.ref_prefix)
+
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
+        # Optional, written only when they say something (specs/format.md §1).
         if self.pack is None:
-            del out["pack"]  # optional: written only when there is a pack (specs/format.md §1)
+            del out["pack"]
+        if not self.ref_prefix:
+            del out["ref_prefix"]
         return out
 
     @classmethod
     def from_dict(cls, obj, what):
-        # An entry of the version's method without config has the version's config (§5.2).
-        tensors, method, config = obj.get("tensors"), obj.get("method"), obj.get("config")
-        if isinstance(tensors, dict) and isinstance(config, dict):
-            obj = {**obj, "tensors": {
-                name: {**entry, "config": config} if isinstance(entry, dict) and "config" not in entry
-                and entry.get("codec") == method else entry for name, entry in tensors.items()}}
+        # specs/format.md §5.2: an entry of the version's method without config has the version's
+        # config; an entry that may have a ref and leaves it out has the one its name gives.
+        tensors, method, config, prefix = obj.get("tensors"), obj.get("method"), obj.get("config"), \
+            obj.get("ref_prefix", "")
+        if isinstance(tensors, dict) and isinstance(config, dict) and isinstance(prefix, str):
+            filled = {}
+            for name, entry in tensors.items():
+                if isinstance(entry, dict):
+                    if "config" not in entry and entry.get("codec") == method:
+                        entry = {**entry, "config": config}
+                    if "ref" not in entry and entry.get("codec") not in _NO_REF_CODECS:
+                        entry = {**entry, "ref": derived_ref(name, prefix)}
+                filled[name] = entry
+            obj = {**obj, "tensors": filled}
         return super().from_dict(obj, what)
 
     def array_hashes(self) -> set[str]:
         return super().array_hashes() | ({self.pack} if self.pack else set())
+
+
+def derived_ref(name: str, prefix: str) -> str:
+    """The reference tensor an entry of a task version names by leaving ``ref`` out: its own
+    name without the version's ``ref_prefix`` (a classifier's ``bert.`` before the encoder's
+    names), or the name itself when it does not start with it (specs/format.md §5.2)."""
+    return name[len(prefix):] if prefix and name.startswith(prefix) else name
 
 
 @dataclass(frozen=True)
