@@ -192,7 +192,7 @@ def bytes_breakdown(reg, name: str) -> dict:
             out["codes"] += size
             if entry.rows and entry.rows not in shared:
                 out["masks"] += reg.objects.size("arrays", entry.rows)
-        elif size or entry.codec == "packed":
+        elif size or entry.codec in ("packed", "xor"):
             out["small_tensors"] += size
             out["small_tensor_count"] += 1
     out["files"] = {rel: reg.objects.size("blobs", h) for rel, h in record.files.items() if h not in shared}
