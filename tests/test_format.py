@@ -108,7 +108,7 @@ def absent_values(record: dict, kind: str, name: str, entry: dict) -> dict:
     if kind == "task_version":
         if entry["codec"] == record["method"]:
             out["config"] = record["config"]
-        if entry["codec"] not in ("lossless", "packed"):
+        if entry["codec"] in (record["method"], "xor"):
             prefix = record.get("ref_prefix", "")
             out["ref"] = name[len(prefix):] if prefix and name.startswith(prefix) else name
     return out

@@ -25,9 +25,6 @@ FORMAT_MINOR = 2
 PACKED = "packed"
 XOR = "xor"
 PACKED_CODECS = (PACKED, XOR)
-# Entries that never have a ``ref``: in a task version the others, when they leave it out, have
-# the one derived from their name (TaskVersion.ref_prefix).
-_NO_REF_CODECS = ("lossless", PACKED)
 
 # Records are small; anything bigger is a damaged or hostile file, refused before allocation.
 MAX_RECORD_BYTES = 64 << 20
@@ -401,7 +398,7 @@ class TaskVersion(_WithTensors):
         return self.config if entry.codec == self.method else {}
 
     def _absent_ref(self, name: str, entry: TensorEntry) -> str | None:
-        return None if entry.codec in _NO_REF_CODECS else derived_ref(name, self.ref_prefix)
+        return derived_ref(name, self.ref_prefix) if entry.codec in (self.method, XOR) else None
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -414,8 +411,8 @@ class TaskVersion(_WithTensors):
 
     @classmethod
     def from_dict(cls, obj, what):
-        # specs/format.md §5.2: an entry of the version's method without config has the version's
-        # config; an entry that may have a ref and leaves it out has the one its name gives.
+        # specs/format.md §5.2: an entry of the version's method (a delta) without config has the
+        # version's config; one of the method or xor without ref has the ref its name gives.
         tensors, method, config, prefix = obj.get("tensors"), obj.get("method"), obj.get("config"), \
             obj.get("ref_prefix", "")
         if isinstance(tensors, dict) and isinstance(config, dict) and isinstance(prefix, str):
@@ -424,7 +421,7 @@ class TaskVersion(_WithTensors):
                 if isinstance(entry, dict):
                     if "config" not in entry and entry.get("codec") == method:
                         entry = {**entry, "config": config}
-                    if "ref" not in entry and entry.get("codec") not in _NO_REF_CODECS:
+                    if "ref" not in entry and entry.get("codec") in (method, XOR):
                         entry = {**entry, "ref": derived_ref(name, prefix)}
                 filled[name] = entry
             obj = {**obj, "tensors": filled}
