@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from ..dtypes import torch_dtype
-from ..errors import CorruptObjectError
+from ..errors import CorruptObjectError, UnknownNameError
 from ..storage.records import PACKED_CODECS, XOR, BaseRecord, ReferenceRecord, TaskVersion, TensorEntry
 from ..tensor import dbms
 from ..tensor.bitpack import packed_size, unpack_bits
-from ..tensor.compressors import Compressor, Encoded, fused_decoder, get_compressor
+from ..tensor.compressors import Compressor, Encoded, compressor_class, fused_decoder, get_compressor
 from ..tensor.compressors.base import required_array, required_attr
 from ..tensor.compressors.lossless import Lossless
 from ..tensor.fused import BaseTerm, FusedDecoder, FusedJob, triton_enabled
@@ -49,6 +49,7 @@ def check_entry(entry: TensorEntry) -> None:
                                      "(specs/format.md §5.8)")
         torch_dtype(entry.dtype)  # one of the lossless page's dtypes, or refused
         return
+    compressor_class(entry.codec)  # an unknown compressor is named as such, before its fields are judged
     if (entry.codec == Lossless.name) != (entry.ref is None):
         raise CorruptObjectError(f"tensor entry with codec {entry.codec!r} has ref {entry.ref!r}: {Lossless.name} "
                                  "entries have no ref and delta entries need one")
@@ -215,8 +216,8 @@ def plan(objects, record: TaskVersion, where: str) -> list[TensorPlan]:
             check_entry(entry)
             if entry.is_delta:
                 check_delta(entry, reference, base)
-        except CorruptObjectError as exc:
-            raise CorruptObjectError(f"{where}: {record.task}@{record.version}, tensor {name!r}: {exc}") from None
+        except (CorruptObjectError, UnknownNameError) as exc:
+            raise type(exc)(f"{where}: {record.task}@{record.version}, tensor {name!r}: {exc}") from None
     try:
         packed = unpack(objects, record, reference)
     except CorruptObjectError as exc:
