@@ -171,25 +171,70 @@ def tuner_available(name: str) -> bool:
 
 
 def bytes_breakdown(reg, name: str) -> dict:
-    """Where a task version's own bytes go: delta codes, changed-row masks, tensors stored
-    losslessly (biases, LayerNorms, small matrices, the new head), side files, the record."""
+    """Where a task version's own bytes go (the parts of specs/format.md §10): delta codes,
+    changed-row masks, small tensors (the pack of format 1.2, or one lossless array each before:
+    biases, LayerNorms, small matrices, the new head), side files (each file's size), the record.
+    Counted here from the record alone, so it runs on older deltastores too (`--parts` measures
+    the format before a change that way); where ``Registry.stats`` reports parts, they agree."""
     from deltastore.storage.records import ReferenceRecord
 
     digest, record = reg.version(name)
     ref = reg.objects.get_record(record.reference, ReferenceRecord)
     shared = ref.array_hashes() | set(ref.files.values())
-    out = {"delta_codes": 0, "row_masks": 0, "lossless_tensors": 0, "lossless_count": 0,
-           "files": {}, "record": reg.objects.size("records", digest)}
+    out = {"record": reg.objects.size("records", digest), "codes": 0, "masks": 0, "small_tensors": 0,
+           "small_tensor_count": 0, "side_files": 0, "files": {}}
+    pack = getattr(record, "pack", None)  # format 1.2
+    if pack:
+        out["small_tensors"] += reg.objects.size("arrays", pack)
     for entry in record.tensors.values():
         size = sum(reg.objects.size("arrays", h) for h in entry.arrays.values() if h not in shared)
         if entry.is_delta:
-            out["delta_codes"] += size
+            out["codes"] += size
             if entry.rows and entry.rows not in shared:
-                out["row_masks"] += reg.objects.size("arrays", entry.rows)
-        elif size:
-            out["lossless_tensors"] += size
-            out["lossless_count"] += 1
+                out["masks"] += reg.objects.size("arrays", entry.rows)
+        elif size or entry.codec in ("packed", "xor"):
+            out["small_tensors"] += size
+            out["small_tensor_count"] += 1
     out["files"] = {rel: reg.objects.size("blobs", h) for rel, h in record.files.items() if h not in shared}
+    out["side_files"] = sum(out["files"].values())
+    parts = reg.stats(name).to_dict().get("parts")
+    if parts is not None:
+        assert parts == {k: out[k] for k in parts}, (parts, out)
+    return out
+
+
+def run_parts(tasks: list[str], settings: list[str], small_bits: list[int], device: str) -> list[dict]:
+    """Commit each task with each setting (plain: no base vector, no fit) into a fresh registry,
+    small tensors exact and with each of ``small_bits`` (the lossy option), count its own bytes
+    by part and score it on the task's test split."""
+    import tempfile
+
+    from deltastore.registry import Registry
+    from deltastore.storage.records import FORMAT_MAJOR, FORMAT_MINOR
+
+    zoo = _zoo()
+    out = []
+    with tempfile.TemporaryDirectory(prefix="quality-parts-") as tmp:
+        reg = Registry.init(Path(tmp) / "registry", zoo.base_model_path(), progress=False)
+        for task in tasks:
+            ev = TaskEval(task, device)
+            for setting in settings:
+                for bits in [None] + small_bits:
+                    method, config = SETTINGS[setting]
+                    name = f"{task}--{setting}--{bits}"
+                    lossy = {} if bits is None else {"small_tensor_bits": bits}  # a keyword of format 1.2 only
+                    reg.commit(name, zoo.model_dir(task), method=method, config=config, progress=False, **lossy)
+                    stats = reg.stats(name).to_dict()
+                    cell = {"format": f"{FORMAT_MAJOR}.{FORMAT_MINOR}", "task": task, "setting": setting,
+                            "row": "plain", "small_tensor_bits": bits,
+                            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+                            "own_bytes": stats["own_bytes"], "ratio_fp16": stats["ratio_fp16"],
+                            **bytes_breakdown(reg, name), **ev.score(reg.materialize(name, progress=False)),
+                            "finetuned_accuracy": ev.finetuned_accuracy}
+                    print(f"format {cell['format']} {task:16} {setting:16} small bits {bits!s:4} "
+                          f"{cell['own_bytes']:>10,} bytes own (x{cell['ratio_fp16']:.1f} fp16), accuracy "
+                          f"{100 * cell['accuracy']:.1f} (finetuned {100 * ev.finetuned_accuracy:.1f})", flush=True)
+                    out.append(cell)
     return out
 
 
@@ -242,7 +287,7 @@ def run_cell(reg, base: str, ev: TaskEval, setting: str, row: str, n_tasks: int,
 def _state_at(reg, name: str, lam1: float, lam2_values: list[float]):
     """Yield (lam2, state dict) of a committed task with its stored residual code, rebuilt
     at the committed lam1 and each lam2 (the residual was compressed at that lam1)."""
-    from deltastore.engine.decode import decode_code, decode_stored
+    from deltastore.engine.decode import decode_code, decode_stored, lossless, unpack
     from deltastore.storage.records import BaseRecord, ReferenceRecord
     from deltastore.tensor import dbms
     from deltastore.dtypes import torch_dtype
@@ -253,6 +298,7 @@ def _state_at(reg, name: str, lam1: float, lam2_values: list[float]):
     _, record = reg.version(name)
     reference = reg.objects.get_record(record.reference, ReferenceRecord)
     base = reg.objects.get_record(record.base, BaseRecord) if record.base else None
+    packed = unpack(reg.objects, record, reference)  # the small tensors (format 1.2)
     pieces = {}
     for tname, entry in record.tensors.items():
         if entry.is_delta:
@@ -263,7 +309,8 @@ def _state_at(reg, name: str, lam1: float, lam2_values: list[float]):
                 tau_rows = dbms.as_matrix(decode_stored(base.tensors[entry.ref], array, "cpu"))[rows]
             pieces[tname] = ("delta", w_pre, rows, decoded, tau_rows, entry)
         else:
-            pieces[tname] = ("plain", decode_stored(entry, array, "cpu"))
+            whole = lossless(entry, packed[tname], "cpu") if tname in packed else decode_stored(entry, array, "cpu")
+            pieces[tname] = ("plain", whole)
     for lam2 in lam2_values:
         state = {}
         for tname, p in pieces.items():
@@ -336,7 +383,35 @@ def _short(task: str) -> str:
             "fortune_topic": "f-topic", "fortune_langid": "f-lang"}.get(task, task)
 
 
-def write_markdown(summary, tasks, finetuned, zoo_records, sweep, meta, targets, path: Path) -> None:
+PART_COLUMNS = ("record", "codes", "masks", "small_tensors", "side_files")
+
+
+def parts_markdown(parts: list[dict]) -> list[str]:
+    """The "Bytes per part" section: every measured (setting, task), each format side by side."""
+    if not parts:
+        return []
+    lines = ["## Bytes per part", "",
+             "Own bytes of one version by part (specs/format.md §10), committed plain (no base vector) by "
+             "`python benchmarks/quality.py --parts` on " + ", ".join(sorted({p["machine"] for p in parts})) +
+             "; each format measured by the deltastore of that format (this script run on its checkout). Format 1.2 "
+             "stores side files as patches against the reference's, packs the small tensors (XOR with the "
+             "reference, byte-shuffled, one array) and leaves repeated fields out of the record. \"small bits\": "
+             "`exact`, or the lossy option `small_tensor_bits=N` (`--small-tensor-bits N`: small tensors keep N "
+             "mantissa bits of their own, the rest the reference's). Accuracy: on the task's test split, against "
+             "the finetune's.", "",
+             "| setting | task | format | small bits | own bytes | x fp16 | accuracy (finetuned) | record | codes | "
+             "masks | small tensors | side files |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in sorted(parts, key=lambda p: (p["setting"], p["task"], p["format"], -(p.get("small_tensor_bits") or 99))):
+        bits = p.get("small_tensor_bits")
+        lines.append(f"| {p['setting']} | {p['task']} | {p['format']} | {'exact' if bits is None else bits} | "
+                     f"{p['own_bytes']:,} | {p['ratio_fp16']:.0f} | {100 * p['accuracy']:.1f} "
+                     f"({100 * p['finetuned_accuracy']:.1f}) | " + " | ".join(f"{p[k]:,}" for k in PART_COLUMNS) + " |")
+    return lines + [""]
+
+
+def write_markdown(summary, tasks, finetuned, zoo_records, sweep, meta, targets, path: Path,
+                   parts: list[dict] | None = None) -> None:
     ft_avg = sum(finetuned[t] for t in tasks) / len(tasks)
     lines = ["# Quality at real compression ratios: the MiniLM zoo (issue 4)", "",
              f"Generated by `benchmarks/quality.py` on {meta['machine']}; torch {meta['torch']}, "
@@ -385,6 +460,7 @@ def write_markdown(summary, tasks, finetuned, zoo_records, sweep, meta, targets,
               "`quality_lambda_sweep.png`.", ""]
     if meta.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]
+    lines += parts_markdown(parts or [])
     path.write_text("\n".join(lines))
 
 
@@ -496,6 +572,28 @@ def plot_sweep(sweep, path: Path) -> None:
     plt.close(fig)
 
 
+def update_parts(cells: list[dict]) -> int:
+    """Put ``cells`` into quality.json's ``parts`` (replacing the same format, task and setting)
+    and rewrite the "Bytes per part" section of quality.md, leaving the rest of the page as it is."""
+    data_path, page_path = RESULTS / "quality.json", RESULTS / "quality.md"
+    data = json.loads(data_path.read_text()) if data_path.exists() else {}
+    key = lambda c: (c["format"], c["task"], c["setting"], c.get("small_tensor_bits"))  # noqa: E731
+    new = {key(c) for c in cells}
+    data["parts"] = [p for p in data.get("parts", []) if key(p) not in new] + cells
+    data_path.write_text(json.dumps(data, indent=1, default=str))
+    page = page_path.read_text() if page_path.exists() else ""
+    section = "\n".join(parts_markdown(data["parts"]))
+    start = page.find("## Bytes per part")
+    if start < 0:
+        page = page.rstrip("\n") + "\n\n" + section
+    else:
+        end = page.find("\n## ", start + 1)
+        page = page[:start] + section + (page[end + 1:] if end >= 0 else "")
+    page_path.write_text(page)
+    print(f"wrote the bytes per part of {len(cells)} commit(s) into {page_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Quality vs real compression ratio on the offline MiniLM zoo (issue 4). Needs the zoo "
@@ -511,7 +609,14 @@ def main(argv: list[str] | None = None) -> int:
                         "cuda whenever it is available")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from cached cells")
     parser.add_argument("--machine", default=None, help="with --report-only: where the cached cells were computed")
+    parser.add_argument("--small-tensor-bits", type=int, nargs="*", default=[],
+                        help="with --parts: also commit with the lossy option keeping this many mantissa bits")
+    parser.add_argument("--parts", action="store_true",
+                        help="only count own bytes by part for --tasks x --settings (plain, no evaluation) and update "
+                             "the 'Bytes per part' section of quality.md/json, keeping the rest of the page")
     args = parser.parse_args(argv)
+    if args.parts:
+        return update_parts(run_parts(args.tasks or _zoo().TASKS, args.settings, args.small_tensor_bits, args.device))
 
     import torch
     import transformers
@@ -581,14 +686,15 @@ def main(argv: list[str] | None = None) -> int:
         meta.update({k: old[k] for k in ("machine", "python", "torch", "transformers", "seconds") if k in old})
         meta["base_vector"] = old.get("base_vector", meta["base_vector"])
     targets = targets_report(summary)
+    parts = json.loads(previous.read_text()).get("parts") if previous.exists() else None  # --parts' section
     (RESULTS / "quality.json").write_text(json.dumps(
-        {"meta": meta, "zoo": zoo_records, "summary": summary, "targets": targets, "cells": cells, "sweep": sweep},
-        indent=1, default=str))
+        {"meta": meta, "zoo": zoo_records, "summary": summary, "targets": targets, "cells": cells, "sweep": sweep,
+         "parts": parts}, indent=1, default=str))
     if summary:
         plot_retention(summary, RESULTS / "quality_retention.png")
     if sweep:
         plot_sweep(sweep, RESULTS / "quality_lambda_sweep.png")
-    write_markdown(summary, all_tasks, finetuned, zoo_records, sweep, meta, targets, RESULTS / "quality.md")
+    write_markdown(summary, all_tasks, finetuned, zoo_records, sweep, meta, targets, RESULTS / "quality.md", parts)
     print(f"wrote {RESULTS / 'quality.md'} ({time.perf_counter() - started:.0f} s)")
     return 0
 

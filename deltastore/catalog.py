@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,7 @@ class VersionStats:
     source_bytes: int         # the finetune's tensors in their original dtype
     source_fp16_bytes: int    # the finetune's tensors at 2 bytes per element
     file_bytes: int = 0       # the part of own_bytes that is side files (config, tokenizer...)
+    parts: dict[str, int] = field(default_factory=dict)  # own_bytes by part (PARTS)
 
     @property
     def base_share(self) -> float:
@@ -109,6 +110,7 @@ class VersionStats:
             "source_bytes": self.source_bytes,
             "source_fp16_bytes": self.source_fp16_bytes,
             "file_bytes": self.file_bytes,
+            "parts": dict(self.parts),
             "ratio_fp16": self.source_fp16_bytes / self.own_bytes if self.own_bytes else None,
             "ratio_source_dtype": self.source_bytes / self.own_bytes if self.own_bytes else None,
             "ratio_fp16_with_base_share": self.source_fp16_bytes / total if total else None,
@@ -134,6 +136,35 @@ def open_location(path: str | os.PathLike, *, cache: str | os.PathLike | None = 
     backend = LocalBackend(path)
     objects = ObjectStore(backend)
     return Path(path), backend, objects, LockedWrites(backend, objects)
+
+
+# The parts of a version's own bytes (specs/format.md §10), in the order an object shared by two
+# parts is counted in: the first that names it.
+PARTS = ("record", "masks", "codes", "small_tensors", "side_files")
+
+
+def byte_parts(digest: str, record: TaskVersion, sizes: dict[tuple[str, str], int]) -> dict[str, int]:
+    """``sizes`` (the version's own objects, :meth:`Catalog._own_objects`) summed by part."""
+    part_of: dict[tuple[str, str], str] = {("records", digest): "record"}
+    deltas = [e for e in record.tensors.values() if e.is_delta]
+    for entry in deltas:
+        if entry.rows:
+            part_of.setdefault(("arrays", entry.rows), "masks")
+    for entry in deltas:
+        for h in entry.arrays.values():
+            part_of.setdefault(("arrays", h), "codes")
+    for h in [record.pack] if record.pack else []:
+        part_of.setdefault(("arrays", h), "small_tensors")
+    for entry in record.tensors.values():
+        if not entry.is_delta:
+            for h in entry.arrays.values():
+                part_of.setdefault(("arrays", h), "small_tensors")
+    for h in record.files.values():
+        part_of.setdefault(("blobs", h), "side_files")
+    parts = dict.fromkeys(PARTS, 0)
+    for obj, size in sizes.items():
+        parts[part_of[obj]] += size
+    return parts
 
 
 class Catalog:
@@ -296,4 +327,5 @@ class Catalog:
             base_users = 1 + sum(1 for r in latest.values() if r.base == record.base)
         return VersionStats(sum(sizes.values()), sum(sizes[o] / users[o] for o in mine), base_bytes, base_users,
                             int(record.source["bytes"]), int(record.source["fp16_bytes"]),
-                            sum(size for (kind, _), size in sizes.items() if kind == "blobs"))
+                            sum(size for (kind, _), size in sizes.items() if kind == "blobs"),
+                            byte_parts(digest, record, sizes))

@@ -91,7 +91,12 @@ def _reachable(registry: "Catalog", problems: list[dict[str, str]] | None = None
         for h in record.array_hashes():
             use("arrays", h, who)
         for h in getattr(record, "files", {}).values():
-            use("blobs", h, who)
+            # A patched blob needs its dictionary blob (specs/format.md §9.1); a missing blob is
+            # reported as missing by verify, not read here.
+            if use("blobs", h, who) and registry.backend.exists(object_key("blobs", h)):
+                dictionary = guard(object_key("blobs", h), who, lambda: objects.blob_dictionary(h))
+                if dictionary:
+                    use("blobs", dictionary, who)
         if isinstance(record, (TaskVersion, BaseRecord)):
             pending.append((record.reference, who, ReferenceRecord))
         if isinstance(record, TaskVersion) and record.base:

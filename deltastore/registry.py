@@ -174,6 +174,7 @@ class Registry(Catalog):
         per_layer: bool = False,
         tune_options: Mapping[str, Any] | None = None,
         seed: int = 0,
+        small_tensor_bits: int | None = None,
         allow_unrelated: bool = False,
         progress: bool | None = None,
         device: str | torch.device = "cpu",
@@ -196,8 +197,18 @@ class Registry(Catalog):
         ("nothing to commit", as the CLI does). It costs one more read of the finetune, and
         records the hash in the new version, so only versions committed with it can match.
         Off by default: a script that commits the same finetune twice gets two versions, as it
-        always did, and pays nothing."""
+        always did, and pays nothing.
+
+        ``small_tensor_bits``: lossy small tensors (off by default: they are stored exactly).
+        Biases, norms and other whole tensors that have a reference counterpart keep this many
+        bits of their mantissa (a relative change below ``2**-small_tensor_bits``), the rest being
+        the reference's, which the version's pack then stores for almost nothing
+        (specs/format.md §5.8). Recorded in ``source.settings``."""
         check_name("task", task)
+        if small_tensor_bits is not None and (isinstance(small_tensor_bits, bool) or not isinstance(
+                small_tensor_bits, int) or not 0 <= small_tensor_bits <= 52):
+            raise InvalidInputError(f"small_tensor_bits must be an integer from 0 to 52 (mantissa bits kept), or None "
+                                    f"to store small tensors exactly; got {small_tensor_bits!r}")
         if method == WHOLE_TENSORS:
             raise InvalidInputError(f"compressor {method!r} stores whole tensors, not deltas; pick one of "
                                     f"{', '.join(delta_compressors())}")
@@ -218,7 +229,7 @@ class Registry(Catalog):
         # hash for later checks.
         fingerprint: dict[str, Any] = {}
         if skip_unchanged:
-            settings = commit_settings(tune, calibration, per_layer, tune_options, seed)
+            settings = commit_settings(tune, calibration, per_layer, tune_options, seed, small_tensor_bits)
             fingerprint = {"sha256": content_sha256(source), "settings": settings}
             if settings is not None and self._task_ref(task).versions:
                 _, latest = self.version(task)
@@ -252,8 +263,8 @@ class Registry(Catalog):
 
         def write(attempt: Attempt) -> TaskVersion:
             txn = self.objects.new_txn()
-            tensors = pipeline.encode(task, compressor, lambdas, seeds, txn)
-            files = store_files(self.objects, source, txn)
+            tensors, packed = pipeline.encode(task, compressor, lambdas, seeds, txn, small_tensor_bits)
+            files = store_files(self.objects, source, txn, reference)
             n_params = sum(numel(source.shape(n)) for n in source.names())
             record_source = {
                 "label": str(source.label), "bytes": source.nbytes(), "params": n_params,
@@ -270,7 +281,7 @@ class Registry(Catalog):
                     task=task, version=number, parent=parent, created=utc_now(), message=message,
                     reference=ref_digest, base=base_digest, method=method, config=compressor.config.to_dict(),
                     lam1=float(lambdas.lam1), lam2=float(lambdas.lam2), tuning=plain(lambdas.record),
-                    tensors=tensors, files=files, source=record_source,
+                    tensors=tensors, files=files, source=record_source, pack=packed, ref_prefix=plan.prefix,
                 )
                 digest = self.objects.put_record(record, txn)
                 # The base record too: on an object store it is refreshed, which keeps its

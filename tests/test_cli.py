@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -189,6 +190,8 @@ def test_ls_log_show_verify_say_what_they_hold(example, reg):
     assert "closed form" in run("show", reg, "has_top@1").stdout
     show = json.loads(run("show", reg, "has_top@1", "--json").stdout)
     assert show["delta_rows"] > show["unchanged_rows"] > 0  # the example leaves unseen tokens' rows alone
+    assert sum(show["parts"].values()) == show["own_bytes"] and show["parts"]["codes"] > 0
+    assert re.search(r"own bytes  codes [0-9.]+ KB \(\d+%\), .*small tensors", run("show", reg, "has_top@1").stdout)
     assert f"{show['unchanged_rows']} of {show['delta_rows']} rows" in run("show", reg, "has_top@1").stdout
 
     text = run("verify", reg).stdout
@@ -328,3 +331,14 @@ def test_shell_completion_offers_task_and_base_names(example, reg):
     assert complete(f"deltastore diff {reg} has_top@1 has_s") == ["has_small"]
     assert complete(f"deltastore base rm {reg} ") == ["all"]
     assert complete(f"deltastore log {reg.parent / 'nowhere'} ") == []
+
+
+def test_small_tensor_bits_is_asked_for_and_shown(example, reg):
+    """Lossy small tensors only when asked (--small-tensor-bits), and show says which."""
+    run("commit", reg, "exact", example.finetunes["has_top"])
+    run("commit", reg, "lossy", example.finetunes["has_top"], "--small-tensor-bits", "6")
+    assert "packed, exact)" in run("show", reg, "exact").stdout
+    assert "small tensors lossy, 6 mantissa bits kept)" in run("show", reg, "lossy").stdout
+    exact, lossy = (json.loads(run("show", reg, t, "--json").stdout) for t in ("exact", "lossy"))
+    assert exact["small_tensor_bits"] is None and lossy["small_tensor_bits"] == 6
+    assert lossy["parts"]["small_tensors"] < exact["parts"]["small_tensors"]

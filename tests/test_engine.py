@@ -18,7 +18,7 @@ from deltastore import Registry
 from deltastore.dtypes import torch_dtype
 from deltastore.engine import reader as readers
 from deltastore.engine import resident as residents
-from deltastore.engine.decode import decode_code, decode_stored
+from deltastore.engine.decode import decode_code, decode_stored, lossless, unpack
 from deltastore.engine.resident import ResidentModel
 from deltastore.errors import CorruptObjectError, NotFoundError
 from deltastore.storage.records import BaseRecord, ReferenceRecord
@@ -57,8 +57,12 @@ def reference_state(registry: Registry, task: str) -> dict[str, torch.Tensor]:
     def array(digest, what):
         return registry.objects.get_array(digest, what=what)
 
+    packed = unpack(registry.objects, record, reference)  # specs/format.md §5.8
     out = {}
     for name, entry in record.tensors.items():
+        if name in packed:
+            out[name] = lossless(entry, packed[name], "cpu")
+            continue
         if not entry.is_delta:
             out[name] = decode_stored(entry, array, "cpu")
             continue

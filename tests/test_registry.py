@@ -164,6 +164,15 @@ def test_stats_count_real_bytes(example, registry_copy):
     assert stats["base_users"] == 1 and stats["base_bytes"] > 0
     arrays = sum(reg.objects.size("arrays", h) for h in record.array_hashes())
     assert stats["own_bytes"] <= arrays + reg.objects.size("records", reg.version("has_top")[0]) + 10_000
+    # specs/format.md §10: the parts add up to the own bytes, each named by what it is.
+    parts = stats["parts"]
+    assert sum(parts.values()) == stats["own_bytes"] and parts["side_files"] == stats["file_bytes"]
+    assert parts["record"] == reg.objects.size("records", reg.version("has_top")[0])
+    assert parts["small_tensors"] == reg.objects.size("arrays", record.pack) > 0
+    assert parts["codes"] == sum(reg.objects.size("arrays", h) for e in record.tensors.values() if e.is_delta
+                                 for h in e.arrays.values()) > 0
+    assert parts["masks"] == sum(reg.objects.size("arrays", e.rows) for e in record.tensors.values()
+                                 if e.is_delta and e.rows) > 0
 
 
 def test_materialize_dtype_and_save_pretrained(example, registry_copy, tmp_path):

@@ -389,6 +389,10 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
 @click.option("--per-layer", is_flag=True, help="One (lam1, lam2) per tensor instead of one pair per model.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the compressor's random choices (the masks of those that drop values).")
+@click.option("--small-tensor-bits", type=click.IntRange(0, 52), metavar="N",
+              help="Lossy small tensors (biases, norms): keep N mantissa bits of each value, the rest the "
+                   "reference's (relative change < 2^-N); default: stored exactly. Measured in "
+                   "benchmarks/results/quality.md.")
 @click.option("--allow-unrelated", is_flag=True, help="Store a model even if it looks unrelated to the reference.")
 @click.option("--follow-links", is_flag=True, help="Read files of FINETUNE that are symlinks leading out of it.")
 @click.option("--device", default="cpu", show_default=True, help="Where to compute deltas and encode: cpu, cuda...")
@@ -396,7 +400,7 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
 @click.pass_context
 def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method: str | None, config_items,
            base_name, message, tune, calib, calib_max_length, calib_batch_size, tune_steps, tune_lr, per_layer, seed,
-           allow_unrelated, follow_links, device, as_json, **shorthands) -> None:
+           small_tensor_bits, allow_unrelated, follow_links, device, as_json, **shorthands) -> None:
     """Compress FINETUNE as the next version of TASK."""
     method, config = _compressor_config(method, config_items, shorthands)
     tune_options = {k: v for k, v in (("max_steps", tune_steps), ("lr", tune_lr)) if v is not None}
@@ -424,7 +428,7 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
     latest = reg.version_hashes(task)[-1][0] if task in reg.tasks() else None
     record = reg.commit(task, finetune, method=method, config=config, base=base_name, message=message, tune=tune,
                         calibration=calibration, per_layer=per_layer, tune_options=tune_options or None, seed=seed,
-                        allow_unrelated=allow_unrelated, follow_links=follow_links, device=device,
+                        small_tensor_bits=small_tensor_bits, allow_unrelated=allow_unrelated, follow_links=follow_links, device=device,
                         progress=_progress(ctx), skip_unchanged=True)
     data = _version_summary(reg, record)
     if record.version == latest:
@@ -527,6 +531,13 @@ def _rows_summary(data: dict[str, Any]) -> str:
             "mask bit each, only the changed rows are compressed")
 
 
+def _parts_summary(parts: dict[str, int]) -> str:
+    """Where a version's own bytes go (specs/format.md §10), largest first."""
+    total = sum(parts.values()) or 1
+    return ", ".join(f"{name.replace('_', ' ')} {_human(size)} ({size / total:.0%})"
+                     for name, size in sorted(parts.items(), key=lambda kv: -kv[1]))
+
+
 def _version_summary(reg: Catalog, record) -> dict[str, Any]:
     stats = reg.stats(record.task, record.version).to_dict()
     base_name = None
@@ -538,6 +549,8 @@ def _version_summary(reg: Catalog, record) -> dict[str, Any]:
         "base": record.base, "base_name": base_name, "reference": record.reference, "parent": record.parent,
         "tuning": record.tuning, "tensors": len(record.tensors),
         "delta_tensors": sum(1 for e in record.tensors.values() if e.is_delta), "files": sorted(record.files),
+        "packed_tensors": len(record.packed()),
+        "small_tensor_bits": (record.source.get("settings") or {}).get("small_tensor_bits"),
         **_row_counts(record), **stats,
     }
 
@@ -615,10 +628,13 @@ def show(registry: Path, spec: str, as_json: bool) -> None:
         f"  compressor {record.method} {json.dumps(record.config)}",
         f"  lambdas    lam1={record.lam1:.6g}  lam2={record.lam2:.6g}",
         f"  base       {data['base_name'] or '-'} {(record.base or '')[:12]}",
-        f"  tensors    {data['tensors']} ({data['delta_tensors']} as deltas)",
+        f"  tensors    {data['tensors']} ({data['delta_tensors']} as deltas, {data['packed_tensors']} packed"
+        + (f"; small tensors lossy, {bits} mantissa bits kept)" if (bits := data["small_tensor_bits"]) is not None
+           else ", exact)"),
         f"  rows       {_rows_summary(data)}",
         f"  on disk    {_human(data['own_bytes'])} own ({_human(data['amortized_bytes'])} amortized over tasks "
         f"sharing objects) + {_human(data['base_share_bytes'])} base share",
+        f"  own bytes  {_parts_summary(data['parts'])}",
         f"  ratio      {_times(data['ratio_fp16'])} vs fp16, {_times(data['ratio_source_dtype'])} vs the finetune's "
         f"dtype, {_times(data['ratio_fp16_with_base_share'])} vs fp16 with the base share, "
         f"{_times(data['ratio_fp16_amortized'])} amortized",

@@ -25,9 +25,10 @@ from ..progress import progress as progress_bar
 from ..sources import TensorSource
 from ..storage.layout import array_shape_problem
 from ..storage.objects import ObjectStore
-from ..storage.records import BaseRecord, ReferenceRecord, TensorEntry
+from ..storage.records import PACKED, XOR, BaseRecord, ReferenceRecord, TensorEntry
 from ..tensor import dbms
 from ..tensor.bitpack import pack_bits
+from ..tensor.pack import keep_mantissa_bits, pack_tensors
 from ..tensor.compressors import Compressor
 from ..tensor.compressors.lossless import Lossless
 from ..tuning import Lambdas
@@ -46,7 +47,10 @@ MAX_RELATIVE_DELTA = 0.5
 # (GPU memory on CUDA; a quarter of it on the host otherwise, where the arithmetic is the limit.)
 COMMIT_READ_AHEAD_BYTES = 2 << 30
 COMMIT_WRITE_BEHIND = 4
-
+# Whole tensors up to this size go into the version's pack (specs/format.md §5.8), XORed with
+# the reference's: one array for all of them instead of one array and its metadata each.
+# Larger ones keep an array of their own, which other versions (or the reference) may share.
+PACK_MAX_BYTES = 1 << 20
 
 
 class CommitPipeline:
@@ -75,7 +79,7 @@ class CommitPipeline:
         """In a reader thread, on the device: the finetune's tensor and, for a delta, its
         reference tensor and base vector (on CUDA through pinned staging, no host copy)."""
         reader = self.reader
-        ref_name = self.plan.lossy.get(name)
+        ref_name = self.plan.lossy.get(name) or self.plan.xor.get(name)
         if ref_name is None:
             return None, reader.source(self.source, name), None
         w_ref = decode_stored(self.reference.tensors[ref_name], reader.array, self.device)
@@ -114,14 +118,18 @@ class CommitPipeline:
         return acc
 
     def encode(self, task: str, compressor: Compressor, lambdas: Lambdas, seeds: dict[str, int],
-               txn: str) -> dict[str, TensorEntry]:
-        """Pass 2: every tensor encoded (deltas) or kept whole, its arrays staged in ``txn``.
+               txn: str, small_tensor_bits: int | None = None) -> tuple[dict[str, TensorEntry], str | None]:
+        """Pass 2: every tensor encoded (deltas), packed or kept whole, its arrays staged in
+        ``txn``; returns the entries and the pack (None when nothing is packed).
+        ``small_tensor_bits``: the lossy option, packed float tensors keep that many mantissa bits
+        of their own and the rest of the reference's (:func:`keep_mantissa_bits`); None: exact.
 
         One writer thread stores each tensor's arrays (device-to-host copy, hash, write, fsync)
         while the device encodes the next one; one thread, so two identical arrays are never
         staged at once."""
         names = self.source.names()
         stored: dict[str, Future] = {}
+        packed: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         waiting: deque[Future] = deque()
         config = compressor.config.to_dict()
         with ThreadPoolExecutor(1, "deltastore-write") as writer:
@@ -129,6 +137,11 @@ class CommitPipeline:
                 if len(waiting) >= COMMIT_WRITE_BEHIND:
                     waiting.popleft().result()  # bound the encoded tensors waiting for the writer
                 if name not in self.plan.lossy:  # checked for NaN/Inf before pass 1
+                    if tensor.numel() * tensor.element_size() <= PACK_MAX_BYTES:
+                        if w_ref is not None and small_tensor_bits is not None:
+                            tensor = keep_mantissa_bits(tensor, w_ref, small_tensor_bits)
+                        packed[name] = (tensor.cpu(), None if w_ref is None else w_ref.cpu())
+                        continue
                     stored[name] = writer.submit(store_lossless, self.objects, tensor.cpu(), txn)
                     waiting.append(stored[name])
                     continue
@@ -145,7 +158,15 @@ class CommitPipeline:
                                              tensor.shape, dtype_name(tensor.dtype), self.plan.lossy[name], txn,
                                              per_tensor)
                 waiting.append(stored[name])
-            return {name: future.result() for name, future in stored.items()}
+            entries = {name: future.result() for name, future in stored.items()}
+        order = sorted(packed)  # the pack's order: code points of the names (specs/format.md §5.8)
+        pack = self.objects.put_array(pack_tensors([packed[n] for n in order]), txn) if order else None
+        for name in order:
+            tensor, _ = packed[name]
+            ref_name = self.plan.xor.get(name)
+            entries[name] = TensorEntry(shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype),
+                                        codec=PACKED if ref_name is None else XOR, ref=ref_name)
+        return entries, pack
 
 
 def store_code(objects: ObjectStore, code: dbms.MatrixCode, compressor: str, config: dict, shape, dtype: str,
@@ -166,6 +187,8 @@ class Plan:
     lossy: dict[str, str]       # finetune name -> reference name, stored as a DBMS delta
     lossy_ref: dict[str, str]   # the inverse
     missing_buffers: list[str]  # non-float reference tensors absent from the finetune
+    xor: dict[str, str]         # whole tensors -> reference tensor of the same dtype and shape (packs XOR them)
+    prefix: str                 # what finetune names have before the reference's ("bert." of a classifier)
 
 
 def plan_finetune(reference: ReferenceRecord, source: TensorSource) -> Plan:
@@ -196,7 +219,7 @@ def plan_finetune(reference: ReferenceRecord, source: TensorSource) -> Plan:
             f"{source.label}: reference tensor(s) {shown}{more} are missing from the finetune; a finetune must "
             "hold every weight of the reference (task-own extra tensors are fine)"
         )
-    lossy = {}
+    lossy, xor = {}, {}
     for name, ref_name in mapping.items():
         entry = reference.tensors[ref_name]
         shape, dtype = source.shape(name), source.dtype(name)
@@ -212,7 +235,9 @@ def plan_finetune(reference: ReferenceRecord, source: TensorSource) -> Plan:
             )
         if dtype.is_floating_point and len(shape) >= 2 and numel(shape) >= MIN_LOSSY_NUMEL:
             lossy[name] = ref_name
-    return Plan(lossy, {r: n for n, r in lossy.items()}, missing)
+        elif dtype_name(dtype) == entry.dtype:
+            xor[name] = ref_name
+    return Plan(lossy, {r: n for n, r in lossy.items()}, missing, xor, prefix)
 
 
 def check_storable(source: TensorSource, name: str) -> None:
@@ -278,7 +303,8 @@ def content_sha256(source: TensorSource) -> str:
     return digest.hexdigest()
 
 
-def commit_settings(tune, calibration, per_layer: bool, tune_options, seed: int) -> dict[str, Any] | None:
+def commit_settings(tune, calibration, per_layer: bool, tune_options, seed: int,
+                    small_tensor_bits: int | None = None) -> dict[str, Any] | None:
     """The commit arguments not in a version's other fields (``source.settings``), or None
     when they cannot be compared with an earlier commit's: a tuner given as a function,
     calibration inputs that hashing would consume (an iterator), tuner options holding
@@ -288,8 +314,11 @@ def commit_settings(tune, calibration, per_layer: bool, tune_options, seed: int)
         return None
     from ..calibration import calibration_sha256
 
-    return plain({"tune": tune or "l2", "per_layer": per_layer, "tune_options": dict(tune_options or {}),
-                  "seed": seed, "calibration": None if calibration is None else calibration_sha256(calibration)})
+    settings = {"tune": tune or "l2", "per_layer": per_layer, "tune_options": dict(tune_options or {}), "seed": seed,
+                "calibration": None if calibration is None else calibration_sha256(calibration)}
+    if small_tensor_bits is not None:  # only then: settings of exact commits stay as before format 1.2
+        settings["small_tensor_bits"] = small_tensor_bits
+    return plain(settings)
 
 
 def _is_plain(value: Any) -> bool:
@@ -301,8 +330,13 @@ def _is_plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def store_files(objects: ObjectStore, source: TensorSource, txn: str) -> dict[str, str]:
-    return {rel: objects.put_blob(path.read_bytes(), txn) for rel, path in source.files.items()}
+def store_files(objects: ObjectStore, source: TensorSource, txn: str,
+                reference: ReferenceRecord | None = None) -> dict[str, str]:
+    """Stage a model's side files; a finetune's (``reference`` given) each as a patch against the
+    reference's file of the same path where that is smaller (specs/format.md §3.3: a re-saved
+    tokenizer differs little from the reference's)."""
+    return {rel: objects.put_blob(path.read_bytes(), txn, dictionary=reference and reference.files.get(rel))
+            for rel, path in source.files.items()}
 
 
 def plain(value: Any) -> Any:

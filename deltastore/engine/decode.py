@@ -17,14 +17,15 @@ import numpy as np
 import torch
 
 from ..dtypes import torch_dtype
-from ..errors import CorruptObjectError
-from ..storage.records import BaseRecord, ReferenceRecord, TaskVersion, TensorEntry
+from ..errors import CorruptObjectError, UnknownNameError
+from ..storage.records import PACKED_CODECS, XOR, BaseRecord, ReferenceRecord, TaskVersion, TensorEntry
 from ..tensor import dbms
 from ..tensor.bitpack import packed_size, unpack_bits
-from ..tensor.compressors import Compressor, Encoded, fused_decoder, get_compressor
+from ..tensor.compressors import Compressor, Encoded, compressor_class, fused_decoder, get_compressor
 from ..tensor.compressors.base import required_array, required_attr
 from ..tensor.compressors.lossless import Lossless
 from ..tensor.fused import BaseTerm, FusedDecoder, FusedJob, triton_enabled
+from ..tensor.pack import packed_nbytes, unpack_carrier
 
 # ``array(digest, what)``: a stored array on the decode device.
 ArrayGetter = Callable[[str, str], torch.Tensor]
@@ -40,6 +41,15 @@ def numel(shape) -> int:
 def check_entry(entry: TensorEntry) -> None:
     """specs/format.md §5.2/§6: lossless entries are whole tensors, every other compressor is a
     delta on a float tensor; a record mixing the two was not written by deltastore."""
+    if entry.codec in PACKED_CODECS:
+        if entry.config or entry.arrays or entry.attrs or entry.rows or entry.changed_rows is not None \
+                or entry.lam1 is not None or entry.lam2 is not None or (entry.codec == XOR) != (entry.ref is not None):
+            raise CorruptObjectError(f"{entry.codec} entry with fields of a stored array or a delta, or a ref where "
+                                     f"it may have none: only shape, dtype and ({XOR}) ref may be set "
+                                     "(specs/format.md §5.8)")
+        torch_dtype(entry.dtype)  # one of the lossless page's dtypes, or refused
+        return
+    compressor_class(entry.codec)  # an unknown compressor is named as such, before its fields are judged
     if (entry.codec == Lossless.name) != (entry.ref is None):
         raise CorruptObjectError(f"tensor entry with codec {entry.codec!r} has ref {entry.ref!r}: {Lossless.name} "
                                  "entries have no ref and delta entries need one")
@@ -72,7 +82,8 @@ def row_index(objects, digest: str | None, rows: int, expected: int | None, veri
 
 @dataclass
 class TensorPlan:
-    """One output tensor: its entry, the reference entry it adds to, the base entry, lambdas."""
+    """One output tensor: its entry, the reference entry it adds to, the base entry, lambdas;
+    for a packed entry, ``data``: its carrier values, already read from the version's pack."""
 
     name: str
     entry: TensorEntry
@@ -80,6 +91,7 @@ class TensorPlan:
     base_entry: TensorEntry | None = None
     lam1: float = 0.0
     lam2: float = 1.0
+    data: torch.Tensor | None = None
 
     @property
     def matrix(self) -> tuple[int, int]:
@@ -163,6 +175,38 @@ def inputs(objects, record: TaskVersion, where: str) -> tuple[ReferenceRecord, B
     return reference, base
 
 
+def unpack(objects, record: TaskVersion, reference: ReferenceRecord) -> dict[str, torch.Tensor]:
+    """The carrier values of every packed entry of ``record``, read from its pack (specs/format.md
+    §5.8) and XORed back with the reference's tensors. The pack is small: it is read whole (and
+    rehashed) on the host, once per task version read."""
+    names = record.packed()
+    if not names:
+        return {}
+    if record.pack is None:
+        raise CorruptObjectError(f"{len(names)} tensor(s) are packed, e.g. {names[0]!r}, but the record names no pack")
+    sizes = [packed_nbytes(record.tensors[n].shape, torch_dtype(record.tensors[n].dtype)) for n in names]
+    data = objects.get_array(record.pack, what="pack")
+    if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() != sum(sizes):
+        raise CorruptObjectError(f"the pack must be uint8 ({sum(sizes)},) for its {len(names)} tensors, found "
+                                 f"{data.dtype} {tuple(data.shape)}")
+    out, start = {}, 0
+    for name, size in zip(names, sizes):
+        entry = record.tensors[name]
+        xor = None
+        if entry.codec == XOR:
+            ref_entry = reference.tensors.get(entry.ref)
+            if ref_entry is None or (ref_entry.codec, ref_entry.dtype, ref_entry.shape) != (
+                    Lossless.name, entry.dtype, entry.shape):
+                raise CorruptObjectError(
+                    f"tensor {name!r}: packed against reference tensor {entry.ref!r}, which is "
+                    f"{ref_entry and (ref_entry.codec, ref_entry.dtype, list(ref_entry.shape))}; expected a "
+                    f"{Lossless.name} {entry.dtype} tensor of shape {list(entry.shape)}")
+            xor = objects.get_array(required_array(ref_entry.arrays, "data"), what=f"reference {entry.ref}")
+        out[name] = unpack_carrier(data[start:start + size], entry.shape, torch_dtype(entry.dtype), xor)
+        start += size
+    return out
+
+
 def plan(objects, record: TaskVersion, where: str) -> list[TensorPlan]:
     """The tensors of a task version in record order, checked against the records they use."""
     reference, base = inputs(objects, record, where)
@@ -172,10 +216,15 @@ def plan(objects, record: TaskVersion, where: str) -> list[TensorPlan]:
             check_entry(entry)
             if entry.is_delta:
                 check_delta(entry, reference, base)
-        except CorruptObjectError as exc:
-            raise CorruptObjectError(f"{where}: {record.task}@{record.version}, tensor {name!r}: {exc}") from None
+        except (CorruptObjectError, UnknownNameError) as exc:
+            raise type(exc)(f"{where}: {record.task}@{record.version}, tensor {name!r}: {exc}") from None
+    try:
+        packed = unpack(objects, record, reference)
+    except CorruptObjectError as exc:
+        raise CorruptObjectError(f"{where}: {record.task}@{record.version}: {exc}") from None
+    for name, entry in record.tensors.items():
         if not entry.is_delta:
-            plans.append(TensorPlan(name, entry))
+            plans.append(TensorPlan(name, entry, data=packed.get(name)))
             continue
         base_entry = base.tensors.get(entry.ref) if base is not None else None
         lam1 = record.lam1 if entry.lam1 is None else entry.lam1
@@ -185,8 +234,9 @@ def plan(objects, record: TaskVersion, where: str) -> list[TensorPlan]:
 
 
 def lossless(entry: TensorEntry, data: torch.Tensor, device) -> torch.Tensor:
-    """A lossless entry's tensor from its stored carrier array."""
-    return Lossless().decode(Encoded({"data": data}, dict(entry.attrs)), entry.shape, device)
+    """A lossless or packed entry's tensor from its carrier values (check_entry saw that a
+    lossless entry's ``dtype`` attr is the entry's dtype)."""
+    return Lossless().decode(Encoded({"data": data}, {"dtype": entry.dtype}), entry.shape, device)
 
 
 def fused_job(item: TensorPlan, parts: Parts) -> FusedJob:

@@ -214,6 +214,8 @@ class DeviceReader:
     def _read(self, item: TensorPlan) -> Parts:
         """Everything :func:`deltastore.engine.decode.decode` needs for ``item``, on the device."""
         entry = item.entry
+        if item.data is not None:  # packed: read with the version's pack
+            return Parts(data=self.put(item.data))
         if not entry.is_delta:
             return Parts(data=self.array(required_array(entry.arrays, "data"), f"{item.name}: data"))
         rows, _ = item.matrix

@@ -193,7 +193,7 @@ class ResidentModel:
             """In a reader thread: the task's own arrays on the host (and the changed-row index)."""
             entry = item.entry
             arrays = {role: objects.get_array(h, verify=self.verify, what=f"{item.name}: {role}")
-                      for role, h in entry.arrays.items()}
+                      for role, h in entry.arrays.items()} if item.data is None else {"data": item.data}
             if not entry.is_delta:
                 return None, arrays
             rows, _ = item.matrix

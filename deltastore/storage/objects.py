@@ -8,6 +8,7 @@ complete, so a key under ``objects/`` is always whole. Nothing is ever rewritten
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import uuid
 import warnings
@@ -15,6 +16,7 @@ from collections import deque
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+import zstandard
 from numcodecs import Zstd
 
 from ..dtypes import array_numpy_dtype, array_torch_dtype
@@ -39,6 +41,46 @@ MAX_BLOB_BYTES = 64 << 20
 # loopback SeaweedFS, 4-8 concurrent GETs reached its throughput), and the reader threads of
 # a materialize (16 at most) hold at most 512 MiB of chunk files not yet decoded.
 READ_AHEAD_CHUNK_BYTES = 32 << 20
+
+# A blob stored as a patch against another blob (specs/format.md §3.3): a zstd skippable frame
+# naming the dictionary blob and its transform, then a zstd frame that needs that dictionary.
+PATCH_MAGIC = (0x184D2A50).to_bytes(4, "little")
+PATCH_HEADER = b"deltastore-patch\n"
+PATCH_LEVEL = 19  # patches are small and written once: the best ratio is worth its time
+_PATCH_FRAME_PREFIX = 8  # magic + Frame_Size
+
+
+def _json_indented(data: bytes) -> bytes:
+    """A JSON file written again with two-space indentation, as Hugging Face libraries save
+    tokenizer files: the reference's compact file becomes a dictionary for a finetune's re-saved
+    one (specs/format.md §3.3, transform ``json``). ValueError if ``data`` is not JSON."""
+    return json.dumps(json.loads(data.decode("utf-8")), indent=2, ensure_ascii=False).encode("utf-8")
+
+
+PATCH_TRANSFORMS = {"raw": lambda data: data, "json": _json_indented}
+
+
+def patch_frame(dictionary: str, transform: str, frame: bytes) -> bytes:
+    """A patched blob's stored bytes: the skippable frame naming ``dictionary`` and ``transform``,
+    then ``frame`` (zstd, compressed with that dictionary)."""
+    user = PATCH_HEADER + f"{transform}\n{dictionary}".encode("ascii")
+    return PATCH_MAGIC + len(user).to_bytes(4, "little") + user + frame
+
+
+def parse_patch(stored: bytes, what: str) -> tuple[str, str, bytes] | None:
+    """(dictionary blob, transform, zstd frame) of a patched blob, None for a plain one."""
+    if stored[:4] != PATCH_MAGIC:
+        return None
+    size = int.from_bytes(stored[4:8], "little")
+    user = stored[_PATCH_FRAME_PREFIX:_PATCH_FRAME_PREFIX + size]
+    parts = user[len(PATCH_HEADER):].split(b"\n")
+    if (len(stored) < _PATCH_FRAME_PREFIX + size or not user.startswith(PATCH_HEADER) or len(parts) != 2
+            or parts[0].decode("ascii", "replace") not in PATCH_TRANSFORMS
+            or not _DIGEST.fullmatch(parts[1].decode("ascii", "replace"))):
+        raise CorruptObjectError(f"{what}: a skippable zstd frame that is not a deltastore patch header (expected "
+                                 f"'deltastore-patch', a transform of {sorted(PATCH_TRANSFORMS)} and a blob name); "
+                                 "restore it from a backup")
+    return parts[1].decode("ascii"), parts[0].decode("ascii"), stored[_PATCH_FRAME_PREFIX + size:]
 
 
 def array_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -267,33 +309,77 @@ class ObjectStore:
     # -- blobs ------------------------------------------------------------------------------
     # A blob is stored as one zstd frame of the file's bytes (tokenizer.json shrinks ~3x) and
     # named by the hash of the uncompressed bytes, so the name does not depend on the codec.
-    def put_blob(self, data: bytes, txn: str) -> str:
+    def put_blob(self, data: bytes, txn: str, *, dictionary: str | None = None) -> str:
+        """Store a file; with ``dictionary`` (a plain blob: the reference's file of the same
+        path) as a patch against it where that is smaller than the file on its own."""
         digest = content_hash(data)
         final = object_key("blobs", digest)
         if not self._reusable("blobs", digest):
             staged = f"{txn}/{digest}"
-            self.backend.put(staged, bytes(_BLOB_CODEC.encode(data)))
+            self.backend.put(staged, self._smallest_encoding(data, dictionary))
             self.backend.publish(staged, final)
         self._joined("blobs", digest)
         return digest
 
+    def _smallest_encoding(self, data: bytes, dictionary: str | None) -> bytes:
+        best = bytes(_BLOB_CODEC.encode(data))
+        if dictionary is None or parse_patch(self.backend.get(object_key("blobs", dictionary)), dictionary):
+            return best  # no dictionary, or one that is itself a patch (not allowed: one level only)
+        base = self.get_blob(dictionary)
+        for transform, build in PATCH_TRANSFORMS.items():
+            try:
+                content = build(base)
+            except ValueError:  # not JSON (UnicodeDecodeError is a ValueError too)
+                continue
+            compressor = zstandard.ZstdCompressor(
+                level=PATCH_LEVEL, write_content_size=True, write_checksum=False, write_dict_id=False,
+                dict_data=zstandard.ZstdCompressionDict(content, dict_type=zstandard.DICT_TYPE_RAWCONTENT))
+            patch = patch_frame(dictionary, transform, compressor.compress(data))
+            if len(patch) < len(best):
+                best = patch
+        return best
+
     def get_blob(self, digest: str, *, verify: bool = True) -> bytes:
         stored = self.backend.get(object_key("blobs", digest))
-        declared = zstd_content_size(stored)
+        what = f"{self.backend.root}: blob {digest[:12]}"
+        patch = parse_patch(stored, what)
+        frame = stored if patch is None else patch[2]
+        declared = zstd_content_size(frame)
         if declared is None or declared > MAX_BLOB_BYTES:
             raise CorruptObjectError(
-                f"{self.backend.root}: blob {digest[:12]}: its zstd frame declares "
-                f"{declared if declared is not None else 'no'} decompressed size, at most {MAX_BLOB_BYTES} bytes "
-                "allowed; restore it from a backup")
+                f"{what}: its zstd frame declares {declared if declared is not None else 'no'} decompressed size, at "
+                f"most {MAX_BLOB_BYTES} bytes allowed; restore it from a backup")
+        dictionary = None if patch is None else self._patch_dictionary(patch[0], patch[1], what)
         try:
-            data = bytes(_BLOB_CODEC.decode(stored))
-        except Exception as exc:  # numcodecs raises RuntimeError/ValueError on damaged frames
-            raise CorruptObjectError(
-                f"{self.backend.root}: blob {digest[:12]} is not a valid zstd frame ({exc}); restore it from a backup"
-            ) from None
+            if dictionary is None:
+                data = bytes(_BLOB_CODEC.decode(frame))
+            else:
+                data = zstandard.ZstdDecompressor(dict_data=dictionary).decompress(frame, max_output_size=MAX_BLOB_BYTES)
+        except Exception as exc:  # numcodecs and zstandard raise several types on damaged frames
+            raise CorruptObjectError(f"{what} is not a valid zstd frame ({exc}); restore it from a backup") from None
+        if len(data) != declared:
+            raise CorruptObjectError(f"{what}: its zstd frame declares {declared} bytes and holds {len(data)}; "
+                                     "restore it from a backup")
         if verify and content_hash(data) != digest:
-            raise CorruptObjectError(f"{self.backend.root}: blob {digest[:12]} is corrupt (content hash mismatch)")
+            raise CorruptObjectError(f"{what} is corrupt (content hash mismatch)")
         return data
+
+    def _patch_dictionary(self, dictionary: str, transform: str, what: str) -> zstandard.ZstdCompressionDict:
+        """The raw-content dictionary a patch names: its dictionary blob's bytes, transformed."""
+        if parse_patch(self.backend.get(object_key("blobs", dictionary)), dictionary) is not None:
+            raise CorruptObjectError(f"{what}: is a patch against blob {dictionary[:12]}, itself a patch; a patch "
+                                     "needs a plain blob (specs/format.md §3.3); restore it from a backup")
+        try:
+            content = PATCH_TRANSFORMS[transform](self.get_blob(dictionary))
+        except ValueError:
+            raise CorruptObjectError(f"{what}: its dictionary, blob {dictionary[:12]}, is not JSON, which its "
+                                     f"transform {transform!r} needs; restore it from a backup") from None
+        return zstandard.ZstdCompressionDict(content, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+    def blob_dictionary(self, digest: str) -> str | None:
+        """The blob a patched blob needs to be read (specs/format.md §9.1), None for a plain blob."""
+        patch = parse_patch(self.backend.get(object_key("blobs", digest)), f"blob {digest[:12]}")
+        return None if patch is None else patch[0]
 
     # -- records ----------------------------------------------------------------------------
     def put_record(self, record: Record, txn: str) -> str:
@@ -410,8 +496,13 @@ class ObjectStore:
                 write_array(self.backend, staged, data, compress=compress)
                 self.backend.publish(staged, key)
                 self._joined(kind, digest)
-        elif kind == "blobs":
-            written = self.put_blob(source.get_blob(digest, verify=True), txn)
+        elif kind == "blobs":  # checked, then copied as stored (a patch stays a patch)
+            written = content_hash(source.get_blob(digest, verify=True))
+            if written == digest:
+                staged = f"{txn}/{digest}"
+                self.backend.put(staged, source.backend.get(key))
+                self.backend.publish(staged, key)
+                self._joined(kind, digest)
         else:
             data = source.backend.get(key)
             written = content_hash(data)

@@ -19,7 +19,12 @@ from ..errors import CorruptObjectError, DeltastoreError, FormatVersionError
 
 FORMAT_NAME = "deltastore"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1
+FORMAT_MINOR = 2
+# The codecs of a task version's small whole tensors stored in its pack (specs/format.md §5.8):
+# the tensor's bits as they are, or XORed with those of the reference tensor ``ref``.
+PACKED = "packed"
+XOR = "xor"
+PACKED_CODECS = (PACKED, XOR)
 
 # Records are small; anything bigger is a damaged or hostile file, refused before allocation.
 MAX_RECORD_BYTES = 64 << 20
@@ -201,10 +206,10 @@ class TensorEntry(Record):
     shape: tuple[int, ...]
     dtype: str
     codec: str
-    config: dict[str, Any]
-    arrays: dict[str, str]
-    attrs: dict[str, Any]
-    ref: str | None = None          # reference tensor this delta is added to; None: stored whole
+    config: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, str] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    ref: str | None = None          # reference tensor this delta is added to (packed: XORed with); None: whole
     rows: str | None = None         # array of packed changed-row bits; None: every row changed
     changed_rows: int | None = None
     lam1: float | None = None       # per-tensor lambdas; None: the record's global ones
@@ -215,7 +220,19 @@ class TensorEntry(Record):
         "attrs": ("map", SCALAR), "ref": (type(None), str), "rows": (type(None), str),
         "changed_rows": (type(None), int), "lam1": (type(None), float), "lam2": (type(None), float),
     }
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"ref", "rows", "changed_rows", "lam1", "lam2"})
+    # Since format 1.2 config, arrays and attrs may be absent too (specs/format.md §5.2): they
+    # then are empty maps (a task version fills an absent config in first: TaskVersion.from_dict).
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"config", "arrays", "attrs", "ref", "rows", "changed_rows",
+                                                    "lam1", "lam2"})
+
+    def to_dict(self, absent_config: dict[str, Any] | None = None, absent_ref: str | None = None) -> dict[str, Any]:
+        """The entry as written since format 1.2: optional fields that equal what their absence
+        means are left out (specs/format.md §1); ``absent_config`` and ``absent_ref`` are what an
+        absent ``config`` and ``ref`` mean for this entry in its record (a task version's own
+        config for entries of its method, the reference name derived from the tensor's)."""
+        absent = {"config": absent_config or {}, "arrays": {}, "attrs": {}, "ref": absent_ref}
+        return {key: value for key, value in super().to_dict().items()
+                if key not in self.OPTIONAL or value != absent.get(key)}
 
     @classmethod
     def _convert(cls, name, value, expected, what):
@@ -234,7 +251,7 @@ class TensorEntry(Record):
 
     @property
     def is_delta(self) -> bool:
-        return self.ref is not None
+        return self.ref is not None and self.codec not in PACKED_CODECS
 
     def array_hashes(self) -> list[str]:
         return list(self.arrays.values()) + ([self.rows] if self.rows else [])
@@ -248,12 +265,21 @@ def _tensor_table(value: Any, what: str) -> dict[str, TensorEntry]:
 class _WithTensors(Record):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
-        # specs/format.md §5.1: maps keyed by names are written in code point order, so two
+        # specs/format.md §5.0: maps keyed by names are written in code point order, so two
         # writers storing the same content give the same bytes, hence the same record name.
-        for key in ("tensors", "files"):
-            if key in out:
-                out[key] = dict(sorted(out[key].items()))
+        out["tensors"] = {name: entry.to_dict(self._absent_config(entry), self._absent_ref(name, entry))
+                          for name, entry in sorted(self.tensors.items())}  # type: ignore[attr-defined]
+        if "files" in out:
+            out["files"] = dict(sorted(out["files"].items()))
         return out
+
+    def _absent_config(self, entry: TensorEntry) -> dict[str, Any]:
+        """What an absent ``config`` means for ``entry`` in this record (specs/format.md §5.2)."""
+        return {}
+
+    def _absent_ref(self, name: str, entry: TensorEntry) -> str | None:
+        """What an absent ``ref`` means for entry ``name`` in this record (specs/format.md §5.2)."""
+        return None
 
     @classmethod
     def _convert(cls, name, value, expected, what):
@@ -265,6 +291,10 @@ class _WithTensors(Record):
 
     def array_hashes(self) -> set[str]:
         return {h for entry in self.tensors.values() for h in entry.array_hashes()}  # type: ignore[attr-defined]
+
+    def packed(self) -> list[str]:
+        """Names of the packed entries in the order of the pack (specs/format.md §5.8)."""
+        return sorted(n for n, e in self.tensors.items() if e.codec in PACKED_CODECS)  # type: ignore[attr-defined]
 
     # The generated repr prints every tensor entry (49 KB for MiniLM); one line names the record
     # and counts its tensors. Subclasses are declared with repr=False so this one is used.
@@ -351,6 +381,8 @@ class TaskVersion(_WithTensors):
     tensors: dict[str, TensorEntry]
     files: dict[str, str]
     source: dict[str, Any]
+    pack: str | None = None  # format 1.2: the uint8 array holding the packed entries' bytes
+    ref_prefix: str = ""     # format 1.2: an entry's name minus this prefix is its default ref
 
     KIND: ClassVar[str] = "task_version"
     REPR_FIELDS: ClassVar[tuple[str, ...]] = ("task", "version", "method", "lam1", "lam2", "created")
@@ -358,8 +390,52 @@ class TaskVersion(_WithTensors):
         "task": str, "version": int, "parent": (type(None), str), "created": str, "message": str,
         "reference": str, "base": (type(None), str), "method": str, "config": ("map", SCALAR),
         "lam1": float, "lam2": float, "tuning": (type(None), dict), "tensors": dict, "files": ("map", str),
-        "source": dict,
+        "source": dict, "pack": (type(None), str), "ref_prefix": str,
     }
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"pack", "ref_prefix"})
+
+    def _absent_config(self, entry: TensorEntry) -> dict[str, Any]:
+        return self.config if entry.codec == self.method else {}
+
+    def _absent_ref(self, name: str, entry: TensorEntry) -> str | None:
+        return derived_ref(name, self.ref_prefix) if entry.codec in (self.method, XOR) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        # Optional, written only when they say something (specs/format.md §1).
+        if self.pack is None:
+            del out["pack"]
+        if not self.ref_prefix:
+            del out["ref_prefix"]
+        return out
+
+    @classmethod
+    def from_dict(cls, obj, what):
+        # specs/format.md §5.2: an entry of the version's method (a delta) without config has the
+        # version's config; one of the method or xor without ref has the ref its name gives.
+        tensors, method, config, prefix = obj.get("tensors"), obj.get("method"), obj.get("config"), \
+            obj.get("ref_prefix", "")
+        if isinstance(tensors, dict) and isinstance(config, dict) and isinstance(prefix, str):
+            filled = {}
+            for name, entry in tensors.items():
+                if isinstance(entry, dict):
+                    if "config" not in entry and entry.get("codec") == method:
+                        entry = {**entry, "config": config}
+                    if "ref" not in entry and entry.get("codec") in (method, XOR):
+                        entry = {**entry, "ref": derived_ref(name, prefix)}
+                filled[name] = entry
+            obj = {**obj, "tensors": filled}
+        return super().from_dict(obj, what)
+
+    def array_hashes(self) -> set[str]:
+        return super().array_hashes() | ({self.pack} if self.pack else set())
+
+
+def derived_ref(name: str, prefix: str) -> str:
+    """The reference tensor an entry of a task version names by leaving ``ref`` out: its own
+    name without the version's ``ref_prefix`` (a classifier's ``bert.`` before the encoder's
+    names), or the name itself when it does not start with it (specs/format.md §5.2)."""
+    return name[len(prefix):] if prefix and name.startswith(prefix) else name
 
 
 @dataclass(frozen=True)

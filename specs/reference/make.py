@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import deltastore.engine.commit
 import deltastore.registry
 import deltastore.storage.layout
 from deltastore import Registry
@@ -102,11 +103,29 @@ def task_own_tensors() -> dict[str, torch.Tensor]:
     }
 
 
-def write_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """A Hugging Face style directory: the weights plus a config.json (stored as a blob)."""
+def tokenizer(max_length: int) -> dict:
+    """A small tokenizer.json: the side file every finetune re-saves."""
+    return {"version": "1.0", "truncation": {"max_length": max_length, "strategy": "LongestFirst"},
+            "model": {"type": "WordPiece", "unk_token": "[UNK]", "vocab": {f"tok{i}": i for i in range(400)}}}
+
+
+VOCAB = "".join(f"word{i}\n" for i in range(400))
+
+
+def write_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict, finetuned: bool) -> None:
+    """A Hugging Face style directory: the weights plus side files (stored as blobs). The
+    reference's tokenizer.json is compact; a finetune re-saves it indented by two spaces with
+    another max_length (a patch with the `json` transform, format 1.2 section 3.3), and adds a
+    token to vocab.txt (a patch with the `raw` transform)."""
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config, sort_keys=True, indent=1) + "\n")
+    if finetuned:
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer(64), indent=2, ensure_ascii=False))
+        (folder / "vocab.txt").write_text(VOCAB + "[TASK]\n")
+    else:
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer(128), separators=(",", ":")))
+        (folder / "vocab.txt").write_text(VOCAB)
 
 
 COMMITS = [
@@ -131,8 +150,11 @@ COMMITS = [
                               message="delta v2: dare layout gaps p=0.99, fp16 values, no base")),
 ]
 # gamma@2 is written with chunks of at most this many bytes, so that its arrays span several
-# chunks (the last one padded) as the arrays of a real model do at 8 MiB.
+# chunks (the last one padded) as the arrays of a real model do at 8 MiB, and with no pack
+# (format 1.2 section 5.8): its whole tensors are lossless arrays of their own, as a real
+# model's whole tensors over 1 MiB are (0-d, empty and several-chunk arrays included).
 SMALL_CHUNK_BYTES = 4096
+NO_PACK = -1
 
 
 def build(out: Path, expected: Path) -> None:
@@ -144,25 +166,27 @@ def build(out: Path, expected: Path) -> None:
     cwd = os.getcwd()
     try:
         os.chdir(work)  # models are opened by relative path: their labels go into the records
-        write_model(Path("reference"), ref, {"model_type": "toy"})
+        write_model(Path("reference"), ref, {"model_type": "toy"}, finetuned=False)
         for label, seed in seeds.items():
             task = label.split("-")[0]
             tensors = finetune(ref, shared, seed)
             if task == "gamma":
                 tensors.update(task_own_tensors())
-            write_model(Path(label), tensors, {"model_type": "toy", "task": task, "num_labels": 3})
+            write_model(Path(label), tensors, {"model_type": "toy", "task": task, "num_labels": 3}, finetuned=True)
         # zstd reference arrays, as the checked-in registry was built (before init's default
         # became raw): lossless arrays exercise the zstd codec, the task codes the raw one.
         reg = Registry.init(out, "reference", compress_reference=True, progress=False)
         reg.build_base("b", ["alpha-1", "beta-1"], progress=False)
         for task, label, kwargs in COMMITS:
-            chunk_bytes = deltastore.storage.layout.CHUNK_BYTES
+            chunk_bytes, pack_bytes = deltastore.storage.layout.CHUNK_BYTES, deltastore.engine.commit.PACK_MAX_BYTES
             if label == "gamma-2":
                 deltastore.storage.layout.CHUNK_BYTES = SMALL_CHUNK_BYTES
+                deltastore.engine.commit.PACK_MAX_BYTES = NO_PACK
             try:
                 reg.commit(task, label, progress=False, skip_unchanged=True, **kwargs)  # records source.sha256
             finally:
                 deltastore.storage.layout.CHUNK_BYTES = chunk_bytes
+                deltastore.engine.commit.PACK_MAX_BYTES = pack_bytes
         # A removed task keeps its ref, for the highest version number issued (format 1.1).
         reg.commit("removed", "alpha-1", message="removed v1", progress=False)
         reg.remove("removed")

@@ -144,7 +144,7 @@ def test_every_byte_flip_of_an_array_is_caught(reg, part):
     """Flip one bit of each byte of a small array's zarr.json or chunk: get_array raises a
     deltastore error or returns the exact array (its hash is checked), never anything else."""
     _, record = reg.version("t2", 1)
-    digest = record.tensors["lin.bias"].arrays["data"]
+    digest = record.pack  # the small tensors of the version, packed
     path = reg.path / (_metadata(digest) if part == "zarr.json" else _chunks(reg, digest)[0])
     original = path.read_bytes()
     good = reg.objects.get_array(digest)

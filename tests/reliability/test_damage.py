@@ -158,7 +158,7 @@ def _fifo_targets(reg: Registry) -> dict[str, Path]:
         "base ref": reg.path / "refs/bases/b1",
         "record": reg.path / object_key("records", reg.version_hashes("t1")[0][1]),
         "blob": reg.path / object_key("blobs", record.files["config.json"]),
-        "zarr.json": reg.path / object_key("arrays", record.tensors["lin.bias"].arrays["data"]) / "zarr.json",
+        "zarr.json": reg.path / object_key("arrays", record.pack) / "zarr.json",
     }
 
 

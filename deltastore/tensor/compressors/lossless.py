@@ -21,6 +21,11 @@ from .base import CompressorConfig, Encoded
 _CARRIER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def carrier_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The integer type a tensor of ``dtype`` is stored as (bool: uint8, 0 or 1)."""
+    return torch.uint8 if dtype == torch.bool else _CARRIER[torch.empty((), dtype=dtype).element_size()]
+
+
 @dataclass(frozen=True)
 class LosslessConfig(CompressorConfig):
     """No knobs: exactness is the point."""
@@ -46,7 +51,7 @@ class Lossless:
     def decode(self, encoded: Encoded, shape, device: torch.device | str) -> torch.Tensor:
         dtype = torch_dtype(encoded.attr("dtype", str))
         data = encoded.array("data")
-        carrier = torch.uint8 if dtype == torch.bool else _CARRIER[torch.empty((), dtype=dtype).element_size()]
+        carrier = carrier_dtype(dtype)
         if data.dtype != carrier or tuple(data.shape) != tuple(shape):
             raise CorruptObjectError(f"lossless: 'data' must be {carrier} {tuple(shape)} for a {encoded.attrs['dtype']} "
                                      f"tensor, found {data.dtype} {tuple(data.shape)}")
