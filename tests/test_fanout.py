@@ -102,11 +102,11 @@ class KillOnce(WorkerPlugin):
 
         original, marker, needle = ObjectStore.put_blob, self.marker, self.needle
 
-        def put_blob(store, data, txn):
+        def put_blob(store, data, txn, *args, **kwargs):
             if needle in data and not os.path.exists(marker):
                 open(marker, "w").close()
                 os._exit(137)
-            return original(store, data, txn)
+            return original(store, data, txn, *args, **kwargs)
 
         ObjectStore.put_blob = put_blob
 
