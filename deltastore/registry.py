@@ -18,6 +18,8 @@ from .errors import (AlreadyExistsError, DeltastoreError, IncompatibleFinetuneEr
                      InvalidInputError, NotFoundError)
 from .catalog import (INFO_KEY, INIT_LEFTOVERS, REFERENCE_REF, Catalog, VersionStats, _killed_put, check_name, is_url,
                       parse_spec, split_spec, utc_now)
+from .engine import budget
+from .engine.budget import budget_bytes
 from .engine.commit import (CommitPipeline, check_finite, check_storable, commit_settings, content_sha256, plain,
                             plan_finetune, store_code, store_files, store_lossless)
 from .engine.decode import ArrayGetter, decode_stored, numel
@@ -164,6 +166,9 @@ class Registry(Catalog):
         device: str | torch.device = "cpu",
         follow_links: bool = False,
         skip_unchanged: bool = False,
+        max_bytes: int | None = None,
+        ratio: float | None = None,
+        budget_menu: list[tuple[str, Mapping[str, Any]]] | None = None,
     ) -> TaskVersion:
         """Compress ``finetune`` against the reference (and base vector ``base``) and record it
         as the next version of ``task``. Nothing is visible until the final ref update.
@@ -181,7 +186,16 @@ class Registry(Catalog):
         ("nothing to commit", as the CLI does). It costs one more read of the finetune, and
         records the hash in the new version, so only versions committed with it can match.
         Off by default: a script that commits the same finetune twice gets two versions, as it
-        always did, and pays nothing."""
+        always did, and pays nothing.
+
+        ``max_bytes`` (or ``ratio``: the finetune's fp16 bytes divided by it): commit to a byte
+        budget. Each lossy tensor gets the setting of ``budget_menu`` (a list of (compressor,
+        configuration); default :data:`deltastore.engine.budget.DEFAULT_MENU`) that keeps the
+        version's own bytes on disk within the budget at the least reconstruction error
+        (:mod:`deltastore.engine.budget`); ``method`` and ``config`` are then ignored, and the
+        version's ``method`` names the setting holding the most bytes. What was chosen is in
+        the record's ``source.budget``. A budget below what the finetune needs at the
+        cheapest settings is refused before anything is written."""
         check_name("task", task)
         if method == WHOLE_TENSORS:
             raise InvalidInputError(f"compressor {method!r} stores whole tensors, not deltas; pick one of "
@@ -201,9 +215,14 @@ class Registry(Catalog):
         # settings (specs/format.md §5.5). Hashing reads the whole finetune once more (seconds
         # for a 7B model), so only commits that ask for the check pay for it, and record the
         # hash for later checks.
+        max_bytes = budget_bytes(max_bytes, ratio, source)
+        menu = budget.menu_compressors(list(budget_menu or budget.DEFAULT_MENU)) if max_bytes is not None else None
         fingerprint: dict[str, Any] = {}
         if skip_unchanged:
             settings = commit_settings(tune, calibration, per_layer, tune_options, seed)
+            if settings is not None and max_bytes is not None:
+                settings["budget"] = {"max_bytes": max_bytes,
+                                      "menu": [[c.name, c.config.to_dict()] for c in menu]}
             fingerprint = {"sha256": content_sha256(source), "settings": settings}
             if settings is not None and self._task_ref(task).versions:
                 _, latest = self.version(task)
@@ -222,13 +241,22 @@ class Registry(Catalog):
         acc = pipeline.analyse(task, allow_unrelated)
 
         seeds = {name: derive_seed(seed, name) for name in pipeline.lossy}
+        compressors: dict[str, Any] = {}
+        budget_plan = None
+        if max_bytes is not None:
+            budget_plan = budget.plan(pipeline, self.objects, reference, menu,
+                                      acc.lam1 if base_record is not None else 0.0, seeds, task)
+            choice = budget_plan.select(max_bytes)
+            compressors = {name: menu[j] for name, j in choice.items()}
+            compressor = budget.main_compressor(budget_plan, choice)
+            method = compressor.name
         context = TuneContext(
             compressor=compressor, lossy=pipeline.lossy, ref_name=dict(plan.lossy),
             reference=lambda n: self._reference_tensor(reference, n).float(),
             finetune=lambda n: source.get(n).float(), tau=lambda n: _on_cpu(pipeline.tau(n)), seeds=seeds,
             lam1_l2=acc.lam1, lam1_l2_per_tensor=acc.per_tensor, has_base=base_record is not None,
             calibration=calibration, per_layer=per_layer, options=dict(tune_options or {}), source=source, seed=seed,
-            progress=progress,
+            progress=progress, compressors=compressors,
         )
         lambdas: Lambdas = get_tuner(tune or "l2")(context)
         if base_record is None and (lambdas.lam1 != 0.0 or lambdas.per_tensor):
@@ -237,8 +265,6 @@ class Registry(Catalog):
 
         with self.locks.hold("registry", shared=True):
             txn = self.objects.new_txn()
-            tensors = pipeline.encode(task, compressor, lambdas, seeds, txn)
-            files = store_files(self.objects, source, txn)
             n_params = sum(numel(source.shape(n)) for n in source.names())
             record_source = {
                 "label": str(source.label), "bytes": source.nbytes(), "params": n_params,
@@ -246,16 +272,44 @@ class Registry(Catalog):
                 "skipped_files": dict(sorted(source.skipped.items())),  # name-keyed: code point order
                 "missing_buffers": plan.missing_buffers, **fingerprint,
             }
-            with self.locks.hold("refs"):
-                ref = self._task_ref(task)
-                number = ref.last_issued + 1  # never a removed version's number (format.md §5.7)
-                parent = ref.versions[-1][1] if ref.versions else None
-                record = TaskVersion(
+
+            def version_record(number: int, parent: str | None, tensors, files) -> TaskVersion:
+                return TaskVersion(
                     task=task, version=number, parent=parent, created=utc_now(), message=message,
                     reference=ref_digest, base=base_digest, method=method, config=compressor.config.to_dict(),
                     lam1=float(lambdas.lam1), lam2=float(lambdas.lam2), tuning=plain(lambdas.record),
                     tensors=tensors, files=files, source=record_source,
                 )
+
+            for attempt in range(budget.ATTEMPTS):
+                tensors = pipeline.encode(task, compressor, lambdas, seeds, txn, compressors)
+                files = store_files(self.objects, source, txn)
+                if budget_plan is None:
+                    break
+                # The real bytes before publishing, the record's counted by a draft at least as
+                # large (a parent hash where the first version has none).
+                record_source["budget"] = budget_plan.summary(choice, max_bytes)
+                record_source["budget"]["checked_bytes"] = max_bytes  # as wide in msgpack as the figure below, or wider
+                real = self._own_bytes(version_record(0, budget.PLACEHOLDER, tensors, files))
+                record_source["budget"]["checked_bytes"] = real
+                if real <= max_bytes:
+                    break
+                if attempt == budget.ATTEMPTS - 1:
+                    raise InvalidInputError(f"{task}: the version would hold {real:,} bytes, over the budget of "
+                                            f"{max_bytes:,} after {budget.ATTEMPTS} tries; raise --max-bytes")
+                # Tighten by the overshoot; codes the tuner made for a setting no longer chosen are encoded anew.
+                choice = budget_plan.select(max_bytes - (real - max_bytes) * (attempt + 1) - budget.SLACK)
+                changed = {n for n, j in choice.items() if menu[j] is not compressors[n]}
+                compressors = {name: menu[j] for name, j in choice.items()}
+                compressor = budget.main_compressor(budget_plan, choice)
+                method = compressor.name
+                if lambdas.codes:
+                    lambdas = replace(lambdas, codes={n: c for n, c in lambdas.codes.items() if n not in changed})
+            with self.locks.hold("refs"):
+                ref = self._task_ref(task)
+                number = ref.last_issued + 1  # never a removed version's number (format.md §5.7)
+                parent = ref.versions[-1][1] if ref.versions else None
+                record = version_record(number, parent, tensors, files)
                 digest = self.objects.put_record(record, txn)
                 new_ref = TaskRef(ref.versions + [(number, digest)], number)
                 self.backend.put(f"refs/tasks/{task}", pack(new_ref.to_dict()))
@@ -376,6 +430,12 @@ class Registry(Catalog):
         return gc(self)
 
     # -- internals --------------------------------------------------------------------------
+    def _own_bytes(self, record: TaskVersion) -> int:
+        """``stats``' own bytes of a version whose arrays and blobs are stored and whose record
+        is not yet: the record counted as the bytes it will be written as."""
+        stored = self._own_objects(budget.PLACEHOLDER, record)[1:]
+        return len(pack(record.to_dict())) + sum(self.objects.size(*obj) for obj in stored)
+
     def _reference_tensor(self, reference: ReferenceRecord, name: str) -> torch.Tensor:
         return decode_stored(reference.tensors[name], self._array_getter("cpu"), "cpu")
 

@@ -17,7 +17,7 @@ from numcodecs import Zstd
 
 from ..dtypes import array_numpy_dtype, array_torch_dtype
 from ..errors import CorruptObjectError, NotFoundError
-from .layout import read_chunk, read_layout, write_array, zstd_content_size
+from .layout import read_chunk, read_layout, stored_size, write_array, zstd_content_size
 from .protocol import Backend
 from .records import Record, content_hash, pack, unpack
 
@@ -128,6 +128,11 @@ class ObjectStore:
             self.backend.publish(staged, final)
         return digest
 
+    @staticmethod
+    def array_size(tensor: torch.Tensor, *, compress: bool = True) -> int:
+        """Bytes :meth:`put_array` would store for ``tensor``, without storing it."""
+        return stored_size(to_numpy(tensor), compress=compress)
+
     def open_array(self, digest: str, *, verify: bool = True, what: str = "") -> "ArrayReader":
         """A reader of the array named ``digest``, chunk by chunk (see :class:`ArrayReader`)."""
         return ArrayReader(self, digest, verify=verify, what=what)
@@ -160,6 +165,11 @@ class ObjectStore:
             self.backend.put(staged, bytes(_BLOB_CODEC.encode(data)))
             self.backend.publish(staged, final)
         return digest
+
+    @staticmethod
+    def blob_size(data: bytes) -> int:
+        """Bytes :meth:`put_blob` would store for ``data``, without storing it."""
+        return len(_BLOB_CODEC.encode(data))
 
     def get_blob(self, digest: str, *, verify: bool = True) -> bytes:
         stored = self.backend.get(object_key("blobs", digest))
