@@ -58,7 +58,7 @@ def test_budget_by_ratio_and_refused_budgets(registry_copy, example):
     task = "has_top"
     path = example.finetunes[task]
     before = registry_copy.versions(task) if task in registry_copy.tasks() else []
-    with pytest.raises(InvalidInputError, match="below the smallest"):
+    with pytest.raises(InvalidInputError, match="byte budget 1,000 is below what this finetune needs before any delta"):
         registry_copy.commit(task, path, max_bytes=1000, progress=False)
     with pytest.raises(InvalidInputError, match="not both"):
         registry_copy.commit(task, path, max_bytes=10**6, ratio=10.0, progress=False)
@@ -67,3 +67,26 @@ def test_budget_by_ratio_and_refused_budgets(registry_copy, example):
     assert (registry_copy.versions(task) if task in registry_copy.tasks() else []) == before
     record = registry_copy.commit(task, path, ratio=2.0, progress=False)
     assert registry_copy.stats(task).own_bytes <= record.source["fp16_bytes"] / 2
+
+
+def test_cli_budget_reports_its_choice(registry_copy, example):
+    import json
+
+    from click.testing import CliRunner
+
+    from deltastore_cli.main import cli
+
+    runner = CliRunner()
+    args = ["commit", str(registry_copy.path), "has_top", str(example.finetunes["has_top"])]
+    refused = runner.invoke(cli, args + ["--ratio", "3", "--config", "drop_rate=0.9"], obj={})
+    assert refused.exit_code == 2 and "leave out --config" in refused.output
+    refused = runner.invoke(cli, args + ["--ratio", "3", "--max-bytes", "100000"], obj={})
+    assert refused.exit_code == 2 and "once" in refused.output
+    done = runner.invoke(cli, args + ["--ratio", "3", "--method", "dare", "--json"], obj={})
+    assert done.exit_code == 0, done.output
+    data = json.loads(done.output)
+    assert data["method"] == "dare" and data["own_bytes"] <= data["budget"]["max_bytes"]
+    assert all(label.startswith("dare ") for label in data["settings"])
+    assert sum(data["settings"].values()) == data["delta_tensors"]
+    shown = runner.invoke(cli, ["show", str(registry_copy.path), "has_top"], obj={})
+    assert shown.exit_code == 0 and f"at most {data['budget']['max_bytes']:,} bytes" in shown.output

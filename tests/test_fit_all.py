@@ -105,3 +105,13 @@ def test_fit_all_stores_fitted_codes_that_lower_the_loss(registry_copy, example,
         assert (entry.codec, entry.config, sorted(entry.arrays)) == (old.tensors[name].codec, old.tensors[name].config,
                                                                      sorted(old.tensors[name].arrays))
     registry_copy.verify()
+
+
+def test_cli_fit_all_needs_calibration(registry_copy, example):
+    from click.testing import CliRunner
+
+    from deltastore_cli.main import cli
+
+    result = CliRunner().invoke(cli, ["commit", str(registry_copy.path), "has_top", str(example.finetunes["has_top"]),
+                                      "--tune", "fit-all"], obj={})
+    assert result.exit_code == 2 and "--tune fit-all fits on data: give --calib FILE" in result.output

@@ -183,14 +183,39 @@ def menu_compressors(menu: list[tuple[str, dict[str, Any]]]) -> list[Compressor]
 
 
 def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[Compressor], lam1: float,
-         seeds: dict[str, int], task: str) -> BudgetPlan:
-    """Measure every menu setting on every lossy tensor (one read of each, on the pipeline's
-    device) and the bytes that do not depend on the choice."""
+         seeds: dict[str, int], task: str, max_bytes: int) -> BudgetPlan:
+    """Measure the bytes that do not depend on the choice and every menu setting on every lossy
+    tensor (one read of each, on the pipeline's device). A budget that the fixed bytes alone
+    exceed is refused first."""
     shared_arrays = reference.array_hashes()
     shared_blobs = set(reference.files.values())
+    whole = files = entries = 0
+    hashes: set[str] = set()
+    for name in pipeline.source.names():
+        if name in pipeline.plan.lossy:
+            continue
+        encoded = Lossless().encode(pipeline.source.get(name))
+        for array in encoded.arrays.values():
+            digest = array_hash(to_numpy(array))
+            if digest not in shared_arrays and digest not in hashes:
+                hashes.add(digest)
+                whole += objects.array_size(array, compress=True)
+        draft = TensorEntry(shape=tuple(pipeline.source.shape(name)), dtype="float32", codec=Lossless.name, config={},
+                            arrays=dict.fromkeys(encoded.arrays, PLACEHOLDER), attrs=dict(encoded.attrs))
+        entries += len(pack(draft.to_dict()))
+    for path in pipeline.source.files.values():
+        data = path.read_bytes()
+        digest = content_hash(data)
+        if digest not in shared_blobs and digest not in hashes:
+            hashes.add(digest)
+            files += objects.blob_size(data)
+    if files + whole + entries > max_bytes:  # refused before the costly part: every setting of every tensor
+        raise InvalidInputError(
+            f"byte budget {max_bytes:,} is below what this finetune needs before any delta: side files {files:,} "
+            f"and tensors stored whole {whole:,} bytes, plus their record entries {entries:,}; raise --max-bytes "
+            "or lower --ratio")
     options: dict[str, list[Option]] = {}
     masks = 0
-    entries = 0
     for name, (w_ref, tensor, t) in pipeline.read_all(pipeline.lossy, f"{task}: budget"):
         w_pre = dbms.as_matrix(w_ref.float())
         delta = dbms.as_matrix(tensor.float()) - w_pre
@@ -211,25 +236,5 @@ def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[
             # The entry goes into the record: count it with the code (its size varies by setting).
             row.append(Option(nbytes + len(pack(draft.to_dict())), error if math.isfinite(error) else math.inf))
         options[name] = row
-    whole = files = 0
-    hashes: set[str] = set()
-    for name in pipeline.source.names():
-        if name in pipeline.plan.lossy:
-            continue
-        encoded = Lossless().encode(pipeline.source.get(name))
-        for array in encoded.arrays.values():
-            digest = array_hash(to_numpy(array))
-            if digest not in shared_arrays and digest not in hashes:
-                hashes.add(digest)
-                whole += objects.array_size(array, compress=True)
-        draft = TensorEntry(shape=tuple(pipeline.source.shape(name)), dtype="float32", codec=Lossless.name, config={},
-                            arrays=dict.fromkeys(encoded.arrays, PLACEHOLDER), attrs=dict(encoded.attrs))
-        entries += len(pack(draft.to_dict()))
-    for path in pipeline.source.files.values():
-        data = path.read_bytes()
-        digest = content_hash(data)
-        if digest not in shared_blobs and digest not in hashes:
-            hashes.add(digest)
-            files += objects.blob_size(data)
     fixed = {"side_files": files, "whole_tensors": whole, "row_masks": masks, "record": entries + RECORD_MARGIN}
     return BudgetPlan(menu, options, fixed)
