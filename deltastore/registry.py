@@ -226,9 +226,11 @@ class Registry(Catalog):
             fingerprint = {"sha256": content_sha256(source), "settings": settings}
             if settings is not None and self._task_ref(task).versions:
                 _, latest = self.version(task)
-                if (latest.source.get("sha256"), latest.source.get("settings"), latest.method, latest.config,
-                        latest.base, latest.reference) == (fingerprint["sha256"], settings, method,
-                                                           compressor.config.to_dict(), base_digest, ref_digest):
+                # A budgeted version's method is what the budget chose; its settings hold the budget.
+                asked = None if max_bytes is not None else (method, compressor.config.to_dict())
+                held = None if max_bytes is not None else (latest.method, latest.config)
+                if (latest.source.get("sha256"), latest.source.get("settings"), held, latest.base,
+                        latest.reference) == (fingerprint["sha256"], settings, asked, base_digest, ref_digest):
                     return latest
 
         # Every check that can refuse the input runs before the first write: a refused commit

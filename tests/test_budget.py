@@ -88,5 +88,7 @@ def test_cli_budget_reports_its_choice(registry_copy, example):
     assert data["method"] == "dare" and data["own_bytes"] <= data["budget"]["max_bytes"]
     assert all(label.startswith("dare ") for label in data["settings"])
     assert sum(data["settings"].values()) == data["delta_tensors"]
+    again = runner.invoke(cli, args + ["--ratio", "3", "--method", "dare"], obj={})
+    assert again.exit_code == 0 and "nothing to commit" in again.output
     shown = runner.invoke(cli, ["show", str(registry_copy.path), "has_top"], obj={})
     assert shown.exit_code == 0 and f"at most {data['budget']['max_bytes']:,} bytes" in shown.output

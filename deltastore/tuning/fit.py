@@ -150,7 +150,7 @@ def _fit_codes(context: TuneContext, cfg: DbmsTuneConfig, start: Lambdas, model:
     error_before = error_after = 0.0
     refit = 0
     for it in items:
-        compressor = context.compressor_for(it.name)
+        compressor = it.compressor
         lam1, lam2 = pairs[it.name]
         resid = dbms.residual(it.delta, it.tau, lam1)
         encoded = compressor.encode(resid.contiguous(), seed=it.seed)
