@@ -366,7 +366,7 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
 @click.option("--per-layer", is_flag=True, help="One (lam1, lam2) per tensor instead of one pair per model.")
 @click.option("--max-bytes", type=click.IntRange(min=1),
               help="Byte budget: per tensor, the compressor setting (bitdelta; dare at drop rates 0.98-0.999; "
-                   "deltadq with 1 of 8-256 kept at 2 bits) of least reconstruction error that keeps the version's "
+                   "deltadq with 1 of 16 or 64 kept at 2 bits) of least reconstruction error that keeps the version's "
                    "bytes on disk (side files, whole tensors and record included) within N. With --method, only "
                    "that compressor's settings.")
 @click.option("--ratio", type=click.FloatRange(min=0, min_open=True),
