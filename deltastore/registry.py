@@ -299,8 +299,10 @@ class Registry(Catalog):
                 if attempt == budget.ATTEMPTS - 1:
                     raise InvalidInputError(f"{task}: the version would hold {real:,} bytes, over the budget of "
                                             f"{max_bytes:,} after {budget.ATTEMPTS} tries; raise --max-bytes")
-                # Tighten by the overshoot; codes the tuner made for a setting no longer chosen are encoded anew.
-                choice = budget_plan.select(max_bytes - (real - max_bytes) * (attempt + 1) - budget.SLACK)
+                # Choose again within the budget less what the estimate missed (the record, fitted values
+                # that compress less); codes the tuner made for a setting no longer chosen are encoded anew.
+                missed = real - record_source["budget"]["estimated_bytes"]
+                choice = budget_plan.select(max_bytes - max(missed, real - max_bytes) * (attempt + 1) - budget.SLACK)
                 changed = {n for n, j in choice.items() if menu[j] is not compressors[n]}
                 compressors = {name: menu[j] for name, j in choice.items()}
                 compressor = budget.main_compressor(budget_plan, choice)

@@ -352,7 +352,8 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
                    "registered name. dbms runs the model over the calibration inputs 5-25 times (--per-layer: "
                    "Adam, up to 100 forward+backward passes); measured on a 22.7M-parameter MiniLM with 200 "
                    "texts: 1.4-5 min on 2 busy CPU cores (benchmarks/results/tune_cost_cpu.md), 1-2 s for the "
-                   "demo's models. fit-all adds one pass and a few more (benchmarks/results/quality.md).")
+                   "demo's models. fit-all took 2-6x as long as dbms on MiniLM with 64 texts "
+                   "(170-500 s on 2 loaded CPU cores; benchmarks/results/quality.md).")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Calibration inputs for --tune dbms, one example per line (at least 32): a text file or JSONL "
                    "({\"text\": ...} or {\"input_ids\": [...]}), tokenized with FINETUNE's tokenizer.")
