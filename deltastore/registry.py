@@ -195,7 +195,9 @@ class Registry(Catalog):
         (:mod:`deltastore.engine.budget`); ``method`` and ``config`` are then ignored, and the
         version's ``method`` names the setting holding the most bytes. What was chosen is in
         the record's ``source.budget``. A budget below what the finetune needs at the
-        cheapest settings is refused before anything is written."""
+        cheapest settings is refused before anything is written; the real bytes are checked
+        before the version is published, and a version still over the budget after
+        ``budget.ATTEMPTS`` choices is refused (its arrays are left for ``gc``)."""
         check_name("task", task)
         if method == WHOLE_TENSORS:
             raise InvalidInputError(f"compressor {method!r} stores whole tensors, not deltas; pick one of "

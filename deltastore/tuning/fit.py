@@ -24,7 +24,7 @@ reader decodes them unchanged.
 Memory: the finetune's model, one Gram matrix ``in x in`` (float64) per distinct input of a
 fitted linear layer (q, k and v of a layer share one), and per lossy tensor its changed rows of
 ``D`` and ``tau`` (as the ``dbms`` tuner) plus its decoded code. On MiniLM: 6 layers x
-(3 x 384^2 + 1536^2) doubles, 26 MB. For a 7B decoder the Grams alone would be about 10 GB of
+(3 x 384^2 + 1536^2) doubles, 135 MB. For a 7B decoder the Grams alone would be about 10 GB of
 float64: bounded per model, not per layer; fitting layer by layer is not implemented.
 
 Options (``tune_options``): those of the ``dbms`` tuner (:class:`deltastore.tuning.DbmsTuneConfig`).
