@@ -190,7 +190,7 @@ class Registry(Catalog):
 
         ``max_bytes`` (or ``ratio``: the finetune's fp16 bytes divided by it): commit to a byte
         budget. Each lossy tensor gets the setting of ``budget_menu`` (a list of (compressor,
-        configuration); default :data:`deltastore.engine.budget.DEFAULT_MENU`) that keeps the
+        configuration); default: :func:`deltastore.engine.budget.default_menu`) that keeps the
         version's own bytes on disk within the budget at the least reconstruction error
         (:mod:`deltastore.engine.budget`); ``method`` and ``config`` are then ignored, and the
         version's ``method`` names the setting holding the most bytes. What was chosen is in
@@ -218,7 +218,7 @@ class Registry(Catalog):
         # for a 7B model), so only commits that ask for the check pay for it, and record the
         # hash for later checks.
         max_bytes = budget_bytes(max_bytes, ratio, source)
-        menu = budget.menu_compressors(list(budget_menu or budget.DEFAULT_MENU)) if max_bytes is not None else None
+        menu = budget.menu_compressors(list(budget_menu or budget.default_menu())) if max_bytes is not None else None
         fingerprint: dict[str, Any] = {}
         if skip_unchanged:
             settings = commit_settings(tune, calibration, per_layer, tune_options, seed)

@@ -366,10 +366,9 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
               help="dbms, fit-all: Adam learning rate (default 1e-2).")
 @click.option("--per-layer", is_flag=True, help="One (lam1, lam2) per tensor instead of one pair per model.")
 @click.option("--max-bytes", type=click.IntRange(min=1),
-              help="Byte budget: per tensor, the compressor setting (bitdelta; dare at drop rates 0.98-0.999; "
-                   "deltadq with 1 of 16 or 64 kept at 2 bits) of least reconstruction error that keeps the version's "
-                   "bytes on disk (side files, whole tensors and record included) within N. With --method, only "
-                   "that compressor's settings.")
+              help="Byte budget: per tensor, the compressor setting (among those each compressor offers for "
+                   "budgets) of least reconstruction error that keeps the version's bytes on disk (side files, "
+                   "whole tensors and record included) within N. With --method, only that compressor's settings.")
 @click.option("--ratio", type=click.FloatRange(min=0, min_open=True),
               help="Byte budget as a ratio: the finetune's fp16 bytes / R (see --max-bytes).")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -390,9 +389,9 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
         raise click.UsageError("a byte budget picks each tensor's configuration: leave out --config (--method alone "
                                "restricts the choice to that compressor)")
     if (max_bytes is not None or ratio is not None) and method is not None:
-        from deltastore.engine.budget import DEFAULT_MENU
+        from deltastore.engine.budget import default_menu
 
-        budget_menu = [(m, c) for m, c in DEFAULT_MENU if m == method] or [(method, {})]
+        budget_menu = [(m, c) for m, c in default_menu() if m == method] or [(method, {})]
     method, config = _compressor_config(method, config_items, shorthands)
     tune_options = {k: v for k, v in (("max_steps", tune_steps), ("lr", tune_lr)) if v is not None}
     if tune in DATA_TUNERS and calib is None:

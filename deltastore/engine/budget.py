@@ -33,20 +33,17 @@ from ..storage.objects import ObjectStore, array_hash, to_numpy
 from ..storage.records import ReferenceRecord, TensorEntry, content_hash, pack
 from ..tensor import dbms
 from ..tensor.bitpack import pack_bits
-from ..tensor.compressors import Compressor, get_compressor
+from ..tensor.compressors import Compressor, compressor_class, delta_compressors, get_compressor
 from ..tensor.compressors.lossless import Lossless
 
-# The settings a budget chooses among: one sign bit per element (bitdelta); DARE's kept values
-# as int8 with a float32 scale per row, or as float16 with none (the cheapest at the highest
-# drop rates, where per-row scales would cost more than the values); DeltaDQ's one kept value in
-# g at 2 bits (also a float32 scale per row). Any list of (compressor, configuration) may be
-# given instead (``Registry.commit(budget_menu=...)``).
-DEFAULT_MENU: list[tuple[str, dict[str, Any]]] = [
-    ("bitdelta", {}),
-    *[("dare", {"drop_rate": p, "value_bits": 8}) for p in (0.98, 0.99, 0.995)],
-    *[("dare", {"drop_rate": p, "value_bits": 16}) for p in (0.99, 0.995, 0.998, 0.999)],
-    *[("deltadq", {"group_size": g, "keep": 1, "bits": 2}) for g in (16, 64)],
-]
+def default_menu() -> list[tuple[str, dict[str, Any]]]:
+    """The settings a budget chooses among by default: those every registered delta compressor
+    offers for budgets (its class's optional ``budget_settings``, a list of configurations).
+    Any list of (compressor, configuration) may be given instead (``Registry.commit(budget_menu=...)``)."""
+    return [(name, dict(config)) for name in delta_compressors()
+            for config in getattr(compressor_class(name), "budget_settings", ())]
+
+
 # Bytes of a task version's record beyond its tensor entries (task, message, times, lambdas,
 # source, the tuner's record): measured 1-3 KB; the commit checks the real size anyway.
 RECORD_MARGIN = 4096

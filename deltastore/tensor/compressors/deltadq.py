@@ -150,6 +150,8 @@ class DeltaDQ:
 
     name: ClassVar[str] = "deltadq"
     config_class: ClassVar[type] = DeltaDQConfig
+    # What a byte-budgeted commit may choose (deltastore.engine.budget): one kept value in g at 2 bits.
+    budget_settings: ClassVar[list[dict]] = [{"group_size": g, "keep": 1, "bits": 2} for g in (16, 64)]
 
     def __init__(self, config: DeltaDQConfig | None = None):
         self.config = config or DeltaDQConfig()

@@ -26,6 +26,8 @@ class BitDeltaConfig(CompressorConfig):
 class BitDelta:
     name: ClassVar[str] = "bitdelta"
     config_class: ClassVar[type] = BitDeltaConfig
+    # What a byte-budgeted commit may choose (deltastore.engine.budget): its one setting.
+    budget_settings: ClassVar[list[dict]] = [{}]
 
     def __init__(self, config: BitDeltaConfig | None = None):
         self.config = config or BitDeltaConfig()
