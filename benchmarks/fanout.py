@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "deltastore-bench")
     parser.add_argument("--s3", action="store_true", help="also commit into an S3 server on loopback")
     parser.add_argument("--cpu-only", action="store_true", help="no worker gets a GPU (default: one per GPU)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where fanout.{md,json} go")
     args = parser.parse_args()
     reference, finetunes = build_models(args.cache, args.layers, args.hidden, args.finetunes)
     finetune_bytes = (finetunes[0] / "model.safetensors").stat().st_size
@@ -171,7 +172,7 @@ def main() -> None:
         "runs": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fanout.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "fanout.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# commit-many throughput (benchmarks/fanout.py)", "",
         f"{args.finetunes} synthetic finetunes of {args.layers} float16 {args.hidden}x{args.hidden} matrices "
@@ -192,7 +193,7 @@ def main() -> None:
                          f"{row['finetunes_per_minute'] / first:.2f}x | {row['ratio_fp16']} | "
                          f"{base['cluster']} / {base['one_process']} | {'yes' if row['base_same_bits'] else 'NO'} |")
     lines += ["", f"S3: {result['s3']}.", ""]
-    (RESULTS / "fanout.md").write_text("\n".join(lines))
+    (args.out / "fanout.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

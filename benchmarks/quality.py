@@ -45,15 +45,21 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     "deltadq-g16k1b2": ("deltadq", {"group_size": 16, "keep": 1, "bits": 2, "stored_planes": None}),
     "deltadq-g32k1b2": ("deltadq", {"group_size": 32, "keep": 1, "bits": 2, "stored_planes": None}),
     "deltadq-g64k1b2": ("deltadq", {"group_size": 64, "keep": 1, "bits": 2, "stored_planes": None}),
+    # Issue 16: commit to a byte budget (fp16 bytes / ratio, own bytes); each tensor's setting is chosen.
+    **{f"budget-{r}x": ("budget", {"ratio": float(r)}) for r in (60, 75, 90, 100, 250, 500)},
 }
 ROWS: dict[str, dict] = {
     "plain": {"base": False, "tune": "l2", "per_layer": False},
     "dbms-init": {"base": True, "tune": "l2", "per_layer": False},
     "dbms-fit": {"base": True, "tune": "dbms", "per_layer": False},
     "dbms-fit-layer": {"base": True, "tune": "dbms", "per_layer": True},
+    # Issue 16: the lambdas and every stored code's continuous part fitted (deltastore.tuning.fit).
+    "fit-all": {"base": True, "tune": "fit-all", "per_layer": False},
+    "fit-all-nobase": {"base": False, "tune": "fit-all", "per_layer": False},
 }
 ROW_LABEL = {"plain": "plain", "dbms-init": "+ DBMS closed-form", "dbms-fit": "+ DBMS fitted",
-             "dbms-fit-layer": "+ DBMS fitted, per layer"}
+             "dbms-fit-layer": "+ DBMS fitted, per layer", "fit-all": "+ DBMS, everything fitted",
+             "fit-all-nobase": "everything fitted, no base"}
 SWEEP_DEFAULT = ("tweet_sentiment", "dare-p0.99")
 LAM1_FACTORS = [-1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
 LAM2_GRID = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
@@ -239,7 +245,10 @@ def run_parts(tasks: list[str], settings: list[str], small_bits: list[int], devi
 
 
 def run_cell(reg, base: str, ev: TaskEval, setting: str, row: str, n_tasks: int, base_size: int) -> dict:
-    """Commit one task with one setting and row, materialize it, score it; cached as JSON."""
+    """Commit one task with one setting and row, materialize it, score it; cached as JSON. A
+    budget the finetune cannot meet gives a cell holding only why (``infeasible``)."""
+    from deltastore.errors import InvalidInputError
+
     out = CACHE / "cells" / f"{setting}__{row}__{ev.task}.json"
     if out.exists():
         return json.loads(out.read_text())
@@ -247,9 +256,16 @@ def run_cell(reg, base: str, ev: TaskEval, setting: str, row: str, n_tasks: int,
     spec = ROWS[row]
     name = f"{ev.task}--{setting}--{row}"
     start = time.perf_counter()
-    record = reg.commit(name, ev.dir, method=method, config=config, base=base if spec["base"] else None,
-                        tune=spec["tune"], calibration=ev.calibration if spec["tune"] != "l2" else None,
-                        per_layer=spec["per_layer"], message=f"issue 4 benchmark {setting} {row}")
+    budget = {"ratio": config["ratio"]} if method == "budget" else {"method": method, "config": config}
+    try:
+        record = reg.commit(name, ev.dir, base=base if spec["base"] else None,
+                            tune=spec["tune"], calibration=ev.calibration if spec["tune"] != "l2" else None,
+                            per_layer=spec["per_layer"], message=f"quality benchmark {setting} {row}", **budget)
+    except InvalidInputError as exc:  # a budget below what the finetune needs at the cheapest settings
+        cell = {"task": ev.task, "setting": setting, "row": row, "infeasible": str(exc)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(cell, indent=1))
+        return cell
     commit_s = time.perf_counter() - start
     start = time.perf_counter()
     state = reg.materialize(name, verify=False)
@@ -268,6 +284,7 @@ def run_cell(reg, base: str, ev: TaskEval, setting: str, row: str, n_tasks: int,
             per_tensor = {"n": len(pairs), "lam1_min": min(l1), "lam1_max": max(l1), "lam2_min": min(l2),
                           "lam2_max": max(l2)}
     cell = {
+        "budget": record.source.get("budget"),
         "bytes_breakdown": bytes_breakdown(reg, name),
         "task": ev.task, "setting": setting, "row": row, "method": method, "config": config,
         "lam1": record.lam1, "lam2": record.lam2, "per_tensor_lambdas": per_tensor, "tuning": record.tuning,
@@ -356,7 +373,7 @@ def summarize(cells: list[dict], tasks: list[str], finetuned: dict[str, float]) 
     rows = []
     for setting in SETTINGS:
         for row in ROWS:
-            got = {c["task"]: c for c in cells if c["setting"] == setting and c["row"] == row}
+            got = {c["task"]: c for c in cells if c["setting"] == setting and c["row"] == row and "infeasible" not in c}
             if set(got) != set(tasks):
                 continue
             avg = sum(got[t]["accuracy"] for t in tasks) / len(tasks)
@@ -374,6 +391,8 @@ def summarize(cells: list[dict], tasks: list[str], finetuned: dict[str, float]) 
                 "per_tensor_lambdas": {t: got[t].get("per_tensor_lambdas") for t in tasks},
                 "agreement": mean("agreement"), "calib_logit_mse": mean("calib_logit_mse"),
                 "seconds": sum(got[t]["commit_s"] + got[t]["materialize_s"] + got[t]["eval_s"] for t in tasks),
+                "commit_s": mean("commit_s"),
+                "fit_s": sum((got[t].get("tuning") or {}).get("seconds", 0.0) for t in tasks) / len(tasks),
             })
     return rows
 
@@ -655,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
                         evals[task] = TaskEval(task, args.device)
                     t0 = time.perf_counter()
                     cell = run_cell(reg, base, evals[task], setting, row, len(all_tasks), base_size)
+                    if "infeasible" in cell:
+                        print(f"{task:16} {setting:16} {row:15} infeasible: {cell['infeasible']}", flush=True)
+                        continue
                     print(f"{task:16} {setting:16} {row:15} acc {100 * cell['accuracy']:5.1f} "
                           f"(ft {100 * cell['finetuned_accuracy']:.1f}) x{cell['ratio_fp16']:.1f} "
                           f"lam1 {cell['lam1']:.3f} lam2 {cell['lam2']:.3f} [{time.perf_counter() - t0:.1f} s]",

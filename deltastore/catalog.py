@@ -81,6 +81,22 @@ def split_spec(task: str, version: int | None = None) -> tuple[str, int | None]:
     return name, version if number is None else number
 
 
+def setting_label(codec: str, config: dict[str, Any]) -> str:
+    """``dare drop_rate=0.99 value_bits=8``: a compressor setting as the CLI shows it."""
+    return " ".join([codec, *(f"{k}={v}" for k, v in sorted(config.items()))])
+
+
+def delta_settings(record: TaskVersion) -> dict[str, int]:
+    """Per compressor setting, how many of the version's delta entries use it (several after a
+    budgeted commit, which picks one per tensor), most used first."""
+    counts: dict[str, int] = {}
+    for entry in record.tensors.values():
+        if entry.is_delta:
+            label = setting_label(entry.codec, entry.config)
+            counts[label] = counts.get(label, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 @dataclass
 class VersionStats:
     """Bytes a task version owns on disk and the ratios they give (specs/format.md §10)."""

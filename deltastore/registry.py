@@ -18,7 +18,9 @@ from .errors import (AlreadyExistsError, DeltastoreError, IncompatibleFinetuneEr
                      InvalidInputError, NotFoundError)
 from .catalog import (INFO_KEY, REFERENCE_REF, Catalog, VersionStats, check_name, init_leftover, is_url,
                       open_location, parse_spec, split_spec, utc_now)
+from .engine import budget
 from .engine.base import base_entry, check_base_inputs
+from .engine.budget import budget_bytes
 from .engine.commit import (CommitPipeline, check_finite, check_storable, commit_settings, content_sha256, plain,
                             plan_finetune, store_files, store_lossless)
 from .engine.decode import ArrayGetter, decode_stored, numel
@@ -180,6 +182,9 @@ class Registry(Catalog):
         device: str | torch.device = "cpu",
         follow_links: bool = False,
         skip_unchanged: bool = False,
+        max_bytes: int | None = None,
+        ratio: float | None = None,
+        budget_menu: list[tuple[str, Mapping[str, Any]]] | None = None,
     ) -> TaskVersion:
         """Compress ``finetune`` against the reference (and base vector ``base``) and record it
         as the next version of ``task``. Nothing is visible until the final ref update.
@@ -203,7 +208,18 @@ class Registry(Catalog):
         Biases, norms and other whole tensors that have a reference counterpart keep this many
         bits of their mantissa (a relative change below ``2**-small_tensor_bits``), the rest being
         the reference's, which the version's pack then stores for almost nothing
-        (specs/format.md §5.8). Recorded in ``source.settings``."""
+        (specs/format.md §5.8). Recorded in ``source.settings``.
+
+        ``max_bytes`` (or ``ratio``: the finetune's fp16 bytes divided by it): commit to a byte
+        budget. Each lossy tensor gets the setting of ``budget_menu`` (a list of (compressor,
+        configuration); default: :func:`deltastore.engine.budget.default_menu`) that keeps the
+        version's own bytes on disk within the budget at the least reconstruction error
+        (:mod:`deltastore.engine.budget`); ``method`` and ``config`` are then ignored, and the
+        version's ``method`` names the setting holding the most bytes. What was chosen is in
+        the record's ``source.budget``. A budget below what the finetune needs at the
+        cheapest settings is refused before anything is written; the real bytes are checked
+        before the version is published, and a version still over the budget after
+        ``budget.ATTEMPTS`` choices is refused (its arrays are left for ``gc``)."""
         check_name("task", task)
         if small_tensor_bits is not None and (isinstance(small_tensor_bits, bool) or not isinstance(
                 small_tensor_bits, int) or not 0 <= small_tensor_bits <= 52):
@@ -227,15 +243,22 @@ class Registry(Catalog):
         # settings (specs/format.md §5.5). Hashing reads the whole finetune once more (seconds
         # for a 7B model), so only commits that ask for the check pay for it, and record the
         # hash for later checks.
+        max_bytes = budget_bytes(max_bytes, ratio, source)
+        menu = budget.menu_compressors(list(budget_menu or budget.default_menu())) if max_bytes is not None else None
         fingerprint: dict[str, Any] = {}
         if skip_unchanged:
             settings = commit_settings(tune, calibration, per_layer, tune_options, seed, small_tensor_bits)
+            if settings is not None and max_bytes is not None:
+                settings["budget"] = {"max_bytes": max_bytes,
+                                      "menu": [[c.name, c.config.to_dict()] for c in menu]}
             fingerprint = {"sha256": content_sha256(source), "settings": settings}
             if settings is not None and self._task_ref(task).versions:
                 _, latest = self.version(task)
-                if (latest.source.get("sha256"), latest.source.get("settings"), latest.method, latest.config,
-                        latest.base, latest.reference) == (fingerprint["sha256"], settings, method,
-                                                           compressor.config.to_dict(), base_digest, ref_digest):
+                # A budgeted version's method is what the budget chose; its settings hold the budget.
+                asked = None if max_bytes is not None else (method, compressor.config.to_dict())
+                held = None if max_bytes is not None else (latest.method, latest.config)
+                if (latest.source.get("sha256"), latest.source.get("settings"), held, latest.base,
+                        latest.reference) == (fingerprint["sha256"], settings, asked, base_digest, ref_digest):
                     return latest
 
         # Every check that can refuse the input runs before the first write: a refused commit
@@ -248,13 +271,22 @@ class Registry(Catalog):
         acc = pipeline.analyse(task, allow_unrelated)
 
         seeds = {name: derive_seed(seed, name) for name in pipeline.lossy}
+        compressors: dict[str, Any] = {}
+        budget_plan = None
+        if max_bytes is not None:
+            budget_plan = budget.plan(pipeline, self.objects, reference, menu,
+                                      acc.lam1 if base_record is not None else 0.0, seeds, task, max_bytes)
+            choice = budget_plan.select(max_bytes)
+            compressors = {name: menu[j] for name, j in choice.items()}
+            compressor = budget.main_compressor(budget_plan, choice)
+            method = compressor.name
         context = TuneContext(
             compressor=compressor, lossy=pipeline.lossy, ref_name=dict(plan.lossy),
             reference=lambda n: self._reference_tensor(reference, n).float(),
             finetune=lambda n: source.get(n).float(), tau=lambda n: _on_cpu(pipeline.tau(n)), seeds=seeds,
             lam1_l2=acc.lam1, lam1_l2_per_tensor=acc.per_tensor, has_base=base_record is not None,
             calibration=calibration, per_layer=per_layer, options=dict(tune_options or {}), source=source, seed=seed,
-            progress=progress,
+            progress=progress, compressors=compressors,
         )
         lambdas: Lambdas = get_tuner(tune or "l2")(context)
         if base_record is None and (lambdas.lam1 != 0.0 or lambdas.per_tensor):
@@ -262,9 +294,8 @@ class Registry(Catalog):
                                                               (lambdas.per_tensor or {}).items()} or None)
 
         def write(attempt: Attempt) -> TaskVersion:
+            nonlocal choice, compressors, compressor, method, lambdas  # a budget may choose again
             txn = self.objects.new_txn()
-            tensors, packed = pipeline.encode(task, compressor, lambdas, seeds, txn, small_tensor_bits)
-            files = store_files(self.objects, source, txn, reference)
             n_params = sum(numel(source.shape(n)) for n in source.names())
             record_source = {
                 "label": str(source.label), "bytes": source.nbytes(), "params": n_params,
@@ -272,17 +303,48 @@ class Registry(Catalog):
                 "skipped_files": dict(sorted(source.skipped.items())),  # name-keyed: code point order
                 "missing_buffers": plan.missing_buffers, **fingerprint,
             }
-            made: list[TaskVersion] = []
 
-            def add_version(ref: TaskRef) -> TaskRef:
-                number = ref.last_issued + 1  # never a removed version's number (format.md §5.7)
-                parent = ref.versions[-1][1] if ref.versions else None
-                record = TaskVersion(
+            def version_record(number: int, parent: str | None, tensors, packed, files) -> TaskVersion:
+                return TaskVersion(
                     task=task, version=number, parent=parent, created=utc_now(), message=message,
                     reference=ref_digest, base=base_digest, method=method, config=compressor.config.to_dict(),
                     lam1=float(lambdas.lam1), lam2=float(lambdas.lam2), tuning=plain(lambdas.record),
                     tensors=tensors, files=files, source=record_source, pack=packed, ref_prefix=plan.prefix,
                 )
+
+            for trial in range(budget.ATTEMPTS):
+                tensors, packed = pipeline.encode(task, compressor, lambdas, seeds, txn, small_tensor_bits,
+                                                  compressors)
+                files = store_files(self.objects, source, txn, reference)
+                if budget_plan is None:
+                    break
+                # The real bytes before publishing, the record's counted by a draft at least as
+                # large (a parent hash where the first version has none).
+                record_source["budget"] = budget_plan.summary(choice, max_bytes)
+                record_source["budget"]["checked_bytes"] = max_bytes  # as wide in msgpack as the figure below, or wider
+                real = self._own_bytes(version_record(0, budget.PLACEHOLDER, tensors, packed, files))
+                record_source["budget"]["checked_bytes"] = real
+                if real <= max_bytes:
+                    break
+                if trial == budget.ATTEMPTS - 1:
+                    raise InvalidInputError(f"{task}: the version would hold {real:,} bytes, over the budget of "
+                                            f"{max_bytes:,} after {budget.ATTEMPTS} tries; raise --max-bytes")
+                # Choose again within the budget less what the estimate missed (the record, fitted values
+                # that compress less); codes the tuner made for a setting no longer chosen are encoded anew.
+                missed = real - record_source["budget"]["estimated_bytes"]
+                choice = budget_plan.select(max_bytes - max(missed, real - max_bytes) * (trial + 1) - budget.SLACK)
+                changed = {n for n, j in choice.items() if menu[j] is not compressors[n]}
+                compressors = {name: menu[j] for name, j in choice.items()}
+                compressor = budget.main_compressor(budget_plan, choice)
+                method = compressor.name
+                if lambdas.codes:
+                    lambdas = replace(lambdas, codes={n: c for n, c in lambdas.codes.items() if n not in changed})
+            made: list[TaskVersion] = []
+
+            def add_version(ref: TaskRef) -> TaskRef:
+                number = ref.last_issued + 1  # never a removed version's number (format.md §5.7)
+                parent = ref.versions[-1][1] if ref.versions else None
+                record = version_record(number, parent, tensors, packed, files)
                 digest = self.objects.put_record(record, txn)
                 # The base record too: on an object store it is refreshed, which keeps its
                 # arrays from gc even if its ref is removed meanwhile; they are re-checked.
@@ -452,6 +514,12 @@ class Registry(Catalog):
         what = f"{self.path}/{key}"
         update_ref(self.backend, key, lambda data: pack(change(
             TaskRef.from_dict(unpack(data, what), what) if data is not None else TaskRef([])).to_dict()))
+
+    def _own_bytes(self, record: TaskVersion) -> int:
+        """``stats``' own bytes of a version whose arrays and blobs are stored and whose record
+        is not yet: the record counted as the bytes it will be written as."""
+        stored = self._own_objects(budget.PLACEHOLDER, record)[1:]
+        return len(pack(record.to_dict())) + sum(self.objects.size(*obj) for obj in stored)
 
     def _reference_tensor(self, reference: ReferenceRecord, name: str) -> torch.Tensor:
         return decode_stored(reference.tensors[name], self._array_getter("cpu"), "cpu")

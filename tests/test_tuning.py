@@ -202,7 +202,7 @@ def test_user_tuner_by_name_and_as_callable(registry_copy, example, monkeypatch)
         assert get_tuner("half-again") is half
     finally:
         tuning._REGISTRY.pop("half-again")
-    with pytest.raises(UnknownMethodError, match="dbms, half, l2"):
+    with pytest.raises(UnknownMethodError, match="dbms, fit-all, half, l2"):
         get_tuner("nope")
     assert get_tuner("l2") is l2
 

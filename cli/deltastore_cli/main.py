@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from deltastore.catalog import Catalog, is_url, parse_spec
+from deltastore.catalog import Catalog, delta_settings, is_url, parse_spec
 from deltastore.errors import (CorruptObjectError, DeltastoreError, FormatVersionError, LockTimeoutError,
                                NotFoundError, UnknownNameError)
 
@@ -311,6 +311,8 @@ def base_rm(registry: Path, name: str, as_json: bool) -> None:
 
 # Flags of earlier releases, each a field of one compressor's configuration: kept (hidden) so
 # their scripts still run, as shorthands of --config FIELD=VALUE; new fields get no flag.
+# Built-in tuners that fit on calibration inputs (--calib).
+DATA_TUNERS = ("dbms", "fit-all")
 CONFIG_SHORTHANDS = ("drop_rate", "value_bits", "group_size", "keep", "bits")
 
 
@@ -372,11 +374,14 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
 @click.option("--base", "base_name", help="Base vector to shift by (DBMS); without it: plain compression.")
 @click.option("-m", "--message", default="", help="What this version is.")
 @click.option("--tune", default=None,
-              help="Tuner for lam1/lam2: l2 (closed form, the default), dbms (fit on --calib inputs) or a "
+              help="Tuner for lam1/lam2: l2 (closed form, the default), dbms (fit on --calib inputs), fit-all "
+                   "(dbms, then the stored codes' own values: BitDelta's scales, DARE's kept values, DeltaDQ's "
+                   "codes and scales, fitted to each layer's outputs on --calib) or a "
                    "registered name. dbms runs the model over the calibration inputs 5-25 times (--per-layer: "
                    "Adam, up to 100 forward+backward passes); measured on a 22.7M-parameter MiniLM with 200 "
                    "texts: 1.4-5 min on 2 busy CPU cores (benchmarks/results/tune_cost_cpu.md), 1-2 s for the "
-                   "demo's models.")
+                   "demo's models. fit-all took 2-6x as long as dbms on MiniLM with 64 texts "
+                   "(170-500 s on 2 loaded CPU cores; benchmarks/results/quality.md).")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Calibration inputs for --tune dbms, one example per line (at least 32): a text file or JSONL "
                    "({\"text\": ...} or {\"input_ids\": [...]}), tokenized with FINETUNE's tokenizer.")
@@ -384,9 +389,16 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
               help="Truncate calibration examples to this many tokens.")
 @click.option("--calib-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Calibration examples per batch.")
-@click.option("--tune-steps", type=click.IntRange(min=0), help="dbms: most optimizer steps (default 100).")
-@click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True), help="dbms: Adam learning rate (default 1e-2).")
+@click.option("--tune-steps", type=click.IntRange(min=0), help="dbms, fit-all: most optimizer steps (default 100).")
+@click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True),
+              help="dbms, fit-all: Adam learning rate (default 1e-2).")
 @click.option("--per-layer", is_flag=True, help="One (lam1, lam2) per tensor instead of one pair per model.")
+@click.option("--max-bytes", type=click.IntRange(min=1),
+              help="Byte budget: per tensor, the compressor setting (among those each compressor offers for "
+                   "budgets) of least reconstruction error that keeps the version's bytes on disk (side files, "
+                   "whole tensors and record included) within N. With --method, only that compressor's settings.")
+@click.option("--ratio", type=click.FloatRange(min=0, min_open=True),
+              help="Byte budget as a ratio: the finetune's fp16 bytes / R (see --max-bytes).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the compressor's random choices (the masks of those that drop values).")
 @click.option("--small-tensor-bits", type=click.IntRange(0, 52), metavar="N",
@@ -399,18 +411,29 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
 @json_option
 @click.pass_context
 def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method: str | None, config_items,
-           base_name, message, tune, calib, calib_max_length, calib_batch_size, tune_steps, tune_lr, per_layer, seed,
-           small_tensor_bits, allow_unrelated, follow_links, device, as_json, **shorthands) -> None:
+           base_name, message, tune, calib, calib_max_length, calib_batch_size, tune_steps, tune_lr, per_layer,
+           max_bytes, ratio, seed, small_tensor_bits, allow_unrelated, follow_links, device, as_json,
+           **shorthands) -> None:
     """Compress FINETUNE as the next version of TASK."""
+    if max_bytes is not None and ratio is not None:
+        raise click.UsageError("give the byte budget once: --max-bytes or --ratio")
+    budget_menu = None
+    if (max_bytes is not None or ratio is not None) and (config_items or any(v is not None for v in shorthands.values())):
+        raise click.UsageError("a byte budget picks each tensor's configuration: leave out --config (--method alone "
+                               "restricts the choice to that compressor)")
+    if (max_bytes is not None or ratio is not None) and method is not None:
+        from deltastore.engine.budget import default_menu
+
+        budget_menu = [(m, c) for m, c in default_menu() if m == method] or [(method, {})]
     method, config = _compressor_config(method, config_items, shorthands)
     tune_options = {k: v for k, v in (("max_steps", tune_steps), ("lr", tune_lr)) if v is not None}
-    if tune == "dbms" and calib is None:
-        raise click.UsageError("--tune dbms fits lam1/lam2 on data: give --calib FILE (text, one example per line, "
+    if tune in DATA_TUNERS and calib is None:
+        raise click.UsageError(f"--tune {tune} fits on data: give --calib FILE (text, one example per line, "
                                "or JSONL)")
     if calib is not None and tune in (None, "l2"):
-        raise click.UsageError("--calib is only read by a data-driven tuner; add --tune dbms")
-    if tune_options and tune != "dbms":
-        raise click.UsageError("--tune-steps and --tune-lr apply to --tune dbms only")
+        raise click.UsageError("--calib is only read by a data-driven tuner; add --tune dbms or --tune fit-all")
+    if tune_options and tune not in DATA_TUNERS:
+        raise click.UsageError("--tune-steps and --tune-lr apply to --tune dbms and --tune fit-all only")
     reg = _registry(registry)
     calibration = None
     if calib is not None:
@@ -428,8 +451,9 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
     latest = reg.version_hashes(task)[-1][0] if task in reg.tasks() else None
     record = reg.commit(task, finetune, method=method, config=config, base=base_name, message=message, tune=tune,
                         calibration=calibration, per_layer=per_layer, tune_options=tune_options or None, seed=seed,
-                        small_tensor_bits=small_tensor_bits, allow_unrelated=allow_unrelated, follow_links=follow_links, device=device,
-                        progress=_progress(ctx), skip_unchanged=True)
+                        small_tensor_bits=small_tensor_bits, allow_unrelated=allow_unrelated,
+                        follow_links=follow_links, device=device, progress=_progress(ctx), skip_unchanged=True,
+                        max_bytes=max_bytes, ratio=ratio, budget_menu=budget_menu)
     data = _version_summary(reg, record)
     if record.version == latest:
         _emit({**data, "committed": False}, as_json, f"nothing to commit: {task}@{latest} already holds {finetune} "
@@ -448,9 +472,10 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
     files = f" ({_human(data['file_bytes'])} of it side files)" if data["file_bytes"] else ""
     ratio = data["ratio_fp16"]
     versus = f"{_times(ratio)} smaller than fp16" if ratio >= 1 else f"{_times(1 / ratio)} larger than fp16"
-    _emit(data, as_json, f"{task}@{record.version}: {method}, lam1={record.lam1:.4g} lam2={record.lam2:.4g}, "
+    budget = f"\n  budget: {_budget_summary(data)}" if data["budget"] else ""
+    _emit(data, as_json, f"{task}@{record.version}: {record.method}, lam1={record.lam1:.4g} lam2={record.lam2:.4g}, "
                          f"{_human(data['own_bytes'])} on disk{files}, {versus}{fitted}\n"
-                         f"  rows: {_rows_summary(data)}")
+                         f"  rows: {_rows_summary(data)}{budget}")
     if data["delta_rows"] and data["unchanged_rows"] == data["delta_rows"]:
         click.echo(f"warning: {finetune} equals the reference in every compressed weight: nothing was finetuned "
                    "(the ratio above reflects that, not compression)", err=True)
@@ -501,8 +526,8 @@ def _tuning_summary(record) -> str:
             return "none: no base vector, so lam1=0 and lam2=1"
         return "none: closed form lam1 = <delta, tau_base>/<tau_base, tau_base>, lam2=1" + (
             ", per tensor" if tuning.get("per_layer") else "")
-    keys = ("tuner", "per_layer", "loss_initial", "loss_final", "steps", "lr", "seed", "fell_back", "reason",
-            "seconds")
+    keys = ("tuner", "per_layer", "loss_initial", "loss_lambdas", "loss_final", "steps", "lr", "seed", "fell_back",
+            "reason", "tensors_refit", "seconds")
     parts = [f"{k}={tuning[k]:.4g}" if isinstance(tuning[k], float) else f"{k}={tuning[k]}"
              for k in keys if tuning.get(k) is not None]
     calibration = tuning.get("calibration")
@@ -551,8 +576,16 @@ def _version_summary(reg: Catalog, record) -> dict[str, Any]:
         "delta_tensors": sum(1 for e in record.tensors.values() if e.is_delta), "files": sorted(record.files),
         "packed_tensors": len(record.packed()),
         "small_tensor_bits": (record.source.get("settings") or {}).get("small_tensor_bits"),
+        "settings": delta_settings(record), "budget": record.source.get("budget"),
         **_row_counts(record), **stats,
     }
+
+
+def _budget_summary(data: dict[str, Any]) -> str:
+    """A budgeted commit's choice in one line: the budget, then each setting's tensors and bytes."""
+    budget = data["budget"]
+    chosen = "; ".join(f"{label} x{row['tensors']} ({_human(row['bytes'])})" for label, row in budget["chosen"].items())
+    return f"at most {budget['max_bytes']:,} bytes, holds {data['own_bytes']:,}: {chosen}"
 
 
 @cli.command()
@@ -631,6 +664,9 @@ def show(registry: Path, spec: str, as_json: bool) -> None:
         f"  tensors    {data['tensors']} ({data['delta_tensors']} as deltas, {data['packed_tensors']} packed"
         + (f"; small tensors lossy, {bits} mantissa bits kept)" if (bits := data["small_tensor_bits"]) is not None
            else ", exact)"),
+        *(["  settings   " + "; ".join(f"{label} x{n}" for label, n in data["settings"].items())]
+          if len(data["settings"]) > 1 else []),
+        *([f"  budget     {_budget_summary(data)}"] if data["budget"] else []),
         f"  rows       {_rows_summary(data)}",
         f"  on disk    {_human(data['own_bytes'])} own ({_human(data['amortized_bytes'])} amortized over tasks "
         f"sharing objects) + {_human(data['base_share_bytes'])} base share",

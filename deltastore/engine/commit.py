@@ -85,7 +85,7 @@ class CommitPipeline:
         w_ref = decode_stored(self.reference.tensors[ref_name], reader.array, self.device)
         return w_ref, reader.source(self.source, name), self.tau(ref_name, reader.array)
 
-    def _read_all(self, names: list[str], desc: str) -> Iterator[tuple[str, tuple]]:
+    def read_all(self, names: list[str], desc: str) -> Iterator[tuple[str, tuple]]:
         def nbytes(name: str) -> int:  # reference and finetune in the finetune's dtype, float32 base
             itemsize = self.source.dtype(name).itemsize
             return (2 * itemsize + (4 if self.base is not None else 0)) * numel(self.source.shape(name))
@@ -99,7 +99,7 @@ class CommitPipeline:
         the reference: refuses a delta over MAX_RELATIVE_DELTA unless ``allow_unrelated``."""
         acc = dbms.Lam1Accumulator()
         delta_sq = ref_sq = 0.0
-        for name, (w_ref, tensor, t) in self._read_all(self.lossy, f"{task}: analyse"):
+        for name, (w_ref, tensor, t) in self.read_all(self.lossy, f"{task}: analyse"):
             w_pre = dbms.as_matrix(w_ref.float())
             check_finite(self.source, name, tensor)
             delta = dbms.as_matrix(tensor.float()) - w_pre
@@ -118,12 +118,15 @@ class CommitPipeline:
         return acc
 
     def encode(self, task: str, compressor: Compressor, lambdas: Lambdas, seeds: dict[str, int],
-               txn: str, small_tensor_bits: int | None = None) -> tuple[dict[str, TensorEntry], str | None]:
+               txn: str, small_tensor_bits: int | None = None, compressors: dict[str, Compressor] | None = None
+               ) -> tuple[dict[str, TensorEntry], str | None]:
         """Pass 2: every tensor encoded (deltas), packed or kept whole, its arrays staged in
         ``txn``; returns the entries and the pack (None when nothing is packed).
         ``small_tensor_bits``: the lossy option, packed float tensors keep that many mantissa bits
         of their own and the rest of the reference's (:func:`keep_mantissa_bits`); None: exact.
 
+        ``compressors``: per finetune name, a compressor other than ``compressor`` (a budgeted
+        commit's choice). A code the tuner made (``lambdas.codes``) is stored as it is.
         One writer thread stores each tensor's arrays (device-to-host copy, hash, write, fsync)
         while the device encodes the next one; one thread, so two identical arrays are never
         staged at once."""
@@ -131,9 +134,10 @@ class CommitPipeline:
         stored: dict[str, Future] = {}
         packed: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         waiting: deque[Future] = deque()
-        config = compressor.config.to_dict()
+        compressors = compressors or {}
+        given = lambdas.codes or {}
         with ThreadPoolExecutor(1, "deltastore-write") as writer:
-            for name, (w_ref, tensor, t) in self._read_all(names, f"{task}: encode"):
+            for name, (w_ref, tensor, t) in self.read_all(names, f"{task}: encode"):
                 if len(waiting) >= COMMIT_WRITE_BEHIND:
                     waiting.popleft().result()  # bound the encoded tensors waiting for the writer
                 if name not in self.plan.lossy:  # checked for NaN/Inf before pass 1
@@ -146,15 +150,19 @@ class CommitPipeline:
                     waiting.append(stored[name])
                     continue
                 lam1, lam2 = (lambdas.per_tensor or {}).get(name, (lambdas.lam1, lambdas.lam2))
-                w_pre = dbms.as_matrix(w_ref.float())
-                delta = dbms.as_matrix(tensor.float()) - w_pre
-                rows = dbms.changed_rows(delta)
-                tau_rows = None if t is None else dbms.as_matrix(t)[rows]
-                resid = dbms.residual(delta[rows], tau_rows, lam1)
-                code = dbms.MatrixCode(rows, compressor.encode(resid.contiguous(), seed=seeds[name]))
+                chosen = compressors.get(name, compressor)
+                code = given.get(name)
+                if code is None:
+                    w_pre = dbms.as_matrix(w_ref.float())
+                    delta = dbms.as_matrix(tensor.float()) - w_pre
+                    rows = dbms.changed_rows(delta)
+                    tau_rows = None if t is None else dbms.as_matrix(t)[rows]
+                    resid = dbms.residual(delta[rows], tau_rows, lam1)
+                    code = dbms.MatrixCode(rows, chosen.encode(resid.contiguous(), seed=seeds[name]))
                 per_tensor = (float(lam1), float(lam2)) if lambdas.per_tensor is not None else None
                 encoded = _Ready(self.device)  # the writer copies the codes to the host once the device made them
-                stored[name] = writer.submit(encoded.then, store_code, self.objects, code, compressor.name, config,
+                stored[name] = writer.submit(encoded.then, store_code, self.objects, code, chosen.name,
+                                             chosen.config.to_dict(),
                                              tensor.shape, dtype_name(tensor.dtype), self.plan.lossy[name], txn,
                                              per_tensor)
                 waiting.append(stored[name])

@@ -101,13 +101,27 @@ def write_array(backend: Backend, key: str, data: np.ndarray, *, compress: bool)
 
     ``key`` is a staging key: the array becomes durable and visible when the caller
     publishes it (:meth:`Backend.publish`)."""
+    _write_zarr(backend.zarr_store(key), data, compress=compress)
+
+
+def stored_size(data: np.ndarray, *, compress: bool) -> int:
+    """Bytes :func:`write_array` would put on disk for ``data`` (zarr.json and chunks), found by
+    writing it to memory: what a byte budget counts before anything is written."""
+    from zarr.storage import MemoryStore
+
+    values: dict = {}
+    _write_zarr(MemoryStore(values), data, compress=compress)
+    return sum(len(v.to_bytes()) for v in values.values())
+
+
+def _write_zarr(store, data: np.ndarray, *, compress: bool) -> None:
     # Imported here: reads bypass zarr (read_chunk), and importing it costs a read-only
     # command such as `deltastore ls` a third of its start-up.
     import zarr
     import zarr.codecs
 
     array = zarr.create_array(
-        backend.zarr_store(key),
+        store,
         shape=data.shape,
         dtype=data.dtype,
         chunks=chunk_shape(data.shape, data.dtype.itemsize),

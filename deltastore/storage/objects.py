@@ -21,8 +21,8 @@ from numcodecs import Zstd
 
 from ..dtypes import array_numpy_dtype, array_torch_dtype
 from ..errors import CorruptObjectError, NotFoundError
-from .layout import (ARRAY_METADATA, ArrayLayout, chunk_file_limit, chunk_key, read_chunk, read_layout, write_array,
-                     zstd_content_size)
+from .layout import (ARRAY_METADATA, ArrayLayout, chunk_file_limit, chunk_key, read_chunk, read_layout, stored_size,
+                     write_array, zstd_content_size)
 from .protocol import Backend
 from .records import Record, content_hash, pack, unpack
 
@@ -285,6 +285,11 @@ class ObjectStore:
         self._joined("arrays", digest)
         return digest
 
+    @staticmethod
+    def array_size(tensor: torch.Tensor, *, compress: bool = True) -> int:
+        """Bytes :meth:`put_array` would store for ``tensor``, without storing it."""
+        return stored_size(to_numpy(tensor), compress=compress)
+
     def open_array(self, digest: str, *, verify: bool = True, what: str = "") -> "ArrayReader":
         """A reader of the array named ``digest``, chunk by chunk (see :class:`ArrayReader`)."""
         return ArrayReader(self, digest, verify=verify, what=what)
@@ -338,6 +343,11 @@ class ObjectStore:
             if len(patch) < len(best):
                 best = patch
         return best
+
+    def blob_size(self, data: bytes, dictionary: str | None = None) -> int:
+        """Bytes :meth:`put_blob` would store for ``data`` (a patch against ``dictionary``
+        where that is smaller), without storing it."""
+        return len(self._smallest_encoding(data, dictionary))
 
     def get_blob(self, digest: str, *, verify: bool = True) -> bytes:
         stored = self.backend.get(object_key("blobs", digest))

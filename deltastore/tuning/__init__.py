@@ -1,8 +1,9 @@
 """Tuners: the hook that picks (lam1, lam2) between encoding and writing a task version.
 
 A tuner is any callable ``tuner(context: TuneContext) -> Lambdas``. Built in: ``l2``
-(METHOD.md step 5, closed form, no data) and ``dbms`` (METHOD.md step 6: Adam on the output
-error over calibration inputs, :mod:`deltastore.tuning.dbms`). Register more with
+(METHOD.md step 5, closed form, no data), ``dbms`` (METHOD.md step 6: the output error over
+calibration inputs, :mod:`deltastore.tuning.dbms`) and ``fit-all`` (the lambdas and every
+stored code's continuous part, :mod:`deltastore.tuning.fit`). Register more with
 :func:`register` or the ``deltastore.tuners`` entry point group; pass a callable straight to
 ``Registry.commit``.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 from ..errors import AlreadyExistsError, UnknownMethodError
-from . import dbms
+from . import dbms, fit
 from .base import Lambdas, TuneContext, Tuner
 from .closed_form import l2
 
@@ -44,5 +45,6 @@ def get_tuner(name_or_callable: str | Tuner) -> Tuner:
 
 register("l2", l2)
 register("dbms", dbms.tune)
+register("fit-all", fit.tune)
 
 __all__ = ["Lambdas", "TuneContext", "Tuner", "get_tuner", "l2", "register"]

@@ -57,6 +57,7 @@ import torch
 from ..calibration import as_batches, calibration_sha256, example_count
 from ..errors import IncompatibleFinetuneError, InvalidInputError
 from ..tensor import dbms
+from ..tensor.compressors import Compressor
 from .base import Lambdas, TuneContext
 from .closed_form import l2
 
@@ -163,6 +164,7 @@ class _Lossy:
     delta: torch.Tensor  # float32 (changed, cols): D[m]
     tau: torch.Tensor | None  # float32 (changed, cols): tau[m], None without a base vector
     seed: int
+    compressor: Compressor  # its own (a budgeted commit picks one per tensor)
 
 
 def tune(context: TuneContext) -> Lambdas:
@@ -254,7 +256,7 @@ def _fit(context: TuneContext, cfg: DbmsTuneConfig, start: Lambdas, model: torch
     held = list(range(len(batches) - n_hold, len(batches)))
 
     items = _prepare(context, model, owned, names, per_layer, device)
-    fit = _Problem(model, context.compressor, items, batches, targets, masks, output)
+    fit = _Problem(model, items, batches, targets, masks, output)
     pairs = [init[n] for n in names] if per_layer else [(start.lam1, start.lam2)]
     fit_lam1 = context.has_base and any(it.tau is not None for it in items)
     progress = _Progress(context.progress, cfg.max_steps)
@@ -318,15 +320,15 @@ class _Problem:
     """The fitted outputs as a function of the lambdas: rebuilds ``W'`` exactly as
     ``materialize`` will, runs the model on it, and compares with the targets."""
 
-    def __init__(self, model, compressor, items, batches, targets, masks, output):
-        self.model, self.compressor, self.items = model, compressor, items
+    def __init__(self, model, items, batches, targets, masks, output):
+        self.model, self.items = model, items
         self.batches, self.targets, self.masks, self.output = batches, targets, masks, output
         self.batch_passes = 0  # forward passes over one calibration batch
 
     def update(self, item: _Lossy, l1: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
         """float32 (changed, cols): what ``W'`` adds to ``W_pre`` on the changed rows."""
         resid = item.delta if item.tau is None else item.delta - l1 * item.tau
-        update = l2 * self.compressor.simulate(resid, seed=item.seed)
+        update = l2 * item.compressor.simulate(resid, seed=item.seed)
         return update if item.tau is None else update + l1 * item.tau
 
     def weights(self, updates: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -549,7 +551,7 @@ def _prepare(context: TuneContext, model: torch.nn.Module, owned: bool, names: l
             slot.data = w_pre_fit.view(slot.shape)
         items.append(_Lossy(name, target, index if per_layer else 0, slot.shape, w_pre_fit,
                             changed.nonzero().flatten().to(device), delta[changed].to(device), tau_rows,
-                            context.seeds[name]))
+                            context.seeds[name], context.compressor_for(name)))
     return items
 
 

@@ -6,6 +6,11 @@ caller, and rows that the finetune left unchanged are removed by the caller befo
 :class:`Encoded`: a few named integer/float arrays plus a few scalars. ``decode`` gives the
 lossy reconstruction back as float32 ``(rows, cols)`` on the requested device.
 
+Optional members: ``fused_decoder()`` (a single-pass GPU decoder); ``refit(encoded, target,
+gram)``, the same code with its continuous part (scales, kept values) fitted to ``target``
+under an input Gram matrix (deltastore.tensor.lsq; the ``fit-all`` tuner); ``budget_settings``,
+the configurations a byte-budgeted commit may choose among (deltastore.engine.budget).
+
 The ``lossless`` compressor is the one exception to the float32 2-D contract: it reproduces any
 tensor bit for bit, in its own dtype and shape.
 """

@@ -27,6 +27,7 @@ from typing import ClassVar
 import torch
 
 from ...errors import CorruptObjectError, InvalidInputError
+from .. import lsq
 from ..bitpack import pack_bits, packed_size, unpack_bits
 from ..prng import random_u32
 from .base import CompressorConfig, Encoded
@@ -149,6 +150,8 @@ class DeltaDQ:
 
     name: ClassVar[str] = "deltadq"
     config_class: ClassVar[type] = DeltaDQConfig
+    # What a byte-budgeted commit may choose (deltastore.engine.budget): one kept value in g at 2 bits.
+    budget_settings: ClassVar[list[dict]] = [{"group_size": g, "keep": 1, "bits": 2} for g in (16, 64)]
 
     def __init__(self, config: DeltaDQConfig | None = None):
         self.config = config or DeltaDQConfig()
@@ -173,9 +176,32 @@ class DeltaDQ:
             codes.append(block_codes[keep])
             scales.append(absmax)
         kept = torch.cat(codes) if codes else torch.empty(0, dtype=torch.uint8, device=x.device)
-        arrays = {f"plane{j}": pack_bits((kept >> j) & 1) for j in range(self.config.lowest_plane, bits)}
-        arrays["scales"] = torch.cat(scales) if scales else torch.zeros(rows, device=x.device)
+        return self._pack(kept, torch.cat(scales) if scales else torch.zeros(rows, device=x.device), seed)
+
+    def _pack(self, kept: torch.Tensor, scales: torch.Tensor, seed: int) -> Encoded:
+        """The stored form of the kept values' codes (uint8, flat index order) and row scales."""
+        arrays = {f"plane{j}": pack_bits((kept >> j) & 1) for j in range(self.config.lowest_plane, self.config.bits)}
+        arrays["scales"] = scales
         return Encoded(arrays, {"seed": seed})
+
+    def keep(self, seed: int, rows: int, cols: int, device: torch.device | str) -> torch.Tensor:
+        """Bool ``(rows, cols)``: every kept element of a ``(rows, cols)`` matrix."""
+        blocks = [self._mask(seed, first, end, cols, device) for first, end in row_blocks(rows, cols)]
+        return torch.cat(blocks) if blocks else torch.zeros(rows, cols, dtype=torch.bool, device=device)
+
+    def refit(self, encoded: Encoded, target: torch.Tensor, gram: torch.Tensor | None) -> Encoded:
+        """The same kept positions; their values fitted to ``target`` under ``gram``
+        (deltastore.tensor.lsq.on_support), quantized again, then each row's scale fitted to
+        the codes as a decoder sees them (missing planes at their midpoint); never negative."""
+        rows, cols = target.shape
+        seed = encoded.attr("seed", int)
+        keep = self.keep(seed, rows, cols, target.device)
+        codes, _ = _codes(lsq.on_support(keep, target, gram), self.config.bits)
+        seen = _with_missing_planes(codes, self.config.lowest_plane)
+        levels = float((1 << self.config.bits) - 1)
+        pattern = torch.where(keep, 2 * seen / levels - 1, 0.0)
+        scales = lsq.row_scales(pattern, target, gram).float().clamp_min(0.0)
+        return self._pack(codes[keep], scales, seed)
 
     def _stored_codes(self, encoded: Encoded, total: int, device: torch.device | str) -> torch.Tensor:
         """Float32 ``(total,)`` codes from the planes present, missing low bits at their midpoint."""
@@ -221,8 +247,7 @@ class DeltaDQ:
     def simulate(self, x: torch.Tensor, *, seed: int) -> torch.Tensor:
         """Fixed mask and rescale (linear in ``x``), quantization passed straight through."""
         rows, cols = check_input(x, seed)
-        blocks = [self._mask(seed, first, end, cols, x.device) for first, end in row_blocks(rows, cols)]
-        keep = torch.cat(blocks) if blocks else torch.zeros(rows, cols, dtype=torch.bool, device=x.device)
+        keep = self.keep(seed, rows, cols, x.device)
         rescaled = self._rescale(x, keep)
         codes, absmax = _codes(rescaled.detach(), self.config.bits)
         seen = _with_missing_planes(codes, self.config.lowest_plane)

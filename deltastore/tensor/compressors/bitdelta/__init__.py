@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 
 from ....errors import CorruptObjectError
+from ... import lsq
 from ...bitpack import pack_bits, packed_size, unpack_bits
 from ..base import CompressorConfig, Encoded
 from .fused import BitDeltaFused
@@ -30,6 +31,8 @@ class BitDeltaConfig(CompressorConfig):
 class BitDelta:
     name: ClassVar[str] = "bitdelta"
     config_class: ClassVar[type] = BitDeltaConfig
+    # What a byte-budgeted commit may choose (deltastore.engine.budget): its one setting.
+    budget_settings: ClassVar[list[dict]] = [{}]
 
     def __init__(self, config: BitDeltaConfig | None = None):
         self.config = config or BitDeltaConfig()
@@ -57,6 +60,13 @@ class BitDelta:
     def simulate(self, x: torch.Tensor, *, seed: int) -> torch.Tensor:
         sign = torch.where(x > 0, 1.0, -1.0).to(x.dtype).detach()
         return self.scale(x) * sign
+
+    def refit(self, encoded: Encoded, target: torch.Tensor, gram: torch.Tensor | None) -> Encoded:
+        """The same signs, the scale fitted to ``target`` under ``gram`` (deltastore.tensor.lsq);
+        never negative."""
+        signs = self.decode(Encoded(encoded.arrays, {"scale": 1.0}), tuple(target.shape), target.device)
+        scale = max(0.0, lsq.matrix_scale(signs, target, gram))
+        return Encoded(dict(encoded.arrays), {**encoded.attrs, "scale": float(torch.tensor(scale, dtype=torch.float32))})
 
     def fused_decoder(self) -> BitDeltaFused:
         return BitDeltaFused()

@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 
 from ....errors import CorruptObjectError, InvalidInputError
+from ... import lsq
 from ...prng import MAX_COUNTER, random_u32
 from ..base import CompressorConfig, Encoded
 from . import gaps
@@ -146,6 +147,13 @@ class Dare:
 
     name: ClassVar[str] = "dare"
     config_class: ClassVar[type] = DareConfig
+    # What a byte-budgeted commit may choose (deltastore.engine.budget): int8 values with a
+    # float32 scale per row, or float16 values without (the cheapest at the highest drop rates,
+    # where per-row scales would cost more than the values).
+    budget_settings: ClassVar[list[dict]] = [
+        *[{"drop_rate": p, "value_bits": 8} for p in (0.98, 0.99, 0.995)],
+        *[{"drop_rate": p, "value_bits": 16} for p in (0.99, 0.995, 0.998, 0.999)],
+    ]
 
     def __init__(self, config: DareConfig | None = None):
         self.config = config or DareConfig()
@@ -224,9 +232,7 @@ class Dare:
     def simulate(self, x: torch.Tensor, *, seed: int) -> torch.Tensor:
         """``x * mask / (1 - p)`` then quantization passed straight through; float32 like ``x``."""
         rows, cols = check_input(x, seed)
-        threshold = self.config.keep_threshold
-        blocks = [self._mask(seed, threshold, rows, first, end, cols, x.device) for first, end in row_blocks(rows, cols)]
-        keep = torch.cat(blocks) if blocks else torch.zeros(rows, cols, dtype=torch.bool, device=x.device)
+        keep = self.keep(seed, rows, cols, x.device)
         rescaled = self._rescale(x, keep)
         if self.config.value_bits == 16:
             quantized = rescaled.detach().to(torch.float16).float()
@@ -234,6 +240,27 @@ class Dare:
             codes, scales = _int8_codes(rescaled.detach())
             quantized = codes.float() * scales[:, None]
         return rescaled + (quantized - rescaled).detach()
+
+    def keep(self, seed: int, rows: int, cols: int, device: torch.device | str) -> torch.Tensor:
+        """Bool ``(rows, cols)``: every kept element of a ``(rows, cols)`` matrix."""
+        blocks = [self._mask(seed, self.config.keep_threshold, rows, first, end, cols, device)
+                  for first, end in row_blocks(rows, cols)]
+        return torch.cat(blocks) if blocks else torch.zeros(rows, cols, dtype=torch.bool, device=device)
+
+    def refit(self, encoded: Encoded, target: torch.Tensor, gram: torch.Tensor | None) -> Encoded:
+        """The same kept positions, their values fitted to ``target`` under ``gram``
+        (deltastore.tensor.lsq.on_support): the kept values take over what the dropped ones did.
+        int8 values are quantized again and their row scales fitted to the codes. A fit beyond
+        float16's range gives ``encoded`` back unchanged."""
+        rows, cols = target.shape
+        keep = self.keep(encoded.attr("seed", int), rows, cols, target.device)
+        fitted = lsq.on_support(keep, target, gram)
+        if self.config.value_bits == 16:
+            values = fitted[keep].to(torch.float16)
+            return encoded if bool(torch.isinf(values).any()) else Encoded({"values": values}, dict(encoded.attrs))
+        codes, _ = _int8_codes(fitted)
+        scales = lsq.row_scales(torch.where(keep, codes.float(), 0.0), target, gram).float().clamp_min(0.0)
+        return Encoded({"values": codes[keep], "scales": scales}, dict(encoded.attrs))
 
     def fused_decoder(self) -> DareFused | DareGapsFused:
         if self.config.layout == "gaps":

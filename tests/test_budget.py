@@ -1,0 +1,94 @@
+"""Commit to a byte budget (issue 16): per tensor settings chosen within the real bytes on disk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltastore import InvalidInputError
+from deltastore.engine.budget import BudgetPlan, Option
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _delta_error(registry, task, example):
+    """Squared error of the materialized weights against the finetune's, over every tensor."""
+    from safetensors.torch import load_file
+
+    want = load_file(str(next(example.finetunes[task].glob("*.safetensors"))))
+    got = registry.materialize(task)
+    return sum(float((got[n].double() - want[n].double()).pow(2).sum()) for n in want)
+
+
+def test_select_is_the_least_error_within_the_budget():
+    plan = BudgetPlan(menu=[None, None, None], options={
+        "a": [Option(100, 1.0), Option(200, 0.5), Option(400, 0.1)],
+        "b": [Option(100, 4.0), Option(200, 1.0), Option(400, 0.9)],
+    }, fixed={"record": 50})
+    assert plan.select(350) == {"a": 0, "b": 1}  # 100 bytes more buy the most error on b
+    assert plan.select(450) == {"a": 1, "b": 1}
+    assert plan.select(650) == {"a": 2, "b": 1}
+    assert plan.select(10_000) == {"a": 2, "b": 2}
+    with pytest.raises(InvalidInputError, match="below the smallest"):
+        plan.select(249)
+
+
+def test_budgeted_commit_stays_within_real_bytes(registry_copy, example):
+    task = "has_top"
+    path = example.finetunes[task]
+    loose = registry_copy.commit(task, path, max_bytes=10**9, progress=False)
+    loose_stats = registry_copy.stats(task)
+    tight_budget = loose_stats.own_bytes * 9 // 10
+    tight = registry_copy.commit(task, path, max_bytes=tight_budget, progress=False)
+    stats = registry_copy.stats(task)
+    assert stats.own_bytes <= tight_budget < loose_stats.own_bytes
+    summary = tight.source["budget"]
+    # Checked before publishing with a draft record at least as large as the real one.
+    assert summary["max_bytes"] == tight_budget and stats.own_bytes <= summary["checked_bytes"] <= tight_budget
+    assert summary["checked_bytes"] - stats.own_bytes <= 70
+    assert sum(row["tensors"] for row in summary["chosen"].values()) == sum(e.is_delta for e in tight.tensors.values())
+    # Each entry carries its own setting; the version reads back and names the largest one.
+    assert tight.method in {e.codec for e in tight.tensors.values() if e.is_delta}
+    registry_copy.verify()
+    assert _delta_error(registry_copy, task, example) > 0
+    assert loose.source["budget"]["error"] < summary["error"]
+
+
+def test_budget_by_ratio_and_refused_budgets(registry_copy, example):
+    task = "has_top"
+    path = example.finetunes[task]
+    before = registry_copy.versions(task) if task in registry_copy.tasks() else []
+    with pytest.raises(InvalidInputError, match="byte budget 1,000 is below what this finetune needs before any delta"):
+        registry_copy.commit(task, path, max_bytes=1000, progress=False)
+    with pytest.raises(InvalidInputError, match="not both"):
+        registry_copy.commit(task, path, max_bytes=10**6, ratio=10.0, progress=False)
+    with pytest.raises(InvalidInputError, match="positive"):
+        registry_copy.commit(task, path, ratio=0, progress=False)
+    assert (registry_copy.versions(task) if task in registry_copy.tasks() else []) == before
+    record = registry_copy.commit(task, path, ratio=2.0, progress=False)
+    assert registry_copy.stats(task).own_bytes <= record.source["fp16_bytes"] / 2
+
+
+def test_cli_budget_reports_its_choice(registry_copy, example):
+    import json
+
+    from click.testing import CliRunner
+
+    from deltastore_cli.main import cli
+
+    runner = CliRunner()
+    args = ["commit", str(registry_copy.path), "has_top", str(example.finetunes["has_top"])]
+    refused = runner.invoke(cli, args + ["--ratio", "3", "--config", "drop_rate=0.9"], obj={})
+    assert refused.exit_code == 2 and "leave out --config" in refused.output
+    refused = runner.invoke(cli, args + ["--ratio", "3", "--max-bytes", "100000"], obj={})
+    assert refused.exit_code == 2 and "once" in refused.output
+    done = runner.invoke(cli, args + ["--ratio", "3", "--method", "dare", "--json"], obj={})
+    assert done.exit_code == 0, done.output
+    data = json.loads(done.output)
+    assert data["method"] == "dare" and data["own_bytes"] <= data["budget"]["max_bytes"]
+    assert all(label.startswith("dare ") for label in data["settings"])
+    assert sum(data["settings"].values()) == data["delta_tensors"]
+    again = runner.invoke(cli, args + ["--ratio", "3", "--method", "dare"], obj={})
+    assert again.exit_code == 0 and "nothing to commit" in again.output
+    shown = runner.invoke(cli, ["show", str(registry_copy.path), "has_top"], obj={})
+    assert shown.exit_code == 0 and f"at most {data['budget']['max_bytes']:,} bytes" in shown.output
