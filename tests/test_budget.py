@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from deltastore import InvalidInputError
 from deltastore.engine.budget import BudgetPlan, Option
