@@ -11,8 +11,8 @@ fresh registry (beside the cache) receives all ``--finetunes`` with a local clus
 many workers (workers get a GPU each while GPUs last: `local_cluster`; none with
 ``--cpu-only``); the cluster is started and its workers have imported deltastore before the
 clock starts. With ``--s3`` the same runs
-go to an S3 server on loopback (SeaweedFS from the dev extra), when registries on an object
-store are writable. Writes benchmarks/results/fanout.{md,json}.
+go to an S3 server on loopback (SeaweedFS from the dev extra). Writes fanout.{md,json} to
+``--out`` (default benchmarks/results).
 
     python benchmarks/fanout.py                                   # the GPU machine: full size
     python benchmarks/fanout.py --hidden 512 --layers 8 --workers 1 2   # a small machine
@@ -36,7 +36,6 @@ from safetensors.torch import save_file
 
 from deltastore import Registry
 from deltastore.engine.fanout import THREADS_PER_WORKER, Job, local_cluster
-from deltastore.errors import InvalidInputError
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,9 +105,9 @@ def run(location_for, reference: Path, finetunes: list[Path], workers: int, meth
     }
 
 
-def s3_locations(folder: Path, reference: Path):
+def s3_locations(folder: Path):
     """A function naming fresh registries in a bucket of an S3 server started here, and the
-    server's process; or a reason why not (no server, or registries there are read-only)."""
+    server's process; or a reason why not (no server)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from storage import s3_server
 
@@ -116,14 +115,8 @@ def s3_locations(folder: Path, reference: Path):
         proc, server = s3_server.start(folder)
     except RuntimeError as exc:
         return None, None, f"no S3 server: {exc}"
+    s3_server.create_bucket(server)
     os.environ.update(server.env)  # the workers, started after this, inherit it
-    try:
-        Registry.init(f"s3://{server.bucket}/probe-{time.time_ns()}", reference, progress=False)
-    except InvalidInputError as exc:
-        s3_server.stop(proc)
-        if "read-only" in str(exc):
-            return None, None, "not measured: registries on an object store are read-only in this release"
-        raise
     return (lambda name: f"s3://{server.bucket}/{name}-{time.time_ns()}"), proc, None
 
 
@@ -146,7 +139,7 @@ def main() -> None:
     s3_note, proc = None, None
     if args.s3:
         (work / "seaweedfs").mkdir()
-        location_for, proc, s3_note = s3_locations(work / "seaweedfs", reference)
+        location_for, proc, s3_note = s3_locations(work / "seaweedfs")
         if location_for is not None:
             targets["s3"] = location_for
     rows = {}

@@ -138,6 +138,7 @@ def main() -> None:
     (work / "weed").mkdir()
     proc, server = s3_server.start(work / "weed", volume_size_mb=1024)
     try:
+        s3_server.create_bucket(server)
         os.environ.update(server.env)  # where obstore reads endpoint and credentials
         res = run(args, cfg, device, work, f"s3://{server.bucket}/registry", proc.pid)
     finally:
