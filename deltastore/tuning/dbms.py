@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -178,14 +179,22 @@ def tune(context: TuneContext) -> Lambdas:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, owned = _load_model(context, cfg, device)
     _check_token_ids(model, batches)
+    with frozen_eval(model, owned):  # only the lambdas are fitted
+        return _fit(context, cfg, start, model, owned, batches, digest, device, began)
+
+
+@contextmanager
+def frozen_eval(model: torch.nn.Module, owned: bool):
+    """``model`` in eval mode with no parameter requiring gradients, for a fit; a caller's
+    module (``owned`` False) goes back as it came."""
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     try:
-        model.requires_grad_(False)  # only the lambdas are fitted
+        model.requires_grad_(False)
         model.eval()
-        return _fit(context, cfg, start, model, owned, batches, digest, device, began)
+        yield model
     finally:
-        if not owned:  # a caller's module goes back as it came
+        if not owned:
             for p, flag in saved_flags:
                 p.requires_grad_(flag)
             model.train(was_training)

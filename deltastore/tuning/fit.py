@@ -48,7 +48,7 @@ import torch
 from ..calibration import as_batches, example_count
 from ..tensor import dbms
 from ..tensor import lsq
-from .dbms import (DbmsTuneConfig, _levenberg_marquardt, _load_model, _mask, _prepare, _Problem, _Progress,
+from .dbms import (DbmsTuneConfig, _levenberg_marquardt, frozen_eval, _load_model, _mask, _prepare, _Problem, _Progress,
                    _resolve_output, _select, _squares)
 from .dbms import tune as tune_lambdas
 from .base import Lambdas, TuneContext
@@ -115,17 +115,8 @@ def tune(context: TuneContext) -> Lambdas:
     batches = as_batches(context.calibration)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, owned = _load_model(context, cfg, device)
-    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    try:
-        model.requires_grad_(False)
-        model.eval()
+    with frozen_eval(model, owned):
         return _fit_codes(context, cfg, start, model, owned, batches, device, began, lambdas_record)
-    finally:
-        if not owned:  # a caller's module goes back as it came
-            for p, flag in saved_flags:
-                p.requires_grad_(flag)
-            model.train(was_training)
 
 
 def _fit_codes(context: TuneContext, cfg: DbmsTuneConfig, start: Lambdas, model: torch.nn.Module, owned: bool,
