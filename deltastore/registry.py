@@ -275,7 +275,8 @@ class Registry(Catalog):
         budget_plan = None
         if max_bytes is not None:
             budget_plan = budget.plan(pipeline, self.objects, reference, menu,
-                                      acc.lam1 if base_record is not None else 0.0, seeds, task, max_bytes)
+                                      acc.lam1 if base_record is not None else 0.0, seeds, task, max_bytes,
+                                      small_tensor_bits)
             choice = budget_plan.select(max_bytes)
             compressors = {name: menu[j] for name, j in choice.items()}
             compressor = budget.main_compressor(budget_plan, choice)

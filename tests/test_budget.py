@@ -53,6 +53,20 @@ def test_budgeted_commit_stays_within_real_bytes(registry_copy, example):
     assert loose.source["budget"]["error"] < summary["error"]
 
 
+def test_the_fixed_bytes_are_estimated_as_the_commit_stores_them(registry_copy, example):
+    """Small tensors packed against the reference and side files patched against its files, as
+    the commit does: the estimate before any delta is chosen is the version's real bytes to
+    within its record (an estimate of whole arrays and plain side files was off by 2x)."""
+    task = "has_top"
+    record = registry_copy.commit(task, example.finetunes[task], max_bytes=10**9, progress=False)
+    summary = record.source["budget"]
+    parts = registry_copy.stats(task).parts
+    fixed = summary["fixed_bytes"]
+    assert fixed["side_files"] == parts["side_files"]
+    assert fixed["whole_tensors"] == parts["small_tensors"]
+    assert abs(summary["estimated_bytes"] - summary["checked_bytes"]) <= 0.1 * summary["checked_bytes"]
+
+
 def test_budget_by_ratio_and_refused_budgets(registry_copy, example):
     task = "has_top"
     path = example.finetunes[task]

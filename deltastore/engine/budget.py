@@ -30,11 +30,13 @@ import torch
 from ..catalog import setting_label
 from ..errors import InvalidInputError
 from ..storage.objects import ObjectStore, array_hash, to_numpy
-from ..storage.records import ReferenceRecord, TensorEntry, content_hash, pack
+from ..storage.records import XOR, ReferenceRecord, TensorEntry, content_hash, pack
 from ..tensor import dbms
 from ..tensor.bitpack import pack_bits
 from ..tensor.compressors import Compressor, compressor_class, delta_compressors, get_compressor
 from ..tensor.compressors.lossless import Lossless
+from ..tensor.pack import keep_mantissa_bits, pack_tensors
+from .commit import PACK_MAX_BYTES
 
 def default_menu() -> list[tuple[str, dict[str, Any]]]:
     """The settings a budget chooses among by default: those every registered delta compressor
@@ -182,37 +184,48 @@ def menu_compressors(menu: list[tuple[str, dict[str, Any]]]) -> list[Compressor]
 
 
 def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[Compressor], lam1: float,
-         seeds: dict[str, int], task: str, max_bytes: int) -> BudgetPlan:
+         seeds: dict[str, int], task: str, max_bytes: int, small_tensor_bits: int | None = None) -> BudgetPlan:
     """Measure the bytes that do not depend on the choice and every menu setting on every lossy
-    tensor (one read of each, on the pipeline's device). A budget that the fixed bytes alone
-    exceed is refused first."""
+    tensor (one read of each, on the pipeline's device). The fixed bytes are made as the commit
+    makes them (CommitPipeline.encode, store_files): small tensors packed against the reference
+    (with ``small_tensor_bits``), side files patched against the reference's. A budget that the
+    fixed bytes alone exceed is refused first."""
     shared_arrays = reference.array_hashes()
     shared_blobs = set(reference.files.values())
     whole = files = entries = 0
     hashes: set[str] = set()
-    for name in pipeline.source.names():
-        if name in pipeline.plan.lossy:
+    packed: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    others = [n for n in pipeline.source.names() if n not in pipeline.plan.lossy]
+    for name, (w_ref, tensor, _) in pipeline.read_all(others, f"{task}: budget, whole tensors"):
+        if tensor.numel() * tensor.element_size() <= PACK_MAX_BYTES:
+            if w_ref is not None and small_tensor_bits is not None:
+                tensor = keep_mantissa_bits(tensor, w_ref, small_tensor_bits)
+            packed[name] = (tensor.cpu(), None if w_ref is None else w_ref.cpu())
+            draft = TensorEntry(shape=tuple(tensor.shape), dtype="float32", codec=XOR, ref=name)
+            entries += len(pack(draft.to_dict()))
             continue
-        encoded = Lossless().encode(pipeline.source.get(name))
+        encoded = Lossless().encode(tensor.cpu())
         for array in encoded.arrays.values():
             digest = array_hash(to_numpy(array))
             if digest not in shared_arrays and digest not in hashes:
                 hashes.add(digest)
                 whole += objects.array_size(array, compress=True)
-        draft = TensorEntry(shape=tuple(pipeline.source.shape(name)), dtype="float32", codec=Lossless.name, config={},
+        draft = TensorEntry(shape=tuple(tensor.shape), dtype="float32", codec=Lossless.name, config={},
                             arrays=dict.fromkeys(encoded.arrays, PLACEHOLDER), attrs=dict(encoded.attrs))
         entries += len(pack(draft.to_dict()))
-    for path in pipeline.source.files.values():
+    if packed:
+        whole += objects.array_size(pack_tensors([packed[n] for n in sorted(packed)]), compress=True)
+    for rel, path in pipeline.source.files.items():
         data = path.read_bytes()
         digest = content_hash(data)
         if digest not in shared_blobs and digest not in hashes:
             hashes.add(digest)
-            files += objects.blob_size(data)
+            files += objects.blob_size(data, reference.files.get(rel))
     if files + whole + entries > max_bytes:  # refused before the costly part: every setting of every tensor
         raise InvalidInputError(
             f"byte budget {max_bytes:,} is below what this finetune needs before any delta: side files {files:,} "
-            f"and tensors stored whole {whole:,} bytes, plus their record entries {entries:,}; raise --max-bytes "
-            "or lower --ratio")
+            f"and tensors stored whole or packed {whole:,} bytes, plus their record entries {entries:,}; raise "
+            "--max-bytes or lower --ratio")
     options: dict[str, list[Option]] = {}
     masks = 0
     for name, (w_ref, tensor, t) in pipeline.read_all(pipeline.lossy, f"{task}: budget"):
