@@ -47,6 +47,8 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     "deltadq-g64k1b2": ("deltadq", {"group_size": 64, "keep": 1, "bits": 2, "stored_planes": None}),
     # Issue 16: commit to a byte budget (fp16 bytes / ratio, own bytes); each tensor's setting is chosen.
     **{f"budget-{r}x": ("budget", {"ratio": float(r)}) for r in (60, 75, 90, 100, 250, 500)},
+    # ... with the lossy option for small tensors (10 mantissa bits kept), which the budget counts.
+    **{f"budget-{r}x-st10": ("budget", {"ratio": float(r), "small_tensor_bits": 10}) for r in (250, 500)},
 }
 ROWS: dict[str, dict] = {
     "plain": {"base": False, "tune": "l2", "per_layer": False},
@@ -256,7 +258,8 @@ def run_cell(reg, base: str, ev: TaskEval, setting: str, row: str, n_tasks: int,
     spec = ROWS[row]
     name = f"{ev.task}--{setting}--{row}"
     start = time.perf_counter()
-    budget = {"ratio": config["ratio"]} if method == "budget" else {"method": method, "config": config}
+    budget = ({"ratio": config["ratio"], "small_tensor_bits": config.get("small_tensor_bits")} if method == "budget"
+              else {"method": method, "config": config})
     try:
         record = reg.commit(name, ev.dir, base=base if spec["base"] else None,
                             tune=spec["tune"], calibration=ev.calibration if spec["tune"] != "l2" else None,

@@ -29,9 +29,10 @@ sys.path.insert(0, str(HERE))
 import quality  # noqa: E402
 
 DEFAULT_RUNS = [
-    *[("dare-p0.998", r) for r in ("plain", "dbms-fit", "fit-all")],
+    *[(s, r) for s in ("dare-p0.998", "bitdelta", "deltadq-g64k1b2") for r in ("plain", "dbms-fit", "fit-all")],
     *[(f"budget-{x}x", "plain") for x in (250, 500, 100)],
-    ("budget-100x", "fit-all-nobase"),
+    *[(f"budget-{x}x-st10", "plain") for x in (250, 500)],
+    ("budget-100x", "fit-all-nobase"), ("budget-250x", "fit-all-nobase"),
 ]
 START, END = "<!-- issue16 start -->", "<!-- issue16 end -->"
 TARGETS = ((0.99, 100), (0.975, 250), (0.95, 500))
@@ -81,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fixed(cell: dict) -> str:
     b = cell["bytes_breakdown"]
-    return (f"side files {sum(b['files'].values()):,}, whole tensors {b['lossless_tensors']:,}, "
-            f"masks {b['row_masks']:,}, record {b['record']:,}, delta codes {b['delta_codes']:,}")
+    return (f"side files {b['side_files']:,}, small tensors {b['small_tensors']:,}, masks {b['masks']:,}, "
+            f"record {b['record']:,}, delta codes {b['codes']:,}")
 
 
 def write(summary, cells, infeasible, finetuned, meta) -> None:
