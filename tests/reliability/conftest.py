@@ -37,3 +37,20 @@ def where(request, tmp_path) -> Where:
     server = request.getfixturevalue("s3_env")
     return Where("s3", server.env,
                  lambda src: upload_registry(src, f"s3://{server.bucket}/reliability-{uuid.uuid4().hex}"))
+
+
+@pytest.fixture
+def reg(tiny_registry, tmp_path):
+    """A private copy of the tiny registry in a folder, to damage."""
+    from deltastore import Registry
+
+    return Registry(copy_registry(tiny_registry.path, tmp_path / "registry"))
+
+
+@pytest.fixture
+def reg_anywhere(tiny_registry, where):
+    """A private copy of the tiny registry in a folder, and in the test S3 server's bucket, for
+    the scenarios that are not about a filesystem."""
+    from deltastore import Registry
+
+    return Registry(where.place(tiny_registry.path))

@@ -16,19 +16,10 @@ from deltastore import CorruptObjectError, DeltastoreError, NotFoundError, Regis
 from deltastore.storage.objects import object_key
 from deltastore_cli.main import cli
 
-from .helpers import copy_registry, state_hash
+from .helpers import state_hash
 
 
 
-@pytest.fixture
-def reg(tiny_registry, tmp_path):
-    return Registry(copy_registry(tiny_registry.path, tmp_path / "registry"))
-
-
-@pytest.fixture
-def reg_anywhere(tiny_registry, where):
-    """A private copy of the tiny registry in a folder, and in the test S3 server's bucket."""
-    return Registry(where.place(tiny_registry.path))
 
 
 def _flip(reg: Registry, key: str, offset: int, bit: int = 0) -> None:

@@ -17,19 +17,10 @@ from deltastore.storage.objects import object_key
 from deltastore.storage.records import TaskRef, pack, unpack
 
 from .faults import collect
-from .helpers import copy_registry, snapshot, state_hash, tree_bytes
+from .helpers import snapshot, state_hash, tree_bytes
 from .test_hostile import CORRUPT, run_cli
 
 
-@pytest.fixture
-def reg(tiny_registry, tmp_path):
-    return Registry(copy_registry(tiny_registry.path, tmp_path / "registry"))
-
-
-@pytest.fixture
-def reg_anywhere(tiny_registry, where):
-    """For the scenarios that are not about a filesystem: a folder, and the test S3 server."""
-    return Registry(where.place(tiny_registry.path))
 
 
 def _objects(reg: Registry) -> set[tuple[str, str]]:

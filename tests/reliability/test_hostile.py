@@ -19,15 +19,11 @@ from deltastore.storage.objects import object_key
 from deltastore.storage.records import check_file_name, content_hash, pack, unpack
 from deltastore_cli.main import cli
 
-from .helpers import copy_registry, finetune_state, reference_state, tree_bytes, write_model
+from .helpers import finetune_state, reference_state, tree_bytes, write_model
 
 # exit codes of the CLI (cli/deltastore_cli/main.py): 1 bad input, 3 not found, 4 corrupt, 5 newer format
 BAD_INPUT, NOT_FOUND, CORRUPT, NEWER = 1, 3, 4, 5
 
-
-@pytest.fixture
-def reg(tiny_registry, tmp_path):
-    return Registry(copy_registry(tiny_registry.path, tmp_path / "registry"))
 
 
 def run_cli(*args: str):

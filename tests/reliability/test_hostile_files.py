@@ -15,13 +15,9 @@ import torch
 
 from deltastore import Registry
 
-from .helpers import copy_registry, finetune_state, write_model
+from .helpers import finetune_state, write_model
 from .test_hostile import BAD_INPUT, Unchanged, run_cli
 
-
-@pytest.fixture
-def reg(tiny_registry, tmp_path):
-    return Registry(copy_registry(tiny_registry.path, tmp_path / "registry"))
 
 
 def _finetune(tmp_path: Path, extra: dict[str, torch.Tensor] | None = None, config: dict | None = None) -> Path:
