@@ -459,6 +459,12 @@ def main() -> None:
 
         res["load_model"][task] = timed(load, repeats, device)[0]
         print(f"[g load_model {task}] {res['load_model'][task]:.3f} s", flush=True)
+        if device == "cuda" and not args.no_extra:
+            def load_nv():
+                model = reg.load_model(task, device=device, dtype=torch.bfloat16, verify=False)
+                del model
+            res.setdefault("load_model_verify_false", {})[task] = t_lnv = timed(load_nv, repeats, device, warmup=0)[0]
+            print(f"[g load_model {task} verify=False] {t_lnv:.3f} s", flush=True)
 
     def from_pretrained():
         model = AutoModelForCausalLM.from_pretrained(ft_dir, device_map=device, dtype=torch.bfloat16)
@@ -552,6 +558,8 @@ def main() -> None:
         r = {"cold_vs_safetensors": res["materialize"][t]["seconds"] / t_b,
              "load_model_vs_materialize": res["load_model"][t] / res["materialize"][t]["seconds"],
              "load_model_vs_from_pretrained": res["load_model"][t] / res["from_pretrained_s"]}
+        if t in res.get("load_model_verify_false", {}):
+            r["load_model_verify_false_vs_from_pretrained"] = res["load_model_verify_false"][t] / res["from_pretrained_s"]
         key = f"pinned_{t}_s" if device == "cuda" else f"none_{t}_s"
         r["switch_speedup"] = t_b / res["switch"][key]
         if "bound_s" in res:
@@ -636,7 +644,9 @@ def report(res: dict) -> str:
         extra = f" (verify=False: {m['seconds_verify_false']:.3f} s)" if "seconds_verify_false" in m else ""
         lines.append(f"| (a) materialize {t} | {m['seconds']:.3f} s{extra} |")
     for t, v in res["load_model"].items():
-        lines.append(f"| (g) load_model {t} to {res['device']} | {v:.3f} s |")
+        nv = res.get("load_model_verify_false", {}).get(t)
+        extra = f" (verify=False: {nv:.3f} s)" if nv is not None else ""
+        lines.append(f"| (g) load_model {t} to {res['device']} | {v:.3f} s{extra} |")
     lines.append(f"| (g) from_pretrained of the finetune directory to {res['device']} | {res['from_pretrained_s']:.3f} s |")
     if "bound_s" in res:
         bw = res["bandwidth"]

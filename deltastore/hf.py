@@ -95,7 +95,7 @@ def checkpoint_names(model: torch.nn.Module) -> dict[str, str]:
 
 
 def load_model(registry: "Registry", task: str, version: int | None = None, *,
-               device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = True):
     """Build the model class named in the stored config.json's ``architectures`` and load the
     materialized weights into it (on ``device``, in ``dtype`` or each tensor's stored dtype).
     """
@@ -107,5 +107,5 @@ def load_model(registry: "Registry", task: str, version: int | None = None, *,
         )
     config_bytes = registry.objects.get_blob(record.files["config.json"])
     model_class(json.loads(config_bytes), f"task {task!r}")  # fail before decoding anything
-    state = registry.materialize(task, version, device=device, dtype=dtype)
+    state = registry.materialize(task, version, device=device, dtype=dtype, verify=verify)
     return build_model(config_bytes, state, what=f"task {task!r}", dtype=dtype).to(device)

@@ -470,11 +470,14 @@ class Registry(Catalog):
         return out
 
     def load_model(self, task: str, version: int | None = None, *, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None):
-        """A ready ``transformers`` model of the class named in the task's stored config.json."""
+                   dtype: torch.dtype | None = None, verify: bool = True):
+        """A ready ``transformers`` model of the class named in the task's stored config.json.
+
+        ``verify``: rehash every array read, as :meth:`materialize` does (False skips it: faster
+        when the registry was checked with ``deltastore verify``, but damage goes unnoticed)."""
         from .hf import load_model
 
-        return load_model(self, *split_spec(task, version), device=device, dtype=dtype)
+        return load_model(self, *split_spec(task, version), device=device, dtype=dtype, verify=verify)
 
     # -- copying ----------------------------------------------------------------------------
     def copy_to(self, dst: str | os.PathLike, tasks: Iterable[str] | None = None, *,

@@ -286,7 +286,9 @@ def test_cuda_staging_pool_tiny_slots(registry):
 @pytest.mark.cuda
 @pytest.mark.parametrize("cache", ["pinned", "gpu", "none"])
 def test_cuda_resident_switch_back_and_forth(registry, cache, monkeypatch):
-    monkeypatch.setattr(residents, "UPLOAD_PIECE_BYTES", 4096)  # many pieces: every per-piece wait is exercised
+    # many pieces, growing from 1 KiB: every per-piece wait is exercised
+    monkeypatch.setattr(residents, "FIRST_UPLOAD_PIECE_BYTES", 1024)
+    monkeypatch.setattr(residents, "UPLOAD_PIECE_BYTES", 4096)
     resident = ResidentModel(registry, device="cuda", cache=cache)
     pointers = None
     for task in ["bd_base", "dare16", "dare8", "bd_base", "deltadq", "dare_hash", "bd_plain", "bd_base"]:
@@ -305,6 +307,7 @@ def test_cuda_resident_switch_replays_graphs(registry, cache, monkeypatch):
     """From a task's second switch on, its switch is a CUDA graph replay, with the same bits;
     a task without a fused decoder (deltadq) keeps switching eagerly. The tasks share one
     finetune, so the target tensors stay the same and no graph goes stale."""
+    monkeypatch.setattr(residents, "FIRST_UPLOAD_PIECE_BYTES", 1024)
     monkeypatch.setattr(residents, "UPLOAD_PIECE_BYTES", 4096)
     resident = ResidentModel(registry, device="cuda", cache=cache)
     tasks = ["dare16", "dare_hash", "bd_base2", "deltadq"]

@@ -31,8 +31,10 @@ from .readahead import read_ahead
 if TYPE_CHECKING:
     from ..registry import Registry
 
-# A task's flat buffer is uploaded in pieces of this size, one event each, so that the first
-# kernels start while the rest is still on the bus.
+# A task's flat buffer is uploaded in pieces, one event each, so that the first kernels start
+# while the rest is still on the bus: the first piece small (the kernels' wait for it is pure
+# latency), each next one twice the last, up to the largest.
+FIRST_UPLOAD_PIECE_BYTES = 1 << 20
 UPLOAD_PIECE_BYTES = 8 << 20
 _ALIGN = 256  # byte alignment of arrays inside a task's flat buffer (16 would do for the loads)
 
@@ -363,12 +365,14 @@ class ResidentModel:
         # The landing buffer is reused by every switch: wait until the last switch's kernels are done with it.
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for start in range(0, flat.numel(), UPLOAD_PIECE_BYTES):
-                end = min(flat.numel(), start + UPLOAD_PIECE_BYTES)
+            start, piece = 0, FIRST_UPLOAD_PIECE_BYTES
+            while start < flat.numel():
+                end = min(flat.numel(), start + piece)
                 landing[start:end].copy_(flat[start:end], non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(stream)
                 events.append((start, event))
+                start, piece = end, min(2 * piece, UPLOAD_PIECE_BYTES)
         return landing
 
     def cached_bytes(self) -> int:
