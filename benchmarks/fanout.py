@@ -77,20 +77,23 @@ def _warm(client: Client) -> None:
     client.run(lambda: __import__("deltastore.registry"))
 
 
-def run(location_for, reference: Path, finetunes: list[Path], workers: int, method: str, gpus: int | None) -> dict:
-    """Commit every finetune with ``workers`` workers into a fresh registry; then a base build
-    on the cluster and one here, timed, and compared tensor by tensor."""
+def run(location_for, reference: Path, finetunes: list[Path], workers: int, method: str, gpus: int | None,
+        base: bool) -> dict:
+    """Commit every finetune with ``workers`` workers into a fresh registry; then (``base``) a
+    base build on the cluster and one here, timed, and compared tensor by tensor."""
     reg = Registry.init(location_for(f"w{workers}"), reference, progress=False)
     jobs = [Job(i + 1, path.name, str(path), method) for i, path in enumerate(finetunes)]
     with local_cluster(workers, gpus=gpus) as cluster, Client(cluster) as client:
         _warm(client)
         summary = reg.commit_many(jobs, client, progress=False)
+        if base:
+            began = time.perf_counter()
+            there = reg.build_base("cluster", [str(f) for f in finetunes], client=client, progress=False)
+            base_cluster = time.perf_counter() - began
+    if base:
         began = time.perf_counter()
-        there = reg.build_base("cluster", [str(f) for f in finetunes], client=client, progress=False)
-        base_cluster = time.perf_counter() - began
-    began = time.perf_counter()
-    here = reg.build_base("here", [str(f) for f in finetunes], progress=False)
-    base_here = time.perf_counter() - began
+        here = reg.build_base("here", [str(f) for f in finetunes], progress=False)
+        base_here = time.perf_counter() - began
     if summary["failed"]:
         failed = [r for r in summary["results"] if r["status"] == "failed"]
         raise SystemExit(f"{len(failed)} job(s) failed, first: {failed[0]['error']}")
@@ -100,8 +103,8 @@ def run(location_for, reference: Path, finetunes: list[Path], workers: int, meth
         "source_gb_per_s": round(summary["source_gb_per_s"], 4), "bytes_on_disk": summary["bytes_on_disk"],
         "source_bytes": summary["source_bytes"], "ratio_fp16": round(summary["ratio_fp16"], 2),
         "job_seconds_mean": round(sum(r["seconds"] for r in summary["results"]) / len(jobs), 2),
-        "base_build_seconds": {"cluster": round(base_cluster, 2), "one_process": round(base_here, 2)},
-        "base_same_bits": there.tensors == here.tensors,
+        "base_build_seconds": {"cluster": round(base_cluster, 2), "one_process": round(base_here, 2)} if base else None,
+        "base_same_bits": there.tensors == here.tensors if base else None,
     }
 
 
@@ -131,6 +134,7 @@ def main() -> None:
     parser.add_argument("--s3", action="store_true", help="also commit into an S3 server on loopback")
     parser.add_argument("--cpu-only", action="store_true", help="no worker gets a GPU (default: one per GPU)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where fanout.{md,json} go")
+    parser.add_argument("--no-base", action="store_true", help="skip the base builds (commits only)")
     args = parser.parse_args()
     reference, finetunes = build_models(args.cache, args.layers, args.hidden, args.finetunes)
     finetune_bytes = (finetunes[0] / "model.safetensors").stat().st_size
@@ -145,8 +149,8 @@ def main() -> None:
     rows = {}
     try:
         for target, location_for in targets.items():
-            rows[target] = [run(location_for, reference, finetunes, n, args.method, 0 if args.cpu_only else None)
-                            for n in args.workers]
+            rows[target] = [run(location_for, reference, finetunes, n, args.method, 0 if args.cpu_only else None,
+                                not args.no_base) for n in args.workers]
             for row in rows[target]:
                 print(f"{target} {row['workers']} workers: {row['finetunes_per_minute']} finetunes/min, "
                       f"{row['source_gb_per_s']} GB/s", flush=True)
@@ -164,7 +168,7 @@ def main() -> None:
         "machine": platform.machine(), "s3": s3_note or ("measured" if "s3" in rows else "not asked (--s3)"),
         "runs": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fanout.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# commit-many throughput (benchmarks/fanout.py)", "",
@@ -181,10 +185,11 @@ def main() -> None:
         first = target_rows[0]["finetunes_per_minute"]
         for row in target_rows:
             base = row["base_build_seconds"]
+            built = f"{base['cluster']} / {base['one_process']}" if base else "not run"
+            same = "-" if base is None else "yes" if row["base_same_bits"] else "NO"
             lines.append(f"| {target} | {row['workers']} | {', '.join(row['devices'])} | {row['seconds']} | "
                          f"{row['finetunes_per_minute']} | {row['source_gb_per_s']} | "
-                         f"{row['finetunes_per_minute'] / first:.2f}x | {row['ratio_fp16']} | "
-                         f"{base['cluster']} / {base['one_process']} | {'yes' if row['base_same_bits'] else 'NO'} |")
+                         f"{row['finetunes_per_minute'] / first:.2f}x | {row['ratio_fp16']} | {built} | {same} |")
     lines += ["", f"S3: {result['s3']}.", ""]
     (args.out / "fanout.md").write_text("\n".join(lines))
     print("\n".join(lines))
