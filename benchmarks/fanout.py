@@ -149,17 +149,26 @@ def main() -> None:
     rows = {}
     try:
         for target, location_for in targets.items():
-            rows[target] = [run(location_for, reference, finetunes, n, args.method, 0 if args.cpu_only else None,
-                                not args.no_base) for n in args.workers]
-            for row in rows[target]:
+            rows[target] = []
+            for n in args.workers:
+                row = run(location_for, reference, finetunes, n, args.method, 0 if args.cpu_only else None,
+                          not args.no_base)
+                rows[target].append(row)
                 print(f"{target} {row['workers']} workers: {row['finetunes_per_minute']} finetunes/min, "
                       f"{row['source_gb_per_s']} GB/s", flush=True)
+                # written after every row, so a run cut off by a time limit keeps what it measured
+                write_results(args, finetune_bytes, s3_note, rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if proc is not None:
             from storage import s3_server
 
             s3_server.stop(proc)
+    print((args.out / "fanout.md").read_text())
+
+
+def write_results(args, finetune_bytes: int, s3_note: str | None, rows: dict[str, list[dict]]) -> None:
+    """fanout.{json,md} in ``args.out`` for the rows measured so far."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     result = {
         "model": {"layers": args.layers, "hidden": args.hidden, "dtype": "float16", "finetune_bytes": finetune_bytes},
@@ -192,7 +201,6 @@ def main() -> None:
                          f"{row['finetunes_per_minute'] / first:.2f}x | {row['ratio_fp16']} | {built} | {same} |")
     lines += ["", f"S3: {result['s3']}.", ""]
     (args.out / "fanout.md").write_text("\n".join(lines))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
