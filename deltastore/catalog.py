@@ -14,12 +14,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptObjectError, DeltastoreError, InvalidInputError, NotFoundError
+from .errors import AlreadyExistsError, CorruptObjectError, DeltastoreError, InvalidInputError, NotFoundError
 from .storage.backend import LocalBackend
 from .storage.objects import ObjectStore
 from .storage.protocol import Backend
 from .storage.writes import PROBE_PREFIX, GraceWrites, LockedWrites
-from .storage.records import BaseRecord, PointerRef, ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, unpack
+from .storage.records import (FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, BaseRecord, PointerRef, ReferenceRecord,
+                              RegistryInfo, TaskRef, TaskVersion, pack, unpack)
 
 INFO_KEY = "registry.msgpack"
 REFERENCE_REF = "refs/reference"
@@ -42,6 +43,45 @@ def init_leftover(name: str) -> bool:
     """Is ``name``, at the root of a location without registry.msgpack, what a killed ``init``
     (or ``copy`` into a new registry) may have left, which the next one may write over?"""
     return name in INIT_LEFTOVERS or _killed_put(name, INFO_KEY) or name.startswith(PROBE_PREFIX)
+
+
+class NewRegistry:
+    """How ``init`` (and ``copy`` into a new location) makes a location a registry, so that of
+    two doing it at once exactly one succeeds and the other is refused, on any backend.
+
+    Made when the writer first looks (no ``registry.msgpack`` there): it notes
+    ``refs/reference`` as it is then (absent, or a killed init's). :meth:`set_reference`
+    replaces it by compare-and-swap against that, and :meth:`finish` creates
+    ``registry.msgpack`` create-only (specs/format.md §9 invariant 5). Without the two
+    conditions the later of two racing inits would overwrite the earlier's reference under
+    tasks already committed against it."""
+
+    def __init__(self, backend: Backend, where: Any):
+        self.backend, self.where = backend, where
+        self.seen, self.seen_token = backend.get_versioned(REFERENCE_REF)
+        self.ours: bytes | None = None
+
+    def _refuse(self) -> AlreadyExistsError:
+        return AlreadyExistsError(f"{self.where}: another init or copy made this location a registry while this one "
+                                  "ran (nothing of this run is visible); open the registry that is there instead")
+
+    def set_reference(self, digest: str) -> None:
+        """Point ``refs/reference`` at reference record ``digest``, or refuse if it changed."""
+        self.ours = pack(PointerRef(digest).to_dict())
+        if self.backend.exists(INFO_KEY) or not self.backend.put_if_version(REFERENCE_REF, self.ours,
+                                                                            self.seen_token):
+            raise self._refuse()
+
+    def finish(self) -> None:
+        """Write ``registry.msgpack`` (last), or, if another writer finished first, put back the
+        reference ref this one replaced, and refuse."""
+        info = RegistryInfo(FORMAT_NAME, (FORMAT_MAJOR, FORMAT_MINOR), utc_now())
+        if self.backend.put_if_absent(INFO_KEY, pack(info.to_dict())):
+            return
+        data, token = self.backend.get_versioned(REFERENCE_REF)
+        if data == self.ours and self.seen is not None and data != self.seen:
+            self.backend.put_if_version(REFERENCE_REF, self.seen, token)
+        raise self._refuse()
 
 
 def is_url(path: str | os.PathLike) -> bool:

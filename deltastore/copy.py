@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable
 
-from .catalog import INFO_KEY, REFERENCE_REF, Catalog, check_name, init_leftover, open_location, utc_now
+from .catalog import INFO_KEY, REFERENCE_REF, Catalog, NewRegistry, check_name, init_leftover, open_location
 from .errors import AlreadyExistsError, InvalidInputError
 from .integrity import _reachable
 from .progress import progress as _progress
 from .storage.objects import ObjectStore
-from .storage.records import FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, PointerRef, RegistryInfo, TaskRef, pack, unpack
+from .storage.records import PointerRef, TaskRef, pack, unpack
 from .storage.writes import Attempt, update_ref
 
 KINDS = ("arrays", "blobs", "records")  # records last: what they name is there before them
@@ -64,7 +64,7 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike, tasks: Iterable[str] | 
         if not all(map(init_leftover, backend.children(""))):
             raise AlreadyExistsError(f"{where}: not a registry and not empty; copy into a registry with the same "
                                      "reference, or into a new or empty folder")
-        target = None
+        target, location = None, NewRegistry(backend, where)
     else:
         target = Catalog(dst)
         if target.reference_hash() != reference:
@@ -94,7 +94,7 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike, tasks: Iterable[str] | 
                 result["skipped"][kind] += 1
         if new:
             # No attempt.settle(): gc refuses a location without registry.msgpack.
-            backend.put(REFERENCE_REF, pack(PointerRef(reference).to_dict()))
+            location.set_reference(reference)
             result["refs"].append(REFERENCE_REF)
         else:
             attempt.settle()
@@ -106,8 +106,7 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike, tasks: Iterable[str] | 
                 _check_refs(Catalog(dst), {key: value})  # created meanwhile: the same one, or refused
             result["refs"].append(key)
         if new:  # as init: the info file last, so a killed copy leaves no registry behind
-            info = RegistryInfo(FORMAT_NAME, (FORMAT_MAJOR, FORMAT_MINOR), utc_now())
-            backend.put(INFO_KEY, pack(info.to_dict()))
+            location.finish()
         backend.delete(txn)
         return result
 

@@ -16,7 +16,7 @@ import torch
 
 from .errors import (AlreadyExistsError, DeltastoreError, IncompatibleFinetuneError,
                      InvalidInputError, NotFoundError)
-from .catalog import (INFO_KEY, REFERENCE_REF, Catalog, VersionStats, check_name, init_leftover, is_url,
+from .catalog import (INFO_KEY, Catalog, NewRegistry, VersionStats, check_name, init_leftover, is_url,
                       open_location, parse_spec, split_spec, utc_now)
 from .engine import budget
 from .engine.base import base_entry, check_base_inputs
@@ -27,8 +27,7 @@ from .engine.decode import ArrayGetter, decode_stored, numel
 from .engine.materialize import iter_materialize, resolve_device
 from .progress import progress as _progress
 from .sources import open_source
-from .storage.records import (FORMAT_MAJOR, FORMAT_MINOR, FORMAT_NAME, BaseRecord, PointerRef, Record,
-                              ReferenceRecord, RegistryInfo, TaskRef, TaskVersion, pack, unpack)
+from .storage.records import BaseRecord, PointerRef, Record, ReferenceRecord, TaskRef, TaskVersion, pack, unpack
 from .storage.writes import Attempt, update_ref
 from .tensor.compressors import DEFAULT_COMPRESSOR, WHOLE_TENSORS, compressor_class, delta_compressors, get_compressor
 from .tensor.prng import derive_seed
@@ -61,6 +60,7 @@ class Registry(Catalog):
         if not all(map(init_leftover, backend.children(""))):
             raise AlreadyExistsError(f"{where}: directory is not empty; give a new or empty directory (or bucket "
                                      "prefix)")
+        location = NewRegistry(backend, where)
         source = open_source(reference)
         if not source.names():
             raise InvalidInputError(f"{source.label}: the reference holds no tensors")
@@ -79,11 +79,10 @@ class Registry(Catalog):
             digest = objects.put_record(record, txn)
             # No attempt.settle(): gc refuses a location without registry.msgpack, so none
             # runs beside an init.
-            backend.put(REFERENCE_REF, pack(PointerRef(digest).to_dict()))
+            location.set_reference(digest)
             # The info file goes last: a directory without it is not a registry, so a killed
             # init leaves nothing that could be mistaken for one.
-            info = RegistryInfo(FORMAT_NAME, (FORMAT_MAJOR, FORMAT_MINOR), utc_now())
-            backend.put(INFO_KEY, pack(info.to_dict()))
+            location.finish()
             backend.delete(txn)
 
         writes.run(write)

@@ -16,6 +16,7 @@ from collections import Counter
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from deltastore import Registry
 from deltastore.catalog import Catalog
@@ -354,3 +355,56 @@ def test_the_cache_comes_from_the_cli_option_or_the_environment(local, url, tmp_
     assert Registry(url).objects.cache.root == tmp_path / "env"
     assert Registry(url, cache=tmp_path / "given").objects.cache.root == tmp_path / "given"
     assert Registry(local.path).objects.cache is None  # a local registry is read in place
+
+
+@pytest.mark.parametrize("where", ["folder", "bucket"])
+def test_of_two_inits_racing_on_one_location_one_wins_the_other_is_refused(example, tmp_path, request, monkeypatch,
+                                                                          where):
+    """A second init runs start to end while the first is writing its reference: the first is
+    refused when it publishes, and the registry is the second's, whole (not the first's
+    reference under the second's info file)."""
+    from deltastore import registry as registry_module
+
+    location = str(tmp_path / "registry") if where == "folder" else _bucket_url(request.getfixturevalue("s3_env"))
+    other = {name: t + 1 if t.is_floating_point() else t
+             for name, t in load_file(str(example.reference / "model.safetensors")).items()}
+    real_store_files = registry_module.store_files
+
+    def store_files_while_another_init_runs(*args, **kwargs):
+        monkeypatch.setattr(registry_module, "store_files", real_store_files)
+        Registry.init(location, other, progress=False)
+        return real_store_files(*args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "store_files", store_files_while_another_init_runs)
+    with pytest.raises(AlreadyExistsError, match="another init or copy made this location a registry"):
+        Registry.init(location, example.reference, progress=False)
+    expected = Registry.init(tmp_path / "expected", other, progress=False).reference_hash()
+    assert Registry(location).reference_hash() == expected and Registry(location).verify() == []
+
+
+@pytest.mark.parametrize("where", ["folder", "bucket"])
+def test_an_init_that_looked_before_another_finished_puts_its_reference_back(tmp_path, request, where):
+    """The narrow case: B looks after A pointed refs/reference at its record but before A wrote
+    registry.msgpack. B's swap succeeds, A finishes, and B, refused at the info file, restores
+    A's reference ref."""
+    from deltastore.catalog import REFERENCE_REF, NewRegistry
+    from deltastore.storage.backend import LocalBackend
+    from deltastore.storage.records import PointerRef, pack
+
+    if where == "folder":
+        (tmp_path / "registry").mkdir()
+        backend, name = LocalBackend(tmp_path / "registry"), tmp_path / "registry"
+    else:
+        name = _bucket_url(request.getfixturevalue("s3_env"))
+        backend = ObjectStoreBackend(name)
+    a = NewRegistry(backend, name)
+    a.set_reference("a" * 64)
+    b = NewRegistry(backend, name)
+    b.set_reference("b" * 64)
+    a.finish()
+    with pytest.raises(AlreadyExistsError, match="another init or copy"):
+        b.finish()
+    assert backend.get(REFERENCE_REF) == pack(PointerRef("a" * 64).to_dict())
+    late = NewRegistry(backend, name)  # one that looks after A finished is refused at once
+    with pytest.raises(AlreadyExistsError, match="another init or copy"):
+        late.set_reference("c" * 64)
