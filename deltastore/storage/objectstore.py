@@ -147,9 +147,9 @@ class ObjectStoreBackend:
             what = "a second create-only put (If-None-Match: *)" if not refused_create else \
                 "a put with a stale ETag (If-Match)"
             raise ConditionalWritesError(
-                f"{self.root}: the object store accepted {what} of {probe!r}, expected it refused (412): "
-                "without conditional writes two machines writing one registry overwrite each other's "
-                "versions silently. Use a store that honours them (AWS S3, GCS, Azure; SeaweedFS 4.x; MinIO)")
+                f"{self.root}: the object store accepted {what} of {probe!r}, expected it refused "
+                "(412, or 409 from Azure for an existing blob): without conditional writes two machines "
+                "writing one registry overwrite each other's versions silently. Use a store that honours them (AWS S3, GCS, Azure; SeaweedFS 4.x; MinIO)")
 
     # -- reading ----------------------------------------------------------------------------
     def get(self, key: str, *, limit: int = MAX_KEY_BYTES) -> bytes:
@@ -354,12 +354,26 @@ class ObjectStoreBackend:
         absent (never as an array with chunks missing) and is debris for gc."""
         keys = self.list(key)
         if not keys:
-            obstore.delete(self._store, key)  # deleting a missing key is not an error in S3
+            self._delete([key])
             return
         metadata = [k for k in keys if k.rpartition("/")[2] == ARRAY_METADATA]
         if metadata:  # a request of its own: the order of keys inside one batch is the store's
-            obstore.delete(self._store, metadata)
-        obstore.delete(self._store, [k for k in keys if k not in metadata])
+            self._delete(metadata)
+        self._delete([k for k in keys if k not in metadata])
+
+    def _delete(self, keys: list[str]) -> None:
+        """Delete ``keys``, those already gone included: S3 answers a delete of a missing key
+        with success, Azure and GCS with 404 (a key never written, or one a concurrent gc or
+        publish removed after it was listed). A batch that hit a missing key stops at it, so
+        its keys are then deleted one by one, each missing one skipped."""
+        try:
+            obstore.delete(self._store, keys)
+        except FileNotFoundError:
+            for key in keys:
+                try:
+                    obstore.delete(self._store, key)
+                except FileNotFoundError:
+                    pass
 
     def zarr_store(self, prefix: str):
         """zarr's ``ObjectStore`` over an obstore store rooted at ``<root>/<prefix>`` (zarr
