@@ -40,6 +40,23 @@ def test_keys_live_under_the_registry_prefix(url, store_env):
     assert backend.list("") == ["refs/tasks/qa"]
 
 
+def test_an_update_token_carrying_a_version_updates_as_its_etag_alone(url):
+    """A token is the ETag and, where the store gives one, the object's version (GCS's
+    generation, which its conditional put compares). S3 and Azure compare the ETag only: a
+    version beside the current ETag still updates, beside a stale ETag still is refused."""
+    from deltastore.storage.objectstore import _token
+
+    assert _token({"e_tag": '"e"', "version": None}) == '"e"'
+    assert _token({"e_tag": '"e"', "version": "1700000000000001"}) == '"e" 1700000000000001'
+    assert _token({"e_tag": None, "version": "7"}) is None
+    backend = ObjectStoreBackend(url)
+    backend.put("refs/tasks/qa", b"1")
+    _, token = backend.get_versioned("refs/tasks/qa")
+    assert backend.put_if_version("refs/tasks/qa", b"2", f"{token.partition(' ')[0]} 1700000000000001")
+    assert not backend.put_if_version("refs/tasks/qa", b"3", f"{token.partition(' ')[0]} 1700000000000001")
+    assert backend.get("refs/tasks/qa") == b"2"
+
+
 def _race(n: int, work) -> list:
     """Run ``work(i)`` in ``n`` threads released together (a barrier), return their results."""
     barrier = threading.Barrier(n)
