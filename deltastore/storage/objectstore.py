@@ -162,7 +162,8 @@ class ObjectStoreBackend:
             raise ConditionalWritesError(
                 f"{self.root}: the object store accepted {what} of {probe!r}, expected it refused "
                 "(412, or 409 from Azure for an existing blob): without conditional writes two machines "
-                "writing one registry overwrite each other's versions silently. Use a store that honours them (AWS S3, GCS, Azure; SeaweedFS 4.x; MinIO)")
+                "writing one registry overwrite each other's versions silently. Use a store that honours "
+                "them (AWS S3, GCS, Azure; SeaweedFS 4.x; MinIO)")
 
     # -- reading ----------------------------------------------------------------------------
     def get(self, key: str, *, limit: int = MAX_KEY_BYTES) -> bytes:
@@ -315,7 +316,8 @@ class ObjectStoreBackend:
             return self.put_if_absent(key, data)
         try:
             e_tag, _, generation = version.partition(" ")
-            mode = {"e_tag": e_tag, "version": generation} if generation else {"e_tag": e_tag}  # obstore refuses None
+            # No "version" key at all without one: obstore refuses None there.
+            mode = {"e_tag": e_tag, "version": generation} if generation else {"e_tag": e_tag}
             obstore.put(self._store, key, data, mode=mode, use_multipart=False)
         except (PreconditionError, FileNotFoundError):  # changed, or deleted, since it was read
             return False
