@@ -67,11 +67,13 @@ def registry_copy(base_registry, tmp_path):
 def _start_server(module, folder):
     """Start a test server of ``module`` (storage/s3_server.py or storage/azurite_server.py)
     or skip, saying why. In CI (``CI`` set) a missing server fails instead: the object-store
-    tests must run there; only Azure may skip, and only when node is not installed at all."""
+    tests must run there; only Azure may skip, and only without node or npm (.ci/run installs
+    Azurite with npm, and says so when it cannot)."""
     try:
         return module.start(folder)
     except RuntimeError as exc:
-        may_skip = not os.environ.get("CI") or (module.__name__.endswith("azurite_server") and not shutil.which("node"))
+        no_node = not (shutil.which("node") and shutil.which("npm"))
+        may_skip = not os.environ.get("CI") or (module.__name__.endswith("azurite_server") and no_node)
         if may_skip:
             pytest.skip(f"no {module.__name__.rpartition('.')[2]} for the object-store tests: {exc}")
         raise
