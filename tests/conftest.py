@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -61,21 +64,46 @@ def registry_copy(base_registry, tmp_path):
     return Registry(tmp_path / "registry")
 
 
+def _start_server(module, folder):
+    """Start a test server of ``module`` (storage/s3_server.py or storage/azurite_server.py)
+    or skip, saying why. In CI (``CI`` set) a missing server fails instead: the object-store
+    tests must run there; only Azure may skip, and only without node or npm (.ci/run installs
+    Azurite with npm, and says so when it cannot)."""
+    try:
+        return module.start(folder)
+    except RuntimeError as exc:
+        no_node = not (shutil.which("node") and shutil.which("npm"))
+        may_skip = not os.environ.get("CI") or (module.__name__.endswith("azurite_server") and no_node)
+        if may_skip:
+            pytest.skip(f"no {module.__name__.rpartition('.')[2]} for the object-store tests: {exc}")
+        raise
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """One S3-compatible server (SeaweedFS on 127.0.0.1, tests/storage/s3_server.py) for the
     whole session: it takes seconds to start. Stopped for sure at the end."""
     from storage import s3_server
 
-    try:
-        proc, server = s3_server.start(tmp_path_factory.mktemp("seaweedfs"))
-    except RuntimeError as exc:
-        pytest.skip(f"no S3 server for the object-store tests: {exc}")
+    proc, server = _start_server(s3_server, tmp_path_factory.mktemp("seaweedfs"))
     try:
         s3_server.create_bucket(server)
         yield server
     finally:
         s3_server.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def azure(tmp_path_factory):
+    """One Azure Blob server (Azurite on 127.0.0.1, tests/storage/azurite_server.py), its test
+    container created, for the whole session. Stopped for sure at the end."""
+    from storage import azurite_server, server_process
+
+    proc, server = _start_server(azurite_server, tmp_path_factory.mktemp("azurite"))
+    try:
+        yield server
+    finally:
+        server_process.stop(proc)
 
 
 @pytest.fixture
@@ -84,3 +112,16 @@ def s3_env(s3, monkeypatch):
     for name, value in s3.env.items():
         monkeypatch.setenv(name, value)
     return s3
+
+
+OBJECT_STORES = ["s3", "azure"]
+
+
+@pytest.fixture(params=OBJECT_STORES)
+def store_env(request, monkeypatch):
+    """Each test server in turn (S3, Azure), its environment set as s3_env sets S3's; the
+    server's ``url(prefix)`` names a registry in its bucket or container."""
+    server = request.getfixturevalue(request.param)
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    return server

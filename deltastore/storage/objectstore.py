@@ -7,7 +7,8 @@ or locks:
 
 - **Atomic writes**: an object store's PUT replaces a key whole (never multipart here, so no
   hidden half-upload exists either). Create-only writes are ``If-None-Match: *``
-  (``mode="create"``); compare-and-swap is ``If-Match`` on the ETag read with the bytes.
+  (``mode="create"``); compare-and-swap is ``If-Match`` on the ETag read with the bytes (on
+  GCS, its generation: ``_token``).
 - **Conditional writes are probed at open** (:meth:`ObjectStoreBackend.check_conditional_writes`):
   a store that accepts a second create-only put of one key (S3-compatible servers that ignore
   the header; older SeaweedFS releases under concurrency) would let two commits overwrite each
@@ -97,6 +98,17 @@ class _CountedCalls:
 obstore = _CountedCalls()
 
 
+def _token(meta) -> str | None:
+    """The compare-and-swap token of an object as read: its ETag, then a space and its version
+    where the store gives one. GCS's conditional put compares the version (the generation,
+    ``x-goog-if-generation-match``), not the ETag, and object_store refuses an update without
+    it; S3 and Azure compare the ETag (``If-Match``) and ignore the version. An ETag holds no
+    space (RFC 9110 etagc), so the token splits back unambiguously in put_if_version."""
+    if meta["e_tag"] is None:
+        return None
+    return meta["e_tag"] if meta.get("version") is None else f"{meta['e_tag']} {meta['version']}"
+
+
 class ObjectStoreBackend:
     """A registry at ``url`` (``s3://bucket/prefix``, ``gs://...``, ``az://...``, ``file:///...``);
     each key is the object ``<prefix>/<key>`` of the bucket."""
@@ -136,7 +148,8 @@ class ObjectStoreBackend:
                 raise ConditionalWritesError(f"{self._where(probe)} exists before it was written: the store lists "
                                              "names it was never given")
             refused_create = not self.put_if_absent(probe, b"2")
-            refused_stale = not self.put_if_version(probe, b"3", '"not-the-etag"')
+            # Stale in both parts of a token (_token): the ETag, and a generation GCS never gives.
+            refused_stale = not self.put_if_version(probe, b"3", '"not-the-etag" 1')
         except (NotImplementedError, NotSupportedError) as exc:  # a store type without them (file://)
             raise ConditionalWritesError(
                 f"{self.root}: this kind of store cannot do conditional writes ({str(exc).splitlines()[0]}); "
@@ -147,17 +160,18 @@ class ObjectStoreBackend:
             what = "a second create-only put (If-None-Match: *)" if not refused_create else \
                 "a put with a stale ETag (If-Match)"
             raise ConditionalWritesError(
-                f"{self.root}: the object store accepted {what} of {probe!r}, expected it refused (412): "
-                "without conditional writes two machines writing one registry overwrite each other's "
-                "versions silently. Use a store that honours them (AWS S3, GCS, Azure; SeaweedFS 4.x; MinIO)")
+                f"{self.root}: the object store accepted {what} of {probe!r}, expected it refused "
+                "(412, or 409 from Azure for an existing blob): without conditional writes two machines "
+                "writing one registry overwrite each other's versions silently. Use a store that honours "
+                "them (AWS S3, GCS, Azure; SeaweedFS 4.x; MinIO)")
 
     # -- reading ----------------------------------------------------------------------------
     def get(self, key: str, *, limit: int = MAX_KEY_BYTES) -> bytes:
         return self._get(key, limit)[0]
 
     def _get(self, key: str, limit: int) -> tuple[bytes, str | None]:
-        """The bytes of ``key`` and the ETag of the same response; the size in the response's
-        headers is checked against ``limit`` before the body is read."""
+        """The bytes of ``key`` and the version token (_token) of the same response; the size
+        in the response's headers is checked against ``limit`` before the body is read."""
         try:
             result = obstore.get(self._store, key)
         except FileNotFoundError:
@@ -166,7 +180,7 @@ class ObjectStoreBackend:
         if size > limit:
             raise CorruptObjectError(f"{self._where(key)} holds {size} bytes, more than the {limit} such an object "
                                      "may have; it is damaged or was not written by deltastore")
-        return bytes(result.bytes()), result.meta["e_tag"]
+        return bytes(result.bytes()), _token(result.meta)
 
     def fetch(self, key: str, *, limit: int) -> Future:
         """Start one GET of the first ``limit`` bytes of ``key`` on a thread of this backend's
@@ -296,11 +310,15 @@ class ObjectStoreBackend:
         return True
 
     def put_if_version(self, key: str, data: bytes, version: str | None) -> bool:
-        """``If-Match: <ETag>`` (``If-None-Match: *`` when ``version`` is None)."""
+        """``If-Match: <ETag>`` (on GCS the generation the token carries, see _token;
+        ``If-None-Match: *`` when ``version`` is None)."""
         if version is None:
             return self.put_if_absent(key, data)
         try:
-            obstore.put(self._store, key, data, mode={"e_tag": version}, use_multipart=False)
+            e_tag, _, generation = version.partition(" ")
+            # No "version" key at all without one: obstore refuses None there.
+            mode = {"e_tag": e_tag, "version": generation} if generation else {"e_tag": e_tag}
+            obstore.put(self._store, key, data, mode=mode, use_multipart=False)
         except (PreconditionError, FileNotFoundError):  # changed, or deleted, since it was read
             return False
         return True
@@ -354,12 +372,26 @@ class ObjectStoreBackend:
         absent (never as an array with chunks missing) and is debris for gc."""
         keys = self.list(key)
         if not keys:
-            obstore.delete(self._store, key)  # deleting a missing key is not an error in S3
+            self._delete([key])
             return
         metadata = [k for k in keys if k.rpartition("/")[2] == ARRAY_METADATA]
         if metadata:  # a request of its own: the order of keys inside one batch is the store's
-            obstore.delete(self._store, metadata)
-        obstore.delete(self._store, [k for k in keys if k not in metadata])
+            self._delete(metadata)
+        self._delete([k for k in keys if k not in metadata])
+
+    def _delete(self, keys: list[str]) -> None:
+        """Delete ``keys``, those already gone included: S3 answers a delete of a missing key
+        with success, Azure and GCS with 404 (a key never written, or one a concurrent gc or
+        publish removed after it was listed). A batch that hit a missing key stops at it, so
+        its keys are then deleted one by one, each missing one skipped."""
+        try:
+            obstore.delete(self._store, keys)
+        except FileNotFoundError:
+            for key in keys:
+                try:
+                    obstore.delete(self._store, key)
+                except FileNotFoundError:
+                    pass
 
     def zarr_store(self, prefix: str):
         """zarr's ``ObjectStore`` over an obstore store rooted at ``<root>/<prefix>`` (zarr

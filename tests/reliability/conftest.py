@@ -6,6 +6,8 @@ import uuid
 
 import pytest
 
+from conftest import OBJECT_STORES
+
 from .helpers import Where, copy_registry, make_tiny, upload_registry
 
 
@@ -28,15 +30,17 @@ def tiny_registry(tiny, tmp_path_factory):
     return reg
 
 
-@pytest.fixture(params=["local", "s3"])
-def where(request, tmp_path) -> Where:
-    """Run the scenario on a local folder and on the test S3 server (whose environment is set
-    here for this process; child processes get it as ``where.env``)."""
+@pytest.fixture(params=["local", *OBJECT_STORES])
+def where(request, tmp_path, monkeypatch) -> Where:
+    """Run the scenario on a local folder and on each test object store, S3 and Azure (whose
+    environment is set here for this process; child processes get it as ``where.env``)."""
     if request.param == "local":
         return Where("local", {}, lambda src: copy_registry(src, tmp_path / "registry"))
-    server = request.getfixturevalue("s3_env")
-    return Where("s3", server.env,
-                 lambda src: upload_registry(src, f"s3://{server.bucket}/reliability-{uuid.uuid4().hex}"))
+    server = request.getfixturevalue(request.param)
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    return Where(request.param, server.env,
+                 lambda src: upload_registry(src, server.url(f"reliability-{uuid.uuid4().hex}")))
 
 
 @pytest.fixture
@@ -49,8 +53,8 @@ def reg(tiny_registry, tmp_path):
 
 @pytest.fixture
 def reg_anywhere(tiny_registry, where):
-    """A private copy of the tiny registry in a folder, and in the test S3 server's bucket, for
-    the scenarios that are not about a filesystem."""
+    """A private copy of the tiny registry in a folder, and in each test object store, for the
+    scenarios that are not about a filesystem."""
     from deltastore import Registry
 
     return Registry(where.place(tiny_registry.path))

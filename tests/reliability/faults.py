@@ -12,7 +12,7 @@ deletion, ``shutil.rmtree`` included, which unlinks file by file). On an object 
 one request that changes the store: obstore's ``put``, ``copy`` and ``delete`` (the backend's)
 and ``put_async`` (zarr's chunk writes).
 
-Children that use the test S3 server are given its environment (``env``): the forkserver was
+Children that use a test object store are given its environment (``env``): the forkserver was
 started with the environment of the first test that used it.
 """
 

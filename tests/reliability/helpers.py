@@ -141,9 +141,9 @@ def upload_registry(src: Path, url: str) -> str:
 
 @dataclass
 class Where:
-    """Where a scenario's registry lives: ``kind`` (``local`` or ``s3``), the environment a
-    child process needs to reach it, and ``place(src)``: a private copy of registry ``src``
-    there (a folder, or a fresh prefix of the test S3 server's bucket)."""
+    """Where a scenario's registry lives: ``kind`` (``local``, ``s3`` or ``azure``), the
+    environment a child process needs to reach it, and ``place(src)``: a private copy of
+    registry ``src`` there (a folder, or a fresh prefix of a test server's bucket or container)."""
 
     kind: str
     env: dict

@@ -1,5 +1,5 @@
 """Concurrency: several processes writing one registry at once lose nothing, on a local folder
-and on an object store (the test S3 server).
+and on each test object store (S3 and Azure).
 
 Refs are updated by compare-and-swap, retried on conflict. On a folder writers hold the shared
 side of ``locks/registry`` for their whole write and gc the exclusive one; on an object store

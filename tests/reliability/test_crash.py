@@ -8,9 +8,9 @@ its commit point), a retried init succeeds, and one ``gc`` removes every leftove
 
 CI runs the first and last step and every 5th; ``--run-slow`` runs every step.
 
-On an object store (the test S3 server) a write step is one request that changes the store
-(faults.STORE_WRITE_CALLS); init, commit, rm and gc are killed at a spread of their steps
-(every step with ``--run-slow``): the same checks hold.
+On an object store (each test server: S3 and Azure) a write step is one request that
+changes the store (faults.STORE_WRITE_CALLS); init, commit, rm and gc are killed at a spread
+of their steps (every step with ``--run-slow``): the same checks hold.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import pytest
 from deltastore import NotFoundError, Registry
 from deltastore.catalog import is_url
 from deltastore.storage.objectstore import ObjectStoreBackend
+
+from conftest import OBJECT_STORES
 
 from . import faults
 from .helpers import CLEAN, copy_registry, leftovers, snapshot
@@ -168,19 +170,20 @@ def test_real_sigkill_mid_commit(ctx, pristine, dry_runs, tiny, tmp_path):
     assert snapshot(reg) == before
 
 
-S3_OPS = ["init", "commit", "remove", "gc"]
+STORE_OPS = ["init", "commit", "remove", "gc"]
 
 
-@pytest.fixture(scope="module")
-def s3_dry_runs(ctx, pristine, tiny, s3, tmp_path_factory):
-    """As dry_runs, on the test S3 server: op -> (write steps, state before, state after), and
-    a function placing a fresh copy of the op's starting registry in the bucket."""
+@pytest.fixture(scope="module", params=OBJECT_STORES)
+def store_dry_runs(request, ctx, pristine, tiny, tmp_path_factory):
+    """As dry_runs, on each test object store: op -> (write steps, state before, state after),
+    a function placing a fresh copy of the op's starting registry in its bucket, and the
+    server (its environment is given to the children)."""
     import uuid
 
     from .helpers import upload_registry
 
     def place(op: str) -> str:
-        url = f"s3://{s3.bucket}/crash-{op}-{uuid.uuid4().hex}"
+        url = server.url(f"crash-{op}-{uuid.uuid4().hex}")
         if op == "gc":  # the local garbage's killed-put temp file has no counterpart in a bucket
             upload_registry(pristine[op], url)
             ObjectStoreBackend(url, check_writes=False).delete("refs/tasks/.t1.0123.tmp")
@@ -190,29 +193,32 @@ def s3_dry_runs(ctx, pristine, tiny, s3, tmp_path_factory):
             ObjectStoreBackend(url)  # its probe's put creates the bucket on a fresh server
         return url
 
-    root = tmp_path_factory.mktemp("s3dry")
+    server = request.getfixturevalue(request.param)
+    root = tmp_path_factory.mktemp(f"{request.param}dry")
     out = {}
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in s3.env.items():
+        for name, value in server.env.items():
             patch.setenv(name, value)
-        for op in S3_OPS:
+        for op in STORE_OPS:
             url = place(op)
             before = _state(url)
-            assert _run(ctx, op, url, tiny, log_path=root / f"{op}.log", env=s3.env) == faults.EXIT_DONE
+            assert _run(ctx, op, url, tiny, log_path=root / f"{op}.log", env=server.env) == faults.EXIT_DONE
             steps = (root / f"{op}.log").read_text().splitlines()
             out[op] = (steps, before, _state(url))
-    return out, place
+    return out, place, server
 
 
-@pytest.mark.parametrize("op", S3_OPS)
-def test_kill_at_write_steps_on_an_object_store(op, ctx, s3_dry_runs, tiny, s3_env, request):
-    dry, place = s3_dry_runs
+@pytest.mark.parametrize("op", STORE_OPS)
+def test_kill_at_write_steps_on_an_object_store(op, ctx, store_dry_runs, tiny, monkeypatch, request):
+    dry, place, server = store_dry_runs
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
     steps, before, after = dry[op]
     assert steps, f"{op} made no write step"
     n = len(steps)
     chosen = range(1, n + 1) if request.config.getoption("--run-slow") else sorted({1, n // 3, 2 * n // 3, n} - {0})
     for at in chosen:
         url = place(op)
-        assert _run(ctx, op, url, tiny, "kill", at, env=s3_env.env) == faults.EXIT_KILLED, f"{op}: step {at}"
+        assert _run(ctx, op, url, tiny, "kill", at, env=server.env) == faults.EXIT_KILLED, f"{op}: step {at}"
         _check_after_fault(op, url, tiny, before, after, at, "kill", faults.EXIT_KILLED, steps)
-    print(f"\n{op} on S3: {len(chosen)} of {n} write steps killed")
+    print(f"\n{op} on {request.node.callspec.params['store_dry_runs']}: {len(chosen)} of {n} write steps killed")
