@@ -229,7 +229,23 @@ def write_pieces(model, data: dict, out: Path) -> None:
     log(f"wrote {len(pieces)} pieces ({len(blob):,} bytes, sha256 {data['sha256']}) and data.json to {out}")
 
 
+def probe(model, data: dict, device: str = "cpu") -> dict[str, list[list[float]]]:
+    """Label-token logits of a float32 model at the answer position of each task's first test
+    prompts: prep records them, run recomputes them to check the device's transformers builds
+    the same model from the pieces."""
+    import torch
+
+    model = model.float().to(device).eval()
+    out = {}
+    with torch.no_grad():
+        for task, spec in data["tasks"].items():
+            out[task] = [model(input_ids=torch.tensor([seq], device=device)).logits[0, -1, spec["label_tokens"]]
+                         .float().cpu().tolist() for seq in spec["test"][:4]]
+    return out
+
+
 def prep(args) -> int:
+    import torch
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
@@ -244,6 +260,8 @@ def prep(args) -> int:
                   | {i for t in tasks.values() for i in t["label_tokens"]})
     data["kept_tokens"] = len(keep)
     model = compact(model, data, keep)
+    data["probe"] = probe(model.float(), data)  # float32 copies of the bf16 weights
+    model = model.to(torch.bfloat16)
     log(f"compact model: {len(keep):,} tokens kept, {sum(p.numel() for p in model.parameters()):,} params")
     write_pieces(model, data, Path(args.out))
     return 0
@@ -461,6 +479,17 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     reference, data = tiny_setup(cache) if args.tiny else load_pieces(Path(args.pieces), cache)
     args.pad = data["pad_id"]
+    if "probe" in data:
+        from transformers import Gemma3ForCausalLM
+
+        got = probe(Gemma3ForCausalLM.from_pretrained(reference, dtype=torch.float32), data, args.device)
+        data["probe_max_abs_diff"] = max(abs(a - b) for t in got for r, e in zip(got[t], data["probe"][t])
+                                         for a, b in zip(r, e))
+        log(f"pretrained label logits vs prep's: max abs diff {data['probe_max_abs_diff']:.2e}")
+        if data["probe_max_abs_diff"] > 0.25:  # logits ~20; CPU vs CPU already differs by ~0.01
+            raise SystemExit(f"{args.pieces}: the model built here (transformers {transformers.__version__}) gives "
+                             f"label logits {data['probe_max_abs_diff']:.3f} away from prep's; expected the same "
+                             "model (< 0.25): use prep's transformers version or rerun prep with this one")
     tasks = list(data["tasks"])
     for spec in data["tasks"].values():  # --test / --calibration take the first examples of prep's split
         spec["test"], spec["test_y"] = spec["test"][:args.test], spec["test_y"][:args.test]
@@ -510,6 +539,7 @@ def run(args) -> int:
             "model": data["model"], "params": data["params"],
             "tokens": data.get("kept_tokens", data["config"]["vocab_size"]), "base_bytes": base_size,
             "seconds": time.perf_counter() - started, "notes": notes, "validation": data.get("validation"),
+            "probe_max_abs_diff": data.get("probe_max_abs_diff"),
             "args": {k: v for k, v in vars(args).items() if k != "func"}}
     name = "decoder_tiny" if args.tiny else "decoder"
     out = Path(args.results)
