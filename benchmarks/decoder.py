@@ -23,6 +23,11 @@ under ``--cache``; a rerun resumes, ``--deadline`` stops starting new cells.
     python benchmarks/decoder.py prep --gguf /tmp/gg/gemma-3-270m-q4_k_m.gguf --out /work/main/.gemma_pieces
     python benchmarks/decoder.py run --pieces /work/main/.gemma_pieces --device cuda --deadline 420
     python benchmarks/decoder.py run --tiny          # random tiny Gemma3, CPU, end to end
+
+On the GPU machine (64 MiB of transfers a call) the pieces travel one per call: carry
+``.gemma_pieces/data.json`` and ``.gemma_pieces/model.safetensors.00``, then each further piece
+by its own path; ignored paths already there stay. Keep ``--cache`` in an ignored folder that
+is never carried (e.g. ``.devscratch/``) so a second ``run`` resumes.
 """
 
 from __future__ import annotations
@@ -355,9 +360,8 @@ def finetune(task: str, spec: dict, reference: Path, out: Path, args) -> dict:
         if len(order) < args.batch:
             order += rng.sample(range(len(spec["train"])), len(spec["train"]))
         idx, order = order[:args.batch], order[args.batch:]
-        _, enc, pos = next(batches([spec["train"][i] for i in idx], args.pad, args.batch))
-        # batches() sorts by length: the targets follow the same order
-        ys = [spec["train_y"][idx[j]] for j in sorted(range(len(idx)), key=lambda j: len(spec["train"][idx[j]]))]
+        rows, enc, pos = next(batches([spec["train"][i] for i in idx], args.pad, args.batch))
+        ys = [spec["train_y"][idx[j]] for j in rows]  # batches() reorders by length
         target = torch.tensor([spec["label_tokens"][y] for y in ys], device=dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits = model(**{k: v.to(dev) for k, v in enc.items()}).logits
