@@ -1,0 +1,29 @@
+"""benchmarks/decoder.py: the GGUF <-> transformers name mapping covers every parameter of a
+Gemma3 text model (the tied head aside) and round-trips."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+
+def _decoder():
+    path = Path(__file__).parent.parent / "benchmarks" / "decoder.py"
+    spec = importlib.util.spec_from_file_location("decoder_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gguf_names_round_trip():
+    decoder = _decoder()
+    config = transformers.Gemma3TextConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                           tie_word_embeddings=True)
+    names = [n for n in transformers.Gemma3ForCausalLM(config).state_dict() if n != "lm_head.weight"]
+    assert [decoder.hf_name(decoder.gguf_name(n)) for n in names] == names
+    assert decoder.gguf_name("model.layers.1.self_attn.q_norm.weight") == "blk.1.attn_q_norm.weight"
+    with pytest.raises(ValueError, match="blk.0.rope_freqs"):
+        decoder.hf_name("blk.0.rope_freqs.weight")
