@@ -72,10 +72,10 @@ class NewRegistry:
                                                                             self.seen_token):
             raise self._refuse()
 
-    def finish(self) -> None:
-        """Write ``registry.msgpack`` (last), or, if another writer finished first, put back the
-        reference ref this one replaced, and refuse."""
-        info = RegistryInfo(FORMAT_NAME, (FORMAT_MAJOR, FORMAT_MINOR), utc_now())
+    def finish(self, created: str) -> None:
+        """Write ``registry.msgpack`` (last) saying the registry was ``created`` then, or, if
+        another writer finished first, put back the reference ref this one replaced, and refuse."""
+        info = RegistryInfo(FORMAT_NAME, (FORMAT_MAJOR, FORMAT_MINOR), created)
         if self.backend.put_if_absent(INFO_KEY, pack(info.to_dict())):
             return
         data, token = self.backend.get_versioned(REFERENCE_REF)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable
 
-from .catalog import INFO_KEY, REFERENCE_REF, Catalog, NewRegistry, check_name, init_leftover, open_location
+from .catalog import (INFO_KEY, REFERENCE_REF, Catalog, NewRegistry, check_name, init_leftover, open_location,
+                      utc_now)
 from .errors import AlreadyExistsError, InvalidInputError
 from .integrity import _reachable
 from .progress import progress as _progress
@@ -106,7 +107,7 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike, tasks: Iterable[str] | 
                 _check_refs(Catalog(dst), {key: value})  # created meanwhile: the same one, or refused
             result["refs"].append(key)
         if new:  # as init: the info file last, so a killed copy leaves no registry behind
-            location.finish()
+            location.finish(utc_now())
         backend.delete(txn)
         return result
 

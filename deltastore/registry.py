@@ -82,7 +82,7 @@ class Registry(Catalog):
             location.set_reference(digest)
             # The info file goes last: a directory without it is not a registry, so a killed
             # init leaves nothing that could be mistaken for one.
-            location.finish()
+            location.finish(utc_now())
             backend.delete(txn)
 
         writes.run(write)

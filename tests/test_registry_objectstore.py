@@ -401,9 +401,9 @@ def test_an_init_that_looked_before_another_finished_puts_its_reference_back(tmp
     a.set_reference("a" * 64)
     b = NewRegistry(backend, name)
     b.set_reference("b" * 64)
-    a.finish()
+    a.finish("2026-01-01T00:00:00+00:00")
     with pytest.raises(AlreadyExistsError, match="another init or copy"):
-        b.finish()
+        b.finish("2026-01-01T00:00:00+00:00")
     assert backend.get(REFERENCE_REF) == pack(PointerRef("a" * 64).to_dict())
     late = NewRegistry(backend, name)  # one that looks after A finished is refused at once
     with pytest.raises(AlreadyExistsError, match="another init or copy"):
