@@ -51,7 +51,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -110,6 +110,8 @@ class DbmsTuneConfig:
     one; used on its own device, its parameters are never changed.
     """
 
+    tuner: ClassVar[str] = "dbms"  # names the tuner in error messages (fit-all extends these options)
+
     optimizer: str = "auto"
     lr: float = 1e-2
     max_steps: int = 100
@@ -124,7 +126,7 @@ class DbmsTuneConfig:
     def __post_init__(self) -> None:
         def fail(field: str, expected: str) -> None:
             raise InvalidInputError(
-                f"dbms tuner: option {field}={getattr(self, field)!r} is invalid; expected {expected}")
+                f"{self.tuner} tuner: option {field}={getattr(self, field)!r} is invalid; expected {expected}")
 
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             fail("lr", "a positive number")
@@ -148,7 +150,7 @@ class DbmsTuneConfig:
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(options) - set(known))
         if unknown:
-            raise InvalidInputError(f"dbms tuner: unknown option(s) {unknown}; known options are {known}")
+            raise InvalidInputError(f"{cls.tuner} tuner: unknown option(s) {unknown}; known options are {known}")
         return cls(**dict(options))
 
 
@@ -160,7 +162,8 @@ class _Lossy:
     target: str          # the model's name for it (transformers may rename on load)
     index: int           # its lambda pair: 0 for a global fit, its position with per_layer
     shape: torch.Size
-    w_pre: torch.Tensor  # (rows, cols) in the model's dtype; the model's slot shares it when we own it
+    w_pre: torch.Tensor | None  # (rows, cols) in the model's dtype; the model's slot shares it when we own it
+                                # (None between _prepare(install=False) and _install)
     rows: torch.Tensor   # int64 (changed,): the changed rows m
     delta: torch.Tensor  # float32 (changed, cols): D[m]
     tau: torch.Tensor | None  # float32 (changed, cols): tau[m], None without a base vector
@@ -525,13 +528,15 @@ def _adam(fit: _Problem, cfg: DbmsTuneConfig, pairs, fit_lam1: bool, train: list
 
 
 def _prepare(context: TuneContext, model: torch.nn.Module, owned: bool, names: list[str], per_layer: bool,
-             device: torch.device) -> list[_Lossy]:
+             device: torch.device, install: bool = True) -> list[_Lossy]:
     """The fitted tensors, one at a time from the sources; an owned model's lossy slots are
-    set to ``W_pre`` (the finetune's copies are dropped: the targets are already computed)."""
+    set to ``W_pre`` (the finetune's copies are dropped: the targets are already computed).
+    With ``install`` False the model keeps the finetune's tensors and each item's ``w_pre`` is
+    None until :func:`_install` (the fit-all tuner still runs the finetune to collect layer
+    inputs; holding ``W_pre`` beside them meanwhile would double the model's memory)."""
     from ..hf import checkpoint_names
 
-    params = dict(model.named_parameters(remove_duplicate=False))
-    params.update(dict(model.named_buffers(remove_duplicate=False)))
+    params = _slots(model)
     targets = checkpoint_names(model)
     items = []
     seen: set[int] = set()
@@ -555,13 +560,35 @@ def _prepare(context: TuneContext, model: torch.nn.Module, owned: bool, names: l
             continue  # rebuilt exactly as W_pre = W_t whatever the lambdas
         tau = context.tau(ref_name)
         tau_rows = None if tau is None else dbms.as_matrix(tau)[changed].to(device)
-        w_pre_fit = w_pre.to(device, slot.dtype)
-        if owned:
-            slot.data = w_pre_fit.view(slot.shape)
-        items.append(_Lossy(name, target, index if per_layer else 0, slot.shape, w_pre_fit,
-                            changed.nonzero().flatten().to(device), delta[changed].to(device), tau_rows,
-                            context.seeds[name], context.compressor_for(name)))
+        item = _Lossy(name, target, index if per_layer else 0, slot.shape, None,
+                      changed.nonzero().flatten().to(device), delta[changed].to(device), tau_rows,
+                      context.seeds[name], context.compressor_for(name))
+        if install:
+            _put(item, slot, w_pre, owned, device)
+        items.append(item)
     return items
+
+
+def _install(context: TuneContext, model: torch.nn.Module, owned: bool, items: list[_Lossy],
+             device: torch.device) -> None:
+    """Give items prepared with ``install=False`` their ``W_pre``, read again from the reference
+    one tensor at a time, and set an owned model's slots to it."""
+    params = _slots(model)
+    for item in items:
+        _put(item, params[item.target], dbms.as_matrix(context.reference(context.ref_name[item.name])), owned, device)
+
+
+def _slots(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by name, tied ones under each of their names."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers(remove_duplicate=False)))
+    return params
+
+
+def _put(item: _Lossy, slot: torch.Tensor, w_pre: torch.Tensor, owned: bool, device: torch.device) -> None:
+    item.w_pre = w_pre.to(device, slot.dtype)
+    if owned:
+        slot.data = item.w_pre.view(slot.shape)
 
 
 def _resolve_output(model: torch.nn.Module, batch: dict[str, Any], wanted: str) -> tuple[str, dict[str, Any]]:
