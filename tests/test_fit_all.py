@@ -115,3 +115,151 @@ def test_cli_fit_all_needs_calibration(registry_copy, example):
     result = CliRunner().invoke(cli, ["commit", str(registry_copy.path), "has_top", str(example.finetunes["has_top"]),
                                       "--tune", "fit-all"], obj={})
     assert result.exit_code == 2 and "--tune fit-all fits on data: give --calib FILE" in result.output
+
+
+# --- Step 2 in bounded memory: the input Grams collected a group of layers at a time ---------
+
+
+def _comparable(record: dict) -> dict:
+    """A fit-all record without what depends on the grouping (``grams``) or on the clock."""
+    out = {k: v for k, v in record.items() if k != "grams" and not k.startswith("seconds")}
+    out["lambdas"] = {k: v for k, v in record["lambdas"].items() if not k.startswith("seconds")}
+    return out
+
+
+def _fit_all(registry, task, path, calib, **options):
+    """(version record, materialized weights) of a fit-all commit of ``path`` (DARE p=0.9)."""
+    record = registry.commit(task, path, method="dare", config={"drop_rate": 0.9}, base="all", tune="fit-all",
+                             calibration=calib, tune_options={"max_steps": 5, **options}, progress=False)
+    return record, registry.materialize(f"{task}@{record.version}")
+
+
+def _assert_same_version(got, want):
+    (record, state), (want_record, want_state) = got, want
+    assert state.keys() == want_state.keys()
+    different = [n for n in state if not torch.equal(state[n], want_state[n])]
+    assert not different, different
+    assert (record.lam1, record.lam2) == (want_record.lam1, want_record.lam2)
+    assert _comparable(record.tuning) == _comparable(want_record.tuning)
+
+
+def _gram_bytes(path) -> tuple[int, int, int]:
+    """(layers, bytes of a hidden-size Gram, bytes of the largest: the intermediate size's) of the
+    finetune's config."""
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    return config["num_hidden_layers"], 8 * config["hidden_size"] ** 2, 8 * config["intermediate_size"] ** 2
+
+
+def test_fit_all_layer_groups_store_the_same_version(registry_copy, example):
+    """Collecting the input Grams one layer at a time (max_gram_bytes=0), or a few layers at a time,
+    stores bit for bit what collecting them all at once stores (the tiny model's Grams fit the
+    default budget: one group, collected in the targets' pass). Exact, not approximate: each Gram
+    sums the same inputs in the same order, whatever pass collects it."""
+    path = example.finetunes["has_top"]
+    blocks, hidden, largest = _gram_bytes(path)
+    whole = _fit_all(registry_copy, "has_top", path, calibration(example))
+    grams = whole[0].tuning["grams"]
+    assert not whole[0].tuning["fell_back"], whole[0].tuning["reason"]
+    assert grams["groups"] == 1 and grams["forwards"] == 0 and grams["max_bytes"] == 256 << 20
+    # BERT: per layer query, key, value, attention output and intermediate (hidden in) and output
+    # (intermediate in); then the pooler. All alive at the end of the one pass.
+    assert grams["layers"] == 6 * blocks + 1
+    assert grams["peak_bytes"] == blocks * (5 * hidden + largest) + hidden
+    for budget in (0, largest + 2 * hidden):
+        got = _fit_all(registry_copy, "has_top", path, calibration(example), max_gram_bytes=budget)
+        _assert_same_version(got, whole)
+        grams = got[0].tuning["grams"]
+        assert 1 < grams["groups"] <= grams["layers"] and grams["max_bytes"] == budget
+        # The Grams alive at once, counted as they were created and freed: within the budget, or the
+        # one Gram that alone exceeds it.
+        assert largest <= grams["peak_bytes"] <= max(budget, largest)
+        # Every group after the first made one more pass over the two calibration batches.
+        assert grams["forwards"] == 2 * (grams["groups"] - 1)
+    assert grams["peak_bytes"] > largest  # the larger budget held more than one Gram at a time
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_fit_all_layer_groups_on_decoders(family, tmp_path, monkeypatch):
+    """The same on tiny decoders (rotary attention, grouped kv heads, gated MLPs; Gemma 3 ties its
+    head to the embeddings, which are fitted on their weights), with padded calibration inputs."""
+    import transformers
+
+    import test_hf
+    from deltastore import Registry
+
+    monkeypatch.setitem(test_hf.FAMILIES, "gemma3", lambda: test_hf._causal(
+        transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True,
+        max_position_embeddings=64))
+    reference, finetunes, fam = test_hf.make_family(family, tmp_path)
+    registry = Registry.init(tmp_path / "registry", reference, progress=False)
+    registry.build_base("all", finetunes, progress=False)
+    gen = torch.Generator().manual_seed(5)
+    calib = [fam.inputs(gen) for _ in range(2)]
+    mask = torch.ones_like(calib[1]["input_ids"])
+    mask[:4, -5:] = 0  # right padding: its tokens' inputs must not enter the Grams
+    calib[1]["attention_mask"] = mask
+    whole = _fit_all(registry, "t", finetunes[0], calib)
+    grams = whole[0].tuning["grams"]
+    assert grams["groups"] == 1 and grams["layers"] == whole[0].tuning["tensors_with_inputs"] > 1
+    one = _fit_all(registry, "t", finetunes[0], calib, max_gram_bytes=0)
+    _assert_same_version(one, whole)
+    grams = one[0].tuning["grams"]
+    # The fitted layers (q, o, gate, up, down: k and v are small enough to be stored whole; Llama's
+    # untied head), one group each
+    assert grams["groups"] == grams["layers"] and grams["forwards"] == 2 * (grams["layers"] - 1)
+    assert grams["peak_bytes"] == _gram_bytes(finetunes[0])[2]  # down_proj's Gram: the largest, alone
+
+
+def test_collect_stops_after_the_group_and_gets_the_same_grams():
+    """A group's pass runs each forward only until the group's layers had all their calls of the
+    batch; the Grams equal those of a whole pass."""
+    from transformers import BertConfig, BertModel
+
+    from deltastore.tuning import fit
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=48, max_position_embeddings=16)).eval()
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 64, (3, 10), generator=gen)} for _ in range(2)]
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    memory = fit._GramMemory()
+    outputs, whole, calls = fit._collect(model, batches, "hidden", layers, layers, memory)
+    assert len(outputs) == 2 and all(c[id(layers[0])] == 1 for c in calls)
+    peak = memory.peak
+    assert peak == sum(m.in_features ** 2 * 8 for m in layers)
+    group = layers[4:6]  # the first layer's intermediate and output dense
+    later = []
+    handle = layers[6].register_forward_pre_hook(lambda module, args: later.append(1))
+    try:
+        outputs, grams, _ = fit._collect(model, batches, "hidden", group, group, memory, calls)
+    finally:
+        handle.remove()
+    assert outputs == [] and later == []  # stopped before the second layer's query
+    assert set(grams) == {id(m) for m in group}
+    for m in group:
+        assert torch.equal(grams[id(m)], whole[id(m)])
+    # The whole pass's Grams are still alive here: counted with the group's.
+    assert memory.peak == peak + sum(m.in_features ** 2 * 8 for m in group)
+    del whole, grams
+    assert memory.alive == 0  # freed Grams are counted off
+
+
+def test_gram_groups_and_option():
+    from deltastore import InvalidInputError
+    from deltastore.tuning.fit import FitTuneConfig, gram_groups
+
+    layers = [torch.nn.Linear(n, 1) for n in (4, 4, 8, 4)]  # Grams of 128, 128, 512, 128 bytes
+    sizes = lambda groups: [[m.in_features for m in g] for g in groups]  # noqa: E731
+    assert sizes(gram_groups(layers, 0)) == [[4], [4], [8], [4]]
+    assert sizes(gram_groups(layers, 256)) == [[4, 4], [8], [4]]
+    assert sizes(gram_groups(layers, 640)) == [[4, 4], [8, 4]]
+    assert sizes(gram_groups(layers, 1 << 20)) == [[4, 4, 8, 4]]
+    assert FitTuneConfig.from_options({"max_gram_bytes": 0, "max_steps": 3}).max_gram_bytes == 0
+    with pytest.raises(InvalidInputError, match=r"fit-all tuner: option max_gram_bytes=-1 is invalid"):
+        FitTuneConfig.from_options({"max_gram_bytes": -1})
+    with pytest.raises(InvalidInputError, match=r"fit-all tuner: unknown option\(s\) \['gram'\]"):
+        FitTuneConfig.from_options({"gram": 1})
