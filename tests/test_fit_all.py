@@ -263,3 +263,28 @@ def test_gram_groups_and_option():
         FitTuneConfig.from_options({"max_gram_bytes": -1})
     with pytest.raises(InvalidInputError, match=r"fit-all tuner: unknown option\(s\) \['gram'\]"):
         FitTuneConfig.from_options({"gram": 1})
+
+
+def test_cli_max_gram_bytes(registry_copy, example, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from deltastore_cli.main import cli
+    from test_tuning import _word_tokenizer
+
+    finetune = tmp_path / "has_top"
+    shutil.copytree(example.finetunes["has_top"], finetune)
+    _word_tokenizer(finetune)
+    gen = torch.Generator().manual_seed(5)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(" ".join(f"w{int(t)}" for t in torch.randint(5, 400, (15,), generator=gen))
+                               for _ in range(16)) + "\n")
+    args = ["commit", str(registry_copy.path), "has_top", str(finetune), "--base", "all", "--method", "dare",
+            "--config", "drop_rate=0.9", "--calib", str(calib), "--tune-steps", "3", "--max-gram-bytes", "0"]
+    result = CliRunner().invoke(cli, args + ["--tune", "dbms"], obj={})
+    assert result.exit_code == 2 and "--max-gram-bytes applies to --tune fit-all only" in result.output
+    result = CliRunner().invoke(cli, args + ["--tune", "fit-all"], obj={})
+    assert result.exit_code == 0, result.output
+    grams = registry_copy.version("has_top")[1].tuning["grams"]
+    assert grams["max_bytes"] == 0 and grams["groups"] == grams["layers"] > 1

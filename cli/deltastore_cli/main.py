@@ -392,6 +392,10 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
 @click.option("--tune-steps", type=click.IntRange(min=0), help="dbms, fit-all: most optimizer steps (default 100).")
 @click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True),
               help="dbms, fit-all: Adam learning rate (default 1e-2).")
+@click.option("--max-gram-bytes", type=click.IntRange(min=0), metavar="N",
+              help="fit-all: most bytes of layer-input Gram matrices (float64, in x in) held at once; the layers "
+                   "are fitted in groups within N, each group after the first costing one more (shortened) pass "
+                   "over the --calib inputs; 0: one layer at a time (default 268435456, 256 MiB).")
 @click.option("--per-layer", is_flag=True, help="One (lam1, lam2) per tensor instead of one pair per model.")
 @click.option("--max-bytes", type=click.IntRange(min=1),
               help="Byte budget: per tensor, the compressor setting (among those each compressor offers for "
@@ -411,8 +415,8 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
 @json_option
 @click.pass_context
 def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method: str | None, config_items,
-           base_name, message, tune, calib, calib_max_length, calib_batch_size, tune_steps, tune_lr, per_layer,
-           max_bytes, ratio, seed, small_tensor_bits, allow_unrelated, follow_links, device, as_json,
+           base_name, message, tune, calib, calib_max_length, calib_batch_size, tune_steps, tune_lr, max_gram_bytes,
+           per_layer, max_bytes, ratio, seed, small_tensor_bits, allow_unrelated, follow_links, device, as_json,
            **shorthands) -> None:
     """Compress FINETUNE as the next version of TASK."""
     if max_bytes is not None and ratio is not None:
@@ -426,12 +430,15 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
 
         budget_menu = [(m, c) for m, c in default_menu() if m == method] or [(method, {})]
     method, config = _compressor_config(method, config_items, shorthands)
-    tune_options = {k: v for k, v in (("max_steps", tune_steps), ("lr", tune_lr)) if v is not None}
+    tune_options = {k: v for k, v in (("max_steps", tune_steps), ("lr", tune_lr), ("max_gram_bytes", max_gram_bytes))
+                    if v is not None}
     if tune in DATA_TUNERS and calib is None:
         raise click.UsageError(f"--tune {tune} fits on data: give --calib FILE (text, one example per line, "
                                "or JSONL)")
     if calib is not None and tune in (None, "l2"):
         raise click.UsageError("--calib is only read by a data-driven tuner; add --tune dbms or --tune fit-all")
+    if max_gram_bytes is not None and tune != "fit-all":
+        raise click.UsageError("--max-gram-bytes applies to --tune fit-all only")
     if tune_options and tune not in DATA_TUNERS:
         raise click.UsageError("--tune-steps and --tune-lr apply to --tune dbms and --tune fit-all only")
     reg = _registry(registry)
