@@ -288,3 +288,18 @@ def test_cli_max_gram_bytes(registry_copy, example, tmp_path):
     assert result.exit_code == 0, result.output
     grams = registry_copy.version("has_top")[1].tuning["grams"]
     assert grams["max_bytes"] == 0 and grams["groups"] == grams["layers"] > 1
+
+
+@pytest.mark.cuda
+def test_fit_all_layer_groups_on_cuda(registry_copy, example):
+    """On the GPU (the tuner's default device there), too, the grouped fit stores what the one-group
+    fit stores. A repeat of the one-group fit comes first: should it differ, the GPU's kernels are
+    not deterministic run to run, and no grouping could be compared exactly."""
+    path = example.finetunes["has_top"]
+    whole = _fit_all(registry_copy, "has_top", path, calibration(example))
+    assert whole[0].tuning["device"] == "cuda"
+    again = _fit_all(registry_copy, "has_top", path, calibration(example), max_gram_bytes=256 << 20)
+    _assert_same_version(again, whole)
+    grouped = _fit_all(registry_copy, "has_top", path, calibration(example), max_gram_bytes=0)
+    _assert_same_version(grouped, whole)
+    assert grouped[0].tuning["grams"]["peak_bytes"] == _gram_bytes(path)[2]
