@@ -33,10 +33,10 @@ is summed or used, one Gram-sized temporary (a batch's ``X^T X``, or the damped 
 solves with). The first group's Grams are collected in the pass that computes the targets;
 each further group costs one more pass over the calibration batches, each forward stopped
 (an exception from a hook) as soon as the group's layers have had all their inputs of the
-batch, so the model runs only up to the group's last layer. The finetune's weights stay in
-the model until every group is collected; only then are the lossy slots set to ``W_pre``
-(read again from the reference, one tensor at a time, so no second copy of the model is ever
-held). The Grams are the same whatever the grouping: the same inputs, summed over the same
+batch, so the model runs only up to the group's last layer. With several groups the
+finetune's weights stay in the model until every group is collected; only then are the lossy
+slots set to ``W_pre`` (read again from the reference, one tensor at a time, so no second copy
+of the model is ever held). The Grams are the same whatever the grouping: the same inputs, summed over the same
 batches in the same order, so the fit is identical (tests/test_fit_all.py compares the
 stored versions bit for bit). MiniLM (6 layers x (5 x 384^2 + 1536^2) doubles, about 150 MB)
 is one group: no extra pass. A Llama-2-7B (per layer six inputs of 4096 and one of 11008)
@@ -299,8 +299,9 @@ def _fit_codes(context: TuneContext, cfg: FitTuneConfig, start: Lambdas, model: 
     # The whole pass: the targets, the first group's Grams and how often each layer runs per batch.
     targets, grams, calls = _collect(model, batches, output, groups[0] if groups else [], layers, memory)
     masks = [_mask(b, t) for b, t in zip(batches, targets)]
-    # The model keeps the finetune's weights until every group's inputs are collected.
-    items = _prepare(context, model, owned, names, context.per_layer, device, install=False)
+    # With more groups to collect, the model keeps the finetune's weights until they are.
+    grouped = len(groups) > 1
+    items = _prepare(context, model, owned, names, context.per_layer, device, install=not grouped)
     pairs = {it.name: (start.per_tensor or {}).get(it.name, (start.lam1, start.lam2)) for it in items}
 
     group_of = {id(m): g for g, group in enumerate(groups) for m in group}
@@ -323,7 +324,8 @@ def _fit_codes(context: TuneContext, cfg: FitTuneConfig, start: Lambdas, model: 
         for it in by_group[g]:
             fits[it.name] = _fit_code(it, *pairs[it.name], grams.get(id(layer_of[it.name])), device)
     grams = {}
-    _install(context, model, owned, items, device)
+    if grouped:
+        _install(context, model, owned, items, device)
 
     plain: dict[str, torch.Tensor] = {}
     fitted: dict[str, torch.Tensor] = {}
