@@ -36,9 +36,9 @@ each further group costs one more pass over the calibration batches, each forwar
 batch, so the model runs only up to the group's last layer. With several groups the
 finetune's weights stay in the model until every group is collected; only then are the lossy
 slots set to ``W_pre`` (read again from the reference, one tensor at a time, so no second copy
-of the model is ever held). The Grams are the same whatever the grouping: the same inputs, summed over the same
-batches in the same order, so the fit is identical (tests/test_fit_all.py compares the
-stored versions bit for bit). MiniLM (6 layers x (5 x 384^2 + 1536^2) doubles, about 150 MB)
+of the model is ever held). The Grams are the same whatever the grouping: the same inputs,
+summed over the same batches in the same order, so the fit is identical (tests/test_fit_all.py
+compares the stored versions bit for bit). MiniLM (6 layers x (5 x 384^2 + 1536^2) doubles, about 150 MB)
 is one group: no extra pass. A Llama-2-7B (per layer six inputs of 4096 and one of 11008)
 would need 57 GB of Grams at once; with the default budget it holds at most 0.97 GB (one
 ``down_proj``'s) in 4 groups per layer, at the price of about 64 extra passes' worth of
@@ -53,7 +53,7 @@ The record (the version's ``tuning`` field): ``tuner`` (``fit-all``), ``fell_bac
 1), ``loss_final`` (the version's), ``lam1_final``/``lam2_final``, ``tensors_fitted``,
 ``tensors_refit`` (whose fitted code was kept), ``tensors_with_inputs`` (fitted on a linear
 layer's inputs), ``grams`` (how step 2 was grouped: ``max_bytes``, the option; ``layers``, the
-linear layers whose inputs were collected; ``groups``; ``peak_bytes``, the most bytes of
+linear layers among the fitted tensors; ``groups``; ``peak_bytes``, the most bytes of
 Grams alive at once, as counted while they were; ``forwards``, the batch forwards the groups
 after the first ran, each stopped after its group), ``local_error`` (sum over tensors of the
 squared error before and after refitting, each relative to the error of zero), ``steps``,
@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -74,14 +74,13 @@ from ..calibration import as_batches, example_count
 from ..errors import InvalidInputError
 from ..tensor import dbms
 from ..tensor import lsq
-from .dbms import (DbmsTuneConfig, _install, _levenberg_marquardt, frozen_eval, _load_model, _mask, _prepare,
-                   _Problem, _Progress, _resolve_output, _select, _squares)
+from .dbms import (DbmsTuneConfig, _install, _levenberg_marquardt, frozen_eval, _load_model, _Lossy, _mask,
+                   _prepare, _Problem, _Progress, _resolve_output, _select, _squares)
 from .dbms import tune as tune_lambdas
 from .base import Lambdas, TuneContext
 
 GRAM_ITEM_BYTES = 8  # the Grams are float64: sums over many tokens, and the solves need the precision
 MAX_GRAM_BYTES = 256 << 20  # default max_gram_bytes: MiniLM's ~150 MB of Grams stay one group (one pass)
-FIT_OPTIONS = ("max_gram_bytes",)  # the options fit-all adds to the dbms tuner's
 
 
 class _FixedCodes(_Problem):
@@ -111,6 +110,10 @@ class FitTuneConfig(DbmsTuneConfig):
         if type(self.max_gram_bytes) is not int or self.max_gram_bytes < 0:
             raise InvalidInputError(f"fit-all tuner: option max_gram_bytes={self.max_gram_bytes!r} is invalid; "
                                     "expected an integer >= 0 (bytes)")
+
+
+# The options fit-all adds to the dbms tuner's: step 1 is not given them.
+FIT_OPTIONS = {f.name for f in fields(FitTuneConfig)} - {f.name for f in fields(DbmsTuneConfig)}
 
 
 class _GramMemory:
@@ -239,7 +242,7 @@ class _Fitted:
     refit: bool
 
 
-def _fit_code(it, lam1: float, lam2: float, gram: torch.Tensor | None, device: torch.device) -> _Fitted:
+def _fit_code(it: _Lossy, lam1: float, lam2: float, gram: torch.Tensor | None, device: torch.device) -> _Fitted:
     """Encode one tensor's residual at ``lam1`` and fit its code's continuous part under ``gram``."""
     compressor = it.compressor
     resid = dbms.residual(it.delta, it.tau, lam1)
@@ -305,7 +308,7 @@ def _fit_codes(context: TuneContext, cfg: FitTuneConfig, start: Lambdas, model: 
     pairs = {it.name: (start.per_tensor or {}).get(it.name, (start.lam1, start.lam2)) for it in items}
 
     group_of = {id(m): g for g, group in enumerate(groups) for m in group}
-    by_group: list[list] = [[] for _ in groups]
+    by_group: list[list[_Lossy]] = [[] for _ in groups]
     fits: dict[str, _Fitted] = {}
     for it in items:
         layer = layer_of.get(it.name)
