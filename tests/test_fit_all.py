@@ -248,6 +248,36 @@ def test_collect_stops_after_the_group_and_gets_the_same_grams():
     assert memory.alive == 0  # freed Grams are counted off
 
 
+def test_collect_waits_for_every_call_of_a_shared_layer():
+    """A layer run several times per forward (weights shared across blocks, as in ALBERT) has all
+    its calls summed before the forward is stopped."""
+    from deltastore.tuning import fit
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.between, self.head = (torch.nn.Linear(6, 6), torch.nn.Linear(6, 6),
+                                                   torch.nn.Linear(6, 2))
+
+        def forward(self, input_ids):
+            x = self.block(input_ids)
+            return self.head(self.block(self.between(x)))
+
+    torch.manual_seed(0)
+    model = Shared().eval()
+    batches = [{"input_ids": torch.randn(4, 6)}, {"input_ids": torch.randn(3, 6)}]
+    layers = [model.block, model.between, model.head]
+    _, whole, calls = fit._collect(model, batches, "tensor", layers, layers, fit._GramMemory())
+    assert [c[id(model.block)] for c in calls] == [2, 2]
+    head_calls = []
+    handle = model.head.register_forward_pre_hook(lambda module, args: head_calls.append(1))
+    try:
+        _, grams, _ = fit._collect(model, batches, "tensor", [model.block], [model.block], fit._GramMemory(), calls)
+    finally:
+        handle.remove()
+    assert torch.equal(grams[id(model.block)], whole[id(model.block)]) and head_calls == []
+
+
 def test_gram_groups_and_option():
     from deltastore import InvalidInputError
     from deltastore.tuning.fit import FitTuneConfig, gram_groups
