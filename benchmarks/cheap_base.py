@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -40,6 +41,8 @@ VARIANTS: dict[str, dict | None] = {
     "rows-0.1": {"row_fraction": 0.1},
     "rows-0.03": {"row_fraction": 0.03},
     **{f"no-emb-rows-{f}": {"exclude": ["*embeddings*"], "row_fraction": f} for f in (0.25, 0.1, 0.03)},
+    # The largest matrices only: MiniLM's feed-forward ones (589,824 elements; attention's have 147,456).
+    "ffn-only": {"exclude": ["*embeddings*"], "min_params": 500_000},
 }
 # DARE between quality.py's p=0.99 and p=0.998, without a base: the base's bytes spent on the
 # task's own delta instead, at about the bytes of a task plus its share of a cheaper base.
@@ -57,6 +60,10 @@ DEFAULT_RUNS = [
     *[(v, "dare-p0.998", "dbms-fit") for v in ("no-emb-rows-0.03", "no-emb-rows-0.25")],
     # The cheapest base that kept most, under the other compressors and a lower drop rate.
     *[("no-emb-rows-0.1", s, "dbms-fit") for s in ("dare-p0.997", "bitdelta", "deltadq-g64k1b2")],
+    *[("ffn-only", s, "dbms-fit") for s in ("dare-p0.998", "bitdelta")],
+    # DeltaDQ, whose sparse base paid above: against its own lam2 fit, and a sparser and a fuller base.
+    ("none", "deltadq-g64k1b2", "dbms-fit-nobase"),
+    *[(v, "deltadq-g64k1b2", "dbms-fit") for v in ("no-emb-rows-0.03", "no-emb")],
 ]
 PAGE = quality.RESULTS / "cheap_base.md"
 # How much lower a base's test logit MSE must be than a rival's to count as better, not a tie.
@@ -96,7 +103,7 @@ def open_bases(tasks: list[str], variants: list[str]):
             reg.build_base(name, [zoo.model_dir(t) for t in tasks], **options, progress=False)
             print(f"built base {variant} ({time.perf_counter() - t0:.0f} s)", flush=True)
         _, record = reg.base(name)
-        elements = sum((e.shape[0] if e.changed_rows is None else e.changed_rows) * (e.shape[1] if len(e.shape) > 1 else 1)
+        elements = sum((e.shape[0] if e.changed_rows is None else e.changed_rows) * math.prod(e.shape[1:])
                        for e in record.tensors.values())
         bases[variant] = (name, quality.base_bytes(reg, name), elements)
     return reg, bases
