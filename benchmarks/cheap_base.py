@@ -44,9 +44,9 @@ VARIANTS: dict[str, dict | None] = {
     # The largest matrices only: MiniLM's feed-forward ones (589,824 elements; attention's have 147,456).
     "ffn-only": {"exclude": ["*embeddings*"], "min_params": 500_000},
 }
-# DARE between quality.py's p=0.99 and p=0.998, without a base: the base's bytes spent on the
-# task's own delta instead, at about the bytes of a task plus its share of a cheaper base.
-quality.SETTINGS.update({f"dare-p{p}": ("dare", {"drop_rate": p, "value_bits": 16}) for p in (0.995, 0.997)})
+# DARE beside quality.py's p=0.99 and p=0.998, without a base: the base's bytes spent on the
+# task's own delta instead, at about the bytes of a task plus its share of a base.
+quality.SETTINGS.update({f"dare-p{p}": ("dare", {"drop_rate": p, "value_bits": 16}) for p in (0.95, 0.98, 0.995, 0.997)})
 # (variant, setting, row), in the order run: the most telling first, so a cut-short run has them.
 CORE = (("none", "plain"), ("none", "dbms-fit-nobase"), ("full", "dbms-fit"), ("rows-0.1", "dbms-fit"),
         ("no-emb", "dbms-fit"))
@@ -64,6 +64,8 @@ DEFAULT_RUNS = [
     # DeltaDQ, whose sparse base paid above: against its own lam2 fit, and a sparser and a fuller base.
     ("none", "deltadq-g64k1b2", "dbms-fit-nobase"),
     *[(v, "deltadq-g64k1b2", "dbms-fit") for v in ("no-emb-rows-0.03", "no-emb")],
+    # More versions without a base, at the sizes of the bases that paid (20-120x): their rivals.
+    *[("none", s, "plain") for s in ("deltadq-g32k1b2", "deltadq-g16k1b2", "dare-p0.98", "dare-p0.95", "dare-p0.9")],
 ]
 PAGE = quality.RESULTS / "cheap_base.md"
 # How much lower a base's test logit MSE must be than a rival's to count as better, not a tie.
