@@ -133,3 +133,25 @@ def test_cli_base_build_options(example, reg):
         refused = runner.invoke(cli, ["base", "build", str(reg.path), "--name", "c", *args, *finetunes])
         assert refused.exit_code in (1, 2) and message in refused.output, refused.output
     assert reg.bases() == ["b"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_partial_base_on_the_device_and_resident(example, reg, device):
+    """The streaming (fused) decoders and a resident model switching tasks in place read a
+    partial base like the reference decode: tensors without an entry, rows outside its mask."""
+    from deltastore.engine.resident import ResidentModel
+
+    reg.build_base("part", list(example.finetunes.values()), exclude=["*word_embeddings*"], row_fraction=0.5,
+                   progress=False)
+    reg.commit("bd", example.finetunes["has_top"], method="bitdelta", base="part")
+    reg.commit("dare", example.finetunes["has_small"], method="dare", config={"drop_rate": 0.9}, base="part")
+    wants = {task: _spec_reads_like_deltastore(reg, task) for task in ("bd", "dare")}
+    for task, want in wants.items():
+        got = reg.materialize(task, device=device, progress=False)
+        assert all(torch.equal(got[n].cpu(), want[n]) for n in want), task
+    model = reg.load_model("bd", device=device)
+    resident = ResidentModel(reg, model, device=device)
+    for task in ("dare", "bd", "dare"):
+        resident.switch(task)
+        state = model.state_dict()
+        assert all(torch.equal(state[n].cpu(), t) for n, t in wants[task].items()), task
