@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="where to evaluate (cpu or cuda); the dbms tuner uses cuda "
                         "whenever it is available")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--page", type=Path, default=PAGE, help="the page to write (and its .json beside it); "
+                        "another name keeps a run on other finetunes apart (default: %(default)s)")
     args = parser.parse_args(argv)
     import torch
     import transformers
@@ -171,11 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             "runs": [list(r) for r in runs],
             "zoo": [json.loads((zoo.CACHE / t / "train.json").read_text()) for t in args.tasks],
             "seconds": None if args.report_only else round(time.perf_counter() - started)}
-    write(summary, finetuned, meta)
+    write(summary, finetuned, meta, args.page)
     return 0
 
 
-def write(summary: list[dict], finetuned: dict[str, float], meta: dict) -> None:
+def write(summary: list[dict], finetuned: dict[str, float], meta: dict, page: Path) -> None:
     tasks = meta["tasks"]
     n = len(tasks)
     ft_avg = sum(finetuned[t] for t in tasks) / n
@@ -238,9 +240,9 @@ def write(summary: list[dict], finetuned: dict[str, float], meta: dict) -> None:
                      f"bytes a task ({r['base_share_bytes'] / r['own_bytes']:.2f}x its own). (a) "
                      + (show(same) if same else "not run") + ". (b) " + (show(best) if best else "none run"))
     lines.append("")
-    PAGE.write_text("\n".join(lines))
-    PAGE.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1, default=str))
-    print(f"wrote {PAGE} and {PAGE.with_suffix('.json')}")
+    page.write_text("\n".join(lines))
+    page.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1, default=str))
+    print(f"wrote {page} and {page.with_suffix('.json')}")
 
 
 if __name__ == "__main__":
