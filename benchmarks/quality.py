@@ -58,10 +58,12 @@ ROWS: dict[str, dict] = {
     # Issue 16: the lambdas and every stored code's continuous part fitted (deltastore.tuning.fit).
     "fit-all": {"base": True, "tune": "fit-all", "per_layer": False},
     "fit-all-nobase": {"base": False, "tune": "fit-all", "per_layer": False},
+    # Issue 16, a cheaper base: the dbms fit without a base vector (lam2 alone), what a base must beat.
+    "dbms-fit-nobase": {"base": False, "tune": "dbms", "per_layer": False},
 }
 ROW_LABEL = {"plain": "plain", "dbms-init": "+ DBMS closed-form", "dbms-fit": "+ DBMS fitted",
              "dbms-fit-layer": "+ DBMS fitted, per layer", "fit-all": "+ DBMS, everything fitted",
-             "fit-all-nobase": "everything fitted, no base"}
+             "fit-all-nobase": "everything fitted, no base", "dbms-fit-nobase": "lam2 fitted, no base"}
 SWEEP_DEFAULT = ("tweet_sentiment", "dare-p0.99")
 LAM1_FACTORS = [-1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
 LAM2_GRID = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
@@ -246,17 +248,19 @@ def run_parts(tasks: list[str], settings: list[str], small_bits: list[int], devi
     return out
 
 
-def run_cell(reg, base: str, ev: TaskEval, setting: str, row: str, n_tasks: int, base_size: int) -> dict:
-    """Commit one task with one setting and row, materialize it, score it; cached as JSON. A
-    budget the finetune cannot meet gives a cell holding only why (``infeasible``)."""
+def run_cell(reg, base: str, ev: TaskEval, setting: str, row: str, n_tasks: int, base_size: int, *,
+             cells: Path = CACHE / "cells") -> dict:
+    """Commit one task with one setting and row, materialize it, score it; cached as JSON in
+    ``cells`` (another folder per base vector, when a benchmark compares several). A budget the
+    finetune cannot meet gives a cell holding only why (``infeasible``)."""
     from deltastore.errors import InvalidInputError
 
-    out = CACHE / "cells" / f"{setting}__{row}__{ev.task}.json"
+    out = cells / f"{setting}__{row}__{ev.task}.json"
     if out.exists():
         return json.loads(out.read_text())
     method, config = SETTINGS[setting]
     spec = ROWS[row]
-    name = f"{ev.task}--{setting}--{row}"
+    name = f"{ev.task}--{setting}--{row}" + ("" if cells == CACHE / "cells" else f"--{cells.name}")
     start = time.perf_counter()
     budget = ({"ratio": config["ratio"], "small_tensor_bits": config.get("small_tensor_bits")} if method == "budget"
               else {"method": method, "config": config})

@@ -19,7 +19,7 @@ from .errors import (AlreadyExistsError, DeltastoreError, IncompatibleFinetuneEr
 from .catalog import (INFO_KEY, Catalog, NewRegistry, VersionStats, check_name, init_leftover, is_url,
                       open_location, parse_spec, split_spec, utc_now)
 from .engine import budget
-from .engine.base import base_entry, check_base_inputs
+from .engine.base import BaseOptions, base_entry, check_base_inputs, select_base_tensors
 from .engine.budget import budget_bytes
 from .engine.commit import (CommitPipeline, check_finite, check_storable, commit_settings, content_sha256, plain,
                             plan_finetune, store_files, store_lossless)
@@ -89,7 +89,8 @@ class Registry(Catalog):
         return cls(path)
 
     # -- base vectors -----------------------------------------------------------------------
-    def build_base(self, name: str, finetunes: Iterable[Any], *, progress: bool | None = None,
+    def build_base(self, name: str, finetunes: Iterable[Any], *, exclude: Iterable[str] = (), min_params: int = 0,
+                   row_fraction: float = 1.0, progress: bool | None = None,
                    client: "Client | None" = None) -> BaseRecord:
         """Build and store ``tau_base = BitDelta(mean_t(W_t) - W_pre)`` under ``name``.
 
@@ -97,7 +98,13 @@ class Registry(Catalog):
         ``client``: a ``distributed.Client``; each tensor is then computed on a worker, which
         reads the finetunes itself (so give them as paths every worker can read), with the same
         bits as without (:mod:`deltastore.engine.base`).
+
+        A cheaper base covers less (:class:`deltastore.engine.base.BaseOptions`): ``exclude``,
+        shell patterns of reference tensor names left out (``["*embeddings*"]``); ``min_params``,
+        tensors with fewer elements left out; ``row_fraction``, in each tensor only that share of
+        its changed rows, those of largest mean delta. Versions on such a base read as on any.
         """
+        options = BaseOptions(tuple(exclude) if not isinstance(exclude, str) else exclude, min_params, row_fraction)
         check_name("base", name)
         if self.backend.exists(f"refs/bases/{name}"):
             raise AlreadyExistsError(f"{self.path}: base vector {name!r} exists; pick another name")
@@ -108,7 +115,8 @@ class Registry(Catalog):
         ref_digest = self.reference_hash()
         reference = self.objects.get_record(ref_digest, ReferenceRecord)
         plans = [plan_finetune(reference, s) for s in sources]
-        lossy = [r for r in reference.tensors if all(r in p.lossy_ref for p in plans)]
+        lossy = select_base_tensors(reference, [r for r in reference.tensors if all(r in p.lossy_ref for p in plans)],
+                                    options, name)
         # Refuse NaN/Inf before the first write, so a refused build changes nothing on disk.
         if client is not None:
             from .engine.fanout import map_base_tensors
@@ -125,10 +133,11 @@ class Registry(Catalog):
         def write(attempt: Attempt) -> BaseRecord:
             txn = self.objects.new_txn()
             if client is not None:
-                tensors = map_base_tensors(client, self._location(), paths, lossy, "build", progress=progress)
+                tensors = map_base_tensors(client, self._location(), paths, lossy, "build", progress=progress,
+                                           row_fraction=row_fraction)
             else:
-                tensors = {ref_name: base_entry(self.objects, reference, sources, plans, ref_name, txn) for ref_name
-                           in _progress(lossy, total=len(lossy), desc=f"base {name}", enabled=progress)}
+                tensors = {ref_name: base_entry(self.objects, reference, sources, plans, ref_name, txn, row_fraction)
+                           for ref_name in _progress(lossy, total=len(lossy), desc=f"base {name}", enabled=progress)}
             record = BaseRecord(name=name, created=utc_now(), reference=ref_digest,
                                 sources=[s.label for s in sources], tensors=tensors)
             digest = self.objects.put_record(record, txn)

@@ -154,13 +154,20 @@ def test_base_build_on_the_cluster_has_the_bits_of_one_built_here(models, client
     here = reg.build_base("here", list(finetunes.values()), progress=False)
     there = reg.build_base("there", list(finetunes.values()), client=client, progress=False)
     assert there.tensors == here.tensors and there.sources == here.sources
+    # A cheaper base (issue 16): the workers keep the same rows and leave out the same tensors.
+    options = {"exclude": ["lin*"], "row_fraction": 0.3}
+    sparse_here = reg.build_base("sparse-here", list(finetunes.values()), progress=False, **options)
+    sparse_there = reg.build_base("sparse-there", list(finetunes.values()), client=client, progress=False, **options)
+    assert sparse_there.tensors == sparse_here.tensors and "lin.weight" not in sparse_here.tensors
+    assert 0 < sum(e.changed_rows for e in sparse_here.tensors.values()) < sum(
+        e.changed_rows for r, e in here.tensors.items() if r in sparse_here.tensors)
     assert reg.verify() == []
     state = finetune_state(0)
     state["lin.weight"][3, 5] = float("nan")
     broken = write_model(tmp_path / "nan", state)
     with pytest.raises(InvalidInputError, match="NaN"):
         reg.build_base("nan", [*list(finetunes.values())[:2], broken], client=client, progress=False)
-    assert sorted(reg.bases()) == ["here", "there"] and reg.verify() == []
+    assert sorted(reg.bases()) == ["here", "sparse-here", "sparse-there", "there"] and reg.verify() == []
 
 
 def test_the_cli_joins_a_cluster_by_its_address(models, client, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -241,34 +242,49 @@ def _cluster_options(command):
 @registry_arg
 @click.option("--name", required=True, help="Name of the new base vector.")
 @click.argument("finetunes", nargs=-1, required=True, type=ModelPath())
+@click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
+              help="Leave out the reference tensors whose name matches this shell pattern (repeatable), e.g. "
+                   "'*embeddings*'; their tasks' deltas are compressed as without a base vector.")
+@click.option("--min-params", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Leave out tensors with fewer elements than this.")
+@click.option("--row-fraction", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="In each tensor keep only this share of the rows the finetunes changed, those where their mean "
+                   "delta is largest (a sparse base: 1 bit per element of the rows kept).")
 @_cluster_options
 @json_option
 @click.pass_context
-def base_build(ctx: click.Context, registry: Path, name: str, finetunes: tuple[Path, ...], scheduler: str | None,
-               workers: int | None, as_json: bool) -> None:
+def base_build(ctx: click.Context, registry: Path, name: str, finetunes: tuple[Path, ...], exclude: tuple[str, ...],
+               min_params: int, row_fraction: float, scheduler: str | None, workers: int | None, as_json: bool) -> None:
     """Build tau_base = BitDelta(mean(W_t) - W_pre) from FINETUNES.
 
+    The base costs 1 bit per element it covers, shared by the tasks that use it; --exclude,
+    --min-params and --row-fraction make it cover less, for cohorts of few tasks.
     With --scheduler or --workers, each tensor's mean is computed on a Dask worker, with the
     same bits as in one process."""
     reg = _registry(registry)
+    options = {"exclude": exclude, "min_params": min_params, "row_fraction": row_fraction}
     if scheduler is None and workers is None:
-        record = reg.build_base(name, list(finetunes), progress=_progress(ctx))
+        record = reg.build_base(name, list(finetunes), **options, progress=_progress(ctx))
     else:
         from deltastore.engine.fanout import connect
 
         with connect(scheduler, workers) as client:
-            record = reg.build_base(name, list(finetunes), progress=_progress(ctx), client=client)
+            record = reg.build_base(name, list(finetunes), **options, progress=_progress(ctx), client=client)
     data = _base_summary(reg, name)
     _emit(data, as_json, f"base {name}: {len(record.tensors)} tensors from {len(finetunes)} finetunes, "
+                         f"{data['elements']:,} elements ({data['rows']:,} rows), "
                          f"{_human(data['bytes_on_disk'])} on disk")
 
 
 def _base_summary(reg: Catalog, name: str) -> dict[str, Any]:
     digest, record = reg.base(name)
     size = reg.objects.size("records", digest) + sum(reg.objects.size("arrays", h) for h in record.array_hashes())
+    # What the base pays a bit for: the rows of each entry's mask (all rows without one).
+    rows = {r: e.shape[0] if e.changed_rows is None else e.changed_rows for r, e in record.tensors.items()}
+    elements = sum(n * math.prod(record.tensors[r].shape[1:]) for r, n in rows.items())
     return {"name": name, "record": digest, "created": record.created, "reference": record.reference,
-            "tensors": len(record.tensors), "sources": record.sources, "bytes_on_disk": size,
-            "used_by": reg.base_users(name)}
+            "tensors": len(record.tensors), "rows": sum(rows.values()), "elements": elements,
+            "sources": record.sources, "bytes_on_disk": size, "used_by": reg.base_users(name)}
 
 
 @base.command("ls")
@@ -293,7 +309,8 @@ def base_show(registry: Path, name: str, as_json: bool) -> None:
     data = _base_summary(_catalog(registry), name)
     _emit(data, as_json, "\n".join([
         f"base {name}  {data['created']}  record {data['record'][:12]}",
-        f"  tensors    {data['tensors']}, {_human(data['bytes_on_disk'])} on disk",
+        f"  tensors    {data['tensors']}, {data['elements']:,} elements in {data['rows']:,} rows, "
+        f"{_human(data['bytes_on_disk'])} on disk",
         f"  built from {', '.join(data['sources'])}",
         f"  used by    {', '.join(data['used_by']) or 'no task version (`base rm` may remove it)'}",
     ]))

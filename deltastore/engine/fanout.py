@@ -424,14 +424,14 @@ def summarize(location: str, results: list[JobResult], seconds: float, workers: 
 
 # -- base build ---------------------------------------------------------------------------------
 def map_base_tensors(client: "Client", location: str, finetunes: list[str], ref_names: list[str], step: str, *,
-                     progress: bool | None = None) -> dict[str, TensorEntry]:
+                     progress: bool | None = None, row_fraction: float = 1.0) -> dict[str, TensorEntry]:
     """One task per reference tensor on ``client``'s workers: ``step`` ``check`` refuses NaN or
-    infinities (returns nothing), ``build`` stages each tensor's entry and returns them all.
-    The first error cancels the rest and is raised."""
+    infinities (returns nothing), ``build`` stages each tensor's entry (on ``row_fraction`` of its
+    changed rows) and returns them all. The first error cancels the rest and is raised."""
     from distributed import as_completed
 
     build = uuid.uuid4().hex
-    futures = {client.submit(_base_tensor_task, location, tuple(finetunes), build, name, step,
+    futures = {client.submit(_base_tensor_task, location, tuple(finetunes), build, name, step, row_fraction,
                              key=f"base-{step}-{name}-{build}"): name for name in ref_names}
     entries: dict[str, TensorEntry] = {}
     try:
@@ -445,13 +445,13 @@ def map_base_tensors(client: "Client", location: str, finetunes: list[str], ref_
 
 
 def _base_tensor_task(location: str, finetunes: tuple[str, ...], build: str, ref_name: str,
-                      step: str) -> TensorEntry | None:
+                      step: str, row_fraction: float) -> TensorEntry | None:
     catalog, reference, sources, plans = _base_inputs(location, finetunes, build)
     if step == "check":
         check_base_inputs(sources, plans, ref_name)
         return None
     txn = catalog.objects.new_txn()  # one per task: two tasks never stage the same array at once
-    entry = base_entry(catalog.objects, reference, sources, plans, ref_name, txn)
+    entry = base_entry(catalog.objects, reference, sources, plans, ref_name, txn, row_fraction)
     catalog.backend.delete(txn)
     return entry
 

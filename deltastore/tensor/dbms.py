@@ -14,6 +14,7 @@ nor a BitDelta scale is smeared over them. The base vector uses the same row str
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +49,33 @@ def encode_rows(compressor: Compressor, x: torch.Tensor, rows: torch.Tensor, *, 
     return MatrixCode(rows, compressor.encode(x[rows].contiguous(), seed=seed))
 
 
-def build_base(mean_delta: torch.Tensor) -> MatrixCode:
-    """``tau_base`` for one matrix: BitDelta of the mean delta over its non-zero rows."""
+def build_base(mean_delta: torch.Tensor, row_fraction: float = 1.0) -> MatrixCode:
+    """``tau_base`` for one matrix: BitDelta of the mean delta over its non-zero rows, or over
+    the ``ceil(row_fraction * n)`` of those ``n`` rows with the largest energy ``sum(mean^2)``
+    (a sparse base: 1 bit per element of the rows it keeps, 0 elsewhere)."""
     rows = changed_rows(mean_delta)
+    if row_fraction < 1.0:
+        rows = top_energy_rows(mean_delta, rows, row_fraction)
     return encode_rows(BitDelta(), mean_delta, rows, seed=0)
+
+
+def top_energy_rows(x: torch.Tensor, rows: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The ``ceil(fraction * count(rows))`` rows of ``rows`` (bool) where ``x`` (2-D) has the
+    largest ``sum(x^2)``; ties go to the lower row index, so the choice is a function of ``x``.
+
+    The energies are float64 sums of one row each; torch sums a row of at most
+    ``SERIAL_SUM`` elements on one thread, so their bits, hence the rows chosen, do not depend
+    on the number of threads (a base built on Dask workers keeps the same rows)."""
+    count = int(rows.sum())
+    keep = math.ceil(fraction * count)
+    if keep >= count:
+        return rows
+    energy = x.double().pow(2).sum(dim=1)
+    energy[~rows] = -1.0  # below every changed row's energy (>= 0)
+    order = torch.sort(-energy, stable=True).indices  # stable: equal energies keep index order
+    chosen = torch.zeros_like(rows)
+    chosen[order[:keep]] = True
+    return chosen
 
 
 def expand_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
