@@ -58,8 +58,8 @@ PIECE = 38_000_000
 SETTINGS = ["bitdelta", "dare-p0.99", "deltadq-g32k1b2"]
 ROWS = ["plain", "dbms-fit", "fit-all"]
 # 500x exact can be below the floor (CPU check, 2-step finetunes: smallest 490,472 bytes vs a 442,596 budget);
-# -st10 keeps 10 mantissa bits of the small tensors, which the budget counts.
-BUDGETS = ["budget-100x", "budget-250x", "budget-500x", "budget-500x-st10"]
+# -st3 keeps 3 of the 7 mantissa bits of bf16's small tensors (st10 would leave bf16 exact), counted.
+BUDGETS = ["budget-100x", "budget-250x", "budget-500x", "budget-500x-st3"]
 ENGLISH = ("The quick brown fox jumps over the lazy dog. Machine learning models are trained on large amounts "
            "of text so that they can predict the next word in a sentence. The capital of France is Paris, and "
            "the river that flows through the city is the Seine.")
