@@ -42,8 +42,10 @@ _BLOB_CODEC = Zstd(level=9)
 MAX_BLOB_BYTES = 64 << 20
 # Chunk files one array reader asks for ahead, in bytes, where the backend reads ahead (an
 # object store): four 8 MiB chunks in flight per reader hide the requests' latency (on
-# loopback SeaweedFS, 4-8 concurrent GETs reached its throughput), and the reader threads of
-# a materialize (16 at most) hold at most 512 MiB of chunk files not yet decoded.
+# loopback SeaweedFS, 4-8 concurrent GETs reached its throughput). A materialize's reader
+# threads (16 at most) open the arrays of one tensor each at once (ObjectStore.arrays_ahead),
+# so each holds a window per array of its tensor: the reference's (32 MiB at most) and the
+# small code and mask arrays beside it, some 600 MiB of chunk files not yet decoded in all.
 READ_AHEAD_CHUNK_BYTES = 32 << 20
 
 # A blob stored as a patch against another blob (specs/format.md §3.3): a zstd skippable frame
@@ -307,7 +309,7 @@ class ObjectStore:
     def open_array(self, digest: str, *, verify: bool = True, what: str = "") -> "ArrayReader":
         """A reader of the array named ``digest``, chunk by chunk (see :class:`ArrayReader`): the
         one :meth:`arrays_ahead` opened for this thread, if it did."""
-        opened = getattr(self._ahead, "readers", {}).get((digest, verify))
+        opened = (getattr(self._ahead, "readers", None) or {}).get((digest, verify))
         if opened:
             return opened.popleft()
         return ArrayReader(self, digest, verify=verify, what=what)
@@ -328,14 +330,14 @@ class ObjectStore:
         fetched = [None if self.cached(digest) else fetch_metadata(self.backend, object_key("arrays", digest))
                    for digest, _ in wanted]
         readers: dict[tuple[str, bool], deque] = {}
-        self._ahead.readers = readers
+        outer, self._ahead.readers = getattr(self._ahead, "readers", None), readers
         try:
             for (digest, what), metadata in zip(wanted, fetched):
                 reader = ArrayReader(self, digest, verify=verify, what=what, metadata=metadata)
                 readers.setdefault((digest, verify), deque()).append(reader)
             yield
         finally:
-            del self._ahead.readers
+            self._ahead.readers = outer
             for left in readers.values():
                 for reader in left:
                     reader.close()
