@@ -232,7 +232,8 @@ def report(res: dict) -> str:
         f"# A registry on an S3 server (SeaweedFS on loopback) against a local folder ({res['device']})",
         "",
         f"Machine: {res['machine'].get('gpu', res['machine'].get('cpu', '?'))}, {res['machine']['cpus']} CPUs; "
-        f"torch {res['machine']['torch']}, zarr {res['machine'].get('zarr', '-')}; "
+        f"torch {res['machine']['torch']} ({res['machine'].get('torch_threads', '?')} threads), "
+        f"zarr {res['machine'].get('zarr', '-')}; "
         f"{res['server']['seaweedfs'].splitlines()[0] if res['server']['seaweedfs'] else '?'} on the same machine.",
         f"Model: Llama-2-7B structure, {cfg['layers']} layers, hidden {cfg['hidden']}, MLP {cfg['mlp']}, vocab "
         f"{cfg['vocab']}: {res['params'] / 1e9:.3f} B parameters ({2 * res['params'] / gb:.2f} GB bf16); one "
@@ -267,8 +268,9 @@ def report(res: dict) -> str:
     else:
         lines.append("| bucket | not measured: this build opens a bucket read-only (its error is in the .json) | - |")
     lines += ["", "Requests are counted by the backend, one per call to the store (a listing: one per page); "
-              "opening the registry is included. Chunk files are fetched ahead, several per array and many "
-              "arrays at once, so these requests overlap instead of following one another. CPU seconds are "
+              "opening the registry is included. A tensor's arrays are requested together (every zarr.json, "
+              "then each array's chunk files, several ahead) while other threads read the next tensors', so "
+              "these requests overlap instead of following one another. CPU seconds are "
               "those of the materializing process and of the SeaweedFS process (the server's share of a read "
               "from the bucket; nothing for a local read): on a machine other jobs share, wall-clock time "
               "also measures them, CPU time much less.", ""]

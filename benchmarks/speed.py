@@ -593,7 +593,7 @@ def gpu_state() -> str:
 
 def machine(device: str) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpus": os.cpu_count()}
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     try:
         import zarr
         info["zarr"] = zarr.__version__

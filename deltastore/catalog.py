@@ -237,17 +237,30 @@ class Catalog:
         if cache is None:
             cache = os.environ.get(CACHE_ENV) or None
         self.path, self.backend, self.objects, self.writes = open_location(path, cache=cache)
-        if not self.backend.exists(INFO_KEY):
+        info = self._get_present(INFO_KEY)
+        if info is None:
             raise NotFoundError(
                 f"{self.path}: not a deltastore registry (no {INFO_KEY}); create one with `deltastore init`"
             )
         what = f"{self.path}/{INFO_KEY}"
-        self.info = RegistryInfo.from_dict(unpack(self.backend.get(INFO_KEY), what), what)
+        self.info = RegistryInfo.from_dict(unpack(info, what), what)
         self._reference_objects: dict[str, set[str]] = {}  # reference record -> its arrays and blobs
 
     def __repr__(self) -> str:
         return f"Registry({str(self.path)!r})"
     # -- lookups ----------------------------------------------------------------------------
+    def _get_present(self, key: str) -> bytes | None:
+        """The bytes of ``key``, None where ``backend.exists`` says it is absent: one request
+        where it is there (not an exists() then a get, two in series on an object store); what
+        the read cannot tell from absence (a missing file, a folder above it that is not one)
+        is asked of exists() as before."""
+        try:
+            return self.backend.get(key)
+        except (NotFoundError, CorruptObjectError):
+            if self.backend.exists(key):
+                raise
+            return None
+
     def _pointer(self, key: str, what: str) -> str:
         data = self.backend.get(key)
         return PointerRef.from_dict(unpack(data, what), what).record
@@ -295,9 +308,10 @@ class Catalog:
 
     def _task_ref(self, task: str) -> TaskRef:
         key = f"refs/tasks/{check_name('task', task)}"
-        if not self.backend.exists(key):
+        data = self._get_present(key)
+        if data is None:
             return TaskRef([])
-        return TaskRef.from_dict(unpack(self.backend.get(key), f"{self.path}/{key}"), f"{self.path}/{key}")
+        return TaskRef.from_dict(unpack(data, f"{self.path}/{key}"), f"{self.path}/{key}")
 
     def version_hashes(self, task: str) -> list[tuple[int, str]]:
         """``[(version number, record hash)]`` of a task, oldest first: the ref alone, no record read."""

@@ -23,6 +23,7 @@ from deltastore.catalog import Catalog
 from deltastore.errors import (AlreadyExistsError, ConditionalWritesError, CorruptObjectError, GraceExceededError,
                                InvalidInputError, NotFoundError)
 from deltastore.storage import layout
+from deltastore.storage.backend import LocalBackend
 from deltastore.storage.objectstore import ObjectStoreBackend
 from deltastore.storage.objects import ObjectStore, object_key
 from deltastore.storage.writes import CLOCK_SLACK_S, GC_LEASE_PREFIX, GRACE_VARIABLE
@@ -281,6 +282,28 @@ def test_an_array_s_chunk_files_are_requested_together(url, monkeypatch):
         reader.read_chunk(index, flat[offset:offset + nbytes])
     reader.finish()
     assert torch.equal(out, data) and backend.requests == Counter({"get": 1 + 6})
+
+
+def test_a_tensor_s_arrays_are_requested_together(url, tmp_path):
+    """Opening several arrays at once (a tensor's, as materialize does) asks for every zarr.json,
+    then every first chunk file, before any is read; each reads as when opened alone, and one
+    left unread drops its half-filled copy in the read cache."""
+    objects = ObjectStore(ObjectStoreBackend(url))
+    data = [torch.randn(100 + i) for i in range(3)]
+    digests = [objects.put_array(d, objects.new_txn()) for d in data]
+    backend = ObjectStoreBackend(url, check_writes=False)
+    cache = tmp_path / "cache"
+    reading = ObjectStore(backend, LocalBackend(cache))
+    fetched = _spy(backend, ("fetch", "get"))
+    with reading.arrays_ahead([(d, "") for d in digests]):
+        assert [op for op, _ in fetched] == ["fetch"] * 6  # 3 zarr.json, then 3 chunk files
+        assert [key.rpartition("/")[2] for _, key in fetched] == ["zarr.json"] * 3 + ["0"] * 3
+        assert torch.equal(reading.get_array(digests[0]), data[0])
+        assert torch.equal(reading.get_array(digests[1]), data[1])
+    assert len(fetched) == 6  # the arrays opened ahead were read, not opened again
+    assert reading.cached(digests[0]) and reading.cached(digests[1]) and not reading.cached(digests[2])
+    assert not list((cache / "staging").glob("*"))  # the unread one's copy was dropped
+    assert torch.equal(reading.get_array(digests[2]), data[2])
 
 
 def test_a_second_materialize_through_the_cache_requests_no_array(local, url, tmp_path):

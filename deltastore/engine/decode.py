@@ -185,6 +185,25 @@ def unpack(objects, record: TaskVersion, reference: ReferenceRecord) -> dict[str
     if record.pack is None:
         raise CorruptObjectError(f"{len(names)} tensor(s) are packed, e.g. {names[0]!r}, but the record names no pack")
     sizes = [packed_nbytes(record.tensors[n].shape, torch_dtype(record.tensors[n].dtype)) for n in names]
+    # The pack and every reference tensor it is XORed with, requested together.
+    with objects.arrays_ahead([(record.pack, "pack")] + _xor_arrays(record, names, reference)):
+        return _unpacked(objects, record, reference, names, sizes)
+
+
+def _xor_arrays(record: TaskVersion, names: list[str], reference: ReferenceRecord) -> list[tuple[str, str]]:
+    """``(digest, what)`` of the reference arrays :func:`_unpacked` reads (a hint: an entry it
+    refuses is left out here)."""
+    wanted = []
+    for name in names:
+        entry = record.tensors[name]
+        ref_entry = reference.tensors.get(entry.ref) if entry.codec == XOR else None
+        if ref_entry is not None and "data" in ref_entry.arrays:
+            wanted.append((ref_entry.arrays["data"], f"reference {entry.ref}"))
+    return wanted
+
+
+def _unpacked(objects, record: TaskVersion, reference: ReferenceRecord, names: list[str], sizes: list[int]
+              ) -> dict[str, torch.Tensor]:
     data = objects.get_array(record.pack, what="pack")
     if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() != sum(sizes):
         raise CorruptObjectError(f"the pack must be uint8 ({sum(sizes)},) for its {len(names)} tensors, found "

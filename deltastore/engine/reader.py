@@ -137,6 +137,28 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
 
 
+def _arrays_of(item: TensorPlan) -> list[tuple[str, str]]:
+    """``(digest, what)`` of every stored array :meth:`DeviceReader._read_arrays` reads for
+    ``item``, in the order it reads them. Only a hint: an array left out is opened when read,
+    one too many is never read; a record that lacks one, or has a reference of another codec,
+    is refused there, not here."""
+    entry = item.entry
+    if not entry.is_delta:
+        return [(entry.arrays["data"], f"{item.name}: data")] if "data" in entry.arrays else []
+    ref = item.ref_entry
+    wanted = [(ref.arrays["data"], f"reference {entry.ref}")] \
+        if ref.codec == Lossless.name and "data" in ref.arrays else []
+    if entry.rows is not None:
+        wanted.append((entry.rows, f"{item.name}: rows"))
+    wanted += [(h, f"{item.name}: {role}") for role, h in entry.arrays.items()]
+    if item.base_entry is not None:
+        b = item.base_entry
+        if b.rows is not None:
+            wanted.append((b.rows, f"base {entry.ref}: rows"))
+        wanted += [(h, f"base {entry.ref}: {role}") for role, h in b.arrays.items()]
+    return wanted
+
+
 class DeviceReader:
     """Reads stored arrays (and finetune tensors) onto the decode device, in worker threads.
 
@@ -212,10 +234,15 @@ class DeviceReader:
         return self._read(item)
 
     def _read(self, item: TensorPlan) -> Parts:
-        """Everything :func:`deltastore.engine.decode.decode` needs for ``item``, on the device."""
-        entry = item.entry
+        """Everything :func:`deltastore.engine.decode.decode` needs for ``item``, on the device;
+        its arrays are requested all at once (:meth:`ObjectStore.arrays_ahead`), then read in turn."""
         if item.data is not None:  # packed: read with the version's pack
             return Parts(data=self.put(item.data))
+        with self.objects.arrays_ahead(_arrays_of(item), verify=self.verify):
+            return self._read_arrays(item)
+
+    def _read_arrays(self, item: TensorPlan) -> Parts:
+        entry = item.entry
         if not entry.is_delta:
             return Parts(data=self.array(required_array(entry.arrays, "data"), f"{item.name}: data"))
         rows, _ = item.matrix

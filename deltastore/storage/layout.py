@@ -139,10 +139,20 @@ def _write_zarr(store, data: np.ndarray, *, compress: bool) -> None:
 
 
 # -- reading ----------------------------------------------------------------------------------
-def read_layout(backend: Backend, key: str) -> ArrayLayout:
-    """The checked layout of the array at ``key`` (its zarr.json), for :func:`read_chunk`."""
+def read_layout(backend: Backend, key: str, fetched: Future | None = None) -> ArrayLayout:
+    """The checked layout of the array at ``key`` (its zarr.json), for :func:`read_chunk`.
+
+    ``fetched``: its zarr.json read ahead (:func:`fetch_metadata`), else it is read now."""
     try:
-        raw = backend.get(f"{key}/zarr.json", limit=MAX_ZARR_JSON_BYTES)
+        if fetched is None:
+            raw = backend.get(metadata_key(key), limit=MAX_ZARR_JSON_BYTES)
+        else:
+            data, size = fetched.result()
+            if size > MAX_ZARR_JSON_BYTES:  # as Backend.get refuses it
+                raise CorruptObjectError(f"{backend.root}: object {metadata_key(key)!r} holds {size} bytes, more than "
+                                         f"the {MAX_ZARR_JSON_BYTES} such an object may have; it is damaged or was "
+                                         "not written by deltastore")
+            raw = bytes(data)
     except NotFoundError:
         raise NotFoundError(f"{backend.root}: array {key!r} is missing (no zarr.json)") from None
     meta = check_array_metadata(raw, f"{backend.root}: array {key!r}")
@@ -150,6 +160,16 @@ def read_layout(backend: Backend, key: str) -> ArrayLayout:
     chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
     return ArrayLayout(key, np.dtype(meta["data_type"]).newbyteorder("<"), shape, chunk[0] if shape else 1,
                        meta["codecs"][-1]["name"] == "zstd", raw)
+
+
+def metadata_key(key: str) -> str:
+    return f"{key}/{ARRAY_METADATA}"
+
+
+def fetch_metadata(backend: Backend, key: str) -> Future | None:
+    """Start reading the zarr.json of the array at ``key`` ahead (:meth:`Backend.fetch`), for
+    :func:`read_layout`; None where the backend reads in place."""
+    return backend.fetch(metadata_key(key), limit=MAX_ZARR_JSON_BYTES)
 
 
 def chunk_file_limit(layout: ArrayLayout) -> int:

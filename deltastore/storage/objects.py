@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 import uuid
 import warnings
 from collections import deque
-from typing import TYPE_CHECKING, TypeVar
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator, TypeVar
 
 import numpy as np
 import zstandard
@@ -21,12 +23,14 @@ from numcodecs import Zstd
 
 from ..dtypes import array_numpy_dtype, array_torch_dtype
 from ..errors import CorruptObjectError, NotFoundError
-from .layout import (ARRAY_METADATA, ArrayLayout, chunk_file_limit, chunk_key, read_chunk, read_layout, stored_size,
-                     write_array, zstd_content_size)
+from .layout import (ARRAY_METADATA, ArrayLayout, chunk_file_limit, chunk_key, fetch_metadata, metadata_key,
+                     read_chunk, read_layout, stored_size, write_array, zstd_content_size)
 from .protocol import Backend
 from .records import Record, content_hash, pack, unpack
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import torch
 
     from .writes import Attempt
@@ -38,8 +42,10 @@ _BLOB_CODEC = Zstd(level=9)
 MAX_BLOB_BYTES = 64 << 20
 # Chunk files one array reader asks for ahead, in bytes, where the backend reads ahead (an
 # object store): four 8 MiB chunks in flight per reader hide the requests' latency (on
-# loopback SeaweedFS, 4-8 concurrent GETs reached its throughput), and the reader threads of
-# a materialize (16 at most) hold at most 512 MiB of chunk files not yet decoded.
+# loopback SeaweedFS, 4-8 concurrent GETs reached its throughput). A materialize's reader
+# threads (16 at most) open the arrays of one tensor each at once (ObjectStore.arrays_ahead),
+# so each holds a window per array of its tensor: the reference's (32 MiB at most) and the
+# small code and mask arrays beside it, some 600 MiB of chunk files not yet decoded in all.
 READ_AHEAD_CHUNK_BYTES = 32 << 20
 
 # A blob stored as a patch against another blob (specs/format.md §3.3): a zstd skippable frame
@@ -125,17 +131,20 @@ class ArrayReader:
 
     Nothing read may be used before :meth:`finish` returns: it raises CorruptObjectError when
     the bytes do not hash to the array's name.
+
+    ``metadata``: the array's zarr.json read ahead from the registry (:meth:`ObjectStore.arrays_ahead`).
     """
 
-    def __init__(self, store: "ObjectStore", digest: str, *, verify: bool, what: str):
+    def __init__(self, store: "ObjectStore", digest: str, *, verify: bool, what: str,
+                 metadata: Future | None = None):
         self.digest = digest
         self.label = f"array {digest[:12]}" + (f" ({what})" if what else "")
         key = object_key("arrays", digest)
-        self._cached = cached = store.cache is not None and store.cache.exists(f"{key}/zarr.json")
+        self._cached = cached = metadata is None and store.cached(digest)
         self.backend = store.cache if cached else store.backend
         self._fill = None
         try:
-            self.layout = read_layout(self.backend, key)
+            self.layout = read_layout(self.backend, key, metadata)
         except (NotFoundError, CorruptObjectError) as exc:
             if cached:
                 raise self._damaged(str(exc)) from None
@@ -192,6 +201,11 @@ class ArrayReader:
                 "run `deltastore verify` to list every damaged object and restore them from a backup", named=True)
         if self._fill is not None:
             self._fill.finish(object_key("arrays", self.digest) if intact else None)
+
+    def close(self) -> None:
+        """Give up a reader not read to its end: a copy being put in the cache is dropped."""
+        if self._fill is not None:
+            self._fill.finish(None)
 
     def _damaged(self, problem: str, *, named: bool = False) -> CorruptObjectError:
         """The error for damage found in the array (``named``: ``problem`` names it already).
@@ -268,6 +282,8 @@ class ObjectStore:
         # The write operation in progress (storage/writes.py), which every object written or
         # reused joins, so it can re-check them before its ref names them.
         self.attempt: Attempt | None = None
+        # Readers opened ahead by arrays_ahead, by digest, for the thread that opened them.
+        self._ahead = threading.local()
 
     def new_txn(self) -> str:
         """A fresh staging prefix for one operation's in-flight writes."""
@@ -291,8 +307,40 @@ class ObjectStore:
         return stored_size(to_numpy(tensor), compress=compress)
 
     def open_array(self, digest: str, *, verify: bool = True, what: str = "") -> "ArrayReader":
-        """A reader of the array named ``digest``, chunk by chunk (see :class:`ArrayReader`)."""
+        """A reader of the array named ``digest``, chunk by chunk (see :class:`ArrayReader`): the
+        one :meth:`arrays_ahead` opened for this thread, if it did."""
+        opened = (getattr(self._ahead, "readers", None) or {}).get((digest, verify))
+        if opened:
+            return opened.popleft()
         return ArrayReader(self, digest, verify=verify, what=what)
+
+    def cached(self, digest: str) -> bool:
+        """Does the read-through cache hold the array named ``digest``?"""
+        return self.cache is not None and self.cache.exists(metadata_key(object_key("arrays", digest)))
+
+    @contextmanager
+    def arrays_ahead(self, wanted: list[tuple[str, str]], *, verify: bool = True) -> Iterator[None]:
+        """Open the arrays ``wanted`` (``(digest, what)``, in the order they will be read) all at
+        once, for this thread's :meth:`open_array` (and :meth:`get_array`) of each inside the block.
+
+        Where the backend reads ahead (an object store) every zarr.json is requested at once, then
+        each array's first chunk files: one tensor's arrays arrive together instead of one
+        array's round trips after another's. Each zarr.json is checked as when opened alone; a
+        reader not used in the block is closed at its end."""
+        fetched = [None if self.cached(digest) else fetch_metadata(self.backend, object_key("arrays", digest))
+                   for digest, _ in wanted]
+        readers: dict[tuple[str, bool], deque] = {}
+        outer, self._ahead.readers = getattr(self._ahead, "readers", None), readers
+        try:
+            for (digest, what), metadata in zip(wanted, fetched):
+                reader = ArrayReader(self, digest, verify=verify, what=what, metadata=metadata)
+                readers.setdefault((digest, verify), deque()).append(reader)
+            yield
+        finally:
+            self._ahead.readers = outer
+            for left in readers.values():
+                for reader in left:
+                    reader.close()
 
     def get_array(self, digest: str, *, verify: bool = True, what: str = "") -> torch.Tensor:
         """The array named ``digest`` as a CPU tensor; ``verify`` rehashes it (default)."""

@@ -15,8 +15,8 @@ or locks:
   other's refs without an error, so it is refused before anything is written.
 - **Publishing has no rename**: see :meth:`ObjectStoreBackend.publish`.
 - **Reads in parallel**: :meth:`ObjectStoreBackend.fetch` starts a GET on a thread pool of the
-  backend's own, so readers ask for the chunk files they will need next (storage/objects.py)
-  and many requests are in flight at once; each GET is ranged to what the reader can use and
+  backend's own, so readers ask for the zarr.json and chunk files they will need next
+  (storage/objects.py) and many requests are in flight at once; each GET is ranged to what the reader can use and
   its response gives the key's size, so no HEAD is needed beside it.
 - **Requests are counted** per backend (:attr:`ObjectStoreBackend.requests`), by operation.
 - **Listing** is built from the keys themselves (a prefix exists while a key is under it);
@@ -48,8 +48,9 @@ from .writes import PROBE_PREFIX
 # Reads a backend keeps in flight for those who read ahead (:meth:`ObjectStoreBackend.fetch`):
 # a request on an object store waits on the network and the server, not on this machine's
 # cores, so far more of them than cores are worth having in flight. The callers bound how many
-# they ask for (storage/objects.py: 4 chunk files per array reader, 16 reader threads at most),
-# so this is set not to cap them; each request holds at most one chunk file (8 MiB).
+# they ask for (storage/objects.py: the zarr.json of each array of a tensor, then 4 chunk files
+# per array reader; 16 reader threads at most), and what is asked beyond this waits its turn;
+# each request holds at most one chunk file (8 MiB).
 FETCH_THREADS = 64
 
 
