@@ -388,6 +388,9 @@ def test_of_two_inits_racing_on_one_location_one_wins_the_other_is_refused(examp
     reference under the second's info file)."""
     from deltastore import registry as registry_module
 
+    # The records hold their creation time to the second: pinned, so the two inits of `other`
+    # below make the same reference hash even when they run in different seconds.
+    monkeypatch.setattr(registry_module, "utc_now", lambda: "2026-01-01T00:00:00+00:00")
     location = str(tmp_path / "registry") if where == "folder" else _bucket_url(request.getfixturevalue("s3_env"))
     other = {name: t + 1 if t.is_floating_point() else t
              for name, t in load_file(str(example.reference / "model.safetensors")).items()}
