@@ -16,6 +16,7 @@ import torch
 
 from .errors import (AlreadyExistsError, DeltastoreError, IncompatibleFinetuneError,
                      InvalidInputError, NotFoundError)
+from .calibration import as_batches
 from .catalog import (INFO_KEY, Catalog, NewRegistry, VersionStats, check_name, init_leftover, is_url,
                       open_location, parse_spec, split_spec, utc_now)
 from .engine import budget
@@ -32,6 +33,7 @@ from .storage.writes import Attempt, update_ref
 from .tensor.compressors import DEFAULT_COMPRESSOR, WHOLE_TENSORS, compressor_class, delta_compressors, get_compressor
 from .tensor.prng import derive_seed
 from .tuning import Lambdas, TuneContext, Tuner, get_tuner
+from .tuning.fit import input_grams
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -193,6 +195,7 @@ class Registry(Catalog):
         max_bytes: int | None = None,
         ratio: float | None = None,
         budget_menu: list[tuple[str, Mapping[str, Any]]] | None = None,
+        budget_proxy: str = "auto",
     ) -> TaskVersion:
         """Compress ``finetune`` against the reference (and base vector ``base``) and record it
         as the next version of ``task``. Nothing is visible until the final ref update.
@@ -227,7 +230,15 @@ class Registry(Catalog):
         the record's ``source.budget``. A budget below what the finetune needs at the
         cheapest settings is refused before anything is written; the real bytes are checked
         before the version is published, and a version still over the budget after
-        ``budget.ATTEMPTS`` choices is refused (its arrays are left for ``gc``)."""
+        ``budget.ATTEMPTS`` choices is refused (its arrays are left for ``gc``).
+
+        ``budget_proxy``: how a budget measures a setting's error. ``"weights"``: the squared
+        error of the weights, needing no data; ``"outputs"``: each linear layer's weight error
+        weighted by its input Gram on ``calibration`` (its output error; see
+        :mod:`deltastore.engine.budget`), which needs calibration inputs and a finetune the
+        tuners can run, and keeps the weight error when the Grams would exceed the tuner option
+        ``max_gram_bytes``; ``"auto"`` (default): ``"outputs"`` when calibration inputs are
+        given, else ``"weights"``."""
         check_name("task", task)
         if small_tensor_bits is not None and (isinstance(small_tensor_bits, bool) or not isinstance(
                 small_tensor_bits, int) or not 0 <= small_tensor_bits <= 52):
@@ -252,6 +263,11 @@ class Registry(Catalog):
         # for a 7B model), so only commits that ask for the check pay for it, and record the
         # hash for later checks.
         max_bytes = budget_bytes(max_bytes, ratio, source)
+        if budget_proxy not in ("auto", "weights", "outputs"):
+            raise InvalidInputError(f"budget_proxy must be 'auto', 'weights' or 'outputs', got {budget_proxy!r}")
+        if budget_proxy == "outputs" and calibration is None:
+            raise InvalidInputError("budget_proxy='outputs' weighs errors by the layers' inputs: pass calibration "
+                                    "inputs (calibration=[{'input_ids': ...}, ...]), or use budget_proxy='weights'")
         menu = budget.menu_compressors(list(budget_menu or budget.default_menu())) if max_bytes is not None else None
         fingerprint: dict[str, Any] = {}
         if skip_unchanged:
@@ -259,6 +275,8 @@ class Registry(Catalog):
             if settings is not None and max_bytes is not None:
                 settings["budget"] = {"max_bytes": max_bytes,
                                       "menu": [[c.name, c.config.to_dict()] for c in menu]}
+                if calibration is not None and budget_proxy != "weights":  # only then: as before otherwise
+                    settings["budget"]["proxy"] = "outputs"
             fingerprint = {"sha256": content_sha256(source), "settings": settings}
             if settings is not None and self._task_ref(task).versions:
                 _, latest = self.version(task)
@@ -279,24 +297,29 @@ class Registry(Catalog):
         acc = pipeline.analyse(task, allow_unrelated)
 
         seeds = {name: derive_seed(seed, name) for name in pipeline.lossy}
-        compressors: dict[str, Any] = {}
-        budget_plan = None
-        if max_bytes is not None:
-            budget_plan = budget.plan(pipeline, self.objects, reference, menu,
-                                      acc.lam1 if base_record is not None else 0.0, seeds, task, max_bytes,
-                                      small_tensor_bits)
-            choice = budget_plan.select(max_bytes)
-            compressors = {name: menu[j] for name, j in choice.items()}
-            compressor = budget.main_compressor(budget_plan, choice)
-            method = compressor.name
+        weigh_outputs = max_bytes is not None and calibration is not None and budget_proxy != "weights"
+        if weigh_outputs:
+            calibration = as_batches(calibration)  # read once: the budget and the tuner both pass over it
         context = TuneContext(
             compressor=compressor, lossy=pipeline.lossy, ref_name=dict(plan.lossy),
             reference=lambda n: self._reference_tensor(reference, n).float(),
             finetune=lambda n: source.get(n).float(), tau=lambda n: _on_cpu(pipeline.tau(n)), seeds=seeds,
             lam1_l2=acc.lam1, lam1_l2_per_tensor=acc.per_tensor, has_base=base_record is not None,
             calibration=calibration, per_layer=per_layer, options=dict(tune_options or {}), source=source, seed=seed,
-            progress=progress, compressors=compressors,
+            progress=progress,
         )
+        budget_plan = None
+        if max_bytes is not None:
+            grams = input_grams(context) if weigh_outputs else None
+            budget_plan = budget.plan(pipeline, self.objects, reference, menu,
+                                      acc.lam1 if base_record is not None else 0.0, seeds, task, max_bytes,
+                                      small_tensor_bits, grams)
+            del grams
+            choice = budget_plan.select(max_bytes)
+            compressor = budget.main_compressor(budget_plan, choice)
+            method = compressor.name
+            context = replace(context, compressor=compressor, compressors={n: menu[j] for n, j in choice.items()})
+        compressors = context.compressors
         lambdas: Lambdas = get_tuner(tune or "l2")(context)
         if base_record is None and (lambdas.lam1 != 0.0 or lambdas.per_tensor):
             lambdas = replace(lambdas, lam1=0.0, per_tensor={n: (0.0, l2) for n, (_, l2) in

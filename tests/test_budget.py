@@ -105,3 +105,72 @@ def test_cli_budget_reports_its_choice(registry_copy, example):
     assert again.exit_code == 0 and "nothing to commit" in again.output
     shown = runner.invoke(cli, ["show", str(registry_copy.path), "has_top"], obj={})
     assert shown.exit_code == 0 and f"at most {data['budget']['max_bytes']:,} bytes" in shown.output
+
+
+def _two_layer_plan(registry, grams):
+    """budget.plan on two 8 x 64 matrices (no pipeline: just what plan reads), menu BitDelta and
+    DARE p=0.5: layer ``a``'s delta is tiny in its first column, ``b``'s is ``a``'s times 1.5."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from deltastore.engine import budget
+    from deltastore.storage.records import ReferenceRecord
+
+    g = torch.Generator().manual_seed(0)
+    w_ref = {n: torch.randn(8, 64, generator=g) for n in ("a", "b")}
+    delta_a = torch.randn(8, 64, generator=g)
+    delta_a[:, 0] *= 1e-3
+    deltas = {"a": delta_a, "b": 1.5 * torch.randn(8, 64, generator=g)}
+
+    def read_all(names, what):
+        for n in names:
+            yield n, (w_ref[n], w_ref[n] + deltas[n], None)
+
+    pipeline = SimpleNamespace(source=SimpleNamespace(names=lambda: ["a", "b"], files={}),
+                               plan=SimpleNamespace(lossy={"a": "a", "b": "b"}), lossy=["a", "b"], read_all=read_all)
+    menu = budget.menu_compressors([("bitdelta", {}), ("dare", {"drop_rate": 0.5, "value_bits": 16})])
+    reference = registry.objects.get_record(registry.reference_hash(), ReferenceRecord)
+    return budget.plan(pipeline, registry.objects, reference, menu, 0.0, {"a": 1, "b": 2}, "t", 10**9, grams=grams)
+
+
+def test_budget_weighs_a_layers_error_by_its_inputs(registry_copy):
+    """Unweighted, BitDelta errs less than DARE p=0.5 on both matrices and costs less: both take
+    it. When layer ``a``'s inputs are much larger along its first column (where its delta is
+    tiny and BitDelta's one scale is far too large), its outputs err far more under BitDelta:
+    with that Gram it takes DARE, ``b`` (no Gram) keeps BitDelta with its error unchanged."""
+    import torch
+
+    plain = _two_layer_plan(registry_copy, None)
+    assert plain.select(10**9) == {"a": 0, "b": 0} and plain.weighted == 0
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x[:, 0] *= 1e4
+    weighted = _two_layer_plan(registry_copy, {"a": x.T @ x})
+    assert weighted.select(10**9) == {"a": 1, "b": 0} and weighted.weighted == 1
+    assert [o.error for o in weighted.options["b"]] == [o.error for o in plain.options["b"]]
+    assert [o.nbytes for o in weighted.options["a"]] == [o.nbytes for o in plain.options["a"]]
+    assert "output error" in weighted.summary({"a": 1, "b": 0}, 10**9)["proxy"]
+    # Inputs the same in every direction weigh nothing: the error is the plain one.
+    same = _two_layer_plan(registry_copy, {"a": 7.0 * torch.eye(64, dtype=torch.float64)})
+    assert [o.error for o in same.options["a"]] == pytest.approx([o.error for o in plain.options["a"]], rel=1e-9)
+
+
+def test_budgeted_commit_weighs_outputs_with_calibration(registry_copy, example):
+    from test_tuning import calibration
+
+    task = "has_top"
+    path = example.finetunes[task]
+    with pytest.raises(InvalidInputError, match="budget_proxy='outputs' weighs errors by the layers' inputs"):
+        registry_copy.commit(task, path, max_bytes=10**9, budget_proxy="outputs", progress=False)
+    with pytest.raises(InvalidInputError, match="budget_proxy must be"):
+        registry_copy.commit(task, path, max_bytes=10**9, budget_proxy="loss", progress=False)
+    weights = registry_copy.commit(task, path, max_bytes=10**9, calibration=calibration(example),
+                                   budget_proxy="weights", progress=False)
+    assert weights.source["budget"]["proxy"] == "squared reconstruction error of each residual"
+    outputs = registry_copy.commit(task, path, max_bytes=10**9, calibration=calibration(example), progress=False)
+    assert outputs.source["budget"]["proxy"].startswith("output error on the calibration inputs for ")
+    # Grams over max_gram_bytes: the data-free proxy, rather than hold them all.
+    capped = registry_copy.commit(task, path, max_bytes=10**9, calibration=calibration(example),
+                                  tune_options={"max_gram_bytes": 0}, progress=False)
+    assert capped.source["budget"]["proxy"] == "squared reconstruction error of each residual"
+    registry_copy.verify()

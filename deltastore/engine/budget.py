@@ -12,7 +12,22 @@ record or a refitted code came out larger.
 
 The error of a setting is the squared reconstruction error of the tensor's residual
 ``||C(R) - R||^2`` (``R = D[m] - lam1 * tau[m]`` at the closed-form lam1, lam2 = 1): a proxy for
-the calibration loss that needs no data, additive over tensors. The choice minimises the sum
+the calibration loss that needs no data, additive over tensors. With calibration inputs (and a
+finetune the tuners can run: deltastore.tuning.fit.input_grams), the error of a linear layer's
+weight is measured on its outputs instead: ``E = C(R) - R`` errs the layer's outputs on its
+calibration inputs ``X`` by ``tr(E G E^T)`` with ``G = X^T X`` (deltastore.tensor.lsq.error),
+so bits go to the directions the inputs use. Tensors that are no linear layer's weight
+(embeddings) keep the weight error. To keep both kinds on one scale, a weighted error is
+used as a share of the tensor's own delta: ``||R||^2 * tr(E G E^T) / tr(R G R^T)``, the
+fraction of what the residual does to the outputs that the setting loses, times the squared
+norm that the data-free proxy weighs the tensor by. So the inputs decide which setting loses
+least of a tensor (and how much less, relative to its other settings), while tensors weigh
+against each other as before: raw output errors are in each layer's activation units (a
+layer after a GELU and one after a LayerNorm differ by orders of magnitude, and the next
+LayerNorm undoes much of it), and would not be comparable with the embeddings' weight error
+at all; dividing by the error of zero alone (fit.py's relative error, fine within one
+tensor) would give a tensor whose delta is tiny as much weight as the largest. With ``G``
+a multiple of the identity the weighted error is the plain one. The choice minimises the sum
 of errors within the code budget (a multiple-choice knapsack): a Lagrangian sweep (each
 tensor takes its setting minimising ``error + mu * bytes``, ``mu`` bisected to the tightest that
 fits), then a greedy pass that spends what is left on the upgrades that lower the error most
@@ -31,7 +46,7 @@ from ..catalog import setting_label
 from ..errors import InvalidInputError
 from ..storage.objects import ObjectStore, array_hash, to_numpy
 from ..storage.records import XOR, ReferenceRecord, TensorEntry, content_hash, pack
-from ..tensor import dbms
+from ..tensor import dbms, lsq
 from ..tensor.bitpack import pack_bits
 from ..tensor.compressors import Compressor, compressor_class, delta_compressors, get_compressor
 from ..tensor.compressors.lossless import Lossless
@@ -96,6 +111,7 @@ class BudgetPlan:
     menu: list[Compressor]
     options: dict[str, list[Option]]
     fixed: dict[str, int] = field(default_factory=dict)  # side files, whole tensors, masks, record
+    weighted: int = 0  # tensors whose errors were weighted by their layer's input Gram
 
     @property
     def fixed_bytes(self) -> int:
@@ -166,7 +182,9 @@ class BudgetPlan:
                 "fixed_bytes": dict(self.fixed), "code_bytes": code,
                 "estimated_bytes": code + self.fixed_bytes,
                 "error": sum(self.options[n][j].error for n, j in choice.items()),
-                "proxy": "squared reconstruction error of each residual"}
+                "proxy": (f"output error on the calibration inputs for {self.weighted} linear layers' weights, as a "
+                          "share of each residual's squared norm; squared reconstruction error for the rest"
+                          if self.weighted else "squared reconstruction error of each residual")}
 
     def _fixed_text(self) -> str:
         return ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in self.fixed.items())
@@ -184,12 +202,14 @@ def menu_compressors(menu: list[tuple[str, dict[str, Any]]]) -> list[Compressor]
 
 
 def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[Compressor], lam1: float,
-         seeds: dict[str, int], task: str, max_bytes: int, small_tensor_bits: int | None = None) -> BudgetPlan:
+         seeds: dict[str, int], task: str, max_bytes: int, small_tensor_bits: int | None = None,
+         grams: dict[str, torch.Tensor] | None = None) -> BudgetPlan:
     """Measure the bytes that do not depend on the choice and every menu setting on every lossy
     tensor (one read of each, on the pipeline's device). The fixed bytes are made as the commit
     makes them (CommitPipeline.encode, store_files): small tensors packed against the reference
     (with ``small_tensor_bits``), side files patched against the reference's. A budget that the
-    fixed bytes alone exceed is refused first."""
+    fixed bytes alone exceed is refused first. ``grams``: per finetune name, the input Gram
+    its errors are weighted by (see the module docstring); the others' are unweighted."""
     shared_arrays = reference.array_hashes()
     shared_blobs = set(reference.files.values())
     whole = files = entries = 0
@@ -227,7 +247,7 @@ def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[
             f"and tensors stored whole or packed {whole:,} bytes, plus their record entries {entries:,}; raise "
             "--max-bytes or lower --ratio")
     options: dict[str, list[Option]] = {}
-    masks = 0
+    masks = weighted = 0
     for name, (w_ref, tensor, t) in pipeline.read_all(pipeline.lossy, f"{task}: budget"):
         w_pre = dbms.as_matrix(w_ref.float())
         delta = dbms.as_matrix(tensor.float()) - w_pre
@@ -235,11 +255,19 @@ def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[
         if not bool(rows.all()):
             masks += objects.array_size(pack_bits(rows), compress=False)
         resid = dbms.residual(delta[rows], None if t is None else dbms.as_matrix(t)[rows], lam1).contiguous()
+        gram, share = (grams or {}).get(name), 1.0
+        if gram is not None:
+            gram = gram.to(resid.device)
+            zero = lsq.error(torch.zeros_like(resid), resid, gram)
+            if zero > 0:  # a layer whose inputs do not see its residual keeps the plain error
+                share = float(resid.double().pow(2).sum()) / zero
+                weighted += 1
+            else:
+                gram = None
         row = []
         for compressor in menu:
             encoded = compressor.encode(resid, seed=seeds[name])
-            error = float((compressor.decode(encoded, tuple(resid.shape), resid.device).double()
-                           - resid.double()).pow(2).sum())
+            error = share * lsq.error(compressor.decode(encoded, tuple(resid.shape), resid.device), resid, gram)
             nbytes = sum(objects.array_size(a, compress=a.dtype not in (torch.uint8, torch.int8))
                          for a in encoded.arrays.values())
             draft = TensorEntry(shape=tuple(tensor.shape), dtype="float32", codec=compressor.name,
@@ -249,4 +277,4 @@ def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[
             row.append(Option(nbytes + len(pack(draft.to_dict())), error if math.isfinite(error) else math.inf))
         options[name] = row
     fixed = {"side_files": files, "whole_tensors": whole, "row_masks": masks, "record": entries + RECORD_MARGIN}
-    return BudgetPlan(menu, options, fixed)
+    return BudgetPlan(menu, options, fixed, weighted)

@@ -231,6 +231,34 @@ def _collect(model: torch.nn.Module, batches: list[dict[str, Any]], output: str,
     return outputs, grams, counts
 
 
+def input_grams(context: TuneContext) -> dict[str, torch.Tensor] | None:
+    """Per lossy tensor that is the weight of a linear layer run on the calibration inputs:
+    that layer's input Gram ``G = X^T X`` (float64, padding excluded), collected as step 2
+    collects them, in one pass over the finetune's model (what a byte budget weighs its errors
+    by, deltastore.engine.budget). None when the Grams of those layers would total more than
+    the ``max_gram_bytes`` option (``context.options``, default MAX_GRAM_BYTES): the budget then
+    keeps its data-free proxy rather than hold them all, or pass over the inputs once per group
+    of layers."""
+    known = {f.name for f in fields(FitTuneConfig)}
+    cfg = FitTuneConfig.from_options({k: v for k, v in context.options.items() if k in known})
+    batches = as_batches(context.calibration)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, owned = _load_model(context, cfg, device)
+    with frozen_eval(model, owned):
+        from ..hf import checkpoint_names
+
+        batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
+        output, extra = _resolve_output(model, batches[0], cfg.output)
+        targets_by_name = checkpoint_names(model)
+        layer_of = _linear_layers(model, {n: targets_by_name.get(n, n) for n in context.lossy})
+        wanted = {id(m) for m in layer_of.values()}
+        layers = [m for _, m in model.named_modules() if id(m) in wanted]
+        if len(gram_groups(layers, cfg.max_gram_bytes)) > 1:
+            return None
+        _, grams, _ = _collect(model, [{**b, **extra} for b in batches], output, layers, layers, _GramMemory())
+    return {name: grams[id(layer)] for name, layer in layer_of.items() if id(layer) in grams}
+
+
 @dataclass
 class _Fitted:
     """One tensor's code after step 2."""
@@ -395,4 +423,4 @@ def _loss(problem: _Problem, items, pairs) -> float:
         return _squares(problem.residuals(problem.weights(updates), list(range(len(problem.batches)))))
 
 
-__all__ = ["FitTuneConfig", "gram_groups", "tune"]
+__all__ = ["FitTuneConfig", "gram_groups", "input_grams", "tune"]
