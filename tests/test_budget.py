@@ -174,3 +174,32 @@ def test_budgeted_commit_weighs_outputs_with_calibration(registry_copy, example)
                                   tune_options={"max_gram_bytes": 0}, progress=False)
     assert capped.source["budget"]["proxy"] == "squared reconstruction error of each residual"
     registry_copy.verify()
+
+
+def test_cli_budget_weighs_outputs_given_calib(registry_copy, example, tmp_path):
+    import shutil
+
+    import torch
+    from click.testing import CliRunner
+
+    from deltastore_cli.main import cli
+    from test_tuning import _word_tokenizer
+
+    finetune = tmp_path / "has_top"
+    shutil.copytree(example.finetunes["has_top"], finetune)
+    _word_tokenizer(finetune)
+    gen = torch.Generator().manual_seed(5)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(" ".join(f"w{int(t)}" for t in torch.randint(5, 400, (15,), generator=gen))
+                               for _ in range(32)) + "\n")
+    runner = CliRunner()
+    args = ["commit", str(registry_copy.path), "has_top", str(finetune), "--calib", str(calib)]
+    refused = runner.invoke(cli, args, obj={})
+    assert refused.exit_code == 2 and "--calib is only read by a data-driven tuner or a byte budget" in refused.output
+    refused = runner.invoke(cli, args[:4] + ["--ratio", "3", "--budget-proxy", "outputs"], obj={})
+    assert refused.exit_code == 2 and "give --calib FILE" in refused.output
+    done = runner.invoke(cli, args + ["--ratio", "3"], obj={})
+    assert done.exit_code == 0, done.output
+    _, record = registry_copy.version("has_top")
+    assert record.source["budget"]["proxy"].startswith("output error on the calibration inputs")
+    assert registry_copy.stats("has_top").own_bytes <= record.source["budget"]["max_bytes"]

@@ -412,7 +412,8 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
 @click.option("--max-gram-bytes", type=click.IntRange(min=0), metavar="N",
               help="fit-all: most bytes of layer-input Gram matrices (float64, in x in) held at once; the layers "
                    "are fitted in groups within N, each group after the first costing one more (shortened) pass "
-                   "over the --calib inputs; 0: one layer at a time (default 268435456, 256 MiB).")
+                   "over the --calib inputs; 0: one layer at a time (default 268435456, 256 MiB). A byte budget "
+                   "weighing outputs holds every Gram at once, or, over N, weighs the weights instead.")
 @click.option("--per-layer", is_flag=True, help="One (lam1, lam2) per tensor instead of one pair per model.")
 @click.option("--max-bytes", type=click.IntRange(min=1),
               help="Byte budget: per tensor, the compressor setting (among those each compressor offers for "
@@ -420,6 +421,9 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
                    "whole tensors and record included) within N. With --method, only that compressor's settings.")
 @click.option("--ratio", type=click.FloatRange(min=0, min_open=True),
               help="Byte budget as a ratio: the finetune's fp16 bytes / R (see --max-bytes).")
+@click.option("--budget-proxy", type=click.Choice(["auto", "weights", "outputs"]), default="auto", show_default=True,
+              help="How a byte budget measures a setting's error: weights (no data), outputs (each linear layer's "
+                   "error on its --calib inputs), auto (outputs when --calib is given).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the compressor's random choices (the masks of those that drop values).")
 @click.option("--small-tensor-bits", type=click.IntRange(0, 52), metavar="N",
@@ -433,7 +437,7 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
 @click.pass_context
 def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method: str | None, config_items,
            base_name, message, tune, calib, calib_max_length, calib_batch_size, tune_steps, tune_lr, max_gram_bytes,
-           per_layer, max_bytes, ratio, seed, small_tensor_bits, allow_unrelated, follow_links, device, as_json,
+           per_layer, max_bytes, ratio, budget_proxy, seed, small_tensor_bits, allow_unrelated, follow_links, device, as_json,
            **shorthands) -> None:
     """Compress FINETUNE as the next version of TASK."""
     if max_bytes is not None and ratio is not None:
@@ -452,11 +456,18 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
     if tune in DATA_TUNERS and calib is None:
         raise click.UsageError(f"--tune {tune} fits on data: give --calib FILE (text, one example per line, "
                                "or JSONL)")
-    if calib is not None and tune in (None, "l2"):
-        raise click.UsageError("--calib is only read by a data-driven tuner; add --tune dbms or --tune fit-all")
-    if max_gram_bytes is not None and tune != "fit-all":
-        raise click.UsageError("--max-gram-bytes applies to --tune fit-all only")
-    if tune_options and tune not in DATA_TUNERS:
+    budgeted = max_bytes is not None or ratio is not None
+    if calib is not None and tune in (None, "l2") and not (budgeted and budget_proxy != "weights"):
+        raise click.UsageError("--calib is only read by a data-driven tuner or a byte budget; add --tune dbms or "
+                               "--tune fit-all, or --max-bytes/--ratio")
+    if budget_proxy != "auto" and not budgeted:
+        raise click.UsageError("--budget-proxy applies to a byte budget only: add --max-bytes or --ratio")
+    if budget_proxy == "outputs" and calib is None:
+        raise click.UsageError("--budget-proxy outputs weighs errors by the layers' inputs: give --calib FILE")
+    weigh_outputs = budgeted and calib is not None and budget_proxy != "weights"
+    if max_gram_bytes is not None and tune != "fit-all" and not (weigh_outputs and tune in (None, "l2")):
+        raise click.UsageError("--max-gram-bytes applies to --tune fit-all only (and to a byte budget given --calib)")
+    if (tune_steps is not None or tune_lr is not None) and tune not in DATA_TUNERS:
         raise click.UsageError("--tune-steps and --tune-lr apply to --tune dbms and --tune fit-all only")
     reg = _registry(registry)
     calibration = None
@@ -477,7 +488,7 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
                         calibration=calibration, per_layer=per_layer, tune_options=tune_options or None, seed=seed,
                         small_tensor_bits=small_tensor_bits, allow_unrelated=allow_unrelated,
                         follow_links=follow_links, device=device, progress=_progress(ctx), skip_unchanged=True,
-                        max_bytes=max_bytes, ratio=ratio, budget_menu=budget_menu)
+                        max_bytes=max_bytes, ratio=ratio, budget_menu=budget_menu, budget_proxy=budget_proxy)
     data = _version_summary(reg, record)
     if record.version == latest:
         _emit({**data, "committed": False}, as_json, f"nothing to commit: {task}@{latest} already holds {finetune} "
