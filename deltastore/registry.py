@@ -195,7 +195,7 @@ class Registry(Catalog):
         max_bytes: int | None = None,
         ratio: float | None = None,
         budget_menu: list[tuple[str, Mapping[str, Any]]] | None = None,
-        budget_proxy: str = "auto",
+        budget_proxy: str = "weights",
     ) -> TaskVersion:
         """Compress ``finetune`` against the reference (and base vector ``base``) and record it
         as the next version of ``task``. Nothing is visible until the final ref update.
@@ -232,13 +232,13 @@ class Registry(Catalog):
         before the version is published, and a version still over the budget after
         ``budget.ATTEMPTS`` choices is refused (its arrays are left for ``gc``).
 
-        ``budget_proxy``: how a budget measures a setting's error. ``"weights"``: the squared
-        error of the weights, needing no data; ``"outputs"``: each linear layer's weight error
-        weighted by its input Gram on ``calibration`` (its output error; see
+        ``budget_proxy``: how a budget measures a setting's error. ``"weights"`` (default): the
+        squared error of the weights, needing no data; ``"outputs"``: each linear layer's weight
+        error weighted by its input Gram on ``calibration`` (its output error; see
         :mod:`deltastore.engine.budget`), which needs calibration inputs and a finetune the
         tuners can run, and keeps the weight error when the Grams would exceed the tuner option
-        ``max_gram_bytes``; ``"auto"`` (default): ``"outputs"`` when calibration inputs are
-        given, else ``"weights"``."""
+        ``max_gram_bytes``. Not the default: on the MiniLM zoo it chose worse than the
+        data-free proxy (benchmarks/results/budget_proxy.md)."""
         check_name("task", task)
         if small_tensor_bits is not None and (isinstance(small_tensor_bits, bool) or not isinstance(
                 small_tensor_bits, int) or not 0 <= small_tensor_bits <= 52):
@@ -263,8 +263,8 @@ class Registry(Catalog):
         # for a 7B model), so only commits that ask for the check pay for it, and record the
         # hash for later checks.
         max_bytes = budget_bytes(max_bytes, ratio, source)
-        if budget_proxy not in ("auto", "weights", "outputs"):
-            raise InvalidInputError(f"budget_proxy must be 'auto', 'weights' or 'outputs', got {budget_proxy!r}")
+        if budget_proxy not in ("weights", "outputs"):
+            raise InvalidInputError(f"budget_proxy must be 'weights' or 'outputs', got {budget_proxy!r}")
         if budget_proxy == "outputs" and calibration is None:
             raise InvalidInputError("budget_proxy='outputs' weighs errors by the layers' inputs: pass calibration "
                                     "inputs (calibration=[{'input_ids': ...}, ...]), or use budget_proxy='weights'")
@@ -275,7 +275,7 @@ class Registry(Catalog):
             if settings is not None and max_bytes is not None:
                 settings["budget"] = {"max_bytes": max_bytes,
                                       "menu": [[c.name, c.config.to_dict()] for c in menu]}
-                if calibration is not None and budget_proxy != "weights":  # only then: as before otherwise
+                if budget_proxy == "outputs":  # only then: as before otherwise
                     settings["budget"]["proxy"] = "outputs"
             fingerprint = {"sha256": content_sha256(source), "settings": settings}
             if settings is not None and self._task_ref(task).versions:
@@ -297,7 +297,7 @@ class Registry(Catalog):
         acc = pipeline.analyse(task, allow_unrelated)
 
         seeds = {name: derive_seed(seed, name) for name in pipeline.lossy}
-        weigh_outputs = max_bytes is not None and calibration is not None and budget_proxy != "weights"
+        weigh_outputs = max_bytes is not None and budget_proxy == "outputs"
         if weigh_outputs:
             calibration = as_batches(calibration)  # read once: the budget and the tuner both pass over it
         context = TuneContext(

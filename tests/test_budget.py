@@ -164,14 +164,14 @@ def test_budgeted_commit_weighs_outputs_with_calibration(registry_copy, example)
         registry_copy.commit(task, path, max_bytes=10**9, budget_proxy="outputs", progress=False)
     with pytest.raises(InvalidInputError, match="budget_proxy must be"):
         registry_copy.commit(task, path, max_bytes=10**9, budget_proxy="loss", progress=False)
-    weights = registry_copy.commit(task, path, max_bytes=10**9, calibration=calibration(example),
-                                   budget_proxy="weights", progress=False)
+    weights = registry_copy.commit(task, path, max_bytes=10**9, calibration=calibration(example), progress=False)
     assert weights.source["budget"]["proxy"] == "squared reconstruction error of each residual"
-    outputs = registry_copy.commit(task, path, max_bytes=10**9, calibration=calibration(example), progress=False)
+    outputs = registry_copy.commit(task, path, max_bytes=10**9, calibration=calibration(example),
+                                   budget_proxy="outputs", progress=False)
     assert outputs.source["budget"]["proxy"].startswith("output error on the calibration inputs for ")
     # Grams over max_gram_bytes: the data-free proxy, rather than hold them all.
     capped = registry_copy.commit(task, path, max_bytes=10**9, calibration=calibration(example),
-                                  tune_options={"max_gram_bytes": 0}, progress=False)
+                                  budget_proxy="outputs", tune_options={"max_gram_bytes": 0}, progress=False)
     assert capped.source["budget"]["proxy"] == "squared reconstruction error of each residual"
     registry_copy.verify()
 
@@ -196,9 +196,11 @@ def test_cli_budget_weighs_outputs_given_calib(registry_copy, example, tmp_path)
     args = ["commit", str(registry_copy.path), "has_top", str(finetune), "--calib", str(calib)]
     refused = runner.invoke(cli, args, obj={})
     assert refused.exit_code == 2 and "--calib is only read by a data-driven tuner or a byte budget" in refused.output
+    refused = runner.invoke(cli, args + ["--ratio", "3"], obj={})  # the default proxy reads no data
+    assert refused.exit_code == 2 and "--budget-proxy outputs" in refused.output
     refused = runner.invoke(cli, args[:4] + ["--ratio", "3", "--budget-proxy", "outputs"], obj={})
     assert refused.exit_code == 2 and "give --calib FILE" in refused.output
-    done = runner.invoke(cli, args + ["--ratio", "3"], obj={})
+    done = runner.invoke(cli, args + ["--ratio", "3", "--budget-proxy", "outputs"], obj={})
     assert done.exit_code == 0, done.output
     _, record = registry_copy.version("has_top")
     assert record.source["budget"]["proxy"].startswith("output error on the calibration inputs")

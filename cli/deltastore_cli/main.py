@@ -421,9 +421,9 @@ def _compressor_config(method: str | None, items: tuple[str, ...],
                    "whole tensors and record included) within N. With --method, only that compressor's settings.")
 @click.option("--ratio", type=click.FloatRange(min=0, min_open=True),
               help="Byte budget as a ratio: the finetune's fp16 bytes / R (see --max-bytes).")
-@click.option("--budget-proxy", type=click.Choice(["auto", "weights", "outputs"]), default="auto", show_default=True,
+@click.option("--budget-proxy", type=click.Choice(["weights", "outputs"]), default="weights", show_default=True,
               help="How a byte budget measures a setting's error: weights (no data), outputs (each linear layer's "
-                   "error on its --calib inputs), auto (outputs when --calib is given).")
+                   "error on its --calib inputs; chose worse on the MiniLM zoo, benchmarks/results/budget_proxy.md).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the compressor's random choices (the masks of those that drop values).")
 @click.option("--small-tensor-bits", type=click.IntRange(0, 52), metavar="N",
@@ -457,14 +457,14 @@ def commit(ctx: click.Context, registry: Path, task: str, finetune: Path, method
         raise click.UsageError(f"--tune {tune} fits on data: give --calib FILE (text, one example per line, "
                                "or JSONL)")
     budgeted = max_bytes is not None or ratio is not None
-    if calib is not None and tune in (None, "l2") and not (budgeted and budget_proxy != "weights"):
-        raise click.UsageError("--calib is only read by a data-driven tuner or a byte budget; add --tune dbms or "
-                               "--tune fit-all, or --max-bytes/--ratio")
-    if budget_proxy != "auto" and not budgeted:
+    if calib is not None and tune in (None, "l2") and not (budgeted and budget_proxy == "outputs"):
+        raise click.UsageError("--calib is only read by a data-driven tuner or a byte budget weighing outputs; add "
+                               "--tune dbms or --tune fit-all, or --budget-proxy outputs with --max-bytes/--ratio")
+    if budget_proxy != "weights" and not budgeted:
         raise click.UsageError("--budget-proxy applies to a byte budget only: add --max-bytes or --ratio")
     if budget_proxy == "outputs" and calib is None:
         raise click.UsageError("--budget-proxy outputs weighs errors by the layers' inputs: give --calib FILE")
-    weigh_outputs = budgeted and calib is not None and budget_proxy != "weights"
+    weigh_outputs = budgeted and budget_proxy == "outputs"
     if max_gram_bytes is not None and tune != "fit-all" and not (weigh_outputs and tune in (None, "l2")):
         raise click.UsageError("--max-gram-bytes applies to --tune fit-all only (and to a byte budget given --calib)")
     if (tune_steps is not None or tune_lr is not None) and tune not in DATA_TUNERS:

@@ -12,9 +12,10 @@ record or a refitted code came out larger.
 
 The error of a setting is the squared reconstruction error of the tensor's residual
 ``||C(R) - R||^2`` (``R = D[m] - lam1 * tau[m]`` at the closed-form lam1, lam2 = 1): a proxy for
-the calibration loss that needs no data, additive over tensors. With calibration inputs (and a
-finetune the tuners can run: deltastore.tuning.fit.input_grams), the error of a linear layer's
-weight is measured on its outputs instead: ``E = C(R) - R`` errs the layer's outputs on its
+the calibration loss that needs no data, additive over tensors: the default. Asked to
+(``budget_proxy="outputs"``, with calibration inputs and a finetune the tuners can run:
+deltastore.tuning.fit.input_grams), the error of a linear layer's weight is measured on its
+outputs instead: ``E = C(R) - R`` errs the layer's outputs on its
 calibration inputs ``X`` by ``tr(E G E^T)`` with ``G = X^T X`` (deltastore.tensor.lsq.error),
 so bits go to the directions the inputs use. Tensors that are no linear layer's weight
 (embeddings) keep the weight error. To keep both kinds on one scale, a weighted error is
@@ -27,7 +28,8 @@ layer after a GELU and one after a LayerNorm differ by orders of magnitude, and 
 LayerNorm undoes much of it), and would not be comparable with the embeddings' weight error
 at all; dividing by the error of zero alone (fit.py's relative error, fine within one
 tensor) would give a tensor whose delta is tiny as much weight as the largest. With ``G``
-a multiple of the identity the weighted error is the plain one. The choice minimises the sum
+a multiple of the identity the weighted error is the plain one. On the MiniLM zoo this proxy
+chose worse than the data-free one (benchmarks/results/budget_proxy.md), hence not the default. The choice minimises the sum
 of errors within the code budget (a multiple-choice knapsack): a Lagrangian sweep (each
 tensor takes its setting minimising ``error + mu * bytes``, ``mu`` bisected to the tightest that
 fits), then a greedy pass that spends what is left on the upgrades that lower the error most
