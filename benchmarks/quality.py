@@ -48,7 +48,7 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     # Issue 16: commit to a byte budget (fp16 bytes / ratio, own bytes); each tensor's setting is chosen.
     **{f"budget-{r}x": ("budget", {"ratio": float(r)}) for r in (60, 75, 90, 100, 250, 500)},
     # ... with the lossy option for small tensors (10 mantissa bits kept), which the budget counts.
-    **{f"budget-{r}x-st10": ("budget", {"ratio": float(r), "small_tensor_bits": 10}) for r in (250, 500)},
+    **{f"budget-{r}x-st10": ("budget", {"ratio": float(r), "small_tensor_bits": 10}) for r in (250, 350, 500)},
     # A bf16 model's tensors have 7 mantissa bits, so st10 leaves them exact: 3 bits for the decoder.
     "budget-500x-st3": ("budget", {"ratio": 500.0, "small_tensor_bits": 3}),
 }
@@ -62,10 +62,17 @@ ROWS: dict[str, dict] = {
     "fit-all-nobase": {"base": False, "tune": "fit-all", "per_layer": False},
     # Issue 16, a cheaper base: the dbms fit without a base vector (lam2 alone), what a base must beat.
     "dbms-fit-nobase": {"base": False, "tune": "dbms", "per_layer": False},
+    # Issue 16, the budget's error proxy (benchmarks/budget_proxy.py): plain codes, and
+    # everything fitted, the budget weighing each linear layer's error by its inputs on the
+    # calibration texts (the rows above use the default, data-free proxy).
+    "plain-outputs": {"base": False, "tune": "l2", "per_layer": False, "budget_proxy": "outputs"},
+    "fit-all-nobase-outputs": {"base": False, "tune": "fit-all", "per_layer": False, "budget_proxy": "outputs"},
 }
 ROW_LABEL = {"plain": "plain", "dbms-init": "+ DBMS closed-form", "dbms-fit": "+ DBMS fitted",
              "dbms-fit-layer": "+ DBMS fitted, per layer", "fit-all": "+ DBMS, everything fitted",
-             "fit-all-nobase": "everything fitted, no base", "dbms-fit-nobase": "lam2 fitted, no base"}
+             "fit-all-nobase": "everything fitted, no base", "dbms-fit-nobase": "lam2 fitted, no base",
+             "plain-outputs": "plain, budget weighs outputs",
+             "fit-all-nobase-outputs": "everything fitted, no base, budget weighs outputs"}
 SWEEP_DEFAULT = ("tweet_sentiment", "dare-p0.99")
 LAM1_FACTORS = [-1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
 LAM2_GRID = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
@@ -264,11 +271,13 @@ def run_cell(reg, base: str, ev: TaskEval, setting: str, row: str, n_tasks: int,
     spec = ROWS[row]
     name = f"{ev.task}--{setting}--{row}" + ("" if cells == CACHE / "cells" else f"--{cells.name}")
     start = time.perf_counter()
-    budget = ({"ratio": config["ratio"], "small_tensor_bits": config.get("small_tensor_bits")} if method == "budget"
+    budget = ({"ratio": config["ratio"], "small_tensor_bits": config.get("small_tensor_bits"),
+               "budget_proxy": spec.get("budget_proxy", "weights")} if method == "budget"
               else {"method": method, "config": config})
+    calibrated = spec["tune"] != "l2" or spec.get("budget_proxy") == "outputs"
     try:
         record = reg.commit(name, ev.dir, base=base if spec["base"] else None,
-                            tune=spec["tune"], calibration=ev.calibration if spec["tune"] != "l2" else None,
+                            tune=spec["tune"], calibration=ev.calibration if calibrated else None,
                             per_layer=spec["per_layer"], message=f"quality benchmark {setting} {row}", **budget)
     except InvalidInputError as exc:  # a budget below what the finetune needs at the cheapest settings
         cell = {"task": ev.task, "setting": setting, "row": row, "infeasible": str(exc)}
