@@ -80,7 +80,7 @@ def _row(cells: dict, setting: str, row: str, tasks: list[str]) -> dict | None:
             "retention": mean("accuracy") / mean("finetuned_accuracy"), "own_bytes": mean("own_bytes"),
             "ratio_fp16": mean("source_fp16_bytes") / mean("own_bytes"), "test_logit_mse": mean("test_logit_mse"),
             "calib_logit_mse": mean("calib_logit_mse"), "agreement": mean("agreement"),
-            "proxy": [(c.get("budget") or {}).get("proxy") for c in got],
+            "proxies": [(c.get("budget") or {}).get("proxy") for c in got],
             "chosen": {t: (c.get("budget") or {}).get("chosen") for t, c in zip(tasks, got)}}
 
 
@@ -127,6 +127,13 @@ def write(cells: dict, args, meta) -> None:
     lines += ["", f"Outputs better (retention or test logit MSE) in {better} of {compared} comparisons: "
               + ("the default could change." if better * 2 > compared else
                  "the data-free proxy stays the default; `budget_proxy='outputs'` is an option."),
+              "", "## Budgets refused or not run", ""]
+    for (setting, row, task), c in sorted(cells.items()):
+        if "infeasible" in c:
+            lines.append(f"- {setting} {row} {task}: {c['infeasible']}")
+    lines += ["", "Pairs with no cell were not run (time). Of the fit-all cells, those whose fit fell back to "
+              "step 1's lambdas (plain codes): " + ", ".join(f"{s} {r} {t}" for (s, r, t), c in sorted(cells.items())
+                                                              if (c.get("tuning") or {}).get("fell_back")) + ".",
               "", "## What the budgets chose", ""]
     for r in summary:
         for t in tasks:
