@@ -177,21 +177,12 @@ def test_budgeted_commit_weighs_outputs_with_calibration(registry_copy, example)
 
 
 def test_cli_budget_weighs_outputs_given_calib(registry_copy, example, tmp_path):
-    import shutil
-
-    import torch
     from click.testing import CliRunner
 
     from deltastore_cli.main import cli
-    from test_tuning import _word_tokenizer
+    from test_tuning import cli_finetune_with_calib
 
-    finetune = tmp_path / "has_top"
-    shutil.copytree(example.finetunes["has_top"], finetune)
-    _word_tokenizer(finetune)
-    gen = torch.Generator().manual_seed(5)
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n".join(" ".join(f"w{int(t)}" for t in torch.randint(5, 400, (15,), generator=gen))
-                               for _ in range(32)) + "\n")
+    finetune, calib = cli_finetune_with_calib(example, "has_top", tmp_path, lines=32)
     runner = CliRunner()
     args = ["commit", str(registry_copy.path), "has_top", str(finetune), "--calib", str(calib)]
     refused = runner.invoke(cli, args, obj={})

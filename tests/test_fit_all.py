@@ -296,20 +296,12 @@ def test_gram_groups_and_option():
 
 
 def test_cli_max_gram_bytes(registry_copy, example, tmp_path):
-    import shutil
-
     from click.testing import CliRunner
 
     from deltastore_cli.main import cli
-    from test_tuning import _word_tokenizer
+    from test_tuning import cli_finetune_with_calib
 
-    finetune = tmp_path / "has_top"
-    shutil.copytree(example.finetunes["has_top"], finetune)
-    _word_tokenizer(finetune)
-    gen = torch.Generator().manual_seed(5)
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n".join(" ".join(f"w{int(t)}" for t in torch.randint(5, 400, (15,), generator=gen))
-                               for _ in range(16)) + "\n")
+    finetune, calib = cli_finetune_with_calib(example, "has_top", tmp_path)
     args = ["commit", str(registry_copy.path), "has_top", str(finetune), "--base", "all", "--method", "dare",
             "--config", "drop_rate=0.9", "--calib", str(calib), "--tune-steps", "3", "--max-gram-bytes", "0"]
     result = CliRunner().invoke(cli, args + ["--tune", "dbms"], obj={})

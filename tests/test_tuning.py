@@ -221,6 +221,21 @@ def _word_tokenizer(directory):
     return tokenizer
 
 
+def cli_finetune_with_calib(example, task, tmp_path, lines=16):
+    """A copy of the demo finetune ``task`` with a word tokenizer, and a calibration text of
+    ``lines`` lines of 15 random words: what a CLI commit with ``--calib`` reads."""
+    import shutil
+
+    finetune = tmp_path / task
+    shutil.copytree(example.finetunes[task], finetune)
+    _word_tokenizer(finetune)
+    gen = torch.Generator().manual_seed(5)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(" ".join(f"w{int(t)}" for t in torch.randint(5, 400, (15,), generator=gen))
+                               for _ in range(lines)) + "\n")
+    return finetune, calib
+
+
 def test_load_calibration_text_and_jsonl(tmp_path):
     _word_tokenizer(tmp_path)
     text = tmp_path / "calib.txt"
@@ -294,19 +309,11 @@ def test_calibration_hash_and_batches():
 # -- CLI --------------------------------------------------------------------------------------------
 
 def test_cli_commit_tune_dbms(registry_copy, example, tmp_path):
-    import shutil
-
     from click.testing import CliRunner
 
     from deltastore_cli.main import cli
 
-    finetune = tmp_path / "has_small"
-    shutil.copytree(example.finetunes["has_small"], finetune)
-    _word_tokenizer(finetune)
-    gen = torch.Generator().manual_seed(5)
-    lines = [" ".join(f"w{int(t)}" for t in torch.randint(5, 400, (15,), generator=gen)) for _ in range(16)]
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n".join(lines) + "\n")
+    finetune, calib = cli_finetune_with_calib(example, "has_small", tmp_path)
     runner = CliRunner()
     base_args = ["commit", str(registry_copy.path), "has_small", str(finetune), "--base", "all"]
 
