@@ -52,17 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     base_size = quality.base_bytes(reg, base)
     runs = [(f"budget-{b}", row) for pair in args.pairs for b in args.budgets for row in PAIRS[pair]]
     if not args.report_only:
-        evals = {task: quality.TaskEval(task) for task in args.tasks}
-        for setting, row in runs:
-            for task, ev in evals.items():
-                t0 = time.perf_counter()
-                cell = quality.run_cell(reg, base, ev, setting, row, len(args.tasks), base_size)
-                what = (f"infeasible: {cell['infeasible']}" if "infeasible" in cell else
-                        f"acc {100 * cell['accuracy']:5.1f} (ft {100 * cell['finetuned_accuracy']:.1f}) "
-                        f"x{cell['ratio_fp16']:.1f} test mse {cell['test_logit_mse']:.4g}")
-                print(f"{task:16} {setting:12} {row:24} {what} [{time.perf_counter() - t0:.0f} s]", flush=True)
-    cells = {(s, r, t): json.loads(p.read_text()) for s, r in runs for t in args.tasks
-             if (p := quality.CACHE / "cells" / f"{s}__{r}__{t}.json").exists()}
+        quality.run_rows(reg, base, base_size, args.tasks, runs, lambda c: f"test mse {c['test_logit_mse']:.4g}")
+    cells = quality.cached_cells(runs, args.tasks)
     meta = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs, torch threads "
                        f"{args.threads}", "python": platform.python_version(), "torch": torch.__version__,
             "tasks": args.tasks, "seconds": None if args.report_only else round(time.perf_counter() - started),

@@ -257,6 +257,26 @@ def run_parts(tasks: list[str], settings: list[str], small_bits: list[int], devi
     return out
 
 
+def run_rows(reg, base: str, base_size: int, tasks: list[str], runs: list[tuple[str, str]], detail) -> None:
+    """:func:`run_cell` for each ``(setting, row)`` of ``runs`` over every task, a row at a time
+    (whole rows come first), printing a line per cell that ends with ``detail(cell)``."""
+    evals = {task: TaskEval(task) for task in tasks}
+    for setting, row in runs:
+        for task, ev in evals.items():
+            t0 = time.perf_counter()
+            cell = run_cell(reg, base, ev, setting, row, len(tasks), base_size)
+            what = (f"infeasible: {cell['infeasible']}" if "infeasible" in cell else
+                    f"acc {100 * cell['accuracy']:5.1f} (ft {100 * cell['finetuned_accuracy']:.1f}) "
+                    f"x{cell['ratio_fp16']:.1f} {detail(cell)}")
+            print(f"{task:16} {setting:16} {row:24} {what} [{time.perf_counter() - t0:.0f} s]", flush=True)
+
+
+def cached_cells(runs: list[tuple[str, str]], tasks: list[str]) -> dict[tuple[str, str, str], dict]:
+    """The cells of ``runs`` x ``tasks`` that :func:`run_cell` has cached, by (setting, row, task)."""
+    return {(s, r, t): json.loads(p.read_text()) for s, r in runs for t in tasks
+            if (p := CACHE / "cells" / f"{s}__{r}__{t}.json").exists()}
+
+
 def run_cell(reg, base: str, ev: TaskEval, setting: str, row: str, n_tasks: int, base_size: int, *,
              cells: Path = CACHE / "cells") -> dict:
     """Commit one task with one setting and row, materialize it, score it; cached as JSON in

@@ -56,17 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     reg, base = quality.open_registry(args.tasks)
     base_size = quality.base_bytes(reg, base)
     if not args.report_only:
-        evals = {task: quality.TaskEval(task) for task in args.tasks}
-        for setting, row in runs:  # a row at a time over every task: whole rows come first
-            for task, ev in evals.items():
-                t0 = time.perf_counter()
-                cell = quality.run_cell(reg, base, ev, setting, row, len(args.tasks), base_size)
-                what = (f"infeasible: {cell['infeasible']}" if "infeasible" in cell else
-                        f"acc {100 * cell['accuracy']:5.1f} (ft {100 * cell['finetuned_accuracy']:.1f}) "
-                        f"x{cell['ratio_fp16']:.1f} fit {(cell.get('tuning') or {}).get('seconds', 0):.0f} s")
-                print(f"{task:16} {setting:16} {row:15} {what} [{time.perf_counter() - t0:.0f} s]", flush=True)
-    cells = [json.loads((quality.CACHE / "cells" / f"{s}__{r}__{t}.json").read_text())
-             for t in args.tasks for s, r in runs if (quality.CACHE / "cells" / f"{s}__{r}__{t}.json").exists()]
+        quality.run_rows(reg, base, base_size, args.tasks, runs,
+                         lambda c: f"fit {(c.get('tuning') or {}).get('seconds', 0):.0f} s")
+    cached = quality.cached_cells(runs, args.tasks)
+    cells = [cached[(s, r, t)] for t in args.tasks for s, r in runs if (s, r, t) in cached]
     finetuned = {t: json.loads((zoo.CACHE / t / "train.json").read_text())["finetuned_accuracy"] for t in args.tasks}
     summary = [r for r in quality.summarize(cells, args.tasks, finetuned) if (r["setting"], r["row"]) in runs]
     meta = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs, torch threads "
