@@ -42,9 +42,9 @@ def read_ahead_budget(device: torch.device) -> int:
 class StagingPool:
     """Pinned host buffers reused for every host-to-device copy (CUDA only).
 
-    A reader thread takes a free slot, waits for the copy that last used it, decodes chunks
-    straight into it (no other host copy of the array exists) and queues the copy on its own
-    stream; so at most ``pool_bytes`` of pinned memory exist, however large the model.
+    A reader thread takes a free slot, waits for the copy (and the sha256) that last used it,
+    decodes chunks straight into it (no other host copy of the array exists) and queues the copy
+    on its own stream; so at most ``pool_bytes`` of pinned memory exist, however large the model.
     """
 
     def __init__(self, pool_bytes: int, slot_bytes: int):
@@ -52,6 +52,7 @@ class StagingPool:
         count = max(2, pool_bytes // slot_bytes)
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
         self.events: list[Any] = [None] * count
+        self.hashing: list[Any] = [None] * count  # the hash still reading a slot (ArrayReader.read_chunk)
         self.free: queue.Queue[int] = queue.Queue()
         for i in range(count):
             self.free.put(i)
@@ -60,10 +61,15 @@ class StagingPool:
         i = self.free.get()
         if self.events[i] is not None:
             self.events[i].synchronize()  # the last copy out of this slot has finished
+        if self.hashing[i] is not None:
+            self.hashing[i].result()
+            self.hashing[i] = None
         return i
 
-    def _send(self, i: int, nbytes: int, dst: torch.Tensor, stream) -> None:
-        """Queue the copy of slot ``i``'s first ``nbytes`` into ``dst`` and hand the slot back."""
+    def _send(self, i: int, nbytes: int, dst: torch.Tensor, stream, hashing=None) -> None:
+        """Queue the copy of slot ``i``'s first ``nbytes`` into ``dst`` and hand the slot back
+        (taken again only once the future ``hashing``, if any, is done)."""
+        self.hashing[i] = hashing
         try:
             dst.copy_(self.slots[i][:nbytes], non_blocking=True)
             event = torch.cuda.Event()
@@ -96,11 +102,11 @@ class StagingPool:
         """Decode a stored array chunk by chunk into the slots and copy them into device ``dst``
         (its shape and dtype); raises, after queueing the copies, if the content hash is wrong."""
         d = _bytes(dst)
-        slot, used, start = None, 0, 0
+        slot, used, start, hashing = None, 0, 0, None
         try:
             for index, (_, offset, nbytes) in enumerate(reader.chunks):
                 if slot is not None and used + nbytes > self.slot_bytes:
-                    self._send(slot, used, d[start:start + used], stream)
+                    self._send(slot, used, d[start:start + used], stream, hashing)
                     slot = None
                 if nbytes > self.slot_bytes:  # a chunk larger than a slot (another writer's layout)
                     host = torch.empty(nbytes, dtype=torch.uint8)
@@ -109,14 +115,15 @@ class StagingPool:
                     continue
                 if slot is None:
                     slot, used, start = self._take(), 0, offset
-                reader.read_chunk(index, memoryview(self.slots[slot].numpy()[used:used + nbytes]))
+                hashing = reader.read_chunk(index, memoryview(self.slots[slot].numpy()[used:used + nbytes]))
                 used += nbytes
         except BaseException:
+            reader.close()  # no hash may still read a slot handed back
             if slot is not None:
                 self.free.put(slot)
             raise
         if slot is not None:
-            self._send(slot, used, d[start:start + used], stream)
+            self._send(slot, used, d[start:start + used], stream, hashing)
         reader.finish()
 
 

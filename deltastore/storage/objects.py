@@ -14,6 +14,7 @@ import threading
 import uuid
 import warnings
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator, TypeVar
 
@@ -132,6 +133,12 @@ class ArrayReader:
     Nothing read may be used before :meth:`finish` returns: it raises CorruptObjectError when
     the bytes do not hash to the array's name.
 
+    An array of several chunks is hashed on a thread of its own, one chunk behind the read
+    (hashlib releases the GIL), so reading it takes about the longer of the file read and the
+    sha256, not their sum: that sum made the largest array (an embedding) the critical path of
+    a materialize. A buffer handed to :meth:`read_chunk` is therefore read after the call
+    returns: reuse it only once the future :meth:`read_chunk` returned is done.
+
     ``metadata``: the array's zarr.json read ahead from the registry (:meth:`ObjectStore.arrays_ahead`).
     """
 
@@ -163,6 +170,8 @@ class ArrayReader:
         self._verify = verify
         hashed = verify or self._fill is not None  # a fill is checked even when the read is not
         self._hash = hashlib.sha256(array_header(self.layout.dtype, self.shape)) if hashed else None
+        self._hasher = ThreadPoolExecutor(1) if hashed and len(self.chunks) > 1 else None
+        self._hashed: Future | None = None  # the last chunk's hash update, on self._hasher
 
     def _request_ahead(self) -> None:
         """Ask the backend for chunk files up to READ_AHEAD_CHUNK_BYTES ahead of the next one."""
@@ -174,8 +183,11 @@ class ArrayReader:
                 return
             self._ahead.append(fetched)
 
-    def read_chunk(self, index: int, out: memoryview) -> None:
-        """Decode chunk ``index`` (the next one) into ``out``, of ``self.chunks[index][2]`` bytes."""
+    def read_chunk(self, index: int, out: memoryview) -> "Future | None":
+        """Decode chunk ``index`` (the next one) into ``out``, of ``self.chunks[index][2]`` bytes.
+
+        Returns None, or a future done once ``out`` has been hashed: until then ``out`` must
+        not change."""
         if index != self._next:
             raise ValueError(f"{self.label}: chunk {index} read out of order (expected {self._next})")
         fetched = self._ahead.popleft() if self._ahead else None
@@ -185,15 +197,27 @@ class ArrayReader:
             read_chunk(self.backend, self.layout, index, out, fetched)
         except CorruptObjectError as exc:
             raise self._damaged(str(exc)) from None
-        if self._hash is not None:
-            self._hash.update(out)
         if self._fill is not None:
             self._fill.chunk(self.chunks[index][0], fetched.result()[0])
+        if self._hasher is not None:
+            self._hashed = self._hasher.submit(self._hash.update, out)
+            return self._hashed
+        if self._hash is not None:
+            self._hash.update(out)
+        return None
+
+    def _stop_hashing(self) -> None:
+        if self._hasher is not None:
+            if self._hashed is not None:
+                self._hashed.result()
+            self._hasher.shutdown()
+            self._hasher = None
 
     def finish(self) -> None:
         """Check that every chunk was read and that the bytes hash to the array's name."""
         if self._next != len(self.chunks):
             raise ValueError(f"{self.label}: {self._next} of {len(self.chunks)} chunks read")
+        self._stop_hashing()
         intact = self._hash is None or self._hash.hexdigest() == self.digest
         if self._verify and not intact:
             raise self._damaged(
@@ -204,6 +228,7 @@ class ArrayReader:
 
     def close(self) -> None:
         """Give up a reader not read to its end: a copy being put in the cache is dropped."""
+        self._stop_hashing()
         if self._fill is not None:
             self._fill.finish(None)
 
@@ -354,8 +379,12 @@ class ObjectStore:
         reader = self.open_array(digest, verify=verify, what=what)
         data = np.empty(reader.shape, dtype=reader.layout.dtype)
         flat = memoryview(data.reshape(-1).view(np.uint8)) if data.size else None
-        for index, (_, offset, nbytes) in enumerate(reader.chunks):
-            reader.read_chunk(index, flat[offset:offset + nbytes])
+        try:
+            for index, (_, offset, nbytes) in enumerate(reader.chunks):
+                reader.read_chunk(index, flat[offset:offset + nbytes])
+        except BaseException:
+            reader.close()
+            raise
         reader.finish()
         return data, reader.layout.zstd
 
