@@ -7,9 +7,10 @@ run: ``from_pretrained`` of the finetune directory, ``load_model``, ``materializ
 without the hash check, with other reader-thread counts, staging slot and pool sizes, and the
 read path alone (every reference array through the pinned pool onto the GPU, no decode). The
 reader threads' own seconds (summed over threads, last run) split each into opening arrays
-(``zarr.json``), reading chunks (file read into pinned memory + sha256), waiting for a free
-staging slot and queueing copies. One thread's sha256 rate and the largest array read alone
-show the critical path of a hashed read: an array is hashed in order, by one thread.
+(``zarr.json``), reading chunks (``read_chunk``: file read into pinned memory; before the hash
+ran behind the read, the sha256 too), waiting for a free staging slot (and, since, for its
+hash) and queueing copies. One thread's sha256 rate and the largest array read alone show the
+critical path of a hashed read: an array is hashed in order, by one thread.
 
     python benchmarks/materialize_profile.py --layers 4      # on the GPU machine: about 2 minutes
     python benchmarks/materialize_profile.py --small         # CPU smoke run (no staging pool there)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = ThreadSeconds()
     threads.wrap(objects_module.ArrayReader, "__init__", "open arrays")
-    threads.wrap(objects_module.ArrayReader, "read_chunk", "read chunks (read + sha256)")
+    threads.wrap(objects_module.ArrayReader, "read_chunk", "read chunks (read_chunk)")
     threads.wrap(reader_module.StagingPool, "_take", "wait for a slot")
     threads.wrap(reader_module.StagingPool, "_send", "queue copies")
 

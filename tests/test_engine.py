@@ -320,6 +320,33 @@ def test_cuda_resident_switch_replays_graphs(registry, cache, monkeypatch):
 
 
 @pytest.mark.cuda
+def test_cuda_multi_chunk_arrays_hashed_behind_the_read_through_reused_slots(tmp_path, monkeypatch):
+    """Many 1 KiB chunks, two 2 KiB slots: a slot is refilled only once the hash running behind
+    the read has read it (ArrayReader.read_chunk's future), so the bytes and the check hold;
+    a damaged middle chunk is still found."""
+    from deltastore.storage import layout
+    from deltastore.storage.backend import LocalBackend
+    from deltastore.storage.objects import ObjectStore, object_key
+
+    monkeypatch.setattr(layout, "CHUNK_BYTES", 1024)
+    objects = ObjectStore(LocalBackend(tmp_path))
+    value = torch.randn(40_000)  # 157 chunks
+    digest = objects.put_array(value, objects.new_txn(), compress=True)
+    reader = readers.DeviceReader(objects, torch.device("cuda", 0), True, staging_bytes=4096)
+    for _ in range(3):
+        got, event = reader.run(reader.array, digest, "value")
+        event.synchronize()
+        assert torch.equal(got.cpu(), value)
+    damaged = objects.put_array(value + 1, objects.new_txn(), compress=False)
+    chunk = tmp_path / object_key("arrays", damaged) / "77"
+    raw = bytearray(chunk.read_bytes())
+    raw[3] ^= 1
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(CorruptObjectError, match="content hash"):
+        reader.run(reader.array, damaged, "damaged")
+
+
+@pytest.mark.cuda
 def test_cuda_device_reader_streams_source_tensors_in_tiny_slots(example):
     """DeviceReader.source (commit's finetune reads) with two 8 KiB slots: many pieces per tensor."""
     from deltastore.sources import open_source
