@@ -149,10 +149,11 @@ class Dare:
     config_class: ClassVar[type] = DareConfig
     # What a byte-budgeted commit may choose (deltastore.engine.budget): int8 values with a
     # float32 scale per row, or float16 values without (the cheapest at the highest drop rates,
-    # where per-row scales would cost more than the values).
+    # where per-row scales would cost more than the values). The two sparsest let a tight budget
+    # (500x on a small model) starve the matrices that matter least instead of being refused.
     budget_settings: ClassVar[list[dict]] = [
         *[{"drop_rate": p, "value_bits": 8} for p in (0.98, 0.99, 0.995)],
-        *[{"drop_rate": p, "value_bits": 16} for p in (0.99, 0.995, 0.998, 0.999)],
+        *[{"drop_rate": p, "value_bits": 16} for p in (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9998)],
     ]
 
     def __init__(self, config: DareConfig | None = None):
