@@ -325,10 +325,12 @@ def test_cuda_multi_chunk_arrays_hashed_behind_the_read_through_reused_slots(tmp
     the read has read it (ArrayReader.read_chunk's future), so the bytes and the check hold;
     a damaged middle chunk is still found."""
     from deltastore.storage import layout
+    from deltastore.storage import objects as objects_module
     from deltastore.storage.backend import LocalBackend
     from deltastore.storage.objects import ObjectStore, object_key
 
     monkeypatch.setattr(layout, "CHUNK_BYTES", 1024)
+    monkeypatch.setattr(objects_module, "HASH_BEHIND_MIN_BYTES", 0)
     objects = ObjectStore(LocalBackend(tmp_path))
     value = torch.randn(40_000)  # 157 chunks
     digest = objects.put_array(value, objects.new_txn(), compress=True)

@@ -48,6 +48,12 @@ MAX_BLOB_BYTES = 64 << 20
 # so each holds a window per array of its tensor: the reference's (32 MiB at most) and the
 # small code and mask arrays beside it, some 600 MiB of chunk files not yet decoded in all.
 READ_AHEAD_CHUNK_BYTES = 32 << 20
+# Arrays at least this large are hashed on a thread of their own, behind the read (ArrayReader).
+# Only the few largest (a 7B model's embedding and head, 262 MB each) gain: everything else
+# waits for them. Below it the hash stays in line: with every core already reading, an extra
+# thread per array made reading four 90 MB arrays on two threads 25% slower (2-core machine),
+# the hash no longer finding its chunk in cache.
+HASH_BEHIND_MIN_BYTES = 128 << 20
 
 # A blob stored as a patch against another blob (specs/format.md §3.3): a zstd skippable frame
 # naming the dictionary blob and its transform, then a zstd frame that needs that dictionary.
@@ -133,11 +139,12 @@ class ArrayReader:
     Nothing read may be used before :meth:`finish` returns: it raises CorruptObjectError when
     the bytes do not hash to the array's name.
 
-    An array of several chunks is hashed on a thread of its own, one chunk behind the read
-    (hashlib releases the GIL), so reading it takes about the longer of the file read and the
-    sha256, not their sum: that sum made the largest array (an embedding) the critical path of
-    a materialize. A buffer handed to :meth:`read_chunk` is therefore read after the call
-    returns: reuse it only once the future :meth:`read_chunk` returned is done.
+    An array of HASH_BEHIND_MIN_BYTES or more is hashed on a thread of its own, one chunk
+    behind the read (hashlib releases the GIL), so reading it takes about the longer of the
+    file read and the sha256, not their sum: that sum made the largest array (an embedding)
+    the critical path of a materialize. A buffer handed to :meth:`read_chunk` may therefore be
+    read after the call returns: reuse it only once the future :meth:`read_chunk` returned is
+    done.
 
     ``metadata``: the array's zarr.json read ahead from the registry (:meth:`ObjectStore.arrays_ahead`).
     """
@@ -170,7 +177,8 @@ class ArrayReader:
         self._verify = verify
         hashed = verify or self._fill is not None  # a fill is checked even when the read is not
         self._hash = hashlib.sha256(array_header(self.layout.dtype, self.shape)) if hashed else None
-        self._hasher = ThreadPoolExecutor(1) if hashed and len(self.chunks) > 1 else None
+        behind = hashed and len(self.chunks) > 1 and self.nbytes >= HASH_BEHIND_MIN_BYTES
+        self._hasher = ThreadPoolExecutor(1) if behind else None
         self._hashed: Future | None = None  # the last chunk's hash update, on self._hasher
 
     def _request_ahead(self) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deltastore.errors import CorruptObjectError
-from deltastore.storage import layout
+from deltastore.storage import layout, objects
 from deltastore.storage.backend import LocalBackend
 from deltastore.storage.objects import ObjectStore, array_hash, object_key
 
@@ -52,11 +52,12 @@ def test_chunks_must_be_read_in_order(store):
         reader.finish()
 
 
-def test_one_buffer_reused_after_each_hash(store):
+def test_one_buffer_reused_after_each_hash(store, monkeypatch):
     """Multi-chunk arrays are hashed behind the read: a caller that reuses one buffer (as the
     pinned staging pool does) waits for each chunk's future, and the check still holds."""
     value = torch.arange(200, dtype=torch.int32)  # 13 chunks of 64 bytes
     digest = store.put_array(value, store.new_txn(), compress=False)
+    monkeypatch.setattr(objects, "HASH_BEHIND_MIN_BYTES", 0)
     reader = store.open_array(digest)
     buffer, out = bytearray(64), []
     for index, (_, _, nbytes) in enumerate(reader.chunks):
@@ -67,7 +68,9 @@ def test_one_buffer_reused_after_each_hash(store):
     assert torch.equal(torch.frombuffer(bytearray(b"".join(out)), dtype=torch.int32), value)
 
 
-def test_damage_in_a_middle_chunk_is_found(store):
+@pytest.mark.parametrize("behind", [True, False])
+def test_damage_in_a_middle_chunk_is_found(store, monkeypatch, behind):
+    monkeypatch.setattr(objects, "HASH_BEHIND_MIN_BYTES", 0 if behind else 1 << 40)
     value = torch.arange(200, dtype=torch.int32)
     digest = store.put_array(value, store.new_txn(), compress=False)
     chunk = store.backend.root / object_key("arrays", digest) / "6"
