@@ -68,15 +68,20 @@ def test_one_buffer_reused_after_each_hash(store, monkeypatch):
     assert torch.equal(torch.frombuffer(bytearray(b"".join(out)), dtype=torch.int32), value)
 
 
+def _flip_a_bit(store, digest: str, chunk: str, offset: int) -> None:
+    """Damage an uncompressed array's chunk file without changing its size."""
+    path = store.backend.root / object_key("arrays", digest) / chunk
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 1
+    path.write_bytes(bytes(raw))
+
+
 @pytest.mark.parametrize("behind", [True, False])
 def test_damage_in_a_middle_chunk_is_found(store, monkeypatch, behind):
     monkeypatch.setattr(objects, "HASH_BEHIND_MIN_BYTES", 0 if behind else 1 << 40)
     value = torch.arange(200, dtype=torch.int32)
     digest = store.put_array(value, store.new_txn(), compress=False)
-    chunk = store.backend.root / object_key("arrays", digest) / "6"
-    raw = bytearray(chunk.read_bytes())
-    raw[5] ^= 1
-    chunk.write_bytes(bytes(raw))
+    _flip_a_bit(store, digest, "6", 5)
     with pytest.raises(CorruptObjectError, match="content hash"):
         store.get_array(digest)
 
@@ -108,10 +113,7 @@ def test_frame_of_another_size_is_refused(store):
 def test_hash_mismatch_found_after_last_chunk(store):
     value = torch.arange(32, dtype=torch.int32)
     digest = store.put_array(value, store.new_txn(), compress=False)
-    chunk = store.backend.root / object_key("arrays", digest) / "0"
-    raw = bytearray(chunk.read_bytes())
-    raw[0] ^= 1
-    chunk.write_bytes(bytes(raw))
+    _flip_a_bit(store, digest, "0", 0)
     assert array_hash(store.get_array(digest, verify=False).numpy()) != digest
     with pytest.raises(CorruptObjectError, match="content hash"):
         store.get_array(digest)
