@@ -2,6 +2,7 @@
 Gemma3 text model (the tied head aside) and round-trips."""
 
 import importlib.util
+import random
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,19 @@ def test_gguf_names_round_trip():
     assert decoder.gguf_name("model.layers.1.self_attn.q_norm.weight") == "blk.1.attn_q_norm.weight"
     with pytest.raises(ValueError, match="blk.0.rope_freqs"):
         decoder.hf_name("blk.0.rope_freqs.weight")
+
+
+def test_pieces_round_trip_compressed_and_refuse_a_damaged_one(tmp_path, monkeypatch):
+    """The model's bytes travel to the GPU machine as zstd pieces: they reassemble exactly, and
+    a damaged piece is named, not loaded."""
+    decoder = _decoder()
+    monkeypatch.setattr(decoder, "PIECE", 1000)
+    blob = random.Random(0).randbytes(3000) + b"\x00" * 20_000  # about 3 KB compressed: 4 pieces
+    data = {"model": "test"}
+    decoder.split_pieces(blob, data, tmp_path)
+    assert data["codec"] == "zstd" and len(data["pieces"]) >= 2
+    assert decoder.read_pieces(tmp_path, data) == blob
+    piece = tmp_path / data["pieces"][1]["file"]
+    piece.write_bytes(piece.read_bytes()[:-1] + b"!")
+    with pytest.raises(SystemExit, match=data["pieces"][1]["file"]):
+        decoder.read_pieces(tmp_path, data)
