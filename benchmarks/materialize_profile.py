@@ -4,8 +4,10 @@ Builds a Llama-2-7B-shaped model with ``--layers`` decoder layers (benchmarks/sp
 builders: a bf16 reference, a finetune written as safetensors, a base vector, a bitdelta+base
 task) and times, each the median of ``--repeats`` runs after one warm-up, side by side in one
 run: ``from_pretrained`` of the finetune directory, ``load_model``, ``materialize`` with and
-without the hash check, with other reader-thread counts, staging slot and pool sizes, and the
-read path alone (every reference array through the pinned pool onto the GPU, no decode). The
+without the hash check, both with every array hashed in line by its reader (as before the
+largest arrays were hashed behind their read), with other reader-thread counts, staging slot
+and pool sizes, and the read path alone (every reference array through the pinned pool onto
+the GPU, no decode). The
 reader threads' own seconds (summed over threads, last run) split each into opening arrays
 (``zarr.json``), reading chunks (``read_chunk``: file read into pinned memory; before the hash
 ran behind the read, the sha256 too), waiting for a free staging slot (and, since, for its
@@ -148,6 +150,22 @@ def main(argv: list[str] | None = None) -> int:
     measure("load_model", load_model)
     measure("materialize", materialize)
     measure("materialize, verify=False", lambda: materialize(verify=False))
+    hash_behind = objects_module.HASH_BEHIND_MIN_BYTES
+
+    def hash_in_line(fn):
+        """``fn`` with every array hashed by its reading thread, as before large arrays were
+        hashed behind their read (storage/objects.py, HASH_BEHIND_MIN_BYTES)."""
+        def run():
+            objects_module.HASH_BEHIND_MIN_BYTES = 1 << 62
+            try:
+                fn()
+            finally:
+                objects_module.HASH_BEHIND_MIN_BYTES = hash_behind
+        return run
+
+    measure(f"load_model, every sha256 in line (default: behind the read from {hash_behind >> 20} MiB)",
+            hash_in_line(load_model))
+    measure("materialize, every sha256 in line", hash_in_line(materialize))
     for workers in (4, 8, 32):
         measure(f"materialize, {workers} reader threads (default 16)", lambda w=workers: materialize(workers=w))
     default_slot = reader_module.STAGING_SLOT_BYTES
@@ -160,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     measure("read path alone, verify=False", lambda: read_path(False))
     largest = max(reference, key=lambda d: reg.objects.open_array(d, verify=False, what="").nbytes)
     measure("largest reference array alone (one thread)", lambda: read_path(True, [largest]))
+    measure("largest reference array alone, sha256 in line", hash_in_line(lambda: read_path(True, [largest])))
 
     buffer = torch.empty(256 << 20, dtype=torch.uint8).numpy()
     start = time.perf_counter()
