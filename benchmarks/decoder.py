@@ -255,14 +255,13 @@ def split_pieces(blob: bytes, data: dict, out: Path) -> None:
 
 def read_pieces(pieces: Path, data: dict) -> bytes:
     """The safetensors bytes the pieces under ``pieces`` hold (data.json's), checked."""
-    stored = b"".join((pieces / p["file"]).read_bytes() for p in data["pieces"])
-    bad = [p["file"] for p in data["pieces"]
-           if hashlib.sha256((pieces / p["file"]).read_bytes()).hexdigest() != p["sha256"]]
-    blob = stored
+    parts = [(p, (pieces / p["file"]).read_bytes()) for p in data["pieces"]]
+    bad = [p["file"] for p, part in parts if hashlib.sha256(part).hexdigest() != p["sha256"]]
+    blob = b"".join(part for _, part in parts)
     if not bad and data.get("codec") == "zstd":
         import zstandard
 
-        blob = zstandard.ZstdDecompressor().decompress(stored)
+        blob = zstandard.ZstdDecompressor().decompress(blob)
     if bad or hashlib.sha256(blob).hexdigest() != data["sha256"]:
         raise SystemExit(f"{pieces}: the pieces do not reassemble the model (sha256 mismatch; bad or missing "
                          f"pieces: {bad or 'none, but the whole differs'}); copy them again from the prep output")
