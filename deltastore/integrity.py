@@ -9,7 +9,7 @@ from .errors import CorruptObjectError, DeltastoreError, InvalidInputError
 from .progress import progress
 from .storage.layout import ARRAY_METADATA
 from .storage.objects import object_key
-from .storage.records import BaseRecord, ReferenceRecord, TaskVersion, content_hash, unpack
+from .storage.records import BaseRecord, ReferenceRecord, TaskVersion, unpack
 from .storage.writes import GC_LEASE_PREFIX
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ def _orphaned_ref_folders(registry: "Registry", unreachable: set[tuple[str, str]
         if kind != "records" or not missing:
             continue
         try:
-            folder = kinds.get(unpack(registry.backend.get(object_key(kind, digest)), digest).get("kind"))
+            folder = kinds.get(unpack(registry.objects.record_bytes(digest, verify=False), digest).get("kind"))
         except (DeltastoreError, OSError):
             continue  # an unreadable record protects nothing: verify reports it on its own
         if folder in missing:
@@ -155,8 +155,8 @@ def verify(registry: "Registry", *, show_progress: bool | None = None) -> list[d
                 registry.objects.get_array(digest, verify=True)
             elif kind == "blobs":
                 registry.objects.get_blob(digest, verify=True)
-            elif content_hash(registry.backend.get(object_key(kind, digest))) != digest:
-                raise DeltastoreError("content hash mismatch")
+            else:
+                registry.objects.record_bytes(digest, verify=True)
         except (DeltastoreError, OSError) as exc:
             if (kind, digest) not in used_by and kind == "arrays" and is_url(registry.path) and \
                     not registry.backend.exists(f"{object_key(kind, digest)}/{ARRAY_METADATA}"):
@@ -228,7 +228,7 @@ def _recent_root(registry: "Registry", digest: str) -> tuple[str, str, type] | N
     """``(hash, who, class)`` of a stored record, as a root of gc; None for one that cannot be
     read (it protects nothing: verify reports it)."""
     try:
-        data = unpack(registry.backend.get(object_key("records", digest)), digest)
+        data = unpack(registry.objects.record_bytes(digest, verify=False), digest)
         cls = RECORD_CLASSES[data["kind"]]
         who = f"{data['task']}@{data['version']}" if cls is TaskVersion else f"recent {data['kind']} record"
         return digest, who, cls

@@ -28,6 +28,7 @@ from .engine.decode import ArrayGetter, decode_stored, numel
 from .engine.materialize import iter_materialize, resolve_device
 from .progress import progress as _progress
 from .sources import open_source
+from .storage.objects import record_frame
 from .storage.records import BaseRecord, PointerRef, Record, ReferenceRecord, TaskRef, TaskVersion, pack, unpack
 from .storage.writes import Attempt, update_ref
 from .tensor.compressors import DEFAULT_COMPRESSOR, WHOLE_TENSORS, compressor_class, delta_compressors, get_compressor
@@ -354,7 +355,7 @@ class Registry(Catalog):
                 # large (a parent hash where the first version has none).
                 record_source["budget"] = budget_plan.summary(choice, max_bytes)
                 record_source["budget"]["checked_bytes"] = max_bytes  # as wide in msgpack as the figure below, or wider
-                real = self._own_bytes(version_record(0, budget.PLACEHOLDER, tensors, packed, files))
+                real = self._own_bytes(version_record(0, budget.DRAFT_PARENT, tensors, packed, files))
                 record_source["budget"]["checked_bytes"] = real
                 if real <= max_bytes:
                     break
@@ -554,7 +555,8 @@ class Registry(Catalog):
         """``stats``' own bytes of a version whose arrays and blobs are stored and whose record
         is not yet: the record counted as the bytes it will be written as."""
         stored = self._own_objects(budget.PLACEHOLDER, record)[1:]
-        return len(pack(record.to_dict())) + sum(self.objects.size(*obj) for obj in stored)
+        return len(record_frame(pack(record.to_dict()))) + budget.RECORD_FRAME_SLACK + \
+            sum(self.objects.size(*obj) for obj in stored)
 
     def _reference_tensor(self, reference: ReferenceRecord, name: str) -> torch.Tensor:
         return decode_stored(reference.tensors[name], self._array_getter("cpu"), "cpu")

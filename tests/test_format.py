@@ -79,6 +79,13 @@ HOLDER = {"bool": np.bool_, "uint8": np.uint8, "int8": np.int8, "float16": np.fl
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
 
 
+def record_content(stored: bytes) -> bytes:
+    """format.md section 3.1: a record file is its msgpack bytes, or (since 1.3) one zstd frame of them."""
+    if stored[:4] != bytes.fromhex("28b52ffd"):
+        return stored
+    return bytes(Zstd().decode(stored))
+
+
 def _unpack(data: bytes, what: str) -> dict:
     """format.md section 5: a msgpack map with string keys, bounded, no ext types."""
     if len(data) > 64 << 20:
@@ -322,7 +329,7 @@ class SpecReader:
         return kind
 
     def record(self, digest: str, kind: str) -> dict:
-        data = self._object("records", digest).read_bytes()
+        data = record_content(self._object("records", digest).read_bytes())
         if hashlib.sha256(data).hexdigest() != digest:
             raise SpecError(f"record {digest}: content hash mismatch")
         obj = _unpack(data, f"record {digest}")
@@ -418,7 +425,7 @@ class SpecReader:
                 for rest in sorted(prefix.iterdir()):
                     digest = prefix.name + rest.name
                     if kind == "records":
-                        data = rest.read_bytes()
+                        data = record_content(rest.read_bytes())
                         assert hashlib.sha256(data).hexdigest() == digest, digest
                         self._check_record(_unpack(data, digest), digest)
                     elif kind == "arrays":
@@ -687,7 +694,7 @@ def _rewrite_version(root: Path, task: str, number: int, edit, *, rehash: bool) 
     ref_path = root / "refs" / "tasks" / task
     ref = msgpack.unpackb(ref_path.read_bytes())
     old = dict(ref["versions"])[number]
-    record = msgpack.unpackb(_object_path(root, "records", old).read_bytes())
+    record = msgpack.unpackb(record_content(_object_path(root, "records", old).read_bytes()))
     edit(record)
     data = msgpack.packb(record, use_bin_type=True)
     if not rehash:
@@ -727,7 +734,7 @@ def test_reference_registry_is_complete():
     # 275 KB for alpha and beta, 155 KB for gamma's edge cases, 105 KB for delta (mostly its two
     # expected files) (specs/reference/README.md)
     assert sum(p.stat().st_size for p in REFERENCE.rglob("*") if p.is_file()
-               and "__pycache__" not in p.parts and not {"v1.0", "v1.1"} & set(p.parts)) < 560_000  # frozen ones aside
+               and "__pycache__" not in p.parts and not {"v1.0", "v1.1", "v1.2"} & set(p.parts)) < 560_000  # frozen ones aside
 
 
 def test_deltastore_materializes_reference_exactly(readonly_copy):
@@ -747,11 +754,12 @@ def test_deltastore_materializes_reference_exactly(readonly_copy):
     assert reg.verify(progress=False) == []
 
 
-@pytest.mark.parametrize("minor", [0, 1])
+@pytest.mark.parametrize("minor", [0, 1, 2])
 def test_older_format_registries_still_read_exactly(tmp_path, minor):
-    """specs/reference/v1.0/ and v1.1/ are the reference registry as formats 1.0 and 1.1 wrote it
-    (1.0: before task refs could carry ``issued``, records ``source.sha256`` and DARE the ``gaps``
-    layout; 1.1: before patched blobs, packs and records that leave out absent values): today's
+    """specs/reference/v1.0/, v1.1/ and v1.2/ are the reference registry as formats 1.0 to 1.2
+    wrote it (1.0: before task refs could carry ``issued``, records ``source.sha256`` and DARE the
+    ``gaps`` layout; 1.1: before patched blobs, packs and records that leave out absent values;
+    1.2: before compressed records): today's
     reader, and the independent one, materialize every version of each bit for bit, and
     deltastore's verify finds nothing to report."""
     import torch
@@ -830,6 +838,12 @@ def test_reference_covers_the_format(readonly_copy):
             ("packed", "bool", True), ("packed", "int64", True), ("packed", "float16", True),
             ("packed", "float32", False)} <= seen
     assert {("dtype", d) for d in CARRIER} <= seen  # every dtype the lossless page lists
+    # every record stored compressed (format 1.3, section 3.1), its frame declaring its size
+    for path in (readonly_copy / "objects" / "records").rglob("*"):
+        if path.is_file():
+            stored = path.read_bytes()
+            assert stored[:4] == bytes.fromhex("28b52ffd"), path
+            assert zstandard.get_frame_parameters(stored).content_size == len(record_content(stored)), path
     # and packs every one whole (gamma@1's extra.*), bool and int64 aside: the reference has them, so XORed
     assert {("packed", d, False) for d in CARRIER if d not in ("bool", "int64")} <= seen
 
@@ -857,14 +871,16 @@ def test_prf_and_bits_test_vectors():
 
 
 def _stored_records():
-    """(path, kind) of every msgpack file of the reference registry."""
-    yield REGISTRY / "registry.msgpack", "info"
+    """(path, msgpack bytes, kind) of every msgpack file of the reference registry: its refs
+    and registry.msgpack as they are, its records decompressed (section 3.1)."""
+    yield REGISTRY / "registry.msgpack", (REGISTRY / "registry.msgpack").read_bytes(), "info"
     for path in sorted((REGISTRY / "refs").rglob("*")):
         if path.is_file():
-            yield path, msgpack.unpackb(path.read_bytes())["kind"]
+            yield path, path.read_bytes(), msgpack.unpackb(path.read_bytes())["kind"]
     for path in sorted((REGISTRY / "objects" / "records").rglob("*")):
         if path.is_file():
-            yield path, msgpack.unpackb(path.read_bytes())["kind"]
+            data = record_content(path.read_bytes())
+            yield path, data, msgpack.unpackb(data)["kind"]
 
 
 def test_records_are_canonically_encoded():
@@ -872,8 +888,7 @@ def test_records_are_canonically_encoded():
     (not with msgpack.packb, not with deltastore) gives back its exact bytes, so a second
     writer storing the same content reproduces the record's name."""
     count = 0
-    for path, kind in _stored_records():
-        data = path.read_bytes()
+    for path, data, kind in _stored_records():
         obj = msgpack.unpackb(data, raw=False)
         assert encode_canonical(obj) == data, f"{path.relative_to(REGISTRY)} is not canonically encoded"
         assert key_order_problems(obj, kind) == [], path.relative_to(REGISTRY)
@@ -904,7 +919,7 @@ def test_writer_sorts_names_and_writes_floats(reference_copy):
     reg = Registry(reference_copy)
     reg.commit("omega", shuffled, method="dare", config={"drop_rate": 0}, seed=5, progress=False)
     digest = reg.version_hashes("omega")[0][1]
-    data = _object_path(reference_copy, "records", digest).read_bytes()
+    data = record_content(_object_path(reference_copy, "records", digest).read_bytes())
     obj = msgpack.unpackb(data, raw=False)
     assert key_order_problems(obj, "task_version") == [] and encode_canonical(obj) == data
     assert obj["config"]["drop_rate"] == 0.0 and isinstance(obj["config"]["drop_rate"], float)
@@ -986,7 +1001,7 @@ def test_base_vector_of_another_reference_is_refused(reference_copy):
     from deltastore import CorruptObjectError, Registry
 
     pointer = msgpack.unpackb((reference_copy / "refs/bases/b").read_bytes())
-    base = msgpack.unpackb(_object_path(reference_copy, "records", pointer["record"]).read_bytes())
+    base = msgpack.unpackb(record_content(_object_path(reference_copy, "records", pointer["record"]).read_bytes()))
     base["reference"] = "0" * 64
     data = msgpack.packb(base, use_bin_type=True)
     digest = hashlib.sha256(data).hexdigest()
@@ -1198,7 +1213,7 @@ def test_registry_info_and_refs_fields_are_exact():
     """format.md 5.1, 5.6, 5.7: exactly the listed fields, of the listed types."""
     info = msgpack.unpackb((REGISTRY / "registry.msgpack").read_bytes(), raw=False)
     assert set(info) == {"name", "version", "created"}
-    assert info["name"] == "deltastore" and info["version"] == [1, 2]
+    assert info["name"] == "deltastore" and info["version"] == [1, 3]
     assert isinstance(info["created"], str) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d.*", info["created"])
 
     for key in ("refs/reference", "refs/bases/b"):

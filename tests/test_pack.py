@@ -200,7 +200,7 @@ def test_a_prefixed_finetune_says_its_prefix_once(small, tmp_path):
     assert {n: (e.codec, e.ref) for n, e in record.tensors.items()} == {
         "enc.w": ("bitdelta", "w"), "enc.b": ("xor", "b"), "enc.n": ("xor", "n"), "enc.steps": ("xor", "steps"),
         "head": ("packed", None)}
-    raw = msgpack.unpackb(reg.backend.get(object_key("records", reg.version("p")[0])))
+    raw = msgpack.unpackb(reg.objects.record_bytes(reg.version("p")[0]))
     assert raw["ref_prefix"] == "enc." and not any("ref" in e for e in raw["tensors"].values())
     got = reg.materialize("p", progress=False)
     assert all(torch.equal(got[n], tensors[n]) for n in ("enc.b", "enc.n", "enc.steps", "head"))

@@ -64,9 +64,16 @@ def default_menu() -> list[tuple[str, dict[str, Any]]]:
 
 
 # Bytes of a task version's record beyond its tensor entries (task, message, times, lambdas,
-# source, the tuner's record): measured 1-3 KB; the commit checks the real size anyway.
-RECORD_MARGIN = 4096
+# source, the tuner's record): 1-3 KB of msgpack, less in the record's zstd frame; the commit
+# checks the real size anyway.
+RECORD_MARGIN = 2048
 PLACEHOLDER = "0" * 64  # a hash in a draft entry or record: every hash has 64 characters
+# The draft record a commit measures before publishing (specs/format.md §3.1: stored as a zstd
+# frame) has a parent hash where a first version has none: a hash-like one, since zeros would
+# compress to nothing. Its version number and checked figure differ from the real record's by a
+# few bytes, which may compress a few bytes larger: SLACK bytes cover that.
+DRAFT_PARENT = content_hash(b"draft parent")
+RECORD_FRAME_SLACK = 32
 # The commit measures the real bytes before publishing; over the budget, it chooses again with
 # the budget lowered by the overshoot (and SLACK bytes), at most ATTEMPTS times in all.
 ATTEMPTS = 3
@@ -203,6 +210,15 @@ def menu_compressors(menu: list[tuple[str, dict[str, Any]]]) -> list[Compressor]
     return out
 
 
+def entry_bytes(draft: TensorEntry) -> int:
+    """What ``draft`` (its hashes placeholders) adds to a record stored as a zstd frame
+    (specs/format.md §3.1): each hash about its 32 bytes of entropy, the rest (field names and
+    shapes repeated in every entry, tensor names sharing prefixes) at an eighth of its msgpack
+    bytes (all-MiniLM-L6-v2's records shrink to a twentieth, hashes aside)."""
+    hashes = len(draft.arrays or {}) + (draft.rows is not None)
+    return 33 * hashes + (len(pack(draft.to_dict())) - 64 * hashes) // 8
+
+
 def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[Compressor], lam1: float,
          seeds: dict[str, int], task: str, max_bytes: int, small_tensor_bits: int | None = None,
          grams: dict[str, torch.Tensor] | None = None) -> BudgetPlan:
@@ -224,7 +240,7 @@ def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[
                 tensor = keep_mantissa_bits(tensor, w_ref, small_tensor_bits)
             packed[name] = (tensor.cpu(), None if w_ref is None else w_ref.cpu())
             draft = TensorEntry(shape=tuple(tensor.shape), dtype="float32", codec=XOR, ref=name)
-            entries += len(pack(draft.to_dict()))
+            entries += entry_bytes(draft)
             continue
         encoded = Lossless().encode(tensor.cpu())
         for array in encoded.arrays.values():
@@ -234,7 +250,7 @@ def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[
                 whole += objects.array_size(array, compress=True)
         draft = TensorEntry(shape=tuple(tensor.shape), dtype="float32", codec=Lossless.name, config={},
                             arrays=dict.fromkeys(encoded.arrays, PLACEHOLDER), attrs=dict(encoded.attrs))
-        entries += len(pack(draft.to_dict()))
+        entries += entry_bytes(draft)
     if packed:
         whole += objects.array_size(pack_tensors([packed[n] for n in sorted(packed)]), compress=True)
     for rel, path in pipeline.source.files.items():
@@ -276,7 +292,7 @@ def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[
                                 config=compressor.config.to_dict(), arrays=dict.fromkeys(encoded.arrays, PLACEHOLDER),
                                 attrs=dict(encoded.attrs), ref=name, rows=PLACEHOLDER, changed_rows=int(rows.sum()))
             # The entry goes into the record: count it with the code (its size varies by setting).
-            row.append(Option(nbytes + len(pack(draft.to_dict())), error if math.isfinite(error) else math.inf))
+            row.append(Option(nbytes + entry_bytes(draft), error if math.isfinite(error) else math.inf))
         options[name] = row
     fixed = {"side_files": files, "whole_tensors": whole, "row_masks": masks, "record": entries + RECORD_MARGIN}
     return BudgetPlan(menu, options, fixed, weighted)

@@ -27,7 +27,7 @@ from ..errors import CorruptObjectError, NotFoundError
 from .layout import (ARRAY_METADATA, ArrayLayout, chunk_file_limit, chunk_key, fetch_metadata, metadata_key,
                      read_chunk, read_layout, stored_size, write_array, zstd_content_size)
 from .protocol import Backend
-from .records import Record, content_hash, pack, unpack
+from .records import MAX_RECORD_BYTES, Record, content_hash, pack, unpack
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -58,6 +58,16 @@ HASH_BEHIND_MIN_BYTES = 128 << 20
 # A blob stored as a patch against another blob (specs/format.md §3.3): a zstd skippable frame
 # naming the dictionary blob and its transform, then a zstd frame that needs that dictionary.
 PATCH_MAGIC = (0x184D2A50).to_bytes(4, "little")
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# A record file is, since format 1.3, one zstd frame of its msgpack bytes (specs/format.md
+# §3.1): a task version's record is mostly tensor names and hex hashes, which level 19 shrinks
+# about 5x (15,044 to ~3,100 bytes on all-MiniLM-L6-v2) in a few milliseconds.
+RECORD_LEVEL = 19
+
+
+def record_frame(data: bytes) -> bytes:
+    """What a record of msgpack bytes ``data`` is stored as: one zstd frame declaring its size."""
+    return zstandard.ZstdCompressor(level=RECORD_LEVEL, write_content_size=True, write_checksum=False).compress(data)
 PATCH_HEADER = b"deltastore-patch\n"
 PATCH_LEVEL = 19  # patches are small and written once: the best ratio is worth its time
 _PATCH_FRAME_PREFIX = 8  # magic + Frame_Size
@@ -403,11 +413,8 @@ class ObjectStore:
         """Store a file; with ``dictionary`` (a plain blob: the reference's file of the same
         path) as a patch against it where that is smaller than the file on its own."""
         digest = content_hash(data)
-        final = object_key("blobs", digest)
         if not self._reusable("blobs", digest):
-            staged = f"{txn}/{digest}"
-            self.backend.put(staged, self._smallest_encoding(data, dictionary))
-            self.backend.publish(staged, final)
+            self._put_stored("blobs", digest, self._smallest_encoding(data, dictionary), txn)
         self._joined("blobs", digest)
         return digest
 
@@ -478,24 +485,49 @@ class ObjectStore:
 
     # -- records ----------------------------------------------------------------------------
     def put_record(self, record: Record, txn: str) -> str:
-        return self._put_bytes("records", pack(record.to_dict()), txn)
-
-    def _put_bytes(self, kind: str, data: bytes, txn: str) -> str:
+        data = pack(record.to_dict())
         digest = content_hash(data)
-        final = object_key(kind, digest)
-        if not self._reusable(kind, digest):
-            staged = f"{txn}/{digest}"
-            self.backend.put(staged, data)
-            self.backend.publish(staged, final)
-        self._joined(kind, digest)
+        if not self._reusable("records", digest):
+            self._put_stored("records", digest, record_frame(data), txn)
+        self._joined("records", digest)
         return digest
+
+    def _put_stored(self, kind: str, digest: str, stored: bytes, txn: str) -> None:
+        staged = f"{txn}/{digest}"
+        self.backend.put(staged, stored)
+        self.backend.publish(staged, object_key(kind, digest))
+
+    def record_bytes(self, digest: str, *, verify: bool = True) -> bytes:
+        """The msgpack bytes of record ``digest``: the file as it is (format 1.0-1.2) or its zstd
+        frame decompressed (1.3, specs/format.md §3.1); with ``verify``, checked against the name."""
+        stored = self.backend.get(object_key("records", digest))
+        what = f"{self.backend.root}: record {digest[:12]}"
+        data = stored
+        if stored[:4] == ZSTD_MAGIC:
+            declared = zstd_content_size(stored)
+            if declared is None or declared > MAX_RECORD_BYTES:
+                raise CorruptObjectError(
+                    f"{what}: its zstd frame declares {declared if declared is not None else 'no'} decompressed size, "
+                    f"at most {MAX_RECORD_BYTES} bytes allowed; restore it from a backup")
+            frame = zstandard.ZstdDecompressor().decompressobj()
+            try:
+                data = frame.decompress(stored)
+            except zstandard.ZstdError as exc:
+                raise CorruptObjectError(f"{what} is not a valid zstd frame ({exc}); restore it from a backup") from None
+            if not frame.eof or frame.unused_data:  # cut short, or bytes after the one frame
+                raise CorruptObjectError(f"{what}: expected one whole zstd frame, found "
+                                         f"{'a cut one' if not frame.eof else f'{len(frame.unused_data)} bytes after it'}; "
+                                         "restore it from a backup")
+            if len(data) != declared:
+                raise CorruptObjectError(f"{what}: its zstd frame declares {declared} bytes and holds {len(data)}; "
+                                         "restore it from a backup")
+        if verify and content_hash(data) != digest:
+            raise CorruptObjectError(f"{what} is corrupt (content hash mismatch)")
+        return data
 
     def get_record(self, digest: str, cls: type[R]) -> R:
         what = f"{cls.__name__} record {digest[:12]}"
-        data = self.backend.get(object_key("records", digest))
-        if content_hash(data) != digest:
-            raise CorruptObjectError(f"{self.backend.root}: {what} is corrupt (content hash mismatch)")
-        return cls.from_dict(unpack(data, what), what)
+        return cls.from_dict(unpack(self.record_bytes(digest), what), what)
 
     def _reusable(self, kind: str, digest: str) -> bool:
         """Is object ``digest`` stored and intact, so a writer may use it instead of writing it?
@@ -517,8 +549,8 @@ class ObjectStore:
                 self.get_array(digest, verify=True)
             elif kind == "blobs":
                 self.get_blob(digest, verify=True)
-            elif content_hash(self.backend.get(key)) != digest:
-                raise CorruptObjectError(f"{key}: content hash mismatch")
+            else:
+                self.record_bytes(digest, verify=True)
         except NotFoundError:
             return False
         except OSError:  # CorruptObjectError included
@@ -591,18 +623,12 @@ class ObjectStore:
                 write_array(self.backend, staged, data, compress=compress)
                 self.backend.publish(staged, key)
                 self._joined(kind, digest)
-        elif kind == "blobs":  # checked, then copied as stored (a patch stays a patch)
-            written = content_hash(source.get_blob(digest, verify=True))
+        else:  # checked, then copied as stored (a patch stays a patch, a plain record plain)
+            content = source.get_blob(digest, verify=False) if kind == "blobs" else source.record_bytes(digest, verify=False)
+            written = content_hash(content)
             if written == digest:
-                staged = f"{txn}/{digest}"
-                self.backend.put(staged, source.backend.get(key))
-                self.backend.publish(staged, key)
+                self._put_stored(kind, digest, source.backend.get(key), txn)
                 self._joined(kind, digest)
-        else:
-            data = source.backend.get(key)
-            written = content_hash(data)
-            if written == digest:
-                self._put_bytes(kind, data, txn)
         if written != digest:
             raise CorruptObjectError(f"{source.backend.root}: {kind[:-1]} {digest[:12]} is corrupt: its content hashes "
                                      f"to {written[:12]}...; run `deltastore verify` there and restore it from a backup")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import zstandard
 from click.testing import CliRunner
 
 from deltastore import CorruptObjectError, DeltastoreError, NotFoundError, Registry
+from deltastore.storage.layout import zstd_content_size
 from deltastore.storage.objects import object_key
 from deltastore_cli.main import cli
 
@@ -101,6 +103,44 @@ def test_damaged_blob_record_and_refs(reg_anywhere, tmp_path):
     problems = {p["object"] for p in reg.verify()}
     assert problems == {object_key("blobs", blob), object_key("records", digest),
                         object_key("records", base_digest)}
+
+
+RECORD_DAMAGE = {  # a record file is one zstd frame of its msgpack bytes (format.md §3.1)
+    "bytes after the frame": lambda data: data + b"x",
+    "a second frame": lambda data: data + data,
+    "frame cut short": lambda data: data[:-3],
+    "size left out of the header": lambda data: zstandard.ZstdCompressor(write_content_size=False).compress(
+        zstandard.ZstdDecompressor().decompress(data)),
+    "size declared larger": lambda data: _declared_plus_one(data),
+}
+
+
+def _declared_plus_one(data: bytes) -> bytes:
+    """The same frame with its header's content size one more (single-segment, 1- or 2-byte field)."""
+    content = zstandard.ZstdDecompressor().decompress(data)
+    frame = bytearray(zstandard.ZstdCompressor(write_checksum=False).compress(content))
+    assert zstd_content_size(bytes(frame)) == len(content)
+    descriptor = frame[4]
+    field = (1 if descriptor >> 5 & 1 else 0, 2, 4, 8)[descriptor >> 6]
+    pos = 5 + (0 if descriptor >> 5 & 1 else 1)
+    value = int.from_bytes(frame[pos:pos + field], "little") + 1
+    frame[pos:pos + field] = value.to_bytes(field, "little")
+    return bytes(frame)
+
+
+@pytest.mark.parametrize("damage", sorted(RECORD_DAMAGE))
+def test_damaged_record_frame_is_reported(reg_anywhere, damage):
+    """A damaged zstd frame of a version record: materialize names the version and the record,
+    verify lists it, and the other tasks still read."""
+    reg = reg_anywhere
+    digest, _ = reg.version("t1")
+    key = object_key("records", digest)
+    assert reg.backend.get(key)[:4] == b"\x28\xb5\x2f\xfd"  # stored compressed
+    _edit(reg, key, RECORD_DAMAGE[damage])
+    with pytest.raises(CorruptObjectError, match=f"t1@1: .*{digest[:12]}"):
+        reg.materialize("t1")
+    reg.materialize("t2")
+    assert {p["object"] for p in reg.verify()} == {key}
 
 
 @pytest.mark.parametrize("ref", ["refs/tasks/t2", "refs/bases/b1", "refs/reference"])

@@ -103,6 +103,34 @@ def test_fuzz_record_byte_changes(cls, where, byte):
     parse_record(bytes(data))
 
 
+@pytest.fixture(scope="module")
+def record_store(tmp_path_factory):
+    """A store holding one valid task version record (a zstd frame since format 1.3)."""
+    store = ObjectStore(LocalBackend(tmp_path_factory.mktemp("fuzzrecords")))
+    digest = store.put_record(TaskVersion.from_dict(dict(VALID[TaskVersion]), "fuzz"), store.new_txn())
+    return store, digest, store.backend.get(object_key("records", digest))
+
+
+@FUZZ
+@given(st.binary(max_size=300).map(lambda b: b"\x28\xb5\x2f\xfd" + b) | st.tuples(st.integers(0, 10**6),
+                                                                                 st.integers(0, 255)))
+def test_fuzz_record_file(record_store, change):
+    """Any stored record file, a zstd frame of junk or the valid one with a byte changed, reads
+    back as the record it was or gives a deltastore error."""
+    store, digest, original = record_store
+    if isinstance(change, tuple):
+        data = bytearray(original)
+        data[change[0] % len(data)] = change[1]
+        change = bytes(data)
+    store.backend.put(object_key("records", digest), change)
+    try:
+        assert store.get_record(digest, TaskVersion) == TaskVersion.from_dict(dict(VALID[TaskVersion]), "fuzz")
+    except DeltastoreError:
+        pass
+    finally:
+        store.backend.put(object_key("records", digest), original)
+
+
 # -- arrays -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def array_store(tmp_path_factory):

@@ -211,7 +211,7 @@ def _point(reg: Registry, task: str, digest: str, number: int = 1) -> None:
 
 def _t1_dict(reg: Registry) -> dict:
     digest, _ = reg.version("t1")
-    return unpack((reg.path / object_key("records", digest)).read_bytes(), "t1")
+    return unpack(reg.objects.record_bytes(digest), "t1")
 
 
 def _with(d: dict, path: tuple, value) -> dict:
