@@ -278,12 +278,14 @@ def cached_cells(runs: list[tuple[str, str]], tasks: list[str]) -> dict[tuple[st
 
 
 def run_cell(reg, base: str, ev: TaskEval, setting: str, row: str, n_tasks: int, base_size: int, *,
-             cells: Path = CACHE / "cells") -> dict:
+             cells: Path | None = None) -> dict:
     """Commit one task with one setting and row, materialize it, score it; cached as JSON in
-    ``cells`` (another folder per base vector, when a benchmark compares several). A budget the
+    ``cells`` (default: ``CACHE / "cells"``, read when called, since decoder.py points CACHE
+    elsewhere; another folder per base vector, when a benchmark compares several). A budget the
     finetune cannot meet gives a cell holding only why (``infeasible``)."""
     from deltastore.errors import InvalidInputError
 
+    cells = cells or CACHE / "cells"
     out = cells / f"{setting}__{row}__{ev.task}.json"
     if out.exists():
         return json.loads(out.read_text())

@@ -44,3 +44,13 @@ def test_pieces_round_trip_compressed_and_refuse_a_damaged_one(tmp_path, monkeyp
     piece.write_bytes(piece.read_bytes()[:-1] + b"!")
     with pytest.raises(SystemExit, match=data["pieces"][1]["file"]):
         decoder.read_pieces(tmp_path, data)
+
+
+def test_tiny_run_reports_the_cells_it_ran(tmp_path):
+    """The CPU check end to end: every cell that ran is in the report (a cells folder bound
+    when quality.py was imported once sent them where the report did not look)."""
+    decoder = _decoder()
+    assert decoder.main(["run", "--tiny", "--cache", str(tmp_path / "cache"), "--results", str(tmp_path)]) == 0
+    cells = list((tmp_path / "cache" / "cells").glob("*.json"))
+    report = (tmp_path / "decoder_tiny.md").read_text()
+    assert cells and "| bitdelta | plain |" in report and "| dare-p0.99 | + DBMS, everything fitted |" in report
