@@ -31,7 +31,7 @@ import quality  # noqa: E402
 DEFAULT_RUNS = [
     *[(s, r) for s in ("dare-p0.998", "bitdelta", "deltadq-g64k1b2") for r in ("plain", "dbms-fit", "fit-all")],
     *[(f"budget-{x}x", "plain") for x in (250, 500, 100)],
-    *[(f"budget-{x}x-st10", "plain") for x in (250, 500)],
+    *[(f"budget-{x}x-st10", "plain") for x in (250, 500)], ("budget-500x-st7", "plain"),
     ("budget-100x", "fit-all-nobase"), ("budget-250x", "fit-all-nobase"),
 ]
 START, END = "<!-- issue16 start -->", "<!-- issue16 end -->"

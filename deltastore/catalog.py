@@ -218,7 +218,16 @@ def byte_parts(digest: str, record: TaskVersion, sizes: dict[tuple[str, str], in
     for h in record.files.values():
         part_of.setdefault(("blobs", h), "side_files")
     parts = dict.fromkeys(PARTS, 0)
+    bundle = ("arrays", record.bundle) if record.bundle else None
     for obj, size in sizes.items():
+        if obj == bundle and bundle not in part_of:
+            # The bundle holds codes and masks (format.md §5.9): split by their bytes in it.
+            masks = {e.rows for e in deltas if e.rows}
+            mask_bytes = sum(b.nbytes for b in record.bundled if b.name in masks)
+            share = round(size * mask_bytes / max(1, sum(b.nbytes for b in record.bundled)))
+            parts["masks"] += share
+            parts["codes"] += size - share
+            continue
         parts[part_of[obj]] += size
     return parts
 

@@ -152,7 +152,7 @@ def verify(registry: "Registry", *, show_progress: bool | None = None) -> list[d
         users = ", ".join(sorted(used_by.get((kind, digest), {"nothing (gc removes it)"})))
         try:
             if kind == "arrays":
-                registry.objects.get_array(digest, verify=True)
+                registry.objects.get_array(digest, verify=True, folder=True)
             elif kind == "blobs":
                 registry.objects.get_blob(digest, verify=True)
             else:

@@ -337,17 +337,17 @@ class Registry(Catalog):
                 "missing_buffers": plan.missing_buffers, **fingerprint,
             }
 
-            def version_record(number: int, parent: str | None, tensors, packed, files) -> TaskVersion:
+            def version_record(number: int, parent: str | None, encoded, files) -> TaskVersion:
                 return TaskVersion(
                     task=task, version=number, parent=parent, created=utc_now(), message=message,
                     reference=ref_digest, base=base_digest, method=method, config=compressor.config.to_dict(),
                     lam1=float(lambdas.lam1), lam2=float(lambdas.lam2), tuning=plain(lambdas.record),
-                    tensors=tensors, files=files, source=record_source, pack=packed, ref_prefix=plan.prefix,
+                    tensors=encoded.tensors, files=files, source=record_source, pack=encoded.pack,
+                    ref_prefix=plan.prefix, bundle=encoded.bundle, bundled=encoded.bundled,
                 )
 
             for trial in range(budget.ATTEMPTS):
-                tensors, packed = pipeline.encode(task, compressor, lambdas, seeds, txn, small_tensor_bits,
-                                                  compressors)
+                encoded = pipeline.encode(task, compressor, lambdas, seeds, txn, small_tensor_bits, compressors)
                 files = store_files(self.objects, source, txn, reference)
                 if budget_plan is None:
                     break
@@ -355,7 +355,7 @@ class Registry(Catalog):
                 # large (a parent hash where the first version has none).
                 record_source["budget"] = budget_plan.summary(choice, max_bytes)
                 record_source["budget"]["checked_bytes"] = max_bytes  # as wide in msgpack as the figure below, or wider
-                real = self._own_bytes(version_record(0, budget.DRAFT_PARENT, tensors, packed, files))
+                real = self._own_bytes(version_record(0, budget.DRAFT_PARENT, encoded, files))
                 record_source["budget"]["checked_bytes"] = real
                 if real <= max_bytes:
                     break
@@ -377,7 +377,7 @@ class Registry(Catalog):
             def add_version(ref: TaskRef) -> TaskRef:
                 number = ref.last_issued + 1  # never a removed version's number (format.md §5.7)
                 parent = ref.versions[-1][1] if ref.versions else None
-                record = version_record(number, parent, tensors, packed, files)
+                record = version_record(number, parent, encoded, files)
                 digest = self.objects.put_record(record, txn)
                 # The base record too: on an object store it is refreshed, which keeps its
                 # arrays from gc even if its ref is removed meanwhile; they are re-checked.

@@ -64,7 +64,7 @@ RECORD_FIELDS = {
     "pointer": {"record"},
     "task_ref": {"versions"},
 }
-RECORD_OPTIONAL = {"task_ref": {"issued"}, "task_version": {"pack", "ref_prefix"}}  # format 1.1, 1.2
+RECORD_OPTIONAL = {"task_ref": {"issued"}, "task_version": {"pack", "ref_prefix", "bundle", "bundled"}}  # 1.1-1.3
 PACKED_CODECS = ("packed", "xor")  # section 5.8
 INFO_FIELDS = {"name", "version", "created"}
 
@@ -518,6 +518,30 @@ class SpecReader:
         assert out.dtype == np.float32 and u.dtype == np.float32
         return from_f32(entry["dtype"], out).reshape(shape)
 
+    def unbundle(self, version: dict) -> None:
+        """Section 5.9: the arrays of the version's bundle, each rehashed to its name."""
+        bundled = version.get("bundled", [])
+        if (version.get("bundle") is None) != (not bundled):
+            raise SpecError("a bundle without bundled arrays, or bundled arrays without a bundle")
+        if not bundled:
+            return
+        data, start = self.array(version["bundle"]), 0
+        if data.dtype != np.uint8 or data.ndim != 1:
+            raise SpecError(f"bundle is {data.dtype} {data.shape}, expected uint8 of one dimension")
+        for name, dtype, shape in bundled:
+            if dtype not in ARRAY_TYPES:
+                raise SpecError(f"bundled array {name}: data type {dtype}")
+            item = np.dtype(dtype).newbyteorder("<")
+            size = item.itemsize * math.prod(shape)
+            raw = data[start:start + size].tobytes()
+            header = f"deltastore-array\n{dtype}\n{','.join(map(str, shape))}\n".encode("ascii")
+            if len(raw) != size or hashlib.sha256(header + raw).hexdigest() != name:
+                raise SpecError(f"bundled array {name}: content hash mismatch")
+            self._arrays[name] = np.frombuffer(raw, dtype=item).reshape(shape).astype(np.dtype(dtype))
+            start += size
+        if start != data.size:
+            raise SpecError(f"bundle holds {data.size} bytes, its arrays {start}")
+
     def task_version(self, task: str, number: int) -> dict:
         pairs = self.ref(f"tasks/{task}", "task_ref")["versions"]
         numbers = [n for n, _ in pairs]
@@ -540,6 +564,7 @@ class SpecReader:
                 raise SpecError(f"file name {rel!r} is not a plain relative path")
             self.blob(digest)
         packed = self.packed(version, reference)
+        self.unbundle(version)
         return {name: (entry["dtype"], packed[name] if name in packed else self.tensor(entry, version, reference, base))
                 for name, entry in version["tensors"].items()}
 
@@ -593,7 +618,7 @@ FIELD_ORDER = {
     "base": ["format", "kind", "name", "created", "reference", "sources", "tensors"],
     "task_version": ["format", "kind", "task", "version", "parent", "created", "message", "reference", "base",
                      "method", "config", "lam1", "lam2", "tuning", "tensors", "files", "source", "pack",
-                     "ref_prefix"],
+                     "ref_prefix", "bundle", "bundled"],
     "pointer": ["format", "kind", "record"],
     "task_ref": ["format", "kind", "versions", "issued"],
     "entry": ["shape", "dtype", "codec", "config", "arrays", "attrs", "ref", "rows", "changed_rows", "lam1", "lam2"],
@@ -818,7 +843,11 @@ def test_reference_covers_the_format(readonly_copy):
                 seen.add(("deltadq dropped plane",))
             if entry["codec"] == "dare" and entry["config"]["drop_rate"] == 0:
                 seen.add(("dare keeps everything",))
+            in_bundle = {name: shape for name, _, shape in version.get("bundled", [])}
             for digest in entry["arrays"].values():
+                if digest in in_bundle:  # section 5.9
+                    seen.add(("bundled", entry["codec"], "0-d" if not in_bundle[digest] else "n-d"))
+                    continue
                 meta = json.loads((_object_path(readonly_copy, "arrays", digest) / "zarr.json").read_bytes())
                 shape, chunk = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
                 if shape and 0 < chunk[0] < shape[0]:
@@ -836,7 +865,8 @@ def test_reference_covers_the_format(readonly_copy):
             ("negative zero", "float16"), ("dare", "gaps", 8, True), ("dare", "gaps", 16, False),
             ("patched blob", b"json"), ("patched blob", b"raw"), ("packed shape", "0-d"), ("packed shape", "empty"),
             ("packed", "bool", True), ("packed", "int64", True), ("packed", "float16", True),
-            ("packed", "float32", False)} <= seen
+            ("packed", "float32", False), ("bundled", "bitdelta", "n-d"), ("bundled", "dare", "n-d"),
+            ("bundled", "deltadq", "n-d")} <= seen
     assert {("dtype", d) for d in CARRIER} <= seen  # every dtype the lossless page lists
     # every record stored compressed (format 1.3, section 3.1), its frame declaring its size
     for path in (readonly_copy / "objects" / "records").rglob("*"):

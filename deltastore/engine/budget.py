@@ -5,8 +5,10 @@ Bytes are counted as ``Catalog.stats`` counts ``own_bytes`` (specs/format.md §1
 array, blob and record the version holds beyond the reference. Part of them does not depend on
 the choice (**fixed**): the side files, the tensors stored whole, the changed-row masks and
 the record (estimated from the entries it will hold, plus RECORD_MARGIN for its other
-fields). Each candidate setting's arrays are encoded and sized exactly as they would be
-written (:meth:`ObjectStore.array_size`), so the estimate of a setting is its real size; the
+fields). Each candidate setting's arrays are encoded and sized as they would be written (an
+array folder: :meth:`ObjectStore.array_size`; in the bundle: its bytes compressed alone, which
+the bundle's one zstd frame matches to within a few bytes), so the estimate of a setting is
+about its real size; the
 commit measures the whole version again before publishing it and tightens the choice if the
 record or a refitted code came out larger.
 
@@ -43,9 +45,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import zstandard
 
 from ..catalog import setting_label
 from ..errors import InvalidInputError
+from ..storage.layout import ZSTD_LEVEL
 from ..storage.objects import ObjectStore, array_hash, to_numpy
 from ..storage.records import XOR, ReferenceRecord, TensorEntry, content_hash, pack
 from ..tensor import dbms, lsq
@@ -53,6 +57,7 @@ from ..tensor.bitpack import pack_bits
 from ..tensor.compressors import Compressor, compressor_class, delta_compressors, get_compressor
 from ..tensor.compressors.lossless import Lossless
 from ..tensor.pack import keep_mantissa_bits, pack_tensors
+from . import commit
 from .commit import PACK_MAX_BYTES
 
 def default_menu() -> list[tuple[str, dict[str, Any]]]:
@@ -210,6 +215,15 @@ def menu_compressors(menu: list[tuple[str, dict[str, Any]]]) -> list[Compressor]
     return out
 
 
+def code_bytes(objects: ObjectStore, array: torch.Tensor) -> int:
+    """Bytes an array of a delta entry (a code, a row mask) adds to the version: its data in the
+    bundle (specs/format.md §5.9), or an array folder of its own, as CommitPipeline stores it."""
+    if array.numel() * array.element_size() <= commit.BUNDLE_MAX_BYTES:
+        frame = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=False)
+        return len(frame.compress(to_numpy(array).tobytes()))
+    return objects.array_size(array, compress=array.dtype not in (torch.uint8, torch.int8))
+
+
 def entry_bytes(draft: TensorEntry) -> int:
     """What ``draft`` (its hashes placeholders) adds to a record stored as a zstd frame
     (specs/format.md §3.1): each hash about its 32 bytes of entropy, the rest (field names and
@@ -271,7 +285,7 @@ def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[
         delta = dbms.as_matrix(tensor.float()) - w_pre
         rows = dbms.changed_rows(delta)
         if not bool(rows.all()):
-            masks += objects.array_size(pack_bits(rows), compress=False)
+            masks += code_bytes(objects, pack_bits(rows))
         resid = dbms.residual(delta[rows], None if t is None else dbms.as_matrix(t)[rows], lam1).contiguous()
         gram, share = (grams or {}).get(name), 1.0
         if gram is not None:
@@ -286,8 +300,7 @@ def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[
         for compressor in menu:
             encoded = compressor.encode(resid, seed=seeds[name])
             error = share * lsq.error(compressor.decode(encoded, tuple(resid.shape), resid.device), resid, gram)
-            nbytes = sum(objects.array_size(a, compress=a.dtype not in (torch.uint8, torch.int8))
-                         for a in encoded.arrays.values())
+            nbytes = sum(code_bytes(objects, a) for a in encoded.arrays.values())
             draft = TensorEntry(shape=tuple(tensor.shape), dtype="float32", codec=compressor.name,
                                 config=compressor.config.to_dict(), arrays=dict.fromkeys(encoded.arrays, PLACEHOLDER),
                                 attrs=dict(encoded.attrs), ref=name, rows=PLACEHOLDER, changed_rows=int(rows.sum()))

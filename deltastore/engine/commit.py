@@ -15,8 +15,10 @@ import hashlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from ..dtypes import dtype_name, torch_dtype
@@ -24,8 +26,8 @@ from ..errors import IncompatibleFinetuneError, InvalidInputError
 from ..progress import progress as progress_bar
 from ..sources import TensorSource
 from ..storage.layout import array_shape_problem
-from ..storage.objects import ObjectStore
-from ..storage.records import PACKED, XOR, BaseRecord, ReferenceRecord, TensorEntry
+from ..storage.objects import ObjectStore, array_hash, to_numpy
+from ..storage.records import PACKED, XOR, BaseRecord, BundledArray, ReferenceRecord, TensorEntry
 from ..tensor import dbms
 from ..tensor.bitpack import pack_bits
 from ..tensor.pack import keep_mantissa_bits, pack_tensors
@@ -51,6 +53,54 @@ COMMIT_WRITE_BEHIND = 4
 # the reference's: one array for all of them instead of one array and its metadata each.
 # Larger ones keep an array of their own, which other versions (or the reference) may share.
 PACK_MAX_BYTES = 1 << 20
+# Arrays of delta entries (codes, row masks) up to this size go into the version's bundle
+# (specs/format.md §5.9) instead of an array folder each, whose zarr.json (~600 bytes) is more
+# than many of them hold: 39 DARE p=0.998 value arrays of all-MiniLM-L6-v2 hold 2-13 KB each.
+BUNDLE_MAX_BYTES = 64 << 10
+
+
+@dataclass
+class EncodedVersion:
+    """What pass 2 stored for a task version: its entries, pack and bundle (format §5.8, §5.9)."""
+
+    tensors: dict[str, TensorEntry]
+    pack: str | None
+    bundle: str | None
+    bundled: tuple[BundledArray, ...]
+
+
+class Bundle:
+    """The small arrays of a version's delta entries, kept here instead of stored (named by
+    their content as if they were) until :meth:`store` writes them as one array."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.arrays: dict[str, np.ndarray] = {}  # on the host, in the order first put
+
+    def put(self, objects: ObjectStore, array: torch.Tensor, txn: str, *, compress: bool) -> str:
+        """The array's name; stored on its own if it is larger than the bundle takes."""
+        if array.numel() * array.element_size() > self.max_bytes:
+            return objects.put_array(array, txn, compress=compress)
+        data = to_numpy(array)
+        digest = array_hash(data)
+        self.arrays.setdefault(digest, data)
+        return digest
+
+    def store(self, objects: ObjectStore, entries: dict[str, TensorEntry], txn: str
+              ) -> tuple[str | None, tuple[BundledArray, ...]]:
+        """Write the bundle: the arrays the entries name, in the order of §5.9 (code points of
+        the entry names, each entry's arrays then its rows mask, each array once)."""
+        order: list[str] = []
+        for name in sorted(entries):
+            for digest in entries[name].array_hashes():
+                if digest in self.arrays and digest not in order:
+                    order.append(digest)
+        if not order:
+            return None, ()
+        data = [self.arrays[d] for d in order]
+        raw = np.concatenate([a.astype(a.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8) for a in data])
+        bundled = tuple(BundledArray(d, a.dtype.name, tuple(a.shape)) for d, a in zip(order, data))
+        return objects.put_array(torch.from_numpy(raw), txn), bundled
 
 
 class CommitPipeline:
@@ -119,9 +169,9 @@ class CommitPipeline:
 
     def encode(self, task: str, compressor: Compressor, lambdas: Lambdas, seeds: dict[str, int],
                txn: str, small_tensor_bits: int | None = None, compressors: dict[str, Compressor] | None = None
-               ) -> tuple[dict[str, TensorEntry], str | None]:
+               ) -> EncodedVersion:
         """Pass 2: every tensor encoded (deltas), packed or kept whole, its arrays staged in
-        ``txn``; returns the entries and the pack (None when nothing is packed).
+        ``txn``, the small ones of delta entries in the version's bundle.
         ``small_tensor_bits``: the lossy option, packed float tensors keep that many mantissa bits
         of their own and the rest of the reference's (:func:`keep_mantissa_bits`); None: exact.
 
@@ -136,6 +186,7 @@ class CommitPipeline:
         waiting: deque[Future] = deque()
         compressors = compressors or {}
         given = lambdas.codes or {}
+        bundle = Bundle(BUNDLE_MAX_BYTES)
         with ThreadPoolExecutor(1, "deltastore-write") as writer:
             for name, (w_ref, tensor, t) in self.read_all(names, f"{task}: encode"):
                 if len(waiting) >= COMMIT_WRITE_BEHIND:
@@ -164,7 +215,7 @@ class CommitPipeline:
                 stored[name] = writer.submit(encoded.then, store_code, self.objects, code, chosen.name,
                                              chosen.config.to_dict(),
                                              tensor.shape, dtype_name(tensor.dtype), self.plan.lossy[name], txn,
-                                             per_tensor)
+                                             per_tensor, bundle)
                 waiting.append(stored[name])
             entries = {name: future.result() for name, future in stored.items()}
         order = sorted(packed)  # the pack's order: code points of the names (specs/format.md §5.8)
@@ -174,15 +225,19 @@ class CommitPipeline:
             ref_name = self.plan.xor.get(name)
             entries[name] = TensorEntry(shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype),
                                         codec=PACKED if ref_name is None else XOR, ref=ref_name)
-        return entries, pack
+        bundled_in, bundled = bundle.store(self.objects, entries, txn)
+        return EncodedVersion(entries, pack, bundled_in, bundled)
 
 
 def store_code(objects: ObjectStore, code: dbms.MatrixCode, compressor: str, config: dict, shape, dtype: str,
-               ref_name: str, txn: str, lambdas: tuple[float, float] | None = None) -> TensorEntry:
-    """Stage a delta's arrays (and its changed-row mask unless every row changed); its entry."""
-    arrays = {role: objects.put_array(a, txn, compress=_compressible(a)) for role, a in code.encoded.arrays.items()}
+               ref_name: str, txn: str, lambdas: tuple[float, float] | None = None,
+               bundle: Bundle | None = None) -> TensorEntry:
+    """Stage a delta's arrays (and its changed-row mask unless every row changed), or keep
+    the small ones in ``bundle``; its entry."""
+    put = objects.put_array if bundle is None else partial(bundle.put, objects)
+    arrays = {role: put(a, txn, compress=_compressible(a)) for role, a in code.encoded.arrays.items()}
     n_changed = int(code.rows.sum())
-    rows = None if n_changed == code.rows.numel() else objects.put_array(pack_bits(code.rows), txn, compress=False)
+    rows = None if n_changed == code.rows.numel() else put(pack_bits(code.rows), txn, compress=False)
     entry = TensorEntry(shape=tuple(shape), dtype=dtype, codec=compressor, config=dict(config), arrays=arrays,
                         attrs=dict(code.encoded.attrs), ref=ref_name, rows=rows, changed_rows=n_changed)
     return entry if lambdas is None else replace(entry, lam1=lambdas[0], lam2=lambdas[1])

@@ -50,6 +50,7 @@ def iter_materialize(
     """
     device = resolve_device(device)
     label = f"{record.task}@{record.version}"
+    objects = objects.reading(record)  # its bundled arrays from its bundle (specs/format.md §5.9)
     items = plan(objects, record, where)
     reader = DeviceReader(objects, device, verify, staging_bytes)
     budget = read_ahead_budget(device) if read_ahead_bytes is None else read_ahead_bytes

@@ -187,9 +187,9 @@ class ResidentModel:
         if key in self._tasks:
             return self._tasks[key]
         _, record = self.registry.version(task, number)
-        items = plan(self.registry.objects, record, str(self.registry.path))
+        objects = self.registry.objects.reading(record)  # its bundled arrays from its bundle (format §5.9)
+        items = plan(objects, record, str(self.registry.path))
         self._load_resident(items, record.base)
-        objects = self.registry.objects
 
         def read(item: TensorPlan):
             """In a reader thread: the task's own arrays on the host (and the changed-row index)."""

@@ -7,6 +7,7 @@ complete, so a key under ``objects/`` is always whole. Nothing is ever rewritten
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -27,7 +28,7 @@ from ..errors import CorruptObjectError, NotFoundError
 from .layout import (ARRAY_METADATA, ArrayLayout, chunk_file_limit, chunk_key, fetch_metadata, metadata_key,
                      read_chunk, read_layout, stored_size, write_array, zstd_content_size)
 from .protocol import Backend
-from .records import MAX_RECORD_BYTES, Record, content_hash, pack, unpack
+from .records import MAX_RECORD_BYTES, BundledArray, Record, TaskVersion, content_hash, pack, unpack
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -63,6 +64,9 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # §3.1): a task version's record is mostly tensor names and hex hashes, which level 19 shrinks
 # about 5x (15,044 to ~3,100 bytes on all-MiniLM-L6-v2) in a few milliseconds.
 RECORD_LEVEL = 19
+# Bundles (specs/format.md §5.9) an ObjectStore keeps in memory once read: a materialize reads
+# one version's at a time, a service switching between tasks a few.
+BUNDLES_KEPT = 8
 
 
 def record_frame(data: bytes) -> bytes:
@@ -265,6 +269,43 @@ class ArrayReader:
         return CorruptObjectError(problem if named else f"{self.label}: {problem}")
 
 
+class BundledArrayReader:
+    """An array read from its task version's bundle (specs/format.md §5.9), with the interface
+    of :class:`ArrayReader`: one chunk, the array's range of the bundle (read whole, once, by
+    :meth:`ObjectStore.bundle_bytes`), checked against the array's name by :meth:`finish`."""
+
+    def __init__(self, store: "ObjectStore", digest: str, *, verify: bool, what: str):
+        bundle, offset, item = store._bundled[digest]
+        self.digest = digest
+        self.label = f"array {digest[:12]} (in bundle {bundle[:12]}" + (f", {what})" if what else ")")
+        dtype = np.dtype(item.dtype).newbyteorder("<")
+        self.layout = ArrayLayout(f"bundle {bundle}", dtype, item.shape, max(1, item.shape[0]) if item.shape else 1,
+                                  zstd=True)
+        self.dtype = array_torch_dtype(dtype)
+        self.shape = item.shape
+        self.nbytes = item.nbytes
+        self.chunks = self.layout.chunks()
+        self._data = store.bundle_bytes(bundle, verify=verify)[offset:offset + item.nbytes]
+        self._verify = verify
+
+    def read_chunk(self, index: int, out: memoryview) -> None:
+        out[:] = self._data[self.chunks[index][1]:][:len(out)]
+        return None
+
+    def finish(self) -> None:
+        if not self._verify:
+            return
+        h = hashlib.sha256(array_header(self.layout.dtype, self.shape))
+        h.update(self._data)
+        if h.hexdigest() != self.digest:
+            raise CorruptObjectError(
+                f"{self.label} is corrupt: its bytes in the bundle hash to {h.hexdigest()[:12]}...; run "
+                "`deltastore verify` to list every damaged object and restore them from a backup")
+
+    def close(self) -> None:
+        pass
+
+
 class _CacheFill:
     """An array being copied into a read-through cache as it is read: its zarr.json and chunk
     files, exactly as stored, go under a staging prefix of the cache, published under the
@@ -327,6 +368,13 @@ class ObjectStore:
         self.attempt: Attempt | None = None
         # Readers opened ahead by arrays_ahead, by digest, for the thread that opened them.
         self._ahead = threading.local()
+        # In a view for one task version's reads (:meth:`reading`): the arrays of its bundle
+        # (specs/format.md §5.9), name -> (bundle, offset, array), and the bundle's length.
+        self._bundled: dict[str, tuple[str, int, BundledArray]] = {}
+        self._bundle_size = 0
+        # The bundles read, whole (they are small), shared by every view: the last BUNDLES_KEPT.
+        self._bundles: dict[str, np.ndarray] = {}
+        self._bundles_lock = threading.Lock()
 
     def new_txn(self) -> str:
         """A fresh staging prefix for one operation's in-flight writes."""
@@ -355,7 +403,41 @@ class ObjectStore:
         opened = (getattr(self._ahead, "readers", None) or {}).get((digest, verify))
         if opened:
             return opened.popleft()
+        if digest in self._bundled:
+            return BundledArrayReader(self, digest, verify=verify, what=what)
         return ArrayReader(self, digest, verify=verify, what=what)
+
+    def reading(self, record: TaskVersion) -> "ObjectStore":
+        """This store as ``record``'s reads see it: the arrays its bundle holds (specs/format.md
+        §5.9) read from there, no other version's bundle consulted (so damage to one version's
+        bundle never spreads to another's reads). ``self`` when nothing is bundled."""
+        if not record.bundled:
+            return self
+        view = copy.copy(self)  # the same backend, cache, read-ahead and bundle cache
+        view._bundled, offset = {}, 0
+        for item in record.bundled:
+            view._bundled[item.name] = (record.bundle, offset, item)
+            offset += item.nbytes
+        view._bundle_size = offset
+        return view
+
+    def bundle_bytes(self, digest: str, *, verify: bool = True) -> np.ndarray:
+        """The bytes of this view's bundle ``digest``, read whole once and kept (a bundle holds
+        only a version's small arrays; the last BUNDLES_KEPT read are kept), checked to be the
+        uint8 array of the length its version lists."""
+        with self._bundles_lock:
+            data = self._bundles.get(digest)
+            if data is None:
+                # Its own folder: a bundle of one uint8 array has that array's name.
+                data = self._read_array(digest, verify=verify, what="bundle", folder=True)[0]
+                self._bundles[digest] = data
+                if len(self._bundles) > BUNDLES_KEPT:
+                    del self._bundles[next(iter(self._bundles))]
+        if data.dtype != np.uint8 or data.shape != (self._bundle_size,):
+            raise CorruptObjectError(
+                f"{self.backend.root}: bundle {digest[:12]} is {data.dtype} {data.shape}, expected uint8 "
+                f"({self._bundle_size},) for the arrays its version lists; run `deltastore verify`")
+        return data
 
     def cached(self, digest: str) -> bool:
         """Does the read-through cache hold the array named ``digest``?"""
@@ -370,6 +452,7 @@ class ObjectStore:
         each array's first chunk files: one tensor's arrays arrive together instead of one
         array's round trips after another's. Each zarr.json is checked as when opened alone; a
         reader not used in the block is closed at its end."""
+        wanted = [(digest, what) for digest, what in wanted if digest not in self._bundled]  # read from memory
         fetched = [None if self.cached(digest) else fetch_metadata(self.backend, object_key("arrays", digest))
                    for digest, _ in wanted]
         readers: dict[tuple[str, bool], deque] = {}
@@ -385,16 +468,20 @@ class ObjectStore:
                 for reader in left:
                     reader.close()
 
-    def get_array(self, digest: str, *, verify: bool = True, what: str = "") -> torch.Tensor:
-        """The array named ``digest`` as a CPU tensor; ``verify`` rehashes it (default)."""
-        data, _ = self._read_array(digest, verify=verify, what=what)
+    def get_array(self, digest: str, *, verify: bool = True, what: str = "", folder: bool = False) -> torch.Tensor:
+        """The array named ``digest`` as a CPU tensor; ``verify`` rehashes it (default).
+        ``folder``: the stored object itself, not a bundle's copy (what verify and dedup check)."""
+        data, _ = self._read_array(digest, verify=verify, what=what, folder=folder)
         import torch
 
         return torch.from_numpy(data.astype(data.dtype.newbyteorder("="), copy=False))
 
-    def _read_array(self, digest: str, *, verify: bool, what: str = "") -> tuple[np.ndarray, bool]:
-        """The array named ``digest`` as stored (little-endian numpy), and whether it is zstd-compressed."""
-        reader = self.open_array(digest, verify=verify, what=what)
+    def _read_array(self, digest: str, *, verify: bool, what: str = "", folder: bool = False
+                    ) -> tuple[np.ndarray, bool]:
+        """The array named ``digest`` as stored (little-endian numpy), and whether it is
+        zstd-compressed; ``folder``: from its own folder even if a bundle holds it too."""
+        reader = ArrayReader(self, digest, verify=verify, what=what) if folder else \
+            self.open_array(digest, verify=verify, what=what)
         data = np.empty(reader.shape, dtype=reader.layout.dtype)
         flat = memoryview(data.reshape(-1).view(np.uint8)) if data.size else None
         try:
@@ -546,7 +633,7 @@ class ObjectStore:
             return False
         try:
             if kind == "arrays":
-                self.get_array(digest, verify=True)
+                self.get_array(digest, verify=True, folder=True)
             elif kind == "blobs":
                 self.get_blob(digest, verify=True)
             else:
@@ -616,7 +703,7 @@ class ObjectStore:
             self._joined(kind, digest)
             return False
         if kind == "arrays":
-            data, compress = source._read_array(digest, verify=True)
+            data, compress = source._read_array(digest, verify=True, folder=True)
             written = array_hash(data)
             if written == digest:
                 staged = f"{txn}/{digest}"

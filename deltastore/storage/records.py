@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
+import numpy as np
 
+from ..dtypes import ARRAY_DTYPES
 from ..errors import CorruptObjectError, DeltastoreError, FormatVersionError
 
+_HASH = re.compile(r"[0-9a-f]{64}")
 FORMAT_NAME = "deltastore"
 FORMAT_MAJOR = 1
 FORMAT_MINOR = 3
@@ -383,6 +386,8 @@ class TaskVersion(_WithTensors):
     source: dict[str, Any]
     pack: str | None = None  # format 1.2: the uint8 array holding the packed entries' bytes
     ref_prefix: str = ""     # format 1.2: an entry's name minus this prefix is its default ref
+    bundle: str | None = None  # format 1.3: the uint8 array holding the bundled arrays' bytes
+    bundled: tuple[BundledArray, ...] = ()  # format 1.3: those arrays, in the order of their bytes
 
     KIND: ClassVar[str] = "task_version"
     REPR_FIELDS: ClassVar[tuple[str, ...]] = ("task", "version", "method", "lam1", "lam2", "created")
@@ -390,9 +395,10 @@ class TaskVersion(_WithTensors):
         "task": str, "version": int, "parent": (type(None), str), "created": str, "message": str,
         "reference": str, "base": (type(None), str), "method": str, "config": ("map", SCALAR),
         "lam1": float, "lam2": float, "tuning": (type(None), dict), "tensors": dict, "files": ("map", str),
-        "source": dict, "pack": (type(None), str), "ref_prefix": str,
+        "source": dict, "pack": (type(None), str), "ref_prefix": str, "bundle": (type(None), str),
+        "bundled": [list],
     }
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"pack", "ref_prefix"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"pack", "ref_prefix", "bundle", "bundled"})
 
     def _absent_config(self, entry: TensorEntry) -> dict[str, Any]:
         return self.config if entry.codec == self.method else {}
@@ -407,6 +413,12 @@ class TaskVersion(_WithTensors):
             del out["pack"]
         if not self.ref_prefix:
             del out["ref_prefix"]
+        if self.bundle is None:
+            del out["bundle"]
+        if self.bundled:
+            out["bundled"] = [b.to_list() for b in self.bundled]
+        else:
+            del out["bundled"]
         return out
 
     @classmethod
@@ -425,10 +437,60 @@ class TaskVersion(_WithTensors):
                         entry = {**entry, "ref": derived_ref(name, prefix)}
                 filled[name] = entry
             obj = {**obj, "tensors": filled}
-        return super().from_dict(obj, what)
+        version = super().from_dict(obj, what)
+        if (version.bundle is None) != (not version.bundled):
+            raise CorruptObjectError(f"{what}: bundle {version.bundle!r:.20} with {len(version.bundled)} bundled "
+                                     "array(s); expected a bundle exactly when some array is bundled "
+                                     "(specs/format.md §5.9)")
+        return version
+
+    @classmethod
+    def _convert(cls, name, value, expected, what):
+        if name == "bundled":
+            return _bundled(value, what)
+        return super()._convert(name, value, expected, what)
 
     def array_hashes(self) -> set[str]:
-        return super().array_hashes() | ({self.pack} if self.pack else set())
+        """The arrays this version needs stored: its entries', less those in its bundle, plus its
+        pack and bundle."""
+        inside = {b.name for b in self.bundled}
+        return (super().array_hashes() - inside) | {h for h in (self.pack, self.bundle) if h}
+
+
+@dataclass(frozen=True)
+class BundledArray:
+    """One array of a task version's bundle (specs/format.md §5.9): its name, data type, shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = np.dtype(self.dtype).itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+    def to_list(self) -> list:
+        return [self.name, self.dtype, list(self.shape)]
+
+
+def _bundled(value: Any, what: str) -> tuple[BundledArray, ...]:
+    out, seen = [], set()
+    for i, item in enumerate(_check(value, [list], what)):
+        if (len(item) != 3 or not isinstance(item[0], str) or not _HASH.fullmatch(item[0])
+                or item[1] not in ARRAY_DTYPES or not isinstance(item[2], list)
+                or len(item[2]) > MAX_TENSOR_DIMS
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_TENSOR_NUMEL
+                           for d in item[2])):
+            raise CorruptObjectError(f"{what}[{i}]: expected [array name, one of {', '.join(ARRAY_DTYPES)}, "
+                                     f"shape], found {item!r:.120}")
+        if item[0] in seen:
+            raise CorruptObjectError(f"{what}[{i}]: array {item[0][:12]} is bundled twice")
+        seen.add(item[0])
+        out.append(BundledArray(item[0], item[1], tuple(item[2])))
+    return tuple(out)
 
 
 def derived_ref(name: str, prefix: str) -> str:

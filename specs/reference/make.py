@@ -150,11 +150,12 @@ COMMITS = [
                               message="delta v2: dare layout gaps p=0.99, fp16 values, no base")),
 ]
 # gamma@2 is written with chunks of at most this many bytes, so that its arrays span several
-# chunks (the last one padded) as the arrays of a real model do at 8 MiB, and with no pack
-# (format 1.2 section 5.8): its whole tensors are lossless arrays of their own, as a real
-# model's whole tensors over 1 MiB are (0-d, empty and several-chunk arrays included).
+# chunks (the last one padded) as the arrays of a real model do at 8 MiB, with no pack (format
+# 1.2 section 5.8): its whole tensors are lossless arrays of their own, as a real model's whole
+# tensors over 1 MiB are (0-d, empty and several-chunk arrays included), and with no bundle
+# (format 1.3 section 5.9): its codes are arrays of their own, as a real model's over 64 KiB.
 SMALL_CHUNK_BYTES = 4096
-NO_PACK = -1
+NO_PACK = NO_BUNDLE = -1
 
 
 def build(out: Path, expected: Path) -> None:
@@ -178,15 +179,17 @@ def build(out: Path, expected: Path) -> None:
         reg = Registry.init(out, "reference", compress_reference=True, progress=False)
         reg.build_base("b", ["alpha-1", "beta-1"], progress=False)
         for task, label, kwargs in COMMITS:
-            chunk_bytes, pack_bytes = deltastore.storage.layout.CHUNK_BYTES, deltastore.engine.commit.PACK_MAX_BYTES
+            commit = deltastore.engine.commit
+            chunk_bytes, pack_bytes, bundle_bytes = \
+                deltastore.storage.layout.CHUNK_BYTES, commit.PACK_MAX_BYTES, commit.BUNDLE_MAX_BYTES
             if label == "gamma-2":
                 deltastore.storage.layout.CHUNK_BYTES = SMALL_CHUNK_BYTES
-                deltastore.engine.commit.PACK_MAX_BYTES = NO_PACK
+                commit.PACK_MAX_BYTES, commit.BUNDLE_MAX_BYTES = NO_PACK, NO_BUNDLE
             try:
                 reg.commit(task, label, progress=False, skip_unchanged=True, **kwargs)  # records source.sha256
             finally:
                 deltastore.storage.layout.CHUNK_BYTES = chunk_bytes
-                deltastore.engine.commit.PACK_MAX_BYTES = pack_bytes
+                commit.PACK_MAX_BYTES, commit.BUNDLE_MAX_BYTES = pack_bytes, bundle_bytes
         # A removed task keeps its ref, for the highest version number issued (format 1.1).
         reg.commit("removed", "alpha-1", message="removed v1", progress=False)
         reg.remove("removed")

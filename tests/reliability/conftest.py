@@ -18,13 +18,20 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_registry(tiny, tmp_path_factory):
-    """Read-only: reference, base 'b1' (finetunes a, b), task t1@1 (a, with b1) and t2@1
-    (b, plain), t2@2 (c, deltadq). Copy it with helpers.copy_registry before changing it."""
+    """Read-only: reference, base 'b1' (finetunes a, b), task t1@1 (a, with b1; every array in
+    a folder of its own, as a large model's) and t2@1 (b, plain), t2@2 (c, deltadq), whose small
+    arrays are in their bundles (format.md §5.9). Copy it with helpers.copy_registry before
+    changing it."""
     from deltastore import Registry
+    from deltastore.engine import commit
 
     reg = Registry.init(tmp_path_factory.mktemp("tinyreg") / "registry", tiny.reference, progress=False)
     reg.build_base("b1", [tiny.finetunes["a"], tiny.finetunes["b"]], progress=False)
-    reg.commit("t1", tiny.finetunes["a"], base="b1", message="a", progress=False)
+    bundle_bytes, commit.BUNDLE_MAX_BYTES = commit.BUNDLE_MAX_BYTES, -1
+    try:
+        reg.commit("t1", tiny.finetunes["a"], base="b1", message="a", progress=False)
+    finally:
+        commit.BUNDLE_MAX_BYTES = bundle_bytes
     reg.commit("t2", tiny.finetunes["b"], message="b", progress=False)
     reg.commit("t2", tiny.finetunes["c"], method="deltadq", message="c", progress=False)
     return reg

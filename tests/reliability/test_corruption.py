@@ -105,6 +105,44 @@ def test_damaged_blob_record_and_refs(reg_anywhere, tmp_path):
                         object_key("records", base_digest)}
 
 
+@pytest.mark.parametrize("damage", ["chunk bit flip", "chunk truncated", "zarr.json shape changed",
+                                    "array folder missing"])
+def test_damaged_bundle_names_it_and_the_version(reg_anywhere, damage):
+    """t2@1's small arrays live in its bundle (format.md §5.9): damage to the bundle is
+    reported with the bundle's name and the version, and t1 (no bundle) still reads."""
+    reg = reg_anywhere
+    _, record = reg.version("t2", 1)
+    assert record.bundle and record.bundled
+    DAMAGE[damage](reg, record.bundle)
+    with pytest.raises(DeltastoreError) as info:
+        reg.materialize("t2", 1)  # t2@2 has a bundle of its own
+    err = info.value
+    assert isinstance(err, (CorruptObjectError, NotFoundError)), err
+    assert record.bundle[:12] in str(err) and "t2@1" in str(err), str(err)
+    reg.materialize("t1")
+    problems = reg.verify()
+    assert object_key("arrays", record.bundle) in {p["object"] for p in problems}, problems
+
+
+def test_a_bundled_array_is_checked_against_its_name(reg):
+    """A record whose ``bundled`` list points an array at the wrong bytes (two entries swapped,
+    stored under the edited record's own name): the range does not hash to the name."""
+    from deltastore.storage.objects import record_frame
+    from deltastore.storage.records import TaskVersion, content_hash, pack, unpack
+
+    digest, record = reg.version("t2", 1)
+    data = unpack(reg.objects.record_bytes(digest), "t2@1")
+    first, second = data["bundled"][0], data["bundled"][1]
+    data["bundled"][0], data["bundled"][1] = second, first
+    raw = pack(data)
+    new = content_hash(raw)
+    reg.backend.put(object_key("records", new), record_frame(raw))
+    (reg.path / "refs" / "tasks" / "t2").write_bytes(pack({"format": 1, "kind": "task_ref", "versions": [[1, new]]}))
+    TaskVersion.from_dict(data, "edited")  # a well-formed record
+    with pytest.raises(CorruptObjectError, match="bundle.*corrupt|content hash|bundle"):
+        Registry(reg.path).materialize("t2", 1)
+
+
 RECORD_DAMAGE = {  # a record file is one zstd frame of its msgpack bytes (format.md §3.1)
     "bytes after the frame": lambda data: data + b"x",
     "a second frame": lambda data: data + data,

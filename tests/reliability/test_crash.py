@@ -155,12 +155,14 @@ def test_real_sigkill_mid_commit(ctx, pristine, dry_runs, tiny, tmp_path):
     p = ctx.Process(target=faults.slow_commit_child, args=(str(path), str(tiny.root), str(published)))
     p.start()
     deadline = time.time() + 60
-    while time.time() < deadline and int((published.exists() and published.read_text()) or 0) < 3:
+    # The first publish: a commit of the tiny finetune publishes few objects (its small arrays
+    # are one bundle, format.md §5.9), and it pauses after each.
+    while time.time() < deadline and int((published.exists() and published.read_text()) or 0) < 1:
         time.sleep(0.02)
     os.kill(p.pid, signal.SIGKILL)
     p.join(30)
     assert p.exitcode == -signal.SIGKILL
-    assert int(published.read_text()) >= 3  # it died mid-write: some arrays were published
+    assert int(published.read_text()) >= 1  # it died mid-write: something was published
     reg = Registry(path)
     assert reg.verify() == []
     assert snapshot(reg) == before
