@@ -455,7 +455,9 @@ def parts_markdown(parts: list[dict]) -> list[str]:
              "`python benchmarks/quality.py --parts` on " + ", ".join(sorted({p["machine"] for p in parts})) +
              "; each format measured by the deltastore of that format (this script run on its checkout). Format 1.2 "
              "stores side files as patches against the reference's, packs the small tensors (XOR with the "
-             "reference, byte-shuffled, one array) and leaves repeated fields out of the record. \"small bits\": "
+             "reference, byte-shuffled, one array) and leaves repeated fields out of the record; format 1.3 "
+             "stores the record as a zstd frame and the small code arrays and row masks in one bundle per "
+             "version (its bytes split between codes and masks). \"small bits\": "
              "`exact`, or the lossy option `small_tensor_bits=N` (`--small-tensor-bits N`: small tensors keep N "
              "mantissa bits of their own, the rest the reference's). Accuracy: on the task's test split, against "
              "the finetune's.", "",
