@@ -69,6 +69,30 @@ RECORD_LEVEL = 19
 BUNDLES_KEPT = 8
 
 
+def unframe(frame: bytes, what: str, limit: int, dictionary: zstandard.ZstdCompressionDict | None = None) -> bytes:
+    """The content of ``frame``, which must be one whole zstd frame declaring its size, at most
+    ``limit`` bytes (specs/format.md §3.3), checked before anything is decompressed;
+    ``dictionary``: the one a patch needs. ``what`` names the object in errors."""
+    declared = zstd_content_size(frame)
+    if declared is None or declared > limit:
+        raise CorruptObjectError(
+            f"{what}: its zstd frame declares {declared if declared is not None else 'no'} decompressed size, at "
+            f"most {limit} bytes allowed; restore it from a backup")
+    decoder = (zstandard.ZstdDecompressor(dict_data=dictionary) if dictionary is not None
+               else zstandard.ZstdDecompressor()).decompressobj()
+    try:
+        data = decoder.decompress(frame)
+    except zstandard.ZstdError as exc:
+        raise CorruptObjectError(f"{what} is not a valid zstd frame ({exc}); restore it from a backup") from None
+    if not decoder.eof or decoder.unused_data:  # cut short, or bytes after the one frame
+        found = "a cut one" if not decoder.eof else f"{len(decoder.unused_data)} bytes after it"
+        raise CorruptObjectError(f"{what}: expected one whole zstd frame, found {found}; restore it from a backup")
+    if len(data) != declared:
+        raise CorruptObjectError(f"{what}: its zstd frame declares {declared} bytes and holds {len(data)}; "
+                                 "restore it from a backup")
+    return data
+
+
 def record_frame(data: bytes) -> bytes:
     """What a record of msgpack bytes ``data`` is stored as: one zstd frame declaring its size."""
     return zstandard.ZstdCompressor(level=RECORD_LEVEL, write_content_size=True, write_checksum=False).compress(data)
@@ -533,22 +557,8 @@ class ObjectStore:
         what = f"{self.backend.root}: blob {digest[:12]}"
         patch = parse_patch(stored, what)
         frame = stored if patch is None else patch[2]
-        declared = zstd_content_size(frame)
-        if declared is None or declared > MAX_BLOB_BYTES:
-            raise CorruptObjectError(
-                f"{what}: its zstd frame declares {declared if declared is not None else 'no'} decompressed size, at "
-                f"most {MAX_BLOB_BYTES} bytes allowed; restore it from a backup")
         dictionary = None if patch is None else self._patch_dictionary(patch[0], patch[1], what)
-        try:
-            if dictionary is None:
-                data = bytes(_BLOB_CODEC.decode(frame))
-            else:
-                data = zstandard.ZstdDecompressor(dict_data=dictionary).decompress(frame, max_output_size=MAX_BLOB_BYTES)
-        except Exception as exc:  # numcodecs and zstandard raise several types on damaged frames
-            raise CorruptObjectError(f"{what} is not a valid zstd frame ({exc}); restore it from a backup") from None
-        if len(data) != declared:
-            raise CorruptObjectError(f"{what}: its zstd frame declares {declared} bytes and holds {len(data)}; "
-                                     "restore it from a backup")
+        data = unframe(frame, what, MAX_BLOB_BYTES, dictionary)
         if verify and content_hash(data) != digest:
             raise CorruptObjectError(f"{what} is corrupt (content hash mismatch)")
         return data
@@ -591,23 +601,7 @@ class ObjectStore:
         what = f"{self.backend.root}: record {digest[:12]}"
         data = stored
         if stored[:4] == ZSTD_MAGIC:
-            declared = zstd_content_size(stored)
-            if declared is None or declared > MAX_RECORD_BYTES:
-                raise CorruptObjectError(
-                    f"{what}: its zstd frame declares {declared if declared is not None else 'no'} decompressed size, "
-                    f"at most {MAX_RECORD_BYTES} bytes allowed; restore it from a backup")
-            frame = zstandard.ZstdDecompressor().decompressobj()
-            try:
-                data = frame.decompress(stored)
-            except zstandard.ZstdError as exc:
-                raise CorruptObjectError(f"{what} is not a valid zstd frame ({exc}); restore it from a backup") from None
-            if not frame.eof or frame.unused_data:  # cut short, or bytes after the one frame
-                raise CorruptObjectError(f"{what}: expected one whole zstd frame, found "
-                                         f"{'a cut one' if not frame.eof else f'{len(frame.unused_data)} bytes after it'}; "
-                                         "restore it from a backup")
-            if len(data) != declared:
-                raise CorruptObjectError(f"{what}: its zstd frame declares {declared} bytes and holds {len(data)}; "
-                                         "restore it from a backup")
+            data = unframe(stored, what, MAX_RECORD_BYTES)
         if verify and content_hash(data) != digest:
             raise CorruptObjectError(f"{what} is corrupt (content hash mismatch)")
         return data
