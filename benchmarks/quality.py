@@ -649,7 +649,9 @@ def update_parts(cells: list[dict]) -> int:
     if start < 0:
         page = page.rstrip("\n") + "\n\n" + section
     else:
-        end = page.find("\n## ", start + 1)
+        # The section ends at the next heading or marker (quality_fit.py's section follows it).
+        ends = [i for i in (page.find("\n## ", start + 1), page.find("\n<!-- ", start + 1)) if i >= 0]
+        end = min(ends) if ends else -1
         page = page[:start] + section + (page[end + 1:] if end >= 0 else "")
     page_path.write_text(page)
     print(f"wrote the bytes per part of {len(cells)} commit(s) into {page_path}")
