@@ -90,15 +90,13 @@ class Bundle:
               ) -> tuple[str | None, tuple[BundledArray, ...]]:
         """Write the bundle: the arrays the entries name, in the order of §5.9 (code points of
         the entry names, each entry's arrays then its rows mask, each array once)."""
-        order: list[str] = []
-        for name in sorted(entries):
-            for digest in entries[name].array_hashes():
-                if digest in self.arrays and digest not in order:
-                    order.append(digest)
+        order = list(dict.fromkeys(digest for name in sorted(entries) for digest in entries[name].array_hashes()
+                                   if digest in self.arrays))
         if not order:
             return None, ()
         data = [self.arrays[d] for d in order]
-        raw = np.concatenate([a.astype(a.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8) for a in data])
+        raw = np.concatenate([a.astype(a.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8)
+                              for a in data])
         bundled = tuple(BundledArray(d, a.dtype.name, tuple(a.shape)) for d, a in zip(order, data))
         return objects.put_array(torch.from_numpy(raw), txn), bundled
 
