@@ -63,7 +63,8 @@ MAX_TEXT = 64
 PIECE = 56_000_000
 SETTINGS = ["bitdelta", "dare-p0.99", "deltadq-g32k1b2"]
 ROWS = ["plain", "dbms-fit", "fit-all"]
-# 500x exact can be below the floor (CPU check, 2-step finetunes: smallest 490,472 bytes vs a 442,596 budget);
+# 500x exact can be below the floor (CPU check at format 1.2, 2-step finetunes: smallest 490,472 bytes vs a
+# 442,596 budget);
 # -st3 keeps 3 of the 7 mantissa bits of bf16's small tensors (st10 would leave bf16 exact), counted.
 BUDGETS = ["budget-100x", "budget-250x", "budget-500x", "budget-500x-st3"]
 ENGLISH = ("The quick brown fox jumps over the lazy dog. Machine learning models are trained on large amounts "

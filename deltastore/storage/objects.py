@@ -552,8 +552,9 @@ class ObjectStore:
         where that is smaller), without storing it."""
         return len(self._smallest_encoding(data, dictionary))
 
-    def get_blob(self, digest: str, *, verify: bool = True) -> bytes:
-        stored = self.backend.get(object_key("blobs", digest))
+    def get_blob(self, digest: str, *, verify: bool = True, stored: bytes | None = None) -> bytes:
+        """The file blob ``digest`` holds; ``stored``: its stored bytes, if already read."""
+        stored = self.backend.get(object_key("blobs", digest)) if stored is None else stored
         what = f"{self.backend.root}: blob {digest[:12]}"
         patch = parse_patch(stored, what)
         frame = stored if patch is None else patch[2]
@@ -594,10 +595,11 @@ class ObjectStore:
         self.backend.put(staged, stored)
         self.backend.publish(staged, object_key(kind, digest))
 
-    def record_bytes(self, digest: str, *, verify: bool = True) -> bytes:
+    def record_bytes(self, digest: str, *, verify: bool = True, stored: bytes | None = None) -> bytes:
         """The msgpack bytes of record ``digest``: the file as it is (format 1.0-1.2) or its zstd
-        frame decompressed (1.3, specs/format.md §3.1); with ``verify``, checked against the name."""
-        stored = self.backend.get(object_key("records", digest))
+        frame decompressed (1.3, specs/format.md §3.1); with ``verify``, checked against the name.
+        ``stored``: the file's bytes, if already read."""
+        stored = self.backend.get(object_key("records", digest)) if stored is None else stored
         what = f"{self.backend.root}: record {digest[:12]}"
         data = stored
         if stored[:4] == ZSTD_MAGIC:
@@ -705,10 +707,11 @@ class ObjectStore:
                 self.backend.publish(staged, key)
                 self._joined(kind, digest)
         else:  # checked, then copied as stored (a patch stays a patch, a plain record plain)
-            content = source.get_blob(digest, verify=False) if kind == "blobs" else source.record_bytes(digest, verify=False)
-            written = content_hash(content)
+            stored = source.backend.get(key)
+            read = source.get_blob if kind == "blobs" else source.record_bytes
+            written = content_hash(read(digest, verify=False, stored=stored))
             if written == digest:
-                self._put_stored(kind, digest, source.backend.get(key), txn)
+                self._put_stored(kind, digest, stored, txn)
                 self._joined(kind, digest)
         if written != digest:
             raise CorruptObjectError(f"{source.backend.root}: {kind[:-1]} {digest[:12]} is corrupt: its content hashes "
