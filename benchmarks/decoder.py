@@ -63,10 +63,11 @@ MAX_TEXT = 64
 PIECE = 56_000_000
 SETTINGS = ["bitdelta", "dare-p0.99", "deltadq-g32k1b2"]
 ROWS = ["plain", "dbms-fit", "fit-all"]
-# 500x exact can be below the floor (CPU check at format 1.2, 2-step finetunes: smallest 490,472 bytes vs a
-# 442,596 budget);
-# -st3 keeps 3 of the 7 mantissa bits of bf16's small tensors (st10 would leave bf16 exact), counted.
-BUDGETS = ["budget-100x", "budget-250x", "budget-500x", "budget-500x-st3"]
+# No lossy small-tensor row: the finetunes are saved in float32 over a bfloat16 reference, so their norms
+# are packed, not XORed with the reference's (specs/format.md §5.8 needs one dtype), and small_tensor_bits
+# touches only XORed tensors. At format 1.3 exact 500x fits (CPU check, 2-step finetunes: smallest 214,295
+# bytes, 442,240 stored at 500.4x), where at 1.2 it did not (490,472 against a 442,596 budget).
+BUDGETS = ["budget-100x", "budget-250x", "budget-500x"]
 ENGLISH = ("The quick brown fox jumps over the lazy dog. Machine learning models are trained on large amounts "
            "of text so that they can predict the next word in a sentence. The capital of France is Paris, and "
            "the river that flows through the city is the Seine.")
