@@ -22,8 +22,8 @@ from .catalog import (INFO_KEY, Catalog, NewRegistry, VersionStats, check_name, 
 from .engine import budget
 from .engine.base import BaseOptions, base_entry, check_base_inputs, select_base_tensors
 from .engine.budget import budget_bytes
-from .engine.commit import (CommitPipeline, check_finite, check_storable, commit_settings, content_sha256, plain,
-                            plan_finetune, store_files, store_lossless)
+from .engine.commit import (CommitPipeline, check_finite, check_small_tensor_bits, check_storable, commit_settings,
+                            content_sha256, plain, plan_finetune, store_files, store_lossless)
 from .engine.decode import ArrayGetter, decode_stored, numel
 from .engine.materialize import iter_materialize, resolve_device
 from .progress import progress as _progress
@@ -258,6 +258,7 @@ class Registry(Catalog):
         if base_record is not None and base_record.reference != ref_digest:
             raise IncompatibleFinetuneError(f"base vector {base!r} was built against another reference")
         plan = plan_finetune(reference, source)
+        check_small_tensor_bits(plan, reference, source, small_tensor_bits)
 
         # Nothing to commit when the latest version already holds this finetune with these
         # settings (specs/format.md §5.5). Hashing reads the whole finetune once more (seconds

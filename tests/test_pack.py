@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from deltastore import CorruptObjectError, Registry
+from deltastore import CorruptObjectError, InvalidInputError, Registry
 from deltastore.storage.objects import PATCH_MAGIC, object_key, parse_patch, patch_frame
 from deltastore.tensor.pack import (carrier, keep_mantissa_bits, pack_tensors, packed_nbytes, shuffle,
                                     unpack_carrier, unshuffle)
@@ -161,6 +161,31 @@ def test_lossy_small_tensors_are_asked_for_and_recorded(small):
     assert torch.equal(got["w"], reg.materialize("exact", progress=False)["w"])  # deltas unchanged
     with pytest.raises(Exception, match="small_tensor_bits must be an integer from 0 to 52"):
         reg.commit("bad", ft_dir, small_tensor_bits=-1, progress=False)
+
+
+def test_lossy_small_tensors_are_refused_where_no_small_tensor_is_xored(small, tmp_path):
+    """A float32 finetune of a bfloat16 reference packs its small tensors plainly (a pack XORs
+    only within one dtype), so small_tensor_bits would change nothing: refused, not recorded."""
+    from safetensors.torch import load_file, save_file
+
+    reg, ft_dir, _ = small
+    ref_dir = tmp_path / "bf16-reference"
+    ref_dir.mkdir()
+    save_file({k: v.bfloat16() if v.dtype == torch.float32 else v
+               for k, v in load_file(str(tmp_path / "reference" / "model.safetensors")).items()},
+              str(ref_dir / "model.safetensors"))
+    bf16 = Registry.init(tmp_path / "bf16-registry", ref_dir, progress=False)
+    finetune = {k: v.float() for k, v in load_file(str(ft_dir / "model.safetensors")).items() if k != "steps"}
+    finetune["steps"] = torch.arange(3)
+    ft32 = tmp_path / "ft32"
+    ft32.mkdir()
+    save_file(finetune, str(ft32 / "model.safetensors"))
+    with pytest.raises(InvalidInputError, match=r"small_tensor_bits=4 would change nothing: .* none of its 3 small "
+                                                r"floating-point tensors has one \('b' is float32, the reference's "
+                                                r"bfloat16\); commit without it"):
+        bf16.commit("t", ft32, method="bitdelta", small_tensor_bits=4, progress=False)
+    assert bf16.tasks() == []
+    assert bf16.commit("t", ft32, method="bitdelta", progress=False).version == 1
 
 
 def test_gc_keeps_a_patch_dictionary_and_copy_keeps_the_patch(small, tmp_path):

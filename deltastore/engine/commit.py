@@ -301,6 +301,28 @@ def plan_finetune(reference: ReferenceRecord, source: TensorSource) -> Plan:
     return Plan(lossy, {r: n for n, r in lossy.items()}, missing, xor, prefix)
 
 
+def check_small_tensor_bits(plan: Plan, reference: ReferenceRecord, source: TensorSource, bits: int | None) -> None:
+    """Refuse ``small_tensor_bits`` where it would change nothing, rather than record as lossy a
+    commit that stores its small tensors exactly: it acts on the packed floating-point tensors
+    XORed with the reference's, and a pack XORs only with a reference tensor of the same dtype
+    (specs/format.md §5.8), which a float32 finetune of a bfloat16 reference, for one, lacks."""
+    if bits is None:
+        return
+    small = [n for n in source.names() if n not in plan.lossy and source.dtype(n).is_floating_point
+             and numel(source.shape(n)) * source.dtype(n).itemsize <= PACK_MAX_BYTES]
+    if any(n in plan.xor for n in small):
+        return
+    matched = [n for n in small if n.startswith(plan.prefix) and n[len(plan.prefix):] in reference.tensors]
+    found = "it has no small floating-point tensor" if not small else (
+        f"none of its {len(small)} small floating-point tensors has one" + (
+            f" ({matched[0]!r} is {dtype_name(source.dtype(matched[0]))}, the reference's "
+            f"{reference.tensors[matched[0][len(plan.prefix):]].dtype})" if matched else ""))
+    raise InvalidInputError(
+        f"{source.label}: small_tensor_bits={bits} would change nothing: it keeps mantissa bits of the small "
+        f"floating-point tensors that are stored XORed with the reference tensor of the same name and dtype, and "
+        f"{found}; commit without it (or save the finetune in the reference's dtype)")
+
+
 def check_storable(source: TensorSource, name: str) -> None:
     """A tensor stored whole (lossless) becomes one array of its shape and item size: refuse
     what the reader would refuse (storage.layout.array_shape_problem), before any write."""
