@@ -63,11 +63,11 @@ MAX_TEXT = 64
 PIECE = 56_000_000
 SETTINGS = ["bitdelta", "dare-p0.99", "deltadq-g32k1b2"]
 ROWS = ["plain", "dbms-fit", "fit-all"]
-# No lossy small-tensor row: the finetunes are saved in float32 over a bfloat16 reference, so their norms
-# are packed, not XORed with the reference's (specs/format.md §5.8 needs one dtype), and small_tensor_bits
-# touches only XORed tensors. At format 1.3 exact 500x fits (CPU check, 2-step finetunes: smallest 214,295
-# bytes, 442,240 stored at 500.4x), where at 1.2 it did not (490,472 against a 442,596 budget).
-BUDGETS = ["budget-100x", "budget-250x", "budget-500x"]
+# The finetunes are float32 over a bfloat16 reference: since format 1.4 their norms are XORed with the
+# reference's widened (specs/format.md §5.8), so -st3 (3 of 23 mantissa bits) acts on them. CPU check,
+# 2-step finetunes: smallest version 155,386 bytes exact at 1.4 (1.3: 214,295; 1.2: 490,472, over the
+# 442,596 of 500x).
+BUDGETS = ["budget-100x", "budget-250x", "budget-500x", "budget-500x-st3"]
 ENGLISH = ("The quick brown fox jumps over the lazy dog. Machine learning models are trained on large amounts "
            "of text so that they can predict the next word in a sentence. The capital of France is Paris, and "
            "the river that flows through the city is the Seine.")

@@ -49,8 +49,9 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     **{f"budget-{r}x": ("budget", {"ratio": float(r)}) for r in (60, 75, 90, 100, 250, 500)},
     # ... with the lossy option for small tensors (10 mantissa bits kept), which the budget counts.
     **{f"budget-{r}x-st10": ("budget", {"ratio": float(r), "small_tensor_bits": 10}) for r in (250, 350, 500)},
-    # ... 7 bits.
+    # ... 7 bits (fp32 tensors); 3 for the decoder's.
     "budget-500x-st7": ("budget", {"ratio": 500.0, "small_tensor_bits": 7}),
+    "budget-500x-st3": ("budget", {"ratio": 500.0, "small_tensor_bits": 3}),
 }
 ROWS: dict[str, dict] = {
     "plain": {"base": False, "tune": "l2", "per_layer": False},

@@ -337,6 +337,10 @@ class Registry(Catalog):
                 "skipped_files": dict(sorted(source.skipped.items())),  # name-keyed: code point order
                 "missing_buffers": plan.missing_buffers, **fingerprint,
             }
+            if small_tensor_bits is not None and record_source.get("settings") is None:
+                # Lossy small tensors are always recorded (format §5.8), with or without the
+                # settings a skip_unchanged commit compares.
+                record_source["settings"] = {"small_tensor_bits": small_tensor_bits}
 
             def version_record(number: int, parent: str | None, encoded, files) -> TaskVersion:
                 return TaskVersion(

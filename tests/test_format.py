@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "specs" / "reference"
 REGISTRY = REFERENCE / "registry"
 EXPECTED = REFERENCE / "expected"
-VERSIONS = [("alpha", 1), ("alpha", 2), ("beta", 1), ("beta", 2), ("delta", 1), ("delta", 2), ("gamma", 1),
-            ("gamma", 2)]
+VERSIONS = [("alpha", 1), ("alpha", 2), ("beta", 1), ("beta", 2), ("delta", 1), ("delta", 2), ("delta", 3),
+            ("gamma", 1), ("gamma", 2)]
 
 
 # ==========================================================================================
@@ -77,6 +77,8 @@ CARRIER = {"bool": "uint8", "uint8": "uint8", "int8": "uint8", "float16": "int16
 HOLDER = {"bool": np.bool_, "uint8": np.uint8, "int8": np.int8, "float16": np.float16, "bfloat16": np.uint16,
           "int16": np.int16, "float32": np.float32, "int32": np.int32, "float64": np.float64, "int64": np.int64}
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
+# format.md section 5.8 (since 1.4): the narrower float types an xor entry's reference may have.
+WIDENS = {"float32": ("bfloat16", "float16"), "float64": ("bfloat16", "float16", "float32")}
 
 
 def record_content(stored: bytes) -> bytes:
@@ -446,6 +448,18 @@ class SpecReader:
             raise SpecError(f"lossless: data is {data.dtype} {data.shape}")
         return data != 0 if dtype == "bool" else data.view(HOLDER[dtype])
 
+    @staticmethod
+    def widened(values: np.ndarray, dtype: str, to: str) -> np.ndarray:
+        """Section 5.8 (since 1.4): a reference tensor's values converted exactly to the wider
+        float type ``to`` (bfloat16 is the top half of a float32's bits); NaN is refused."""
+        if dtype == to:
+            return values
+        if dtype == "bfloat16":
+            values = (values.astype(np.uint32) << 16).view(np.float32)
+        if np.isnan(values).any():
+            raise SpecError(f"an xor entry's {dtype} reference tensor holds NaN")
+        return values.astype(HOLDER[to])
+
     def delta_rows(self, entry: dict) -> tuple[np.ndarray, np.ndarray]:
         """(row mask m, float32 C of shape (count(m), cols)) of a delta entry."""
         shape = entry["shape"]
@@ -479,10 +493,11 @@ class SpecReader:
             start += size
             if entry["codec"] == "xor":
                 ref = reference["tensors"].get(entry["ref"])
-                if ref is None or (ref["codec"], ref["dtype"], ref["shape"]) != ("lossless", entry["dtype"],
-                                                                                 entry["shape"]):
-                    raise SpecError(f"packed entry {name!r}: no reference tensor of its dtype and shape")
-                values = values ^ self.lossless(ref).view(carrier).reshape(-1)
+                if ref is None or (ref["codec"], ref["shape"]) != ("lossless", entry["shape"]) or (
+                        ref["dtype"] != entry["dtype"] and ref["dtype"] not in WIDENS.get(entry["dtype"], ())):
+                    raise SpecError(f"packed entry {name!r}: no reference tensor of its shape, and dtype or a "
+                                    f"narrower float one")
+                values = values ^ self.widened(self.lossless(ref), ref["dtype"], entry["dtype"]).view(carrier).reshape(-1)
             values = values.reshape(entry["shape"])
             out[name] = values != 0 if entry["dtype"] == "bool" else values.view(HOLDER[entry["dtype"]])
         if start != data.size:
@@ -759,7 +774,7 @@ def test_reference_registry_is_complete():
     # 275 KB for alpha and beta, 155 KB for gamma's edge cases, 105 KB for delta (mostly its two
     # expected files) (specs/reference/README.md)
     assert sum(p.stat().st_size for p in REFERENCE.rglob("*") if p.is_file()
-               and "__pycache__" not in p.parts and not {"v1.0", "v1.1", "v1.2"} & set(p.parts)) < 560_000  # frozen ones aside
+               and "__pycache__" not in p.parts and not {"v1.0", "v1.1", "v1.2", "v1.3"} & set(p.parts)) < 560_000  # frozen ones aside
 
 
 def test_deltastore_materializes_reference_exactly(readonly_copy):
@@ -779,12 +794,12 @@ def test_deltastore_materializes_reference_exactly(readonly_copy):
     assert reg.verify(progress=False) == []
 
 
-@pytest.mark.parametrize("minor", [0, 1, 2])
+@pytest.mark.parametrize("minor", [0, 1, 2, 3])
 def test_older_format_registries_still_read_exactly(tmp_path, minor):
-    """specs/reference/v1.0/, v1.1/ and v1.2/ are the reference registry as formats 1.0 to 1.2
+    """specs/reference/v1.0/ to v1.3/ are the reference registry as formats 1.0 to 1.3
     wrote it (1.0: before task refs could carry ``issued``, records ``source.sha256`` and DARE the
     ``gaps`` layout; 1.1: before patched blobs, packs and records that leave out absent values;
-    1.2: before compressed records): today's
+    1.2: before compressed records and bundles; 1.3: before xor entries over a narrower float): today's
     reader, and the independent one, materialize every version of each bit for bit, and
     deltastore's verify finds nothing to report."""
     import torch
@@ -923,7 +938,7 @@ def test_records_are_canonically_encoded():
         assert encode_canonical(obj) == data, f"{path.relative_to(REGISTRY)} is not canonically encoded"
         assert key_order_problems(obj, kind) == [], path.relative_to(REGISTRY)
         count += 1
-    assert count == 18  # registry.msgpack, 7 refs (one of the removed task), 10 records
+    assert count == 19  # registry.msgpack, 7 refs (one of the removed task), 11 records
 
 
 def test_canonical_encoding_rules():
@@ -961,12 +976,12 @@ def test_stored_seeds_follow_the_derivation(readonly_copy):
     seed (specs/reference/README.md) and the tensor's name."""
     reader = SpecReader(readonly_copy)
     checked = 0
-    for (task, number), global_seed in zip(VERSIONS, (1, 2, 3, 4, 7, 8, 5, 6)):
+    for (task, number), global_seed in zip(VERSIONS, (1, 2, 3, 4, 7, 8, 9, 5, 6)):
         for name, entry in reader.task_version(task, number)["tensors"].items():
             if "seed" in entry["attrs"]:
                 assert entry["attrs"]["seed"] == seed_for(global_seed, name), (task, number, name)
                 checked += 1
-    assert checked == 21  # three delta tensors in each of the dare and deltadq versions
+    assert checked == 24  # three delta tensors in each of the dare and deltadq versions
 
 
 def test_parent_keeps_nothing_alive(reference_copy):
@@ -1243,7 +1258,7 @@ def test_registry_info_and_refs_fields_are_exact():
     """format.md 5.1, 5.6, 5.7: exactly the listed fields, of the listed types."""
     info = msgpack.unpackb((REGISTRY / "registry.msgpack").read_bytes(), raw=False)
     assert set(info) == {"name", "version", "created"}
-    assert info["name"] == "deltastore" and info["version"] == [1, 3]
+    assert info["name"] == "deltastore" and info["version"] == [1, 4]
     assert isinstance(info["created"], str) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d.*", info["created"])
 
     for key in ("refs/reference", "refs/bases/b"):

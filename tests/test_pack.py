@@ -163,29 +163,69 @@ def test_lossy_small_tensors_are_asked_for_and_recorded(small):
         reg.commit("bad", ft_dir, small_tensor_bits=-1, progress=False)
 
 
-def test_lossy_small_tensors_are_refused_where_no_small_tensor_is_xored(small, tmp_path):
-    """A float32 finetune of a bfloat16 reference packs its small tensors plainly (a pack XORs
-    only within one dtype), so small_tensor_bits would change nothing: refused, not recorded."""
+def _registry_and_finetune(small, tmp_path, ref_cast, ft_cast):
+    """``small``'s reference and finetune with their float tensors cast (int64 ``steps`` kept)."""
     from safetensors.torch import load_file, save_file
 
-    reg, ft_dir, _ = small
-    ref_dir = tmp_path / "bf16-reference"
-    ref_dir.mkdir()
-    save_file({k: v.bfloat16() if v.dtype == torch.float32 else v
-               for k, v in load_file(str(tmp_path / "reference" / "model.safetensors")).items()},
-              str(ref_dir / "model.safetensors"))
-    bf16 = Registry.init(tmp_path / "bf16-registry", ref_dir, progress=False)
-    finetune = {k: v.float() for k, v in load_file(str(ft_dir / "model.safetensors")).items() if k != "steps"}
-    finetune["steps"] = torch.arange(3)
-    ft32 = tmp_path / "ft32"
-    ft32.mkdir()
-    save_file(finetune, str(ft32 / "model.safetensors"))
+    _, ft_dir, _ = small
+    out = []
+    for name, source, cast in (("ref", tmp_path / "reference", ref_cast), ("ft", ft_dir, ft_cast)):
+        folder = tmp_path / f"cast-{name}"
+        folder.mkdir()
+        tensors = load_file(str(source / "model.safetensors"))
+        save_file({k: cast(v) if v.is_floating_point() else v for k, v in tensors.items()},
+                  str(folder / "model.safetensors"))
+        out.append(folder)
+    return Registry.init(tmp_path / "cast-registry", out[0], progress=False), out[1]
+
+
+def test_small_float_tensors_are_xored_with_a_narrower_reference(small, tmp_path):
+    """Format 1.4, §5.8: a float32 finetune of a bfloat16 reference XORs its small tensors with
+    the reference's values widened to float32, and the lossy option acts on them."""
+    from safetensors.torch import load_file
+
+    reg, ft32 = _registry_and_finetune(small, tmp_path, lambda v: v.bfloat16(), lambda v: v.float())
+    exact = reg.commit("exact", ft32, method="bitdelta", progress=False)
+    assert {n: e.codec for n, e in exact.tensors.items() if n in ("b", "n", "head")} == \
+        {"b": "xor", "n": "xor", "head": "packed"}
+    want = load_file(str(ft32 / "model.safetensors"))
+    got = reg.materialize("exact", progress=False)
+    assert all(torch.equal(got[k], want[k]) for k in ("b", "n", "head", "steps"))
+    lossy = reg.commit("lossy", ft32, method="bitdelta", small_tensor_bits=2, progress=False)
+    assert reg.stats("lossy").parts["small_tensors"] < reg.stats("exact").parts["small_tensors"]
+    b = reg.materialize("lossy", progress=False)["b"]
+    assert not torch.equal(b, want["b"]) and ((b - want["b"]).abs() <= want["b"].abs() * 2.0 ** -2).all()
+    assert lossy.tensors["b"].codec == "xor"
+    assert lossy.source["settings"] == {"small_tensor_bits": 2}  # recorded without skip_unchanged too
+
+
+def test_xor_reference_widens_exactly_and_never_a_nan():
+    """§5.8: a narrower float reference is converted exactly (-0.0, subnormals, extremes); one
+    holding a NaN, whose bits need not survive a conversion, is not widened (None: packed as is;
+    a reader refuses such an xor entry). deltastore's init refuses NaN references anyway."""
+    from deltastore.tensor.pack import xor_reference
+
+    ref = torch.tensor([-0.0, 1e-40, 3.0e38, 0.1, -2.5], dtype=torch.bfloat16)
+    wide = xor_reference(torch.float32, ref)
+    assert torch.equal(carrier(wide), carrier(ref).to(torch.int32) << 16)  # bf16: the top half of float32
+    half = torch.tensor([-0.0, 6e-8, 65504.0], dtype=torch.float16)
+    assert torch.equal(xor_reference(torch.float64, half), half.double())
+    assert xor_reference(torch.float32, torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)) is None
+    assert xor_reference(torch.float16, torch.ones(3)) is None  # narrowing: never
+    assert xor_reference(torch.float32, torch.ones(3)) is not None
+
+
+def test_lossy_small_tensors_are_refused_where_no_small_tensor_is_xored(small, tmp_path):
+    """A float16 finetune of a float32 reference packs its small tensors as they are (a pack
+    XORs only with a reference of its dtype or a narrower float), so small_tensor_bits would
+    change nothing: refused, not recorded."""
+    reg, ft16 = _registry_and_finetune(small, tmp_path, lambda v: v.float(), lambda v: v.half())
     with pytest.raises(InvalidInputError, match=r"small_tensor_bits=4 would change nothing: .* none of its 3 small "
-                                                r"floating-point tensors has one \('b' is float32, the reference's "
-                                                r"bfloat16\); commit without it"):
-        bf16.commit("t", ft32, method="bitdelta", small_tensor_bits=4, progress=False)
-    assert bf16.tasks() == []
-    assert bf16.commit("t", ft32, method="bitdelta", progress=False).version == 1
+                                                r"floating-point tensors has one \('b' is float16, the reference's "
+                                                r"float32\); commit without it"):
+        reg.commit("t", ft16, method="bitdelta", small_tensor_bits=4, progress=False)
+    assert reg.tasks() == []
+    assert reg.commit("t", ft16, method="bitdelta", progress=False).version == 1
 
 
 def test_gc_keeps_a_patch_dictionary_and_copy_keeps_the_patch(small, tmp_path):

@@ -56,9 +56,9 @@ from ..tensor import dbms, lsq
 from ..tensor.bitpack import pack_bits
 from ..tensor.compressors import Compressor, compressor_class, delta_compressors, get_compressor
 from ..tensor.compressors.lossless import Lossless
-from ..tensor.pack import keep_mantissa_bits, pack_tensors
+from ..tensor.pack import pack_tensors
 from . import commit
-from .commit import PACK_MAX_BYTES
+from .commit import PACK_MAX_BYTES, pack_pair
 
 def default_menu() -> list[tuple[str, dict[str, Any]]]:
     """The settings a budget chooses among by default: those every registered delta compressor
@@ -250,9 +250,7 @@ def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[
     others = [n for n in pipeline.source.names() if n not in pipeline.plan.lossy]
     for name, (w_ref, tensor, _) in pipeline.read_all(others, f"{task}: budget, whole tensors"):
         if tensor.numel() * tensor.element_size() <= PACK_MAX_BYTES:
-            if w_ref is not None and small_tensor_bits is not None:
-                tensor = keep_mantissa_bits(tensor, w_ref, small_tensor_bits)
-            packed[name] = (tensor.cpu(), None if w_ref is None else w_ref.cpu())
+            packed[name] = pack_pair(tensor, w_ref, small_tensor_bits)
             draft = TensorEntry(shape=tuple(tensor.shape), dtype="float32", codec=XOR, ref=name)
             entries += entry_bytes(draft)
             continue

@@ -30,7 +30,7 @@ from ..storage.objects import ObjectStore, array_hash, to_numpy
 from ..storage.records import PACKED, XOR, BaseRecord, BundledArray, ReferenceRecord, TensorEntry
 from ..tensor import dbms
 from ..tensor.bitpack import pack_bits
-from ..tensor.pack import keep_mantissa_bits, pack_tensors
+from ..tensor.pack import can_widen, keep_mantissa_bits, pack_tensors, xor_reference
 from ..tensor.compressors import Compressor
 from ..tensor.compressors.lossless import Lossless
 from ..tuning import Lambdas
@@ -191,9 +191,7 @@ class CommitPipeline:
                     waiting.popleft().result()  # bound the encoded tensors waiting for the writer
                 if name not in self.plan.lossy:  # checked for NaN/Inf before pass 1
                     if tensor.numel() * tensor.element_size() <= PACK_MAX_BYTES:
-                        if w_ref is not None and small_tensor_bits is not None:
-                            tensor = keep_mantissa_bits(tensor, w_ref, small_tensor_bits)
-                        packed[name] = (tensor.cpu(), None if w_ref is None else w_ref.cpu())
+                        packed[name] = pack_pair(tensor, w_ref, small_tensor_bits)
                         continue
                     stored[name] = writer.submit(store_lossless, self.objects, tensor.cpu(), txn)
                     waiting.append(stored[name])
@@ -219,12 +217,22 @@ class CommitPipeline:
         order = sorted(packed)  # the pack's order: code points of the names (specs/format.md §5.8)
         pack = self.objects.put_array(pack_tensors([packed[n] for n in order]), txn) if order else None
         for name in order:
-            tensor, _ = packed[name]
-            ref_name = self.plan.xor.get(name)
+            tensor, xor = packed[name]
+            ref_name = None if xor is None else self.plan.xor[name]
             entries[name] = TensorEntry(shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype),
                                         codec=PACKED if ref_name is None else XOR, ref=ref_name)
         bundled_in, bundled = bundle.store(self.objects, entries, txn)
         return EncodedVersion(entries, pack, bundled_in, bundled)
+
+
+def pack_pair(tensor: torch.Tensor, w_ref: torch.Tensor | None, small_tensor_bits: int | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A small tensor as a pack stores it, with what it is XORed with (None: packed as it is),
+    both on the CPU; ``small_tensor_bits`` (the lossy option) acts on XORed float tensors only."""
+    xor = None if w_ref is None else xor_reference(tensor.dtype, w_ref.cpu())
+    if xor is not None and small_tensor_bits is not None:
+        tensor = keep_mantissa_bits(tensor.cpu(), xor, small_tensor_bits)
+    return tensor.cpu(), xor
 
 
 def store_code(objects: ObjectStore, code: dbms.MatrixCode, compressor: str, config: dict, shape, dtype: str,
@@ -296,7 +304,7 @@ def plan_finetune(reference: ReferenceRecord, source: TensorSource) -> Plan:
             )
         if dtype.is_floating_point and len(shape) >= 2 and numel(shape) >= MIN_LOSSY_NUMEL:
             lossy[name] = ref_name
-        elif dtype_name(dtype) == entry.dtype:
+        elif dtype_name(dtype) == entry.dtype or can_widen(ref_dtype, dtype):
             xor[name] = ref_name
     return Plan(lossy, {r: n for n, r in lossy.items()}, missing, xor, prefix)
 
@@ -305,7 +313,8 @@ def check_small_tensor_bits(plan: Plan, reference: ReferenceRecord, source: Tens
     """Refuse ``small_tensor_bits`` where it would change nothing, rather than record as lossy a
     commit that stores its small tensors exactly: it acts on the packed floating-point tensors
     XORed with the reference's, and a pack XORs only with a reference tensor of the same dtype
-    (specs/format.md §5.8), which a float32 finetune of a bfloat16 reference, for one, lacks."""
+    or a narrower float one (specs/format.md §5.8), which a float16 finetune of a float32
+    reference, for one, lacks."""
     if bits is None:
         return
     small = [n for n in source.names() if n not in plan.lossy and source.dtype(n).is_floating_point
@@ -319,8 +328,8 @@ def check_small_tensor_bits(plan: Plan, reference: ReferenceRecord, source: Tens
             f"{reference.tensors[matched[0][len(plan.prefix):]].dtype})" if matched else ""))
     raise InvalidInputError(
         f"{source.label}: small_tensor_bits={bits} would change nothing: it keeps mantissa bits of the small "
-        f"floating-point tensors that are stored XORed with the reference tensor of the same name and dtype, and "
-        f"{found}; commit without it (or save the finetune in the reference's dtype)")
+        f"floating-point tensors that are stored XORed with the reference tensor of the same name and dtype (or a "
+        f"narrower float type), and {found}; commit without it (or save the finetune in the reference's dtype)")
 
 
 def check_storable(source: TensorSource, name: str) -> None:

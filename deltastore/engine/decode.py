@@ -25,7 +25,7 @@ from ..tensor.compressors import Compressor, Encoded, compressor_class, fused_de
 from ..tensor.compressors.base import required_array, required_attr
 from ..tensor.compressors.lossless import Lossless
 from ..tensor.fused import BaseTerm, FusedDecoder, FusedJob, triton_enabled
-from ..tensor.pack import packed_nbytes, unpack_carrier
+from ..tensor.pack import can_widen, carrier, packed_nbytes, unpack_carrier, xor_reference
 
 # ``array(digest, what)``: a stored array on the decode device.
 ArrayGetter = Callable[[str, str], torch.Tensor]
@@ -212,16 +212,24 @@ def _unpacked(objects, record: TaskVersion, reference: ReferenceRecord, names: l
     for name, size in zip(names, sizes):
         entry = record.tensors[name]
         xor = None
+        dtype = torch_dtype(entry.dtype)
         if entry.codec == XOR:
             ref_entry = reference.tensors.get(entry.ref)
-            if ref_entry is None or (ref_entry.codec, ref_entry.dtype, ref_entry.shape) != (
-                    Lossless.name, entry.dtype, entry.shape):
+            if ref_entry is None or (ref_entry.codec, ref_entry.shape) != (Lossless.name, entry.shape) or not (
+                    ref_entry.dtype == entry.dtype or can_widen(torch_dtype(ref_entry.dtype), dtype)):
                 raise CorruptObjectError(
                     f"tensor {name!r}: packed against reference tensor {entry.ref!r}, which is "
                     f"{ref_entry and (ref_entry.codec, ref_entry.dtype, list(ref_entry.shape))}; expected a "
-                    f"{Lossless.name} {entry.dtype} tensor of shape {list(entry.shape)}")
+                    f"{Lossless.name} tensor of shape {list(entry.shape)}, {entry.dtype} or a float type it widens")
             xor = objects.get_array(required_array(ref_entry.arrays, "data"), what=f"reference {entry.ref}")
-        out[name] = unpack_carrier(data[start:start + size], entry.shape, torch_dtype(entry.dtype), xor)
+            if ref_entry.dtype != entry.dtype:  # since 1.4: the reference's values in this dtype
+                widened = xor_reference(dtype, Lossless().decode(Encoded({"data": xor}, {"dtype": ref_entry.dtype}),
+                                                                 entry.shape, "cpu"))
+                if widened is None:
+                    raise CorruptObjectError(f"tensor {name!r}: packed against reference tensor {entry.ref!r}, "
+                                             f"{ref_entry.dtype} with a NaN, which converts to {entry.dtype} inexactly")
+                xor = carrier(widened)
+        out[name] = unpack_carrier(data[start:start + size], entry.shape, dtype, xor)
         start += size
     return out
 

@@ -22,7 +22,7 @@ from ..errors import CorruptObjectError, DeltastoreError, FormatVersionError
 _HASH = re.compile(r"[0-9a-f]{64}")
 FORMAT_NAME = "deltastore"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 3
+FORMAT_MINOR = 4
 # The codecs of a task version's small whole tensors stored in its pack (specs/format.md §5.8):
 # the tensor's bits as they are, or XORed with those of the reference tensor ``ref``.
 PACKED = "packed"

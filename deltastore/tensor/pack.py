@@ -34,9 +34,33 @@ def unshuffle(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return data.reshape(w, n).t().clone(memory_format=torch.contiguous_format).reshape(-1).view(dtype)
 
 
+# The reference dtypes a pack may XOR a float tensor of a wider type with, once the reference's
+# values are converted to that type, exactly (specs/format.md §5.8, since 1.4): a float32
+# finetune of a bfloat16 model then stores its norms' changed bits only, as one of its own dtype does.
+WIDER_THAN = {torch.float32: (torch.bfloat16, torch.float16),
+              torch.float64: (torch.bfloat16, torch.float16, torch.float32)}
+
+
+def can_widen(reference_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether a pack may XOR a ``dtype`` tensor with a ``reference_dtype`` one of another type."""
+    return reference_dtype in WIDER_THAN.get(dtype, ())
+
+
+def xor_reference(dtype: torch.dtype, reference: torch.Tensor) -> torch.Tensor | None:
+    """What a pack XORs a ``dtype`` tensor with: ``reference`` when of that dtype; its values
+    converted to ``dtype`` when :func:`can_widen` and it holds no NaN (whose bits a conversion
+    need not keep); else None, and the tensor is packed as it is."""
+    if reference.dtype == dtype:
+        return reference
+    if can_widen(reference.dtype, dtype) and not torch.isnan(reference).any():
+        return reference.to(dtype)
+    return None
+
+
 def pack_tensors(tensors: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
     """uint8: the pack of ``(tensor, reference tensor or None)`` pairs, in the order given
-    (the caller's: code-point order of the names). A reference has the tensor's dtype and shape."""
+    (the caller's: code-point order of the names). A reference has the tensor's dtype and shape
+    (:func:`xor_reference` makes it)."""
     parts = []
     for tensor, reference in tensors:
         values = carrier(tensor)

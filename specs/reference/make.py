@@ -148,7 +148,13 @@ COMMITS = [
                               message="delta v1: dare layout gaps p=0.9, int8 values, over base b")),
     ("delta", "delta-2", dict(method="dare", config={"drop_rate": 0.99}, seed=8,
                               message="delta v2: dare layout gaps p=0.99, fp16 values, no base")),
+    ("delta", "delta-3", dict(method="dare", config={"drop_rate": 0.9}, base="b", seed=9,
+                              message="delta v3: layer.bias saved as float32, XORed with the reference's float16")),
 ]
+# Finetunes saved with a wider float type than the reference's: a pack XORs their small tensors
+# with the reference's values widened (format 1.4 section 5.8), as a float32 finetune of a
+# bfloat16 model is stored.
+WIDENED = {"delta-3": {"layer.bias": torch.float32}}
 # gamma@2 is written with chunks of at most this many bytes, so that its arrays span several
 # chunks (the last one padded) as the arrays of a real model do at 8 MiB, with no pack (format
 # 1.2 section 5.8): its whole tensors are lossless arrays of their own, as a real model's whole
@@ -162,7 +168,7 @@ def build(out: Path, expected: Path) -> None:
     ref = reference()
     shared = shared_direction(ref)
     seeds = {"alpha-1": 11, "alpha-2": 12, "beta-1": 21, "beta-2": 22, "gamma-1": 31, "gamma-2": 32,
-             "delta-1": 41, "delta-2": 42}
+             "delta-1": 41, "delta-2": 42, "delta-3": 43}
     work = Path(tempfile.mkdtemp(prefix="deltastore-reference-"))
     cwd = os.getcwd()
     try:
@@ -173,6 +179,8 @@ def build(out: Path, expected: Path) -> None:
             tensors = finetune(ref, shared, seed)
             if task == "gamma":
                 tensors.update(task_own_tensors())
+            for name, dtype in WIDENED.get(label, {}).items():
+                tensors[name] = tensors[name].to(dtype)
             write_model(Path(label), tensors, {"model_type": "toy", "task": task, "num_labels": 3}, finetuned=True)
         # zstd reference arrays, as the checked-in registry was built (before init's default
         # became raw): lossless arrays exercise the zstd codec, the task codes the raw one.
