@@ -4,14 +4,14 @@ Start with :class:`Registry`: ``Registry.init(path, reference)``, ``base build``
 :meth:`Registry.build_base`, :meth:`Registry.commit`, :meth:`Registry.materialize`.
 """
 
-from .errors import (AlreadyExistsError, CorruptObjectError, DeltastoreError, FormatVersionError,
-                     IncompatibleFinetuneError, InvalidInputError, LockTimeoutError, NotFoundError,
-                     PluginError, UnknownMethodError, UnknownNameError)
+from .errors import (AlreadyExistsError, BudgetTooSmallError, CorruptObjectError, DeltastoreError,
+                     FormatVersionError, IncompatibleFinetuneError, InvalidInputError, LockTimeoutError,
+                     NotFoundError, PluginError, UnknownMethodError, UnknownNameError)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlreadyExistsError", "CorruptObjectError", "DeltastoreError", "FormatVersionError",
+    "AlreadyExistsError", "BudgetTooSmallError", "CorruptObjectError", "DeltastoreError", "FormatVersionError",
     "IncompatibleFinetuneError", "InvalidInputError", "LockTimeoutError", "NotFoundError", "PluginError", "Registry",
     "UnknownMethodError", "UnknownNameError", "VersionStats", "parse_spec", "__version__",
 ]

@@ -16,6 +16,16 @@ class InvalidInputError(DeltastoreError, ValueError):
     """An argument or an input file is malformed (bad name, NaN weights, pickle file...)."""
 
 
+class BudgetTooSmallError(InvalidInputError):
+    """A byte budget (``commit --max-bytes``/``--ratio``) below what the finetune can be stored
+    in. ``needed``: the bytes it needs at least; ``parts``: those bytes by part (``deltas``, the
+    codes at the cheapest settings, is absent when the budget fell short before any delta)."""
+
+    def __init__(self, message: str, needed: int, parts: dict[str, int]):
+        super().__init__(message)
+        self.needed, self.parts = needed, parts
+
+
 class UnknownNameError(DeltastoreError, ValueError):
     """A compressor or tuner name that is not registered."""
 

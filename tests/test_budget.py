@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deltastore import InvalidInputError
+from deltastore import BudgetTooSmallError, InvalidInputError
 from deltastore.engine.budget import BudgetPlan, Option
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,8 +28,9 @@ def test_select_is_the_least_error_within_the_budget():
     assert plan.select(450) == {"a": 1, "b": 1}
     assert plan.select(650) == {"a": 2, "b": 1}
     assert plan.select(10_000) == {"a": 2, "b": 2}
-    with pytest.raises(InvalidInputError, match="below the smallest"):
+    with pytest.raises(BudgetTooSmallError, match="below the smallest") as refused:
         plan.select(249)
+    assert refused.value.needed == 250 and refused.value.parts == {"record": 50, "deltas": 200}
 
 
 def test_budgeted_commit_stays_within_real_bytes(registry_copy, example):
@@ -71,8 +72,14 @@ def test_budget_by_ratio_and_refused_budgets(registry_copy, example):
     task = "has_top"
     path = example.finetunes[task]
     before = registry_copy.versions(task) if task in registry_copy.tasks() else []
-    with pytest.raises(InvalidInputError, match="byte budget 1,000 is below what this finetune needs before any delta"):
+    with pytest.raises(BudgetTooSmallError, match="byte budget 1,000 is below what this finetune needs before any "
+                                                  "delta") as refused:
         registry_copy.commit(task, path, max_bytes=1000, progress=False)
+    before_deltas = refused.value.needed  # what the budget says it needs: asked for, it refuses at the deltas
+    assert before_deltas == sum(refused.value.parts.values()) and "deltas" not in refused.value.parts
+    with pytest.raises(BudgetTooSmallError, match="below the smallest") as refused:
+        registry_copy.commit(task, path, max_bytes=before_deltas, progress=False)
+    assert refused.value.needed > before_deltas and refused.value.parts["deltas"] > 0
     with pytest.raises(InvalidInputError, match="not both"):
         registry_copy.commit(task, path, max_bytes=10**6, ratio=10.0, progress=False)
     with pytest.raises(InvalidInputError, match="positive"):

@@ -54,3 +54,17 @@ def test_tiny_run_reports_the_cells_it_ran(tmp_path):
     cells = list((tmp_path / "cache" / "cells").glob("*.json"))
     report = (tmp_path / "decoder_tiny.md").read_text()
     assert cells and "| bitdelta | plain |" in report and "| dare-p0.99 | + DBMS, everything fitted |" in report
+
+
+def test_tiny_floor_reports_each_tasks_smallest_version(tmp_path):
+    """``floor``: each task's smallest storable version, exact and with 3-bit small tensors, by
+    part, from what a commit refused (it writes nothing)."""
+    import json
+
+    decoder = _decoder()
+    assert decoder.main(["floor", "--tiny", "--cache", str(tmp_path / "cache"), "--results", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decoder_floor_tiny.json").read_text())["rows"]
+    assert len(rows) == 6 and all(r["bytes"] == sum(r["parts"].values()) for r in rows)
+    exact, lossy = rows[0], rows[1]
+    assert lossy["parts"]["whole_tensors"] < exact["parts"]["whole_tensors"]
+    assert "| sms_spam | exact |" in (tmp_path / "decoder_floor_tiny.md").read_text()

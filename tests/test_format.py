@@ -497,7 +497,8 @@ class SpecReader:
                         ref["dtype"] != entry["dtype"] and ref["dtype"] not in WIDENS.get(entry["dtype"], ())):
                     raise SpecError(f"packed entry {name!r}: no reference tensor of its shape, and dtype or a "
                                     f"narrower float one")
-                values = values ^ self.widened(self.lossless(ref), ref["dtype"], entry["dtype"]).view(carrier).reshape(-1)
+                widened = self.widened(self.lossless(ref), ref["dtype"], entry["dtype"])
+                values = values ^ widened.view(carrier).reshape(-1)
             values = values.reshape(entry["shape"])
             out[name] = values != 0 if entry["dtype"] == "bool" else values.view(HOLDER[entry["dtype"]])
         if start != data.size:

@@ -48,7 +48,7 @@ import torch
 import zstandard
 
 from ..catalog import setting_label
-from ..errors import InvalidInputError
+from ..errors import BudgetTooSmallError, InvalidInputError
 from ..storage.layout import ZSTD_LEVEL
 from ..storage.objects import ObjectStore, array_hash, to_numpy
 from ..storage.records import XOR, ReferenceRecord, TensorEntry, content_hash, pack
@@ -138,11 +138,11 @@ class BudgetPlan:
         """Per tensor, the index in ``menu`` of its setting: the least total error whose bytes,
         fixed ones included, stay within ``max_bytes``."""
         if self.cheapest() > max_bytes:
-            raise InvalidInputError(
+            raise BudgetTooSmallError(
                 f"byte budget {max_bytes:,} is below the smallest this finetune can be stored in: "
                 f"{self.cheapest():,} bytes ({self._fixed_text()}, and "
                 f"{self.cheapest() - self.fixed_bytes:,} for the deltas at the cheapest settings); raise --max-bytes "
-                "or lower --ratio")
+                "or lower --ratio", self.cheapest(), {**self.fixed, "deltas": self.cheapest() - self.fixed_bytes})
         budget = max_bytes - self.fixed_bytes
 
         def pick(mu: float) -> dict[str, int]:
@@ -272,10 +272,11 @@ def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[
             hashes.add(digest)
             files += objects.blob_size(data, reference.files.get(rel))
     if files + whole + entries > max_bytes:  # refused before the costly part: every setting of every tensor
-        raise InvalidInputError(
+        raise BudgetTooSmallError(
             f"byte budget {max_bytes:,} is below what this finetune needs before any delta: side files {files:,} "
             f"and tensors stored whole or packed {whole:,} bytes, plus their record entries {entries:,}; raise "
-            "--max-bytes or lower --ratio")
+            "--max-bytes or lower --ratio", files + whole + entries,
+            {"side_files": files, "whole_tensors": whole, "record": entries})
     options: dict[str, list[Option]] = {}
     masks = weighted = 0
     for name, (w_ref, tensor, t) in pipeline.read_all(pipeline.lossy, f"{task}: budget"):
