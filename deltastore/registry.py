@@ -296,6 +296,8 @@ class Registry(Catalog):
                 check_storable(source, name)
                 check_finite(source, name, source.get(name))
         pipeline = CommitPipeline(self.objects, reference, base_record, source, plan, resolve_device(device), progress)
+        fixed = None if max_bytes is None else budget.fixed_part(pipeline, self.objects, reference, task, max_bytes,
+                                                                   small_tensor_bits)
         acc = pipeline.analyse(task, allow_unrelated)
 
         seeds = {name: derive_seed(seed, name) for name in pipeline.lossy}
@@ -313,9 +315,8 @@ class Registry(Catalog):
         budget_plan = None
         if max_bytes is not None:
             grams = input_grams(context) if weigh_outputs else None
-            budget_plan = budget.plan(pipeline, self.objects, reference, menu,
-                                      acc.lam1 if base_record is not None else 0.0, seeds, task, max_bytes,
-                                      small_tensor_bits, grams)
+            budget_plan = budget.plan(pipeline, self.objects, menu, acc.lam1 if base_record is not None else 0.0,
+                                      seeds, task, fixed, grams)
             del grams
             choice = budget_plan.select(max_bytes)
             compressor = budget.main_compressor(budget_plan, choice)

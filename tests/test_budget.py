@@ -138,7 +138,8 @@ def _two_layer_plan(registry, grams):
                                plan=SimpleNamespace(lossy={"a": "a", "b": "b"}), lossy=["a", "b"], read_all=read_all)
     menu = budget.menu_compressors([("bitdelta", {}), ("dare", {"drop_rate": 0.5, "value_bits": 16})])
     reference = registry.objects.get_record(registry.reference_hash(), ReferenceRecord)
-    return budget.plan(pipeline, registry.objects, reference, menu, 0.0, {"a": 1, "b": 2}, "t", 10**9, grams=grams)
+    fixed = budget.fixed_part(pipeline, registry.objects, reference, "t", 10**9)
+    return budget.plan(pipeline, registry.objects, menu, 0.0, {"a": 1, "b": 2}, "t", fixed, grams=grams)
 
 
 def test_budget_weighs_a_layers_error_by_its_inputs(registry_copy):
@@ -203,3 +204,16 @@ def test_cli_budget_weighs_outputs_given_calib(registry_copy, example, tmp_path)
     _, record = registry_copy.version("has_top")
     assert record.source["budget"]["proxy"].startswith("output error on the calibration inputs")
     assert registry_copy.stats("has_top").own_bytes <= record.source["budget"]["max_bytes"]
+
+
+def test_a_budget_below_the_fixed_bytes_is_refused_before_the_deltas_are_read(registry_copy, example, monkeypatch):
+    """The fixed bytes (side files, small tensors) alone exceed the budget: refused before pass 1
+    reads every lossy tensor (on a 7B model, the whole finetune)."""
+    from deltastore.engine.commit import CommitPipeline
+
+    def analyse(*args, **kwargs):
+        raise AssertionError("pass 1 ran before the budget was refused")
+
+    monkeypatch.setattr(CommitPipeline, "analyse", analyse)
+    with pytest.raises(BudgetTooSmallError, match="before any delta"):
+        registry_copy.commit("has_top", example.finetunes["has_top"], max_bytes=1000, progress=False)

@@ -233,15 +233,13 @@ def entry_bytes(draft: TensorEntry) -> int:
     return 33 * hashes + (len(pack(draft.to_dict())) - 64 * hashes) // 8
 
 
-def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[Compressor], lam1: float,
-         seeds: dict[str, int], task: str, max_bytes: int, small_tensor_bits: int | None = None,
-         grams: dict[str, torch.Tensor] | None = None) -> BudgetPlan:
-    """Measure the bytes that do not depend on the choice and every menu setting on every lossy
-    tensor (one read of each, on the pipeline's device). The fixed bytes are made as the commit
-    makes them (CommitPipeline.encode, store_files): small tensors packed against the reference
-    (with ``small_tensor_bits``), side files patched against the reference's. A budget that the
-    fixed bytes alone exceed is refused first. ``grams``: per finetune name, the input Gram
-    its errors are weighted by (see the module docstring); the others' are unweighted."""
+def fixed_part(pipeline, objects: ObjectStore, reference: ReferenceRecord, task: str, max_bytes: int,
+               small_tensor_bits: int | None = None) -> dict[str, int]:
+    """The bytes of a version that no choice of settings changes, but its row masks: side
+    files, tensors stored whole or packed, their record entries. Made as the commit makes them
+    (CommitPipeline.encode, store_files): small tensors packed against the reference (with
+    ``small_tensor_bits``), side files patched against the reference's. A budget they alone
+    exceed is refused here, before the commit reads a single lossy tensor."""
     shared_arrays = reference.array_hashes()
     shared_blobs = set(reference.files.values())
     whole = files = entries = 0
@@ -277,6 +275,14 @@ def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[
             f"and tensors stored whole or packed {whole:,} bytes, plus their record entries {entries:,}; raise "
             "--max-bytes or lower --ratio", files + whole + entries,
             {"side_files": files, "whole_tensors": whole, "record": entries})
+    return {"side_files": files, "whole_tensors": whole, "record": entries}
+
+
+def plan(pipeline, objects: ObjectStore, menu: list[Compressor], lam1: float, seeds: dict[str, int], task: str,
+         fixed: dict[str, int], grams: dict[str, torch.Tensor] | None = None) -> BudgetPlan:
+    """Measure every menu setting on every lossy tensor (one read of each, on the pipeline's
+    device), beside ``fixed`` (:func:`fixed_part`). ``grams``: per finetune name, the input
+    Gram its errors are weighted by (see the module docstring); the others' are unweighted."""
     options: dict[str, list[Option]] = {}
     masks = weighted = 0
     for name, (w_ref, tensor, t) in pipeline.read_all(pipeline.lossy, f"{task}: budget"):
@@ -306,5 +312,5 @@ def plan(pipeline, objects: ObjectStore, reference: ReferenceRecord, menu: list[
             # The entry goes into the record: count it with the code (its size varies by setting).
             row.append(Option(nbytes + entry_bytes(draft), error if math.isfinite(error) else math.inf))
         options[name] = row
-    fixed = {"side_files": files, "whole_tensors": whole, "row_masks": masks, "record": entries + RECORD_MARGIN}
-    return BudgetPlan(menu, options, fixed, weighted)
+    return BudgetPlan(menu, options, {"side_files": fixed["side_files"], "whole_tensors": fixed["whole_tensors"],
+                                      "row_masks": masks, "record": fixed["record"] + RECORD_MARGIN}, weighted)
