@@ -229,6 +229,26 @@ def test_dare_gaps_test_vectors():
     assert len(table) + 1 == 1806 and table[-3:] == [4167402471, 4209497446, 4252017623] and table[:2] == [1, 2]
 
 
+
+@pytest.mark.parametrize("threshold", [gaps.MIN_KEEP_THRESHOLD, DareConfig(0.998).keep_threshold,
+                                       DareConfig(0.99).keep_threshold, DareConfig(0.5).keep_threshold, 2**32])
+def test_dare_gap_index_counts_like_a_search_of_the_whole_table(threshold):
+    """The fused kernel's lookup (gaps.GapIndex: the draw's bucket, then `steps` halvings of what
+    it leaves) counts the table entries <= u exactly as a search of the whole table does, at
+    every entry, beside each, at the ends of the draws' range and at random draws."""
+    table, index = gaps.gap_table(threshold), gaps.gap_index(threshold)
+    edges = torch.cat([table - 1, table, table + 1, torch.tensor([0, 1, 2**31, 2**32 - 1])])
+    draws = torch.cat([edges[(edges >= 0) & (edges < 2**32)], torch.randint(0, 2**32, (100_000,))])
+    bucket = gaps.bucket_of(draws, index.shift, index.bias)
+    lo, hi = index.bounds[bucket].long(), index.bounds[bucket + 1].long()
+    for _ in range(index.steps):  # the kernel's loop, lane by lane
+        active = lo < hi
+        mid = (lo + hi) // 2
+        le = table[mid.clamp(max=table.numel() - 1)] <= draws  # the kernel masks lanes with lo == hi
+        lo, hi = torch.where(active & le, mid + 1, lo), torch.where(active & ~le, mid, hi)
+    assert torch.equal(lo, torch.searchsorted(table, draws, right=True))
+    assert index.steps <= (1 if threshold >= DareConfig(0.998).keep_threshold else 8)
+
 def test_dare_gaps_any_range_gives_the_same_positions():
     n, threshold = 3 * gaps.BLOCK_ELEMENTS + 123, DareConfig(0.9).keep_threshold
     whole = gaps.kept_positions(SEED, threshold, n, 0, n, "cpu")

@@ -26,7 +26,7 @@ from ....errors import CorruptObjectError
 from ...fused import BLOCK, HAS_TRITON, FusedJob, base_pointers, lambda_products, n_blocks
 from ...prng import MAX_COUNTER, mix32_int
 from .fused import check_values
-from .gaps import BLOCK_ELEMENTS, MIN_KEEP_THRESHOLD, gap_table
+from .gaps import BLOCK_ELEMENTS, MIN_KEEP_THRESHOLD, gap_index, gap_table
 
 # Gaps one program draws at a time: about 1.6 rounds a block at p = 0.99 (655 kept of 65536).
 DRAWS = 1024
@@ -41,14 +41,17 @@ if HAS_TRITON:
     from ...fused import base_term, base_term_at, base_term_bytes, mix32
 
     @triton.jit
-    def _draw(seed_mix, table_ptr, table_len, steps, start, length, drawn, last, DRAWS: tl.constexpr):
+    def _draw(seed_mix, table_ptr, table_len, index_ptr, shift, bias, steps, start, length, drawn, last,
+              DRAWS: tl.constexpr):
         # Draws drawn .. drawn+DRAWS-1 of the block at flat index `start` (specs/compressors/dare.md,
         # layout gaps): the positions in the block they reach, int32, increasing.
         t = drawn + tl.arange(0, DRAWS)
         u = mix32(mix32((start + tl.minimum(t, length - 1)).to(tl.uint32)) ^ seed_mix.to(tl.uint32)).to(tl.int64)
-        # How many table entries are <= u: a binary search, steps = table_len.bit_length().
-        lo = tl.zeros([DRAWS], dtype=tl.int32)
-        hi = lo + table_len
+        # How many table entries are <= u: the draw's bucket bounds it (gaps.GapIndex), then a
+        # binary search of what the bucket leaves, steps = GapIndex.steps (1 at p = 0.99).
+        bucket = tl.maximum((u.to(tl.float64).to(tl.int64, bitcast=True) >> shift) - bias, 0)
+        lo = tl.load(index_ptr + bucket)
+        hi = tl.load(index_ptr + bucket + 1)
         for _ in range(steps):
             active = lo < hi
             mid = (lo + hi) // 2
@@ -58,7 +61,7 @@ if HAS_TRITON:
         return last + tl.cumsum(1 + table_len - lo, axis=0)
 
     @triton.jit
-    def _count_kernel(count_ptr, table_ptr, table_len, steps, seed_mix, n,
+    def _count_kernel(count_ptr, table_ptr, table_len, index_ptr, shift, bias, steps, seed_mix, n,
                       BLOCK_ELEMENTS: tl.constexpr, DRAWS: tl.constexpr):
         b = tl.program_id(0)
         start = b.to(tl.int64) * BLOCK_ELEMENTS
@@ -67,7 +70,8 @@ if HAS_TRITON:
         drawn = tl.full([], 0, tl.int32)
         last = tl.full([], -1, tl.int32)
         while last < length - 1:
-            pos = _draw(seed_mix, table_ptr, table_len, steps, start, length, drawn, last, DRAWS)
+            pos = _draw(seed_mix, table_ptr, table_len, index_ptr, shift, bias, steps, start, length, drawn, last,
+                        DRAWS)
             count += tl.sum((pos < length).to(tl.int32), axis=0)
             drawn += DRAWS
             last = tl.max(pos, axis=0)
@@ -112,7 +116,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse_kernel(out_ptr, w_ptr, rowmap_ptr, first_ptr, val_ptr, vscale_ptr, brow_ptr, bsign_ptr, const_ptr,
-                       table_ptr, table_len, steps, seed_mix, n, cols,
+                       table_ptr, table_len, index_ptr, shift, bias, steps, seed_mix, n, cols,
                        HAS_BASE: tl.constexpr, ALL_ROWS: tl.constexpr, INT8: tl.constexpr,
                        BLOCK_ELEMENTS: tl.constexpr, DRAWS: tl.constexpr):
         b = tl.program_id(0)
@@ -122,7 +126,8 @@ if HAS_TRITON:
         drawn = tl.full([], 0, tl.int32)
         last = tl.full([], -1, tl.int32)
         while last < length - 1:
-            pos = _draw(seed_mix, table_ptr, table_len, steps, start, length, drawn, last, DRAWS)
+            pos = _draw(seed_mix, table_ptr, table_len, index_ptr, shift, bias, steps, start, length, drawn, last,
+                        DRAWS)
             keep = pos < length  # a prefix of the lanes: positions increase
             flat = start + pos
             ti = flat // cols  # changed row
@@ -146,10 +151,10 @@ if HAS_TRITON:
 
 
 @functools.lru_cache(maxsize=64)
-def _device_table(keep_threshold: int, device: torch.device) -> torch.Tensor:
-    """The layout's gap table on ``device``, uploaded once per threshold (a few KiB at p = 0.99)
-    rather than carried in every task's cached code."""
-    return gap_table(keep_threshold).to(device)
+def _device_tables(keep_threshold: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layout's gap table and its index on ``device``, uploaded once per threshold (30 KiB
+    at p = 0.99) rather than carried in every task's cached code."""
+    return gap_table(keep_threshold).to(device), gap_index(keep_threshold).bounds.to(device)
 
 
 class DareGapsFused:
@@ -164,9 +169,13 @@ class DareGapsFused:
             raise CorruptObjectError(f"{job.what}: dare layout 'gaps' needs a uint32 'seed', a 'keep_threshold' in "
                                      f"[2**16, 2**32] and at most 2**32 elements")
 
-    def _grid_args(self, job: FusedJob) -> tuple:
-        table = _device_table(int(job.attrs["keep_threshold"]), job.w_pre.device)
-        return (table, table.numel(), table.numel().bit_length(), mix32_int(int(job.attrs["seed"])),
+    def _draw_args(self, job: FusedJob) -> tuple:
+        """The draw's arguments of both kernels: table, its length, the index, its shift, bias and
+        steps, the seed's mix, the elements of the changed rows."""
+        threshold = int(job.attrs["keep_threshold"])
+        table, bounds = _device_tables(threshold, job.w_pre.device)
+        index = gap_index(threshold)
+        return (table, table.numel(), bounds, index.shift, index.bias, index.steps, mix32_int(int(job.attrs["seed"])),
                 job.changed_rows * job.cols)
 
     def prepare(self, job: FusedJob) -> dict[str, torch.Tensor]:
@@ -174,11 +183,9 @@ class DareGapsFused:
         ``(layout blocks,)``, the index in 'values' of each block's first kept value, and, when
         some rows are unchanged, ``rowmap``: int32 ``(changed_rows,)``, each changed row's row."""
         device = job.w_pre.device
-        table, table_len, steps, seed_mix, n = self._grid_args(job)
-        counts = torch.zeros(-(-n // BLOCK_ELEMENTS), dtype=torch.int32, device=device)
+        counts = torch.zeros(-(-job.changed_rows * job.cols // BLOCK_ELEMENTS), dtype=torch.int32, device=device)
         if counts.numel():
-            _count_kernel[(counts.numel(),)](counts, table, table_len, steps, seed_mix, n,
-                                             BLOCK_ELEMENTS=BLOCK_ELEMENTS, DRAWS=DRAWS)
+            _count_kernel[(counts.numel(),)](counts, *self._draw_args(job), BLOCK_ELEMENTS=BLOCK_ELEMENTS, DRAWS=DRAWS)
         ends = torch.cumsum(counts, 0, dtype=torch.int64)
         total = int(ends[-1]) if ends.numel() else 0  # one small sync: a wrong count must be an error, not a bad read
         if total != job.arrays["values"].numel():
@@ -217,12 +224,11 @@ class DareGapsFused:
             return
         brow, bsigns = base_pointers(job)
         consts, first = job.prepared["consts"], job.prepared["first"]
-        table, table_len, steps, seed_mix, n = self._grid_args(job)
         int8 = self.value_bits == 8
         rowmap = job.prepared.get("rowmap", job.trow)  # all rows changed: the kernel never reads it
         _sparse_kernel[(first.numel(),)](out, job.w_pre, rowmap, first, job.arrays["values"],
                                          job.arrays["scales"] if int8 else consts, brow, bsigns, consts,
-                                         table, table_len, steps, seed_mix, n, job.cols,
+                                         *self._draw_args(job), job.cols,
                                          HAS_BASE=job.base is not None, ALL_ROWS="rowmap" not in job.prepared,
                                          INT8=int8, BLOCK_ELEMENTS=BLOCK_ELEMENTS, DRAWS=DRAWS, num_warps=4,
                                          enable_fp_fusion=False)

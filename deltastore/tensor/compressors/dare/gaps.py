@@ -11,6 +11,7 @@ decoder produces the ``K`` kept positions in O(K) work, one block independently 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -45,6 +46,50 @@ def gap_table(keep_threshold: int) -> torch.Tensor:
         table.append(survival)
         survival = (survival * drop) >> 32
     return torch.tensor(table[::-1], dtype=torch.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class GapIndex:
+    """Where in :func:`gap_table` a draw's count of entries ``<= u`` can lie, by the draw's bucket.
+
+    A draw ``u`` (``0 <= u < 2**32``) falls in bucket ``max(key(u) - bias, 0)``, where ``key(u)``
+    is the bit pattern of ``float(u)`` (exact: ``u < 2**53``) shifted right by ``shift``: its
+    exponent and the ``52 - shift`` bits below its leading one, so the buckets are finer where the
+    geometric table is dense and the bucket of ``u`` never decreases as ``u`` grows. All of
+    ``table[:bounds[b]]`` lie below bucket ``b`` and all of ``table[bounds[b + 1]:]`` above it, so
+    the count is ``bounds[b]`` plus a binary search of ``bounds[b + 1] - bounds[b] < 2**steps``
+    entries: one step at p = 0.99 where the whole table takes 11. Only the work of a decoder
+    changes; the gaps are the spec's."""
+
+    bounds: torch.Tensor  # int32 (buckets + 1,)
+    shift: int
+    bias: int
+    steps: int
+
+
+# The finest bucketing tried (2**9 buckets per power of two, a 64 KiB index), so the index stays
+# in a GPU's L1 cache beside the table even where the table is large (p near 1 - 2**-16).
+MAX_INDEX_BITS = 9
+
+
+def bucket_of(u: torch.Tensor, shift: int, bias: int) -> torch.Tensor:
+    """int64: the :class:`GapIndex` bucket of each draw (or table entry) in ``u``, int64 in [0, 2**32)."""
+    return torch.clamp((u.to(torch.float64).view(torch.int64) >> shift) - bias, min=0)
+
+
+@functools.lru_cache(maxsize=32)
+def gap_index(keep_threshold: int) -> GapIndex:
+    """The :class:`GapIndex` of ``gap_table(keep_threshold)`` with the coarsest bucketing (of at
+    most ``MAX_INDEX_BITS`` mantissa bits) that leaves at most one entry in any bucket."""
+    table = gap_table(keep_threshold)
+    for bits in range(MAX_INDEX_BITS + 1):
+        shift, bias = 52 - bits, (1023 << bits) - 1  # u = 0 is bucket 0, u = 1 bucket 1
+        top = 32 << bits  # the bucket of 2**32 - 1: 32 exponents of 2**bits buckets each
+        bounds = torch.searchsorted(bucket_of(table, shift, bias), torch.arange(top + 2))
+        widest = int((bounds[1:] - bounds[:-1]).max())
+        if widest <= 1:
+            break
+    return GapIndex(bounds.to(torch.int32), shift, bias, widest.bit_length())
 
 
 def draws_per_round(keep_threshold: int) -> int:
