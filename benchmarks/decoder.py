@@ -605,7 +605,7 @@ def run(args) -> int:
                                                   "summary": summary, "cells": cells}, indent=1, default=str))
     write_report(summary, finetuned, records, meta, fit_cost, out / f"{name}.md")
     if summary and importlib.util.find_spec("matplotlib"):  # the plot is optional; the tables are the result
-        q.plot_retention(summary, out / f"{name}_retention.png")
+        q.plot_retention(summary, out / f"{name}_retention.png", f"{data['model']}, {len(tasks)} tasks")
     log(f"wrote {out / name}.md ({time.perf_counter() - started:.0f} s)")
     return 0
 

@@ -564,14 +564,15 @@ def targets_report(summary) -> list[str]:
     return out
 
 
-def plot_retention(summary, path: Path) -> None:
+def plot_retention(summary, path: Path, title: str = "MiniLM zoo, 6 tasks") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"bitdelta": "tab:blue", "dare": "tab:orange", "deltadq": "tab:green"}
-    styles = {"plain": ("--", "o"), "dbms-init": (":", "s"), "dbms-fit": ("-", "^"), "dbms-fit-layer": ("-.", "D")}
+    colors = {"bitdelta": "tab:blue", "dare": "tab:orange", "deltadq": "tab:green", "budget": "tab:purple"}
+    lines = ["--", ":", "-", "-."]
+    styles = {row: (lines[i % len(lines)], "os^DvP<>Xh"[i % 10]) for i, row in enumerate(ROWS)}  # one per row
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for family in colors:
         for row in ROWS:
@@ -589,9 +590,10 @@ def plot_retention(summary, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("real compression ratio (finetune at fp16 / bytes on disk, base share included)")
     ax.set_ylabel("retention: avg accuracy / finetuned avg (%)")
-    ax.set_title("MiniLM zoo, 6 tasks: retention vs real ratio")
+    ax.set_title(f"{title}: retention vs real ratio")
     lo = min([100 * r["retention"] for r in summary] + [90])
-    ax.set_ylim(max(lo - 2, 0), 101)
+    hi = max([100 * r["retention"] for r in summary] + [100])  # a fitted delta can beat its finetune
+    ax.set_ylim(max(lo - 2, 0), hi + 1)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -68,3 +68,14 @@ def test_tiny_floor_reports_each_tasks_smallest_version(tmp_path):
     exact, lossy = rows[0], rows[1]
     assert lossy["parts"]["whole_tensors"] < exact["parts"]["whole_tensors"]
     assert "| sms_spam | exact |" in (tmp_path / "decoder_floor_tiny.md").read_text()
+
+
+def test_retention_plot_draws_every_row_and_the_budgets(tmp_path):
+    """The plot of quality.py and decoder.py has a style for every row, the budgeted commits
+    included (a 'fit-all' row once broke a GPU run after its tables were written)."""
+    pytest.importorskip("matplotlib")
+    quality = _decoder()._quality()
+    summary = [{"setting": setting, "row": row, "ratio_fp16_with_base_share": ratio, "retention": 0.99}
+               for row in quality.ROWS for setting, ratio in (("bitdelta", 15.0), ("budget-100x", 100.0))]
+    quality.plot_retention(summary, tmp_path / "plot.png", "tiny")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
