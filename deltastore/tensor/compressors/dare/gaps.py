@@ -73,7 +73,7 @@ MAX_INDEX_BITS = 9
 
 
 def bucket_of(u: torch.Tensor, shift: int, bias: int) -> torch.Tensor:
-    """int64: the :class:`GapIndex` bucket of each draw (or table entry) in ``u``, int64 in [0, 2**32)."""
+    """The :class:`GapIndex` bucket (int64) of each value of ``u``: draws or table entries, in [0, 2**32)."""
     return torch.clamp((u.to(torch.float64).view(torch.int64) >> shift) - bias, min=0)
 
 
